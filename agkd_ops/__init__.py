@@ -1,0 +1,22 @@
+"""agkd_ops: fused, differentiable loss operators for attention-guided knowledge
+distillation, with C++ (CPU) and CUDA kernels and a pure-PyTorch reference.
+
+    >>> import agkd_ops
+    >>> criterion = agkd_ops.HybridLoss(alpha=0.5, beta=0.5)
+"""
+from . import _backend, reference
+from ._backend import build_info, get_backend, native_available, set_backend
+from .functional import cosine_loss, hybrid_loss, ssim, ssim_loss
+from .losses import CosineLoss, HybridLoss, SSIMLoss
+
+if _backend._C is not None:
+    from . import _registrations  # noqa: F401  (fake + autograd for the native ops)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ssim", "ssim_loss", "cosine_loss", "hybrid_loss",
+    "SSIMLoss", "CosineLoss", "HybridLoss",
+    "set_backend", "get_backend", "native_available", "build_info",
+    "reference",
+]

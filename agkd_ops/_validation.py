@@ -1,0 +1,103 @@
+"""Input checks shared by the public functions. Every message starts with the public
+function's name and names the argument as written in its signature (DESIGN.md §3)."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+PADDINGS = ("valid", "reflect", "zeros")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return f"({', '.join(map(str, t.shape))})"
+
+
+def check_tensor(fn: str, name: str, t, *, ranks=(4,), min_rank=None) -> None:
+    if not torch.is_tensor(t):
+        raise TypeError(f"agkd_ops.{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"agkd_ops.{fn}: {name} must have a floating dtype, got {t.dtype}")
+    if min_rank is not None:
+        if t.dim() < min_rank:
+            raise ValueError(
+                f"agkd_ops.{fn}: {name} must have at least {min_rank} dimensions "
+                f"(N, ...), got shape {_shape(t)}"
+            )
+    elif t.dim() not in ranks:
+        raise ValueError(
+            f"agkd_ops.{fn}: {name} must be a rank-4 (N, C, H, W) tensor, got shape {_shape(t)}"
+        )
+    if t.numel() == 0:
+        raise ValueError(f"agkd_ops.{fn}: {name} is empty (shape {_shape(t)})")
+
+
+def check_pair(fn: str, x, y, *, names=("x", "y"), ranks=(4,), min_rank=None,
+               same_shape=True) -> None:
+    a, b = names
+    check_tensor(fn, a, x, ranks=ranks, min_rank=min_rank)
+    check_tensor(fn, b, y, ranks=ranks, min_rank=min_rank)
+    if x.dtype != y.dtype:
+        raise TypeError(f"agkd_ops.{fn}: {a} and {b} must have the same dtype, got {x.dtype} and {y.dtype}")
+    if x.device != y.device:
+        raise ValueError(f"agkd_ops.{fn}: {a} and {b} must be on the same device, got {x.device} and {y.device}")
+    if same_shape and x.shape != y.shape:
+        raise ValueError(
+            f"agkd_ops.{fn}: {a} and {b} must have the same shape, got {a} {_shape(x)} and {b} {_shape(y)}"
+        )
+
+
+def check_number(fn: str, name: str, value, *, positive=False, nonnegative=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"agkd_ops.{fn}: {name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"agkd_ops.{fn}: {name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"agkd_ops.{fn}: {name} must be > 0, got {value}")
+    if nonnegative and value < 0:
+        raise ValueError(f"agkd_ops.{fn}: {name} must be >= 0, got {value}")
+    return value
+
+
+def check_choice(fn: str, name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(
+            f"agkd_ops.{fn}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}"
+        )
+    return value
+
+
+def check_window(fn: str, x: torch.Tensor, window_size, padding: str, names=("x", "y")) -> int:
+    """window_size must be a positive odd int that fits the map under this padding."""
+    if isinstance(window_size, bool) or not isinstance(window_size, numbers.Integral):
+        raise TypeError(f"agkd_ops.{fn}: window_size must be an int, got {type(window_size).__name__}")
+    window_size = int(window_size)
+    if window_size < 1 or window_size % 2 == 0:
+        raise ValueError(f"agkd_ops.{fn}: window_size must be a positive odd integer, got {window_size}")
+    h, w = x.shape[-2], x.shape[-1]
+    pair = " and ".join(names)
+    if padding == "valid" and (h < window_size or w < window_size):
+        raise ValueError(
+            f"agkd_ops.{fn}: with padding='valid', {pair} must be at least window_size={window_size} "
+            f"in H and W, got shape {_shape(x)}; use a smaller window_size or padding='zeros'"
+        )
+    if padding == "reflect" and (window_size // 2 >= h or window_size // 2 >= w):
+        raise ValueError(
+            f"agkd_ops.{fn}: with padding='reflect', the pad window_size // 2 = {window_size // 2} "
+            f"must be smaller than H and W of {pair}, got shape {_shape(x)}"
+        )
+    return window_size
+
+
+def check_ssim_args(fn, x, window_size, sigma, data_range, k1, k2, padding, names=("x", "y")):
+    """Validates the SSIM keyword arguments; returns (window_size, sigma, c1, c2)."""
+    check_choice(fn, "padding", padding, PADDINGS)
+    window_size = check_window(fn, x, window_size, padding, names)
+    sigma = check_number(fn, "sigma", sigma, positive=True)
+    data_range = check_number(fn, "data_range", data_range, positive=True)
+    k1 = check_number(fn, "k1", k1, positive=True)
+    k2 = check_number(fn, "k2", k2, positive=True)
+    return window_size, sigma, (k1 * data_range) ** 2, (k2 * data_range) ** 2

@@ -1,0 +1,162 @@
+"""The public loss functions: validate the arguments, then run the native kernel
+(``torch.ops.agkd.*``, see csrc/agkd/ops.cpp) or the reference in
+:mod:`agkd_ops.reference`, as the backend decides (:mod:`agkd_ops._backend`).
+
+Shapes: maps are ``(N, C, H, W)``; ``reduction="none"`` gives ``(N,)``, ``"mean"`` (over
+samples) and ``"sum"`` give a 0-dim tensor, always in the input's dtype. NaN or Inf in a
+sample makes that sample's value (and its gradient) non-finite and leaves the other
+samples untouched.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _backend, reference
+from ._validation import REDUCTIONS, check_choice, check_number, check_pair, check_ssim_args
+
+__all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss"]
+
+
+def _reduce(per_sample: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    # per_sample is float32 (float64 for float64 inputs); reduce there, then cast.
+    if reduction == "mean":
+        per_sample = per_sample.mean()
+    elif reduction == "sum":
+        per_sample = per_sample.sum()
+    return per_sample.to(dtype)
+
+
+def _native_hybrid(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps):
+    """Per-sample ``alpha*(1-SSIM) + beta*(1-cos)`` from agkd::hybrid_fwd (accumulate dtype)."""
+    loss, _stats = torch.ops.agkd.hybrid_fwd(
+        x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps
+    )
+    return loss
+
+
+def ssim(x, y, *, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03,
+         padding="valid", reduction="mean"):
+    r"""Structural similarity with a Gaussian window (Wang et al. 2004).
+
+    .. math::
+        \mathrm{SSIM} = \frac{(2\mu_x\mu_y + C_1)(2\sigma_{xy} + C_2)}
+                             {(\mu_x^2 + \mu_y^2 + C_1)(\sigma_x^2 + \sigma_y^2 + C_2)},
+        \quad C_1 = (k_1 L)^2,\ C_2 = (k_2 L)^2
+
+    with local moments from a separable, normalised Gaussian of ``window_size`` taps and
+    standard deviation ``sigma`` (population variances), ``L = data_range``. A sample's
+    value is the mean of its SSIM map over channels and pixels.
+
+    Args:
+        x, y: ``(N, C, H, W)`` maps of the same shape, dtype and device.
+        window_size: odd number of taps. sigma: Gaussian standard deviation (> 0).
+        data_range: the dynamic range ``L`` of the values (1 for [0, 1], 255 for uint8 scale).
+        k1, k2: stabilising constants (> 0).
+        padding: ``"valid"`` (map ``(H-w+1) x (W-w+1)``; equals pytorch-msssim and
+            scikit-image), ``"reflect"`` (same size, torch reflect padding; equals kornia
+            ``padding="same"`` with ``eps=0``) or ``"zeros"`` (same size, zero padding).
+        reduction: ``"mean"`` over samples, ``"sum"``, or ``"none"`` for ``(N,)``.
+
+    Example:
+        >>> import torch, agkd_ops
+        >>> x = torch.rand(4, 1, 32, 32)
+        >>> agkd_ops.ssim(x, x).item()
+        1.0
+    """
+    fn = "ssim"
+    check_pair(fn, x, y)
+    window_size, sigma, c1, c2 = check_ssim_args(fn, x, window_size, sigma, data_range, k1, k2, padding)
+    check_choice(fn, "reduction", reduction, REDUCTIONS)
+    if _backend.use_native(fn, "hybrid_fwd", x):
+        per_sample = 1 - _native_hybrid(x, y, 1.0, 0.0, window_size, sigma, c1, c2, padding, 1e-8)
+        return _reduce(per_sample, reduction, x.dtype)
+    return reference.ssim(x, y, window_size=window_size, sigma=sigma, data_range=data_range,
+                          k1=k1, k2=k2, padding=padding, reduction=reduction)
+
+
+def ssim_loss(x, y, *, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03,
+              padding="valid", reduction="mean"):
+    """``1 - ssim(x, y, ...)`` per sample, then reduced. Same arguments as :func:`ssim`.
+
+    Example:
+        >>> import torch, agkd_ops
+        >>> x = torch.rand(4, 1, 32, 32, requires_grad=True)
+        >>> agkd_ops.ssim_loss(x, torch.rand(4, 1, 32, 32)).backward()
+    """
+    fn = "ssim_loss"
+    check_pair(fn, x, y)
+    window_size, sigma, c1, c2 = check_ssim_args(fn, x, window_size, sigma, data_range, k1, k2, padding)
+    check_choice(fn, "reduction", reduction, REDUCTIONS)
+    if _backend.use_native(fn, "hybrid_fwd", x):
+        per_sample = _native_hybrid(x, y, 1.0, 0.0, window_size, sigma, c1, c2, padding, 1e-8)
+        return _reduce(per_sample, reduction, x.dtype)
+    return reference.ssim_loss(x, y, window_size=window_size, sigma=sigma, data_range=data_range,
+                               k1=k1, k2=k2, padding=padding, reduction=reduction)
+
+
+def cosine_loss(x, y, *, eps=1e-8, reduction="mean"):
+    r"""Per sample ``1 - cos(flatten(x), flatten(y))``, each norm clamped to ``eps``:
+
+    .. math:: 1 - \frac{x \cdot y}{\max(\lVert x\rVert, \epsilon)\,\max(\lVert y\rVert, \epsilon)}
+
+    equal to ``1 - F.cosine_similarity(x.flatten(1), y.flatten(1), dim=1, eps=eps)``.
+
+    Args:
+        x, y: tensors of the same shape ``(N, ...)`` (rank >= 2; all but the batch
+            dimension are flattened, so ``(N, D)`` embeddings work).
+        eps: norm floor (> 0). reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Example:
+        >>> import torch, agkd_ops
+        >>> agkd_ops.cosine_loss(torch.ones(2, 8), torch.ones(2, 8)).item()
+        0.0
+    """
+    fn = "cosine_loss"
+    check_pair(fn, x, y, min_rank=2)
+    eps = check_number(fn, "eps", eps, positive=True)
+    check_choice(fn, "reduction", reduction, REDUCTIONS)
+    if _backend.use_native(fn, "hybrid_fwd", x):
+        # The cosine-only kernel reads the sample as one (1, 1, D) map; a view when possible.
+        n = x.shape[0]
+        x4, y4 = x.reshape(n, 1, 1, -1), y.reshape(n, 1, 1, -1)
+        per_sample = _native_hybrid(x4, y4, 0.0, 1.0, 1, 1.0, 1.0, 1.0, "valid", eps)
+        return _reduce(per_sample, reduction, x.dtype)
+    return reference.cosine_loss(x, y, eps=eps, reduction=reduction)
+
+
+def hybrid_loss(x, y, *, alpha=0.5, beta=0.5, window_size=11, sigma=1.5, data_range=1.0,
+                k1=0.01, k2=0.03, padding="valid", eps=1e-8, reduction="mean"):
+    r"""The AGKD hybrid attention loss, fused: per sample
+
+    .. math:: \alpha\,(1 - \mathrm{SSIM}(x, y)) + \beta\,(1 - \cos(x, y))
+
+    computed in one pass over ``x`` and ``y`` (all five SSIM moments and the three cosine
+    sums), with both gradients from one backward pass. ``alpha=0`` or ``beta=0`` skips the
+    unused half. SSIM arguments as in :func:`ssim`, ``eps`` as in :func:`cosine_loss`.
+
+    Args:
+        x, y: ``(N, C, H, W)`` maps, e.g. student and teacher attention maps.
+        alpha, beta: weights (>= 0).
+
+    Example:
+        >>> import torch, agkd_ops
+        >>> student = torch.rand(8, 1, 28, 28, requires_grad=True)
+        >>> teacher = torch.rand(8, 1, 28, 28)
+        >>> loss = agkd_ops.hybrid_loss(student, teacher, alpha=0.5, beta=0.5)
+        >>> loss.backward()
+        >>> student.grad.shape
+        torch.Size([8, 1, 28, 28])
+    """
+    fn = "hybrid_loss"
+    check_pair(fn, x, y)
+    alpha = check_number(fn, "alpha", alpha, nonnegative=True)
+    beta = check_number(fn, "beta", beta, nonnegative=True)
+    window_size, sigma, c1, c2 = check_ssim_args(fn, x, window_size, sigma, data_range, k1, k2, padding)
+    eps = check_number(fn, "eps", eps, positive=True)
+    check_choice(fn, "reduction", reduction, REDUCTIONS)
+    if _backend.use_native(fn, "hybrid_fwd", x):
+        per_sample = _native_hybrid(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps)
+        return _reduce(per_sample, reduction, x.dtype)
+    return reference.hybrid_loss(x, y, alpha=alpha, beta=beta, window_size=window_size,
+                                 sigma=sigma, data_range=data_range, k1=k1, k2=k2,
+                                 padding=padding, eps=eps, reduction=reduction)

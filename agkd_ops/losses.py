@@ -1,0 +1,86 @@
+"""``nn.Module`` wrappers of :mod:`agkd_ops.functional`: hyper-parameters in ``__init__``
+(same names and defaults as the functions), tensors in ``forward``."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import functional as F
+
+__all__ = ["SSIMLoss", "CosineLoss", "HybridLoss"]
+
+
+class SSIMLoss(nn.Module):
+    """``1 - SSIM``; see :func:`agkd_ops.ssim_loss`.
+
+    Example:
+        >>> import torch, agkd_ops
+        >>> criterion = agkd_ops.SSIMLoss(window_size=7, padding="reflect")
+        >>> criterion(torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)).shape
+        torch.Size([])
+    """
+
+    def __init__(self, *, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03,
+                 padding="valid", reduction="mean"):
+        super().__init__()
+        self.window_size, self.sigma, self.data_range = window_size, sigma, data_range
+        self.k1, self.k2, self.padding, self.reduction = k1, k2, padding, reduction
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.ssim_loss(x, y, window_size=self.window_size, sigma=self.sigma,
+                           data_range=self.data_range, k1=self.k1, k2=self.k2,
+                           padding=self.padding, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"window_size={self.window_size}, sigma={self.sigma}, data_range={self.data_range}, "
+                f"padding={self.padding!r}, reduction={self.reduction!r}")
+
+
+class CosineLoss(nn.Module):
+    """``1 - cos`` of the flattened samples; see :func:`agkd_ops.cosine_loss`.
+
+    Example:
+        >>> import torch, agkd_ops
+        >>> agkd_ops.CosineLoss()(torch.ones(2, 4), -torch.ones(2, 4)).item()
+        2.0
+    """
+
+    def __init__(self, *, eps=1e-8, reduction="mean"):
+        super().__init__()
+        self.eps, self.reduction = eps, reduction
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cosine_loss(x, y, eps=self.eps, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, reduction={self.reduction!r}"
+
+
+class HybridLoss(nn.Module):
+    """``alpha * (1 - SSIM) + beta * (1 - cos)`` in one fused pass; see
+    :func:`agkd_ops.hybrid_loss`.
+
+    Example:
+        >>> import torch, agkd_ops
+        >>> criterion = agkd_ops.HybridLoss(alpha=0.5, beta=0.5)
+        >>> student = torch.rand(8, 1, 28, 28, requires_grad=True)
+        >>> criterion(student, torch.rand(8, 1, 28, 28)).backward()
+    """
+
+    def __init__(self, *, alpha=0.5, beta=0.5, window_size=11, sigma=1.5, data_range=1.0,
+                 k1=0.01, k2=0.03, padding="valid", eps=1e-8, reduction="mean"):
+        super().__init__()
+        self.alpha, self.beta = alpha, beta
+        self.window_size, self.sigma, self.data_range = window_size, sigma, data_range
+        self.k1, self.k2, self.padding = k1, k2, padding
+        self.eps, self.reduction = eps, reduction
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.hybrid_loss(x, y, alpha=self.alpha, beta=self.beta,
+                             window_size=self.window_size, sigma=self.sigma,
+                             data_range=self.data_range, k1=self.k1, k2=self.k2,
+                             padding=self.padding, eps=self.eps, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"alpha={self.alpha}, beta={self.beta}, window_size={self.window_size}, "
+                f"sigma={self.sigma}, padding={self.padding!r}, reduction={self.reduction!r}")

@@ -1,0 +1,107 @@
+"""Pure-PyTorch reference implementations: the fallback backend and the test oracle.
+
+Written plainly from the definitions (DESIGN.md §3), with PyTorch ops only, so they run on
+any device and dtype, differentiate through autograd, and need no compiled code. Inputs
+are assumed valid: :mod:`agkd_ops.functional` validates before calling them. Half and
+bfloat16 inputs are computed in float32 and the result is cast back.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "gaussian_window"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reduce(per_sample: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    if reduction == "mean":
+        out = per_sample.mean()
+    elif reduction == "sum":
+        out = per_sample.sum()
+    else:
+        out = per_sample
+    return out.to(dtype)
+
+
+def gaussian_window(window_size: int, sigma: float, dtype=torch.float64, device=None) -> torch.Tensor:
+    """Normalised 1-D Gaussian of odd length ``window_size`` centred on its middle tap."""
+    coords = torch.arange(window_size, dtype=torch.float64) - (window_size // 2)
+    taps = torch.exp(-(coords**2) / (2.0 * float(sigma) ** 2))
+    return (taps / taps.sum()).to(dtype=dtype, device=device)
+
+
+def _blur(t: torch.Tensor, taps: torch.Tensor, padding: str) -> torch.Tensor:
+    """Separable Gaussian blur of every (N, C) plane with the contract's padding."""
+    n, c, h, w = t.shape
+    k = taps.numel()
+    planes = t.reshape(n * c, 1, h, w)
+    if padding != "valid":
+        p = k // 2
+        mode = "reflect" if padding == "reflect" else "constant"
+        planes = F.pad(planes, (p, p, p, p), mode=mode)
+    planes = F.conv2d(planes, taps.view(1, 1, k, 1))
+    planes = F.conv2d(planes, taps.view(1, 1, 1, k))
+    return planes.reshape(n, c, planes.shape[-2], planes.shape[-1])
+
+
+def _ssim_per_sample(x, y, window_size, sigma, data_range, k1, k2, padding):
+    dtype = _compute_dtype(x.dtype)
+    x, y = x.to(dtype), y.to(dtype)
+    taps = gaussian_window(window_size, sigma, dtype=dtype, device=x.device)
+    c1 = (k1 * data_range) ** 2
+    c2 = (k2 * data_range) ** 2
+    mu_x, mu_y = _blur(x, taps, padding), _blur(y, taps, padding)
+    var_x = _blur(x * x, taps, padding) - mu_x * mu_x
+    var_y = _blur(y * y, taps, padding) - mu_y * mu_y
+    cov_xy = _blur(x * y, taps, padding) - mu_x * mu_y
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / (
+        (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
+    )
+    return ssim_map.flatten(1).mean(1)
+
+
+def _cosine_per_sample(x, y, eps):
+    dtype = _compute_dtype(x.dtype)
+    x, y = x.to(dtype).flatten(1), y.to(dtype).flatten(1)
+    norm_x = torch.linalg.vector_norm(x, dim=1).clamp_min(eps)
+    norm_y = torch.linalg.vector_norm(y, dim=1).clamp_min(eps)
+    return (x * y).sum(1) / (norm_x * norm_y)
+
+
+def ssim(x, y, *, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03,
+         padding="valid", reduction="mean"):
+    """Gaussian-window SSIM; see :func:`agkd_ops.ssim`."""
+    per_sample = _ssim_per_sample(x, y, window_size, sigma, data_range, k1, k2, padding)
+    return _reduce(per_sample, reduction, x.dtype)
+
+
+def ssim_loss(x, y, *, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03,
+              padding="valid", reduction="mean"):
+    """``1 - ssim``; see :func:`agkd_ops.ssim_loss`."""
+    per_sample = 1 - _ssim_per_sample(x, y, window_size, sigma, data_range, k1, k2, padding)
+    return _reduce(per_sample, reduction, x.dtype)
+
+
+def cosine_loss(x, y, *, eps=1e-8, reduction="mean"):
+    """``1 - cos(flatten(x), flatten(y))`` per sample; see :func:`agkd_ops.cosine_loss`."""
+    return _reduce(1 - _cosine_per_sample(x, y, eps), reduction, x.dtype)
+
+
+def hybrid_loss(x, y, *, alpha=0.5, beta=0.5, window_size=11, sigma=1.5, data_range=1.0,
+                k1=0.01, k2=0.03, padding="valid", eps=1e-8, reduction="mean"):
+    """``alpha * ssim_loss + beta * cosine_loss``; see :func:`agkd_ops.hybrid_loss`."""
+    per_sample = 0
+    if alpha != 0:
+        per_sample = alpha * (
+            1 - _ssim_per_sample(x, y, window_size, sigma, data_range, k1, k2, padding)
+        )
+    if beta != 0:
+        per_sample = per_sample + beta * (1 - _cosine_per_sample(x, y, eps))
+    if not torch.is_tensor(per_sample):  # alpha == beta == 0
+        per_sample = torch.zeros(x.shape[0], dtype=_compute_dtype(x.dtype), device=x.device)
+        per_sample = per_sample + 0 * (x.sum() + y.sum())  # keep both inputs in the graph
+    return _reduce(per_sample, reduction, x.dtype)

@@ -1,0 +1,474 @@
+// CPU kernels of agkd::hybrid_fwd / agkd::hybrid_bwd (fused SSIM + cosine).
+//
+// Work is split into (plane, row tile) items run with at::parallel_for. A row tile of the
+// forward reads each input row once into a padded row buffer, blurs it horizontally into
+// a ring of `window` rows (five moments), and combines the ring vertically into the five
+// moments of one output row, from which SSIM is summed; cosine sums come from the same
+// rows. Partial sums land in a fixed slot per item and are added in a fixed order, so the
+// result does not depend on the thread count.
+//
+// The backward recomputes the moments for the output rows that touch its source rows,
+// turns them into dS/dmoment maps (math/ssim.h), blurs those back with the transposed
+// window (a gather: every source pixel sums its own contributions, reflect mirrors
+// included) and writes both gradients in the same sweep.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "agkd/hybrid.h"
+#include "agkd/math/cosine.h"
+#include "agkd/math/ssim.h"
+
+namespace agkd {
+namespace {
+
+// Rows per work item. Fixed (not derived from the thread count) so that partial sums,
+// and therefore results, are bitwise identical on any machine with the same ISA.
+constexpr int64_t kRowTile = 64;
+
+// Clone the hot loops for AVX2+FMA with a portable fallback, chosen at load time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define AGKD_CPU_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define AGKD_CPU_MULTIVERSION
+#endif
+
+// One (N, C, H, W) tensor of any strides, read plane by plane.
+template <typename scalar_t>
+struct StridedMaps {
+  const scalar_t* data;
+  int64_t sN, sC, sH, sW;
+  explicit StridedMaps(const at::Tensor& t)
+      : data(t.const_data_ptr<scalar_t>()),
+        sN(t.stride(0)), sC(t.stride(1)), sH(t.stride(2)), sW(t.stride(3)) {}
+  const scalar_t* plane(int64_t n, int64_t c) const { return data + n * sN + c * sC; }
+};
+
+// Source row `row` (stride sW) widened to acc_t into out[0, W + 2*pad), padded as the
+// contract says. out[jp] holds padded column jp - pad.
+template <typename scalar_t, typename acc_t>
+inline void load_padded_row(const scalar_t* row, int64_t sW, const PlaneGeometry& g,
+                            acc_t* out) {
+  const int64_t pad = g.pad, W = g.W;
+  if (sW == 1) {
+    for (int64_t j = 0; j < W; ++j) out[pad + j] = static_cast<acc_t>(row[j]);
+  } else {
+    for (int64_t j = 0; j < W; ++j) out[pad + j] = static_cast<acc_t>(row[j * sW]);
+  }
+  for (int64_t j = -pad; j < 0; ++j) {
+    const int64_t s = source_index(j, W, g.padding);
+    out[pad + j] = s < 0 ? acc_t(0) : out[pad + s];
+  }
+  for (int64_t j = W; j < W + pad; ++j) {
+    const int64_t s = source_index(j, W, g.padding);
+    out[pad + j] = s < 0 ? acc_t(0) : out[pad + s];
+  }
+}
+
+// Per-thread buffers. Each buffer row is padded to a whole number of vectors.
+template <typename acc_t>
+struct Scratch {
+  int64_t stride;               // acc_t elements per buffer row (>= padded width)
+  std::vector<acc_t> xrow, yrow;  // padded input rows
+  std::vector<acc_t> ring;      // window x 5 horizontally blurred rows
+  std::vector<acc_t> moments;   // 5 rows: the vertical blur of the ring
+  explicit Scratch(const PlaneGeometry& g)
+      : stride((g.padded_width() + 15) / 16 * 16),
+        xrow(stride), yrow(stride),
+        ring(g.window * 5 * stride), moments(5 * stride) {}
+  acc_t* ring_row(int64_t padded_row, int64_t window) {
+    // padded_row may be negative (reflect/zeros border): keep the slot non-negative.
+    const int64_t slot = ((padded_row % window) + window) % window;
+    return ring.data() + slot * 5 * stride;
+  }
+};
+
+// Horizontal blur of one padded row pair: out[m * stride + j] for the five moments
+// x, y, x², y², xy at output columns j in [0, Wo).
+template <typename acc_t>
+inline void blur_row(const acc_t* __restrict xp, const acc_t* __restrict yp,
+                     const acc_t* __restrict taps, int64_t window, int64_t Wo, int64_t stride,
+                     acc_t* __restrict out) {
+  acc_t* __restrict hx = out;
+  acc_t* __restrict hy = out + stride;
+  acc_t* __restrict hxx = out + 2 * stride;
+  acc_t* __restrict hyy = out + 3 * stride;
+  acc_t* __restrict hxy = out + 4 * stride;
+  std::fill(out, out + 5 * stride, acc_t(0));
+  for (int64_t k = 0; k < window; ++k) {
+    const acc_t t = taps[k];
+    const acc_t* __restrict xk = xp + k;
+    const acc_t* __restrict yk = yp + k;
+    for (int64_t j = 0; j < Wo; ++j) {
+      const acc_t a = xk[j], b = yk[j];
+      const acc_t ta = t * a, tb = t * b;
+      hx[j] += ta;
+      hy[j] += tb;
+      hxx[j] += ta * a;
+      hyy[j] += tb * b;
+      hxy[j] += ta * b;
+    }
+  }
+}
+
+// Fills the ring slot of padded row p (source row source_index(p)) with its blurred row.
+template <typename scalar_t, typename acc_t>
+inline void ring_push(const scalar_t* xplane, const scalar_t* yplane, int64_t sH, int64_t sW,
+                      const PlaneGeometry& g, const acc_t* taps, int64_t p,
+                      Scratch<acc_t>& s) {
+  acc_t* slot = s.ring_row(p, g.window);
+  const int64_t src = source_index(p, g.H, g.padding);
+  if (src < 0) {  // zero padding: the whole row is zero
+    std::fill(slot, slot + 5 * s.stride, acc_t(0));
+    return;
+  }
+  load_padded_row(xplane + src * sH, sW, g, s.xrow.data());
+  load_padded_row(yplane + src * sH, sW, g, s.yrow.data());
+  blur_row(s.xrow.data(), s.yrow.data(), taps, g.window, g.Wo, s.stride, slot);
+}
+
+// Vertical blur of the ring for output row o (padded rows o - pad .. o - pad + w - 1).
+template <typename acc_t>
+inline void vertical_moments(Scratch<acc_t>& s, const PlaneGeometry& g, const acc_t* taps,
+                             int64_t o) {
+  acc_t* __restrict m = s.moments.data();
+  const int64_t n5 = 5 * s.stride;
+  std::fill(m, m + n5, acc_t(0));
+  for (int64_t k = 0; k < g.window; ++k) {
+    const acc_t t = taps[k];
+    const acc_t* __restrict row = s.ring_row(o - g.pad + k, g.window);
+    for (int64_t j = 0; j < n5; ++j) m[j] += t * row[j];
+  }
+}
+
+// Calls fn(o, moments) for each output row o in [o_begin, o_end), streaming input rows
+// through the ring: each needed input row is read and blurred once.
+template <typename scalar_t, typename acc_t, typename Fn>
+inline void for_each_moment_row(const scalar_t* xplane, const scalar_t* yplane, int64_t sH,
+                                int64_t sW, const PlaneGeometry& g, const acc_t* taps,
+                                int64_t o_begin, int64_t o_end, Scratch<acc_t>& s, Fn&& fn) {
+  if (o_begin >= o_end) return;
+  for (int64_t p = o_begin - g.pad; p < o_begin - g.pad + g.window - 1; ++p) {
+    ring_push(xplane, yplane, sH, sW, g, taps, p, s);
+  }
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    ring_push(xplane, yplane, sH, sW, g, taps, o - g.pad + g.window - 1, s);
+    vertical_moments(s, g, taps, o);
+    fn(o, s.moments.data());
+  }
+}
+
+template <typename acc_t>
+inline Moments<acc_t> moments_at(const acc_t* m, int64_t stride, int64_t j) {
+  return {m[j], m[stride + j], m[2 * stride + j], m[3 * stride + j], m[4 * stride + j]};
+}
+
+// ---------------------------------------------------------------------------- forward
+
+// Sums of one (plane, row tile): SSIM over its output rows, cosine over its source rows.
+struct TileSums {
+  double ssim = 0, dot = 0, xx = 0, yy = 0;
+};
+
+template <typename scalar_t, bool kSSIM, bool kCos>
+AGKD_CPU_MULTIVERSION void hybrid_fwd_tiles(const StridedMaps<scalar_t>& xs,
+                                            const StridedMaps<scalar_t>& ys,
+                                            const PlaneGeometry& g, const HybridParams& p,
+                                            const std::vector<at::opmath_type<scalar_t>>& taps,
+                                            int64_t n_tiles, int64_t begin, int64_t end,
+                                            TileSums* sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  Scratch<acc_t> s(g);
+  const acc_t c1 = static_cast<acc_t>(p.c1), c2 = static_cast<acc_t>(p.c2);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t plane = item / n_tiles, tile = item % n_tiles;
+    const int64_t n = plane / g.C, c = plane % g.C;
+    const scalar_t* xplane = xs.plane(n, c);
+    const scalar_t* yplane = ys.plane(n, c);
+    TileSums out;
+    if constexpr (kSSIM) {
+      const int64_t o_begin = tile * kRowTile, o_end = std::min(o_begin + kRowTile, g.Ho);
+      for_each_moment_row(xplane, yplane, xs.sH, xs.sW, g, taps.data(), o_begin, o_end, s,
+                          [&](int64_t, const acc_t* m) {
+                            acc_t row_sum = 0;
+                            for (int64_t j = 0; j < g.Wo; ++j) {
+                              row_sum += ssim_from_moments(moments_at(m, s.stride, j), c1, c2);
+                            }
+                            out.ssim += row_sum;
+                          });
+    }
+    if constexpr (kCos) {
+      const int64_t q_end = std::min((tile + 1) * kRowTile, g.H);
+      for (int64_t q = tile * kRowTile; q < q_end; ++q) {
+        const scalar_t* xr = xplane + q * xs.sH;
+        const scalar_t* yr = yplane + q * ys.sH;
+        acc_t dot = 0, xx = 0, yy = 0;
+        for (int64_t j = 0; j < g.W; ++j) {
+          const acc_t a = static_cast<acc_t>(xr[j * xs.sW]);
+          const acc_t b = static_cast<acc_t>(yr[j * ys.sW]);
+          dot += a * b;
+          xx += a * a;
+          yy += b * b;
+        }
+        out.dot += dot, out.xx += xx, out.yy += yy;
+      }
+    }
+    sums[item] = out;
+  }
+}
+
+template <typename scalar_t, bool kSSIM, bool kCos>
+void hybrid_fwd_typed(const at::Tensor& x, const at::Tensor& y, const PlaneGeometry& g,
+                      const HybridParams& p, at::Tensor& loss, at::Tensor& stats) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> taps;
+  for (double t : gaussian_window(g.window, p.sigma)) taps.push_back(static_cast<acc_t>(t));
+  const int64_t n_tiles = (g.H + kRowTile - 1) / kRowTile;
+  const int64_t n_items = g.N * g.C * n_tiles;
+  std::vector<TileSums> sums(n_items);
+  const StridedMaps<scalar_t> xs(x), ys(y);
+  at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+    hybrid_fwd_tiles<scalar_t, kSSIM, kCos>(xs, ys, g, p, taps, n_tiles, begin, end,
+                                            sums.data());
+  });
+  acc_t* loss_out = loss.mutable_data_ptr<acc_t>();
+  acc_t* stats_out = stats.mutable_data_ptr<acc_t>();
+  const int64_t per_sample = g.C * n_tiles;
+  for (int64_t n = 0; n < g.N; ++n) {
+    TileSums total;
+    for (int64_t i = n * per_sample; i < (n + 1) * per_sample; ++i) {
+      total.ssim += sums[i].ssim, total.dot += sums[i].dot;
+      total.xx += sums[i].xx, total.yy += sums[i].yy;
+    }
+    double value = 0;
+    if (kSSIM) value += p.alpha * (1.0 - total.ssim / static_cast<double>(g.ssim_count()));
+    if (kCos) value += p.beta * (1.0 - cosine_from_sums(total.dot, total.xx, total.yy, p.eps));
+    loss_out[n] = static_cast<acc_t>(value);
+    stats_out[3 * n + 0] = static_cast<acc_t>(total.dot);
+    stats_out[3 * n + 1] = static_cast<acc_t>(total.xx);
+    stats_out[3 * n + 2] = static_cast<acc_t>(total.yy);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> hybrid_fwd_cpu(const at::Tensor& x, const at::Tensor& y,
+                                                  double alpha, double beta,
+                                                  int64_t window_size, double sigma, double c1,
+                                                  double c2, c10::string_view padding,
+                                                  double eps) {
+  const HybridParams p =
+      make_params(alpha, beta, window_size, sigma, c1, c2, std::string(padding), eps);
+  const PlaneGeometry g = make_geometry(x, y, p);
+  const auto acc = accumulate_dtype(x.scalar_type());
+  at::Tensor loss = at::empty({g.N}, x.options().dtype(acc));
+  at::Tensor stats = at::zeros({g.N, 3}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hybrid_fwd_cpu", [&] {
+    if (alpha != 0 && beta != 0) {
+      hybrid_fwd_typed<scalar_t, true, true>(x, y, g, p, loss, stats);
+    } else if (alpha != 0) {
+      hybrid_fwd_typed<scalar_t, true, false>(x, y, g, p, loss, stats);
+    } else {
+      hybrid_fwd_typed<scalar_t, false, true>(x, y, g, p, loss, stats);
+    }
+  });
+  return {loss, stats};
+}
+
+// --------------------------------------------------------------------------- backward
+
+// Per-thread buffers of the backward, on top of the forward's ring.
+template <typename acc_t>
+struct BackwardScratch {
+  std::vector<acc_t> coeffs;  // 4 x rows x stride: d_mx, d_my, d_e2, d_exy per output pixel
+  std::vector<acc_t> vert;    // 4 x stride: vertically blurred (and row-folded) coeffs
+  std::vector<acc_t> horiz;   // 4 x stride: horizontally blurred, padded columns
+  std::vector<acc_t> folded;  // 4 x W: column-folded onto source columns
+  BackwardScratch(const PlaneGeometry& g, int64_t stride)
+      : coeffs(4 * (kRowTile + g.window - 1) * stride),
+        vert(4 * stride), horiz(4 * stride), folded(4 * g.W) {}
+};
+
+template <typename scalar_t, bool kSSIM, bool kCos>
+AGKD_CPU_MULTIVERSION void hybrid_bwd_tiles(
+    const StridedMaps<scalar_t>& xs, const StridedMaps<scalar_t>& ys, const PlaneGeometry& g,
+    const HybridParams& p, const std::vector<at::opmath_type<scalar_t>>& taps,
+    const at::opmath_type<scalar_t>* grad_loss, const at::opmath_type<scalar_t>* stats,
+    scalar_t* grad_x, scalar_t* grad_y, int64_t n_tiles, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  Scratch<acc_t> s(g);
+  BackwardScratch<acc_t> b(g, s.stride);
+  const acc_t c1 = static_cast<acc_t>(p.c1), c2 = static_cast<acc_t>(p.c2);
+  const int64_t stride = s.stride, w = g.window, pad = g.pad;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t plane = item / n_tiles, tile = item % n_tiles;
+    const int64_t n = plane / g.C, c = plane % g.C;
+    const scalar_t* xplane = xs.plane(n, c);
+    const scalar_t* yplane = ys.plane(n, c);
+    const int64_t q_begin = tile * kRowTile, q_end = std::min(q_begin + kRowTile, g.H);
+    const acc_t g_n = grad_loss[n];
+
+    CosineGrad<acc_t> cg{0, 0, 0};
+    if constexpr (kCos) {
+      cg = cosine_grad(stats[3 * n], stats[3 * n + 1], stats[3 * n + 2],
+                       static_cast<acc_t>(p.eps), static_cast<acc_t>(-p.beta) * g_n);
+    }
+    // Output rows whose windows reach source rows [q_begin, q_end), reflect mirrors
+    // included (mirrors of a border row stay within `pad` rows of that border).
+    const int64_t o_begin = std::max<int64_t>(0, q_begin + pad - w + 1);
+    const int64_t o_end = std::min<int64_t>(g.Ho, q_end + pad);
+    if constexpr (kSSIM) {
+      const acc_t scale =
+          static_cast<acc_t>(-p.alpha / static_cast<double>(g.ssim_count())) * g_n;
+      const int64_t rows = o_end - o_begin;
+      acc_t* d_mx = b.coeffs.data();
+      acc_t* d_my = d_mx + rows * stride;
+      acc_t* d_e2 = d_my + rows * stride;
+      acc_t* d_exy = d_e2 + rows * stride;
+      for_each_moment_row(xplane, yplane, xs.sH, xs.sW, g, taps.data(), o_begin, o_end, s,
+                          [&](int64_t o, const acc_t* m) {
+                            const int64_t r = (o - o_begin) * stride;
+                            for (int64_t j = 0; j < g.Wo; ++j) {
+                              const MomentGrads<acc_t> d =
+                                  ssim_moment_grads(moments_at(m, stride, j), c1, c2, scale);
+                              d_mx[r + j] = d.d_mx, d_my[r + j] = d.d_my;
+                              d_e2[r + j] = d.d_e2, d_exy[r + j] = d.d_exy;
+                            }
+                          });
+    }
+    for (int64_t q = q_begin; q < q_end; ++q) {
+      const scalar_t* xr = xplane + q * xs.sH;
+      const scalar_t* yr = yplane + q * ys.sH;
+      const acc_t* fx = nullptr;  // folded blurred coefficient rows, 4 x W
+      if constexpr (kSSIM) {
+        // Vertical transposed blur, summed over every padded row that reads source row q.
+        acc_t* __restrict vert = b.vert.data();
+        std::fill(vert, vert + 4 * stride, acc_t(0));
+        int64_t readers[3] = {q, 0, 0};
+        const int n_readers = 1 + mirror_indices(q, g.H, pad, g.padding, readers + 1);
+        const int64_t rows = o_end - o_begin;
+        for (int r = 0; r < n_readers; ++r) {
+          for (int64_t k = 0; k < w; ++k) {
+            const int64_t o = readers[r] - k + pad;
+            if (o < o_begin || o >= o_end) continue;
+            const acc_t t = taps[k];
+            for (int m = 0; m < 4; ++m) {
+              const acc_t* __restrict src = b.coeffs.data() + (m * rows + (o - o_begin)) * stride;
+              acc_t* __restrict dst = vert + m * stride;
+              for (int64_t j = 0; j < g.Wo; ++j) dst[j] += t * src[j];
+            }
+          }
+        }
+        // Horizontal transposed blur into padded columns, then fold onto source columns.
+        acc_t* __restrict horiz = b.horiz.data();
+        std::fill(horiz, horiz + 4 * stride, acc_t(0));
+        for (int m = 0; m < 4; ++m) {
+          const acc_t* __restrict src = vert + m * stride;
+          acc_t* __restrict dst = horiz + m * stride;
+          for (int64_t l = 0; l < w; ++l) {
+            const acc_t t = taps[l];
+            for (int64_t j = 0; j < g.Wo; ++j) dst[j + l] += t * src[j];
+          }
+        }
+        acc_t* __restrict folded = b.folded.data();
+        for (int m = 0; m < 4; ++m) {
+          const acc_t* hm = horiz + m * stride;
+          acc_t* fm = folded + m * g.W;
+          for (int64_t j = 0; j < g.W; ++j) fm[j] = hm[j + pad];
+          if (g.padding == Padding::kReflect) {
+            for (int64_t j = 1; j <= pad; ++j) fm[j] += hm[pad - j];
+            for (int64_t j = std::max<int64_t>(0, g.W - 1 - pad); j <= g.W - 2; ++j) {
+              fm[j] += hm[2 * (g.W - 1) - j + pad];
+            }
+          }
+        }
+        fx = folded;
+      }
+      scalar_t* gx = grad_x ? grad_x + (plane * g.H + q) * g.W : nullptr;
+      scalar_t* gy = grad_y ? grad_y + (plane * g.H + q) * g.W : nullptr;
+      for (int64_t j = 0; j < g.W; ++j) {
+        const acc_t a = static_cast<acc_t>(xr[j * xs.sW]);
+        const acc_t bv = static_cast<acc_t>(yr[j * ys.sW]);
+        acc_t da = 0, db = 0;
+        if constexpr (kSSIM) {
+          const acc_t d_mx = fx[j], d_my = fx[g.W + j];
+          const acc_t d_e2 = fx[2 * g.W + j], d_exy = fx[3 * g.W + j];
+          da = ssim_pixel_grad(d_mx, d_e2, d_exy, a, bv);
+          db = ssim_pixel_grad(d_my, d_e2, d_exy, bv, a);
+        }
+        if constexpr (kCos) {
+          da += cg.coupling * bv - cg.self_x * a;
+          db += cg.coupling * a - cg.self_y * bv;
+        }
+        if (gx) gx[j] = static_cast<scalar_t>(da);
+        if (gy) gy[j] = static_cast<scalar_t>(db);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, bool kSSIM, bool kCos>
+void hybrid_bwd_typed(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y,
+                      const at::Tensor& stats, const PlaneGeometry& g, const HybridParams& p,
+                      at::Tensor& grad_x, at::Tensor& grad_y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> taps;
+  for (double t : gaussian_window(g.window, p.sigma)) taps.push_back(static_cast<acc_t>(t));
+  const int64_t n_tiles = (g.H + kRowTile - 1) / kRowTile;
+  const StridedMaps<scalar_t> xs(x), ys(y);
+  scalar_t* gx = grad_x.numel() ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gy = grad_y.numel() ? grad_y.mutable_data_ptr<scalar_t>() : nullptr;
+  const acc_t* gl = grad_loss.const_data_ptr<acc_t>();
+  const acc_t* st = stats.const_data_ptr<acc_t>();
+  at::parallel_for(0, g.N * g.C * n_tiles, 1, [&](int64_t begin, int64_t end) {
+    hybrid_bwd_tiles<scalar_t, kSSIM, kCos>(xs, ys, g, p, taps, gl, st, gx, gy, n_tiles, begin,
+                                            end);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> hybrid_bwd_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y,
+    const at::Tensor& stats, double alpha, double beta, int64_t window_size, double sigma,
+    double c1, double c2, c10::string_view padding, double eps, bool needs_grad_x,
+    bool needs_grad_y) {
+  const HybridParams p =
+      make_params(alpha, beta, window_size, sigma, c1, c2, std::string(padding), eps);
+  const PlaneGeometry g = make_geometry(x, y, p);
+  const auto acc = accumulate_dtype(x.scalar_type());
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == g.N && grad_loss.scalar_type() == acc,
+              "agkd::hybrid_bwd: grad_loss must be (N,) of the accumulate dtype");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == g.N && stats.size(1) == 3 &&
+                  stats.scalar_type() == acc,
+              "agkd::hybrid_bwd: stats must be (N, 3) of the accumulate dtype");
+  const at::Tensor gl = grad_loss.contiguous(), st = stats.contiguous();
+  auto grad_or_empty = [&](bool needed) {
+    return needed ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous))
+                  : at::empty({0}, x.options());
+  };
+  at::Tensor grad_x = grad_or_empty(needs_grad_x), grad_y = grad_or_empty(needs_grad_y);
+  if (!needs_grad_x && !needs_grad_y) return {grad_x, grad_y};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hybrid_bwd_cpu", [&] {
+    if (alpha != 0 && beta != 0) {
+      hybrid_bwd_typed<scalar_t, true, true>(gl, x, y, st, g, p, grad_x, grad_y);
+    } else if (alpha != 0) {
+      hybrid_bwd_typed<scalar_t, true, false>(gl, x, y, st, g, p, grad_x, grad_y);
+    } else {
+      hybrid_bwd_typed<scalar_t, false, true>(gl, x, y, st, g, p, grad_x, grad_y);
+    }
+  });
+  return {grad_x, grad_y};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(agkd, CPU, m) {
+  m.impl("hybrid_fwd", &hybrid_fwd_cpu);
+  m.impl("hybrid_bwd", &hybrid_bwd_cpu);
+}
+
+}  // namespace agkd

@@ -1,0 +1,42 @@
+// Every agkd operator schema, declared once. Kernels register per device in cpu/ and
+// cuda/; autograd and fake (meta) implementations are registered from Python in
+// agkd_ops/_registrations.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing agkd_ops._C runs the static TORCH_LIBRARY registrations below; the module
+// itself only carries build facts for agkd_ops.build_info().
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+#ifdef AGKD_WITH_CUDA
+  PyModule_AddIntConstant(m, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(m, "with_cuda", 0);
+#endif
+  PyModule_AddStringConstant(m, "cuda_archs", AGKD_CUDA_ARCHS);
+  PyModule_AddStringConstant(m, "torch_version", AGKD_TORCH_VERSION);
+#ifdef _OPENMP
+  PyModule_AddIntConstant(m, "openmp", 1);
+#else
+  PyModule_AddIntConstant(m, "openmp", 0);
+#endif
+  return m;
+}
+
+TORCH_LIBRARY(agkd, m) {
+  // Fused SSIM + cosine. Per sample n:
+  //   loss[n] = alpha * (1 - mean SSIM map) + beta * (1 - cos(flatten x_n, flatten y_n))
+  // stats[n] = (x·y, |x|², |y|²), what the backward needs for the cosine term.
+  // Both outputs are float32 (float64 for float64 inputs); reductions happen in Python.
+  m.def(
+      "hybrid_fwd(Tensor x, Tensor y, float alpha, float beta, int window_size, float sigma, "
+      "float c1, float c2, str padding, float eps) -> (Tensor loss, Tensor stats)");
+  // Gradients of sum_n grad_loss[n] * loss[n] for x and y in one pass; an input whose
+  // gradient is not needed gets an empty tensor and costs nothing.
+  m.def(
+      "hybrid_bwd(Tensor grad_loss, Tensor x, Tensor y, Tensor stats, float alpha, float beta, "
+      "int window_size, float sigma, float c1, float c2, str padding, float eps, "
+      "bool needs_grad_x, bool needs_grad_y) -> (Tensor grad_x, Tensor grad_y)");
+}

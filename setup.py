@@ -1,0 +1,84 @@
+"""Builds agkd_ops._C, the native kernels. Everything else lives in pyproject.toml.
+
+Environment switches:
+  AGKD_NO_EXT=1   install pure Python (the reference backend serves every call)
+  AGKD_CUDA=1     compile the CUDA kernels even when no GPU is visible (compile-only machines)
+  AGKD_CUDA=0     never compile CUDA
+  (unset)         compile CUDA when torch sees a GPU and a CUDA toolkit is found
+  TORCH_CUDA_ARCH_LIST   CUDA archs; defaults to "8.0;9.0" when no GPU is visible
+"""
+import glob
+import os
+import platform
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _log(msg):
+    print(f"[agkd setup] {msg}", file=sys.stderr, flush=True)
+
+
+def _extensions():
+    if os.environ.get("AGKD_NO_EXT", "0") == "1":
+        _log("AGKD_NO_EXT=1: pure-Python install, no native kernels")
+        return [], {}
+
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    want = os.environ.get("AGKD_CUDA")
+    if want == "0":
+        use_cuda, why = False, "AGKD_CUDA=0"
+    elif want == "1":
+        if CUDA_HOME is None:
+            raise RuntimeError("AGKD_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
+        use_cuda, why = True, "AGKD_CUDA=1"
+    else:
+        use_cuda = torch.cuda.is_available() and CUDA_HOME is not None
+        why = f"torch.cuda.is_available()={torch.cuda.is_available()}, CUDA_HOME={CUDA_HOME}"
+    if use_cuda and not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "detected") if use_cuda else ""
+
+    sources = ["csrc/agkd/ops.cpp"] + sorted(glob.glob("csrc/agkd/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    defines = [
+        ("AGKD_CUDA_ARCHS", f'"{archs}"'),
+        ("AGKD_TORCH_VERSION", f'"{torch.__version__}"'),
+        ("Py_LIMITED_API", "0x03090000"),
+    ]
+    link = []
+    if platform.system() != "Darwin":
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
+    if use_cuda:
+        sources += sorted(glob.glob("csrc/agkd/cuda/*.cu"))
+        defines.append(("AGKD_WITH_CUDA", "1"))
+        ext_cls = CUDAExtension
+        extra = {"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "-lineinfo"]}
+    else:
+        ext_cls = CppExtension
+        extra = {"cxx": cxx}
+    _log(f"CPU kernels: yes (OpenMP: {'-fopenmp' in cxx}); CUDA kernels: "
+         f"{'yes, archs ' + archs if use_cuda else 'no'} ({why})")
+    ext = ext_cls(
+        name="agkd_ops._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=defines,
+        extra_compile_args=extra,
+        extra_link_args=link,
+        py_limited_api=True,
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+setup(
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+)
