@@ -39,6 +39,20 @@ constexpr int64_t kRowTile = 64;
 #else
 #define AGKD_CPU_MULTIVERSION
 #endif
+// Helpers of the hot loops are forced inline so that they are compiled into each clone
+// (an out-of-line helper would run the baseline instruction set inside the AVX2 clone).
+// The lane loops below are independent per column; say so, since GCC will not if-convert
+// the masked SSIM/coefficient lanes on its own.
+#if defined(_OPENMP)
+#define AGKD_SIMD _Pragma("omp simd")
+#else
+#define AGKD_SIMD
+#endif
+#if defined(__GNUC__)
+#define AGKD_CPU_INLINE inline __attribute__((always_inline))
+#else
+#define AGKD_CPU_INLINE inline
+#endif
 
 // One (N, C, H, W) tensor of any strides, read plane by plane.
 template <typename scalar_t>
@@ -54,7 +68,7 @@ struct StridedMaps {
 // Source row `row` (stride sW) widened to acc_t into out[0, W + 2*pad), padded as the
 // contract says. out[jp] holds padded column jp - pad.
 template <typename scalar_t, typename acc_t>
-inline void load_padded_row(const scalar_t* row, int64_t sW, const PlaneGeometry& g,
+AGKD_CPU_INLINE void load_padded_row(const scalar_t* row, int64_t sW, const PlaneGeometry& g,
                             acc_t* out) {
   const int64_t pad = g.pad, W = g.W;
   if (sW == 1) {
@@ -72,17 +86,27 @@ inline void load_padded_row(const scalar_t* row, int64_t sW, const PlaneGeometry
   }
 }
 
-// Per-thread buffers. Each buffer row is padded to a whole number of vectors.
+// Output columns processed together: two AVX2 vectors per moment, so the five (forward)
+// or four (backward) accumulators of a block stay in registers across the window's taps.
+template <typename acc_t>
+constexpr int64_t kBlock = 64 / sizeof(acc_t);
+
+template <typename acc_t>
+inline int64_t round_up_to_block(int64_t n) {
+  return (n + kBlock<acc_t> - 1) / kBlock<acc_t> * kBlock<acc_t>;
+}
+
+// Per-thread buffers. Rows are whole blocks long; the slack past the live columns stays
+// zero, so block loops may run over it without reading garbage.
 template <typename acc_t>
 struct Scratch {
-  int64_t stride;               // acc_t elements per buffer row (>= padded width)
-  std::vector<acc_t> xrow, yrow;  // padded input rows
-  std::vector<acc_t> ring;      // window x 5 horizontally blurred rows
-  std::vector<acc_t> moments;   // 5 rows: the vertical blur of the ring
+  int64_t stride;                 // acc_t per ring/moment row: Wo rounded up to a block
+  std::vector<acc_t> xrow, yrow;  // padded input rows (stride + window)
+  std::vector<acc_t> ring;        // window x 5 horizontally blurred rows
   explicit Scratch(const PlaneGeometry& g)
-      : stride((g.padded_width() + 15) / 16 * 16),
-        xrow(stride), yrow(stride),
-        ring(g.window * 5 * stride), moments(5 * stride) {}
+      : stride(round_up_to_block<acc_t>(g.Wo)),
+        xrow(stride + g.window, acc_t(0)), yrow(stride + g.window, acc_t(0)),
+        ring(g.window * 5 * stride, acc_t(0)) {}
   acc_t* ring_row(int64_t padded_row, int64_t window) {
     // padded_row may be negative (reflect/zeros border): keep the slot non-negative.
     const int64_t slot = ((padded_row % window) + window) % window;
@@ -91,36 +115,43 @@ struct Scratch {
 };
 
 // Horizontal blur of one padded row pair: out[m * stride + j] for the five moments
-// x, y, x², y², xy at output columns j in [0, Wo).
+// x, y, x², y², xy at output columns j in [0, stride) (columns past Wo read zeros).
 template <typename acc_t>
-inline void blur_row(const acc_t* __restrict xp, const acc_t* __restrict yp,
-                     const acc_t* __restrict taps, int64_t window, int64_t Wo, int64_t stride,
+AGKD_CPU_INLINE void blur_row(const acc_t* __restrict xp, const acc_t* __restrict yp,
+                     const acc_t* __restrict taps, int64_t window, int64_t stride,
                      acc_t* __restrict out) {
-  acc_t* __restrict hx = out;
-  acc_t* __restrict hy = out + stride;
-  acc_t* __restrict hxx = out + 2 * stride;
-  acc_t* __restrict hyy = out + 3 * stride;
-  acc_t* __restrict hxy = out + 4 * stride;
-  std::fill(out, out + 5 * stride, acc_t(0));
-  for (int64_t k = 0; k < window; ++k) {
-    const acc_t t = taps[k];
-    const acc_t* __restrict xk = xp + k;
-    const acc_t* __restrict yk = yp + k;
-    for (int64_t j = 0; j < Wo; ++j) {
-      const acc_t a = xk[j], b = yk[j];
-      const acc_t ta = t * a, tb = t * b;
-      hx[j] += ta;
-      hy[j] += tb;
-      hxx[j] += ta * a;
-      hyy[j] += tb * b;
-      hxy[j] += ta * b;
+  constexpr int64_t B = kBlock<acc_t>;
+  for (int64_t j0 = 0; j0 < stride; j0 += B) {
+    acc_t hx[B] = {}, hy[B] = {}, hxx[B] = {}, hyy[B] = {}, hxy[B] = {};
+    for (int64_t k = 0; k < window; ++k) {
+      const acc_t t = taps[k];
+      const acc_t* __restrict xk = xp + j0 + k;
+      const acc_t* __restrict yk = yp + j0 + k;
+      AGKD_SIMD
+      for (int64_t j = 0; j < B; ++j) {
+        const acc_t a = xk[j], b = yk[j];
+        const acc_t ta = t * a, tb = t * b;
+        hx[j] += ta;
+        hy[j] += tb;
+        hxx[j] += ta * a;
+        hyy[j] += tb * b;
+        hxy[j] += ta * b;
+      }
+    }
+    AGKD_SIMD
+    for (int64_t j = 0; j < B; ++j) {
+      out[j0 + j] = hx[j];
+      out[stride + j0 + j] = hy[j];
+      out[2 * stride + j0 + j] = hxx[j];
+      out[3 * stride + j0 + j] = hyy[j];
+      out[4 * stride + j0 + j] = hxy[j];
     }
   }
 }
 
 // Fills the ring slot of padded row p (source row source_index(p)) with its blurred row.
 template <typename scalar_t, typename acc_t>
-inline void ring_push(const scalar_t* xplane, const scalar_t* yplane, int64_t sH, int64_t sW,
+AGKD_CPU_INLINE void ring_push(const scalar_t* xplane, const scalar_t* yplane, int64_t sH, int64_t sW,
                       const PlaneGeometry& g, const acc_t* taps, int64_t p,
                       Scratch<acc_t>& s) {
   acc_t* slot = s.ring_row(p, g.window);
@@ -131,43 +162,41 @@ inline void ring_push(const scalar_t* xplane, const scalar_t* yplane, int64_t sH
   }
   load_padded_row(xplane + src * sH, sW, g, s.xrow.data());
   load_padded_row(yplane + src * sH, sW, g, s.yrow.data());
-  blur_row(s.xrow.data(), s.yrow.data(), taps, g.window, g.Wo, s.stride, slot);
+  blur_row(s.xrow.data(), s.yrow.data(), taps, g.window, s.stride, slot);
 }
 
-// Vertical blur of the ring for output row o (padded rows o - pad .. o - pad + w - 1).
-template <typename acc_t>
-inline void vertical_moments(Scratch<acc_t>& s, const PlaneGeometry& g, const acc_t* taps,
-                             int64_t o) {
-  acc_t* __restrict m = s.moments.data();
-  const int64_t n5 = 5 * s.stride;
-  std::fill(m, m + n5, acc_t(0));
-  for (int64_t k = 0; k < g.window; ++k) {
-    const acc_t t = taps[k];
-    const acc_t* __restrict row = s.ring_row(o - g.pad + k, g.window);
-    for (int64_t j = 0; j < n5; ++j) m[j] += t * row[j];
-  }
-}
-
-// Calls fn(o, moments) for each output row o in [o_begin, o_end), streaming input rows
-// through the ring: each needed input row is read and blurred once.
+// Calls fn(o, j0, moments) for each output row o in [o_begin, o_end) and each block of
+// columns j0: moments[m][j] (m: x, y, x², y², xy) is the vertical blur of the ring for
+// output columns j0 + j. Input rows stream through the ring: each is read and blurred once.
 template <typename scalar_t, typename acc_t, typename Fn>
-inline void for_each_moment_row(const scalar_t* xplane, const scalar_t* yplane, int64_t sH,
-                                int64_t sW, const PlaneGeometry& g, const acc_t* taps,
-                                int64_t o_begin, int64_t o_end, Scratch<acc_t>& s, Fn&& fn) {
+AGKD_CPU_INLINE void for_each_moment_block(const scalar_t* xplane, const scalar_t* yplane, int64_t sH,
+                                  int64_t sW, const PlaneGeometry& g, const acc_t* taps,
+                                  int64_t o_begin, int64_t o_end, Scratch<acc_t>& s, Fn&& fn) {
+  constexpr int64_t B = kBlock<acc_t>;
   if (o_begin >= o_end) return;
   for (int64_t p = o_begin - g.pad; p < o_begin - g.pad + g.window - 1; ++p) {
     ring_push(xplane, yplane, sH, sW, g, taps, p, s);
   }
   for (int64_t o = o_begin; o < o_end; ++o) {
     ring_push(xplane, yplane, sH, sW, g, taps, o - g.pad + g.window - 1, s);
-    vertical_moments(s, g, taps, o);
-    fn(o, s.moments.data());
+    for (int64_t j0 = 0; j0 < s.stride; j0 += B) {
+      acc_t m[5][B] = {};
+      for (int64_t k = 0; k < g.window; ++k) {
+        const acc_t t = taps[k];
+        const acc_t* __restrict row = s.ring_row(o - g.pad + k, g.window) + j0;
+        for (int mi = 0; mi < 5; ++mi) {
+          AGKD_SIMD
+          for (int64_t j = 0; j < B; ++j) m[mi][j] += t * row[mi * s.stride + j];
+        }
+      }
+      fn(o, j0, m);
+    }
   }
 }
 
-template <typename acc_t>
-inline Moments<acc_t> moments_at(const acc_t* m, int64_t stride, int64_t j) {
-  return {m[j], m[stride + j], m[2 * stride + j], m[3 * stride + j], m[4 * stride + j]};
+template <typename acc_t, int64_t B>
+AGKD_CPU_INLINE Moments<acc_t> moments_at(const acc_t (&m)[5][B], int64_t j) {
+  return {m[0][j], m[1][j], m[2][j], m[3][j], m[4][j]};
 }
 
 // ---------------------------------------------------------------------------- forward
@@ -195,14 +224,21 @@ AGKD_CPU_MULTIVERSION void hybrid_fwd_tiles(const StridedMaps<scalar_t>& xs,
     TileSums out;
     if constexpr (kSSIM) {
       const int64_t o_begin = tile * kRowTile, o_end = std::min(o_begin + kRowTile, g.Ho);
-      for_each_moment_row(xplane, yplane, xs.sH, xs.sW, g, taps.data(), o_begin, o_end, s,
-                          [&](int64_t, const acc_t* m) {
-                            acc_t row_sum = 0;
-                            for (int64_t j = 0; j < g.Wo; ++j) {
-                              row_sum += ssim_from_moments(moments_at(m, s.stride, j), c1, c2);
-                            }
-                            out.ssim += row_sum;
-                          });
+      constexpr int64_t B = kBlock<acc_t>;
+      acc_t lane_sums[B] = {};
+      for_each_moment_block(xplane, yplane, xs.sH, xs.sW, g, taps.data(), o_begin, o_end, s,
+                            [&](int64_t, int64_t j0, const acc_t(&m)[5][B]) {
+                              const int64_t live = std::min(B, g.Wo - j0);
+                              AGKD_SIMD
+                              for (int64_t j = 0; j < B; ++j) {
+                                const acc_t v = ssim_from_moments(moments_at(m, j), c1, c2);
+                                lane_sums[j] += j < live ? v : acc_t(0);
+                              }
+                              if (j0 + B >= s.stride) {  // end of the row: flush to double
+                                for (int64_t j = 0; j < B; ++j) out.ssim += lane_sums[j];
+                                std::fill(lane_sums, lane_sums + B, acc_t(0));
+                              }
+                            });
     }
     if constexpr (kCos) {
       const int64_t q_end = std::min((tile + 1) * kRowTile, g.H);
@@ -286,12 +322,18 @@ std::tuple<at::Tensor, at::Tensor> hybrid_fwd_cpu(const at::Tensor& x, const at:
 template <typename acc_t>
 struct BackwardScratch {
   std::vector<acc_t> coeffs;  // 4 x rows x stride: d_mx, d_my, d_e2, d_exy per output pixel
-  std::vector<acc_t> vert;    // 4 x stride: vertically blurred (and row-folded) coeffs
-  std::vector<acc_t> horiz;   // 4 x stride: horizontally blurred, padded columns
-  std::vector<acc_t> folded;  // 4 x W: column-folded onto source columns
+  std::vector<acc_t> vert;    // 4 x vert_stride: vertical gather, led by window - 1 zeros
+  std::vector<acc_t> folded;  // 4 x fold_stride: horizontal gather on padded columns
+  int64_t vert_stride, fold_stride;
+  // Block loops over the padded width (Wo + w - 1, rounded up) read and write up to
+  // two blocks past stride + w; the slack is sized for that and stays zero.
   BackwardScratch(const PlaneGeometry& g, int64_t stride)
-      : coeffs(4 * (kRowTile + g.window - 1) * stride),
-        vert(4 * stride), horiz(4 * stride), folded(4 * g.W) {}
+      : coeffs(4 * (kRowTile + g.window - 1) * stride, acc_t(0)),
+        vert_stride(2 * g.window + stride + 2 * kBlock<acc_t>),
+        fold_stride(g.window + stride + 2 * kBlock<acc_t>) {
+    vert.assign(4 * vert_stride, acc_t(0));
+    folded.assign(4 * fold_stride, acc_t(0));
+  }
 };
 
 template <typename scalar_t, bool kSSIM, bool kCos>
@@ -323,71 +365,92 @@ AGKD_CPU_MULTIVERSION void hybrid_bwd_tiles(
     const int64_t o_begin = std::max<int64_t>(0, q_begin + pad - w + 1);
     const int64_t o_end = std::min<int64_t>(g.Ho, q_end + pad);
     if constexpr (kSSIM) {
+      constexpr int64_t B = kBlock<acc_t>;
       const acc_t scale =
           static_cast<acc_t>(-p.alpha / static_cast<double>(g.ssim_count())) * g_n;
       const int64_t rows = o_end - o_begin;
-      acc_t* d_mx = b.coeffs.data();
-      acc_t* d_my = d_mx + rows * stride;
-      acc_t* d_e2 = d_my + rows * stride;
-      acc_t* d_exy = d_e2 + rows * stride;
-      for_each_moment_row(xplane, yplane, xs.sH, xs.sW, g, taps.data(), o_begin, o_end, s,
-                          [&](int64_t o, const acc_t* m) {
-                            const int64_t r = (o - o_begin) * stride;
-                            for (int64_t j = 0; j < g.Wo; ++j) {
-                              const MomentGrads<acc_t> d =
-                                  ssim_moment_grads(moments_at(m, stride, j), c1, c2, scale);
-                              d_mx[r + j] = d.d_mx, d_my[r + j] = d.d_my;
-                              d_e2[r + j] = d.d_e2, d_exy[r + j] = d.d_exy;
-                            }
-                          });
+      acc_t* coeffs = b.coeffs.data();
+      for_each_moment_block(
+          xplane, yplane, xs.sH, xs.sW, g, taps.data(), o_begin, o_end, s,
+          [&](int64_t o, int64_t j0, const acc_t(&m)[5][B]) {
+            acc_t d_mx[B], d_my[B], d_e2[B], d_exy[B];
+            const int64_t live = std::min(B, g.Wo - j0);
+            AGKD_SIMD
+            for (int64_t j = 0; j < B; ++j) {
+              const MomentGrads<acc_t> d = ssim_moment_grads(moments_at(m, j), c1, c2, scale);
+              const bool in = j < live;  // columns past Wo must contribute nothing
+              d_mx[j] = in ? d.d_mx : acc_t(0);
+              d_my[j] = in ? d.d_my : acc_t(0);
+              d_e2[j] = in ? d.d_e2 : acc_t(0);
+              d_exy[j] = in ? d.d_exy : acc_t(0);
+            }
+            acc_t* row = coeffs + (o - o_begin) * stride + j0;
+            std::copy(d_mx, d_mx + B, row);
+            std::copy(d_my, d_my + B, row + rows * stride);
+            std::copy(d_e2, d_e2 + B, row + 2 * rows * stride);
+            std::copy(d_exy, d_exy + B, row + 3 * rows * stride);
+          });
     }
     for (int64_t q = q_begin; q < q_end; ++q) {
       const scalar_t* xr = xplane + q * xs.sH;
       const scalar_t* yr = yplane + q * ys.sH;
-      const acc_t* fx = nullptr;  // folded blurred coefficient rows, 4 x W
+      const acc_t* fx = nullptr;  // transposed-blurred coefficients on padded columns
+      int64_t fstride = 0;
       if constexpr (kSSIM) {
-        // Vertical transposed blur, summed over every padded row that reads source row q.
-        acc_t* __restrict vert = b.vert.data();
-        std::fill(vert, vert + 4 * stride, acc_t(0));
+        constexpr int64_t B = kBlock<acc_t>;
+        const int64_t rows = o_end - o_begin;
+        const int64_t vs = b.vert_stride, lead = w - 1;
+        // Vertical transposed blur: every padded row p that reads source row q (q itself
+        // and its reflect mirrors) gathers taps[k] * coeffs[p - k + pad].
         int64_t readers[3] = {q, 0, 0};
         const int n_readers = 1 + mirror_indices(q, g.H, pad, g.padding, readers + 1);
-        const int64_t rows = o_end - o_begin;
-        for (int r = 0; r < n_readers; ++r) {
-          for (int64_t k = 0; k < w; ++k) {
-            const int64_t o = readers[r] - k + pad;
-            if (o < o_begin || o >= o_end) continue;
-            const acc_t t = taps[k];
-            for (int m = 0; m < 4; ++m) {
-              const acc_t* __restrict src = b.coeffs.data() + (m * rows + (o - o_begin)) * stride;
-              acc_t* __restrict dst = vert + m * stride;
-              for (int64_t j = 0; j < g.Wo; ++j) dst[j] += t * src[j];
+        for (int64_t j0 = 0; j0 < stride; j0 += B) {
+          acc_t v[4][B] = {};
+          for (int r = 0; r < n_readers; ++r) {
+            for (int64_t k = 0; k < w; ++k) {
+              const int64_t o = readers[r] - k + pad;
+              if (o < o_begin || o >= o_end) continue;
+              const acc_t t = taps[k];
+              const acc_t* __restrict src = b.coeffs.data() + (o - o_begin) * stride + j0;
+              for (int mi = 0; mi < 4; ++mi) {
+                AGKD_SIMD
+                for (int64_t j = 0; j < B; ++j) v[mi][j] += t * src[mi * rows * stride + j];
+              }
             }
           }
+          for (int mi = 0; mi < 4; ++mi) {
+            std::copy(v[mi], v[mi] + B, b.vert.data() + mi * vs + lead + j0);
+          }
         }
-        // Horizontal transposed blur into padded columns, then fold onto source columns.
-        acc_t* __restrict horiz = b.horiz.data();
-        std::fill(horiz, horiz + 4 * stride, acc_t(0));
-        for (int m = 0; m < 4; ++m) {
-          const acc_t* __restrict src = vert + m * stride;
-          acc_t* __restrict dst = horiz + m * stride;
+        // Horizontal transposed blur as a gather: padded column jp collects
+        // taps[l] * vert[jp - l], read from the zero-led buffer at lead + jp - l.
+        const int64_t fs = b.fold_stride;
+        for (int64_t j0 = 0; j0 < g.padded_width(); j0 += B) {
+          acc_t h[4][B] = {};
           for (int64_t l = 0; l < w; ++l) {
             const acc_t t = taps[l];
-            for (int64_t j = 0; j < g.Wo; ++j) dst[j + l] += t * src[j];
+            for (int mi = 0; mi < 4; ++mi) {
+              const acc_t* __restrict src = b.vert.data() + mi * vs + lead + j0 - l;
+              AGKD_SIMD
+              for (int64_t j = 0; j < B; ++j) h[mi][j] += t * src[j];
+            }
+          }
+          for (int mi = 0; mi < 4; ++mi) {
+            std::copy(h[mi], h[mi] + B, b.folded.data() + mi * fs + j0);
           }
         }
-        acc_t* __restrict folded = b.folded.data();
-        for (int m = 0; m < 4; ++m) {
-          const acc_t* hm = horiz + m * stride;
-          acc_t* fm = folded + m * g.W;
-          for (int64_t j = 0; j < g.W; ++j) fm[j] = hm[j + pad];
-          if (g.padding == Padding::kReflect) {
-            for (int64_t j = 1; j <= pad; ++j) fm[j] += hm[pad - j];
+        // Fold reflect mirrors onto their source columns (in place, mirrors first read).
+        if (g.padding == Padding::kReflect) {
+          for (int mi = 0; mi < 4; ++mi) {
+            acc_t* hm = b.folded.data() + mi * fs;
+            for (int64_t j = 1; j <= pad; ++j) hm[j + pad] += hm[pad - j];
             for (int64_t j = std::max<int64_t>(0, g.W - 1 - pad); j <= g.W - 2; ++j) {
-              fm[j] += hm[2 * (g.W - 1) - j + pad];
+              hm[j + pad] += hm[2 * (g.W - 1) - j + pad];
             }
           }
         }
-        fx = folded;
+        fx = b.folded.data() + pad;  // fx[m * fstride + j]: source column j
+        fstride = fs;
       }
       scalar_t* gx = grad_x ? grad_x + (plane * g.H + q) * g.W : nullptr;
       scalar_t* gy = grad_y ? grad_y + (plane * g.H + q) * g.W : nullptr;
@@ -396,8 +459,8 @@ AGKD_CPU_MULTIVERSION void hybrid_bwd_tiles(
         const acc_t bv = static_cast<acc_t>(yr[j * ys.sW]);
         acc_t da = 0, db = 0;
         if constexpr (kSSIM) {
-          const acc_t d_mx = fx[j], d_my = fx[g.W + j];
-          const acc_t d_e2 = fx[2 * g.W + j], d_exy = fx[3 * g.W + j];
+          const acc_t d_mx = fx[j], d_my = fx[fstride + j];
+          const acc_t d_e2 = fx[2 * fstride + j], d_exy = fx[3 * fstride + j];
           da = ssim_pixel_grad(d_mx, d_e2, d_exy, a, bv);
           db = ssim_pixel_grad(d_my, d_e2, d_exy, bv, a);
         }
