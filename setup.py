@@ -10,6 +10,7 @@ Environment switches:
 import glob
 import os
 import platform
+import shutil
 import sys
 
 from setuptools import setup
@@ -21,11 +22,29 @@ def _log(msg):
     print(f"[agkd setup] {msg}", file=sys.stderr, flush=True)
 
 
+def _resolve_cuda_home():
+    """torch guesses CUDA_HOME as nvcc's grandparent folder; where nvcc on PATH is a
+    wrapper or symlink (/usr/local/bin/nvcc) that guess has no headers or libraries.
+    Take the first candidate that is a real toolkit."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def _extensions():
     if os.environ.get("AGKD_NO_EXT", "0") == "1":
         _log("AGKD_NO_EXT=1: pure-Python install, no native kernels")
         return [], {}
 
+    _resolve_cuda_home()
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
@@ -48,7 +67,6 @@ def _extensions():
     defines = [
         ("AGKD_CUDA_ARCHS", f'"{archs}"'),
         ("AGKD_TORCH_VERSION", f'"{torch.__version__}"'),
-        ("Py_LIMITED_API", "0x03090000"),
     ]
     link = []
     if platform.system() != "Darwin":

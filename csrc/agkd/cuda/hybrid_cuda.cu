@@ -1,0 +1,513 @@
+// CUDA kernels of agkd::hybrid_fwd / agkd::hybrid_bwd (fused SSIM + cosine).
+//
+// Forward: one 16x16 block per output tile of one (n, c) plane. The block stages the tile
+// plus its halo of x and y in shared memory (padding applied while loading), blurs it
+// horizontally into five moment rows, then each thread blurs vertically and evaluates
+// SSIM (math/ssim.h). Cosine sums use the same staged pixels. Each block writes its four
+// partial sums to its own slot; a second kernel adds a sample's slots in a fixed order.
+// No atomics anywhere, so results are bitwise repeatable.
+//
+// Backward: kernel 1 recomputes the moments per output tile and writes scale * dS/dmoment
+// (four maps) to a scratch buffer; kernel 2 gathers them per source tile with the
+// transposed window (reflect mirrors folded in) and writes both gradients.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "agkd/hybrid.h"
+#include "agkd/math/cosine.h"
+#include "agkd/math/ssim.h"
+
+namespace agkd {
+namespace {
+
+constexpr int kTile = 16;                   // tile edge; one thread per tile pixel
+constexpr int kThreads = kTile * kTile;
+constexpr int kMaxTaps = 127;               // taps travel in the kernel's parameters
+constexpr int kCosineBlocksPerSample = 32;  // fixed, so the summation order is too
+
+// Everything a kernel needs to know about the maps and the window, passed by value.
+template <typename acc_t>
+struct Args {
+  int64_t N, C, H, W, Ho, Wo, pad;
+  int window;
+  Padding padding;
+  int64_t x_strides[4], y_strides[4];
+  acc_t c1, c2;
+  acc_t taps[kMaxTaps];
+};
+
+template <typename acc_t>
+Args<acc_t> make_args(const at::Tensor& x, const at::Tensor& y, const PlaneGeometry& g,
+                      const HybridParams& p) {
+  TORCH_CHECK(g.window <= kMaxTaps, "agkd::hybrid (CUDA): window_size must be <= ", kMaxTaps,
+              ", got ", g.window);
+  Args<acc_t> a{};
+  a.N = g.N, a.C = g.C, a.H = g.H, a.W = g.W, a.Ho = g.Ho, a.Wo = g.Wo, a.pad = g.pad;
+  a.window = static_cast<int>(g.window);
+  a.padding = g.padding;
+  for (int d = 0; d < 4; ++d) a.x_strides[d] = x.stride(d), a.y_strides[d] = y.stride(d);
+  a.c1 = static_cast<acc_t>(p.c1), a.c2 = static_cast<acc_t>(p.c2);
+  const auto taps = gaussian_window(g.window, p.sigma);
+  for (int64_t k = 0; k < g.window; ++k) a.taps[k] = static_cast<acc_t>(taps[k]);
+  return a;
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t load(const scalar_t* data, const int64_t* s, int64_t n,
+                                      int64_t c, int64_t h, int64_t w) {
+  return static_cast<acc_t>(data[n * s[0] + c * s[1] + h * s[2] + w * s[3]]);
+}
+
+// Padded-domain pixel (p_row, p_col) of one plane, or 0 where nothing is read.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t load_padded(const scalar_t* data, const int64_t* s,
+                                             const Args<acc_t>& a, int64_t n, int64_t c,
+                                             int64_t p_row, int64_t p_col) {
+  const int64_t r = source_index(p_row, a.H, a.padding);
+  const int64_t q = source_index(p_col, a.W, a.padding);
+  // Tiles past the map's end reach beyond one reflection; those pixels feed only
+  // outputs that are discarded, so 0 is as good as anything and never out of bounds.
+  if (r < 0 || r >= a.H || q < 0 || q >= a.W) return acc_t(0);
+  return load<scalar_t, acc_t>(data, s, n, c, r, q);
+}
+
+// Fixed-order tree sum of one value per thread over the block (kThreads threads).
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* shared) {
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  shared[tid] = v;
+  __syncthreads();
+  for (int half = kThreads / 2; half > 0; half >>= 1) {
+    if (tid < half) shared[tid] += shared[tid + half];
+    __syncthreads();
+  }
+  const T total = shared[0];
+  __syncthreads();
+  return total;
+}
+
+// Stages the (kTile + w - 1)^2 halo tile of x and y whose output tile starts at
+// (o_row0, o_col0), and computes the five moments of this thread's output pixel.
+// Shared memory: 2 * R * R (raw) + 5 * R * kTile (horizontal) acc_t, R = kTile + w - 1.
+template <typename scalar_t, typename acc_t>
+__device__ Moments<acc_t> tile_moments(const scalar_t* x, const scalar_t* y,
+                                       const Args<acc_t>& a, int64_t n, int64_t c,
+                                       int64_t o_row0, int64_t o_col0, acc_t* smem) {
+  const int R = kTile + a.window - 1;
+  const int tid = threadIdx.y * kTile + threadIdx.x;
+  acc_t* raw_x = smem;
+  acc_t* raw_y = raw_x + R * R;
+  acc_t* horiz = raw_y + R * R;  // [5][R][kTile]
+  for (int i = tid; i < R * R; i += kThreads) {
+    const int r = i / R, q = i % R;
+    raw_x[i] = load_padded(x, a.x_strides, a, n, c, o_row0 - a.pad + r, o_col0 - a.pad + q);
+    raw_y[i] = load_padded(y, a.y_strides, a, n, c, o_row0 - a.pad + r, o_col0 - a.pad + q);
+  }
+  __syncthreads();
+  for (int i = tid; i < R * kTile; i += kThreads) {
+    const int r = i / kTile, q = i % kTile;
+    acc_t hx = 0, hy = 0, hxx = 0, hyy = 0, hxy = 0;
+    for (int k = 0; k < a.window; ++k) {
+      const acc_t t = a.taps[k];
+      const acc_t u = raw_x[r * R + q + k], v = raw_y[r * R + q + k];
+      hx += t * u, hy += t * v, hxx += t * u * u, hyy += t * v * v, hxy += t * u * v;
+    }
+    const int plane = R * kTile;
+    horiz[i] = hx, horiz[plane + i] = hy, horiz[2 * plane + i] = hxx;
+    horiz[3 * plane + i] = hyy, horiz[4 * plane + i] = hxy;
+  }
+  __syncthreads();
+  Moments<acc_t> m{0, 0, 0, 0, 0};
+  const int plane = R * kTile;
+  for (int k = 0; k < a.window; ++k) {
+    const acc_t t = a.taps[k];
+    const int i = (threadIdx.y + k) * kTile + threadIdx.x;
+    m.mx += t * horiz[i], m.my += t * horiz[plane + i], m.exx += t * horiz[2 * plane + i];
+    m.eyy += t * horiz[3 * plane + i], m.exy += t * horiz[4 * plane + i];
+  }
+  return m;
+}
+
+// Tiles cover the source map (H x W), which contains the output map (Ho x Wo).
+struct TileGrid {
+  int64_t rows, cols;
+  __host__ __device__ int64_t per_plane() const { return rows * cols; }
+};
+
+// ---------------------------------------------------------------------------- forward
+
+template <typename scalar_t, typename acc_t, bool kCos>
+__global__ void __launch_bounds__(kThreads)
+    hybrid_fwd_tiles_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
+                            const Args<acc_t> a, const TileGrid grid,
+                            acc_t* __restrict__ partials) {
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
+  const int64_t item = blockIdx.x;
+  const int64_t plane = item / grid.per_plane(), tile = item % grid.per_plane();
+  const int64_t n = plane / a.C, c = plane % a.C;
+  const int64_t row0 = (tile / grid.cols) * kTile, col0 = (tile % grid.cols) * kTile;
+  const int64_t row = row0 + threadIdx.y, col = col0 + threadIdx.x;
+
+  const Moments<acc_t> m = tile_moments(x, y, a, n, c, row0, col0, smem);
+  acc_t ssim = 0, dot = 0, xx = 0, yy = 0;
+  if (row < a.Ho && col < a.Wo) ssim = ssim_from_moments(m, a.c1, a.c2);
+  if (kCos && row < a.H && col < a.W) {
+    // This thread's own source pixel sits at (ty + pad, tx + pad) of the staged tile.
+    const int R = kTile + a.window - 1;
+    const int i = (threadIdx.y + a.pad) * R + threadIdx.x + a.pad;
+    const acc_t u = smem[i], v = smem[R * R + i];
+    dot = u * v, xx = u * u, yy = v * v;
+  }
+  __syncthreads();  // the staged tile is reused as reduction scratch below
+  acc_t* out = partials + item * 4;
+  const acc_t s0 = block_sum(ssim, smem);
+  const acc_t s1 = kCos ? block_sum(dot, smem) : acc_t(0);
+  const acc_t s2 = kCos ? block_sum(xx, smem) : acc_t(0);
+  const acc_t s3 = kCos ? block_sum(yy, smem) : acc_t(0);
+  if (threadIdx.x == 0 && threadIdx.y == 0) out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+}
+
+// Cosine only: the sample is a flat sequence; each of a fixed number of blocks sums a
+// fixed chunk of it.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    cosine_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
+                      const Args<acc_t> a, acc_t* __restrict__ partials) {
+  __shared__ acc_t scratch[kThreads];
+  const int64_t n = blockIdx.y;
+  const int64_t per_sample = a.C * a.H * a.W;
+  const int64_t chunk = (per_sample + kCosineBlocksPerSample - 1) / kCosineBlocksPerSample;
+  const int64_t begin = blockIdx.x * chunk;
+  const int64_t end = begin + chunk < per_sample ? begin + chunk : per_sample;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  acc_t dot = 0, xx = 0, yy = 0;
+  for (int64_t i = begin + tid; i < end; i += kThreads) {
+    const int64_t c = i / (a.H * a.W), h = (i / a.W) % a.H, w = i % a.W;
+    const acc_t u = load<scalar_t, acc_t>(x, a.x_strides, n, c, h, w);
+    const acc_t v = load<scalar_t, acc_t>(y, a.y_strides, n, c, h, w);
+    dot += u * v, xx += u * u, yy += v * v;
+  }
+  acc_t* out = partials + (n * kCosineBlocksPerSample + blockIdx.x) * 4;
+  const acc_t s1 = block_sum(dot, scratch);
+  const acc_t s2 = block_sum(xx, scratch);
+  const acc_t s3 = block_sum(yy, scratch);
+  if (tid == 0) out[0] = 0, out[1] = s1, out[2] = s2, out[3] = s3;
+}
+
+// One block per sample: adds its partial slots in a fixed order (in double) and writes
+// the per-sample loss and cosine statistics.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    hybrid_finalize_kernel(const acc_t* __restrict__ partials, int64_t slots_per_sample,
+                           double alpha, double beta, double eps, double ssim_count,
+                           acc_t* __restrict__ loss, acc_t* __restrict__ stats) {
+  __shared__ double scratch[kThreads];
+  const int64_t n = blockIdx.x;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  double sums[4] = {0, 0, 0, 0};
+  for (int64_t i = tid; i < slots_per_sample; i += kThreads) {
+    const acc_t* slot = partials + (n * slots_per_sample + i) * 4;
+    for (int k = 0; k < 4; ++k) sums[k] += static_cast<double>(slot[k]);
+  }
+  for (int k = 0; k < 4; ++k) sums[k] = block_sum(sums[k], scratch);
+  if (tid == 0) {
+    double value = 0;
+    if (alpha != 0) value += alpha * (1.0 - sums[0] / ssim_count);
+    if (beta != 0) value += beta * (1.0 - cosine_from_sums(sums[1], sums[2], sums[3], eps));
+    loss[n] = static_cast<acc_t>(value);
+    stats[3 * n] = static_cast<acc_t>(sums[1]);
+    stats[3 * n + 1] = static_cast<acc_t>(sums[2]);
+    stats[3 * n + 2] = static_cast<acc_t>(sums[3]);
+  }
+}
+
+template <typename acc_t>
+size_t forward_smem_bytes(int window) {
+  const size_t R = kTile + window - 1;
+  return (2 * R * R + 5 * R * kTile) * sizeof(acc_t);
+}
+
+template <typename acc_t>
+size_t backward_smem_bytes(int window) {
+  const size_t R = kTile + window - 1;
+  return (4 * R * R + 4 * R * kTile) * sizeof(acc_t);
+}
+
+// Allows `bytes` of dynamic shared memory for `kernel`, or explains why it cannot.
+template <typename Kernel>
+void allow_shared_memory(Kernel kernel, size_t bytes, int64_t window) {
+  int device = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(bytes <= static_cast<size_t>(optin), "agkd::hybrid (CUDA): window_size ", window,
+              " needs ", bytes, " bytes of shared memory per block, the device allows ", optin,
+              "; use a smaller window_size");
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+  }
+}
+
+template <typename scalar_t>
+void hybrid_fwd_launch(const at::Tensor& x, const at::Tensor& y, const PlaneGeometry& g,
+                       const HybridParams& p, at::Tensor& loss, at::Tensor& stats) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Args<acc_t> a = make_args<acc_t>(x, y, g, p);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 block(kTile, kTile);
+  int64_t slots = 0;
+  at::Tensor partials;
+  if (p.alpha != 0) {
+    const TileGrid grid{(g.H + kTile - 1) / kTile, (g.W + kTile - 1) / kTile};
+    const int64_t blocks = g.N * g.C * grid.per_plane();
+    TORCH_CHECK(blocks < (int64_t{1} << 31), "agkd::hybrid (CUDA): input too large");
+    slots = g.C * grid.per_plane();
+    partials = at::empty({blocks * 4}, x.options().dtype(loss.scalar_type()));
+    const size_t bytes = forward_smem_bytes<acc_t>(a.window);
+    if (p.beta != 0) {
+      auto kernel = hybrid_fwd_tiles_kernel<scalar_t, acc_t, true>;
+      allow_shared_memory(kernel, bytes, g.window);
+      kernel<<<blocks, block, bytes, stream>>>(x.const_data_ptr<scalar_t>(),
+                                               y.const_data_ptr<scalar_t>(), a, grid,
+                                               partials.mutable_data_ptr<acc_t>());
+    } else {
+      auto kernel = hybrid_fwd_tiles_kernel<scalar_t, acc_t, false>;
+      allow_shared_memory(kernel, bytes, g.window);
+      kernel<<<blocks, block, bytes, stream>>>(x.const_data_ptr<scalar_t>(),
+                                               y.const_data_ptr<scalar_t>(), a, grid,
+                                               partials.mutable_data_ptr<acc_t>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    TORCH_CHECK(g.N < 65536, "agkd::hybrid (CUDA): cosine-only supports N < 65536");
+    slots = kCosineBlocksPerSample;
+    partials = at::empty({g.N * slots * 4}, x.options().dtype(loss.scalar_type()));
+    cosine_fwd_kernel<scalar_t, acc_t>
+        <<<dim3(kCosineBlocksPerSample, g.N), block, 0, stream>>>(
+            x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), a,
+            partials.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  hybrid_finalize_kernel<acc_t><<<g.N, block, 0, stream>>>(
+      partials.const_data_ptr<acc_t>(), slots, p.alpha, p.beta, p.eps,
+      static_cast<double>(g.ssim_count()), loss.mutable_data_ptr<acc_t>(),
+      stats.mutable_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> hybrid_fwd_cuda(const at::Tensor& x, const at::Tensor& y,
+                                                   double alpha, double beta,
+                                                   int64_t window_size, double sigma,
+                                                   double c1, double c2,
+                                                   c10::string_view padding, double eps) {
+  const HybridParams p =
+      make_params(alpha, beta, window_size, sigma, c1, c2, std::string(padding), eps);
+  const PlaneGeometry g = make_geometry(x, y, p);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = accumulate_dtype(x.scalar_type());
+  at::Tensor loss = at::empty({g.N}, x.options().dtype(acc));
+  at::Tensor stats = at::empty({g.N, 3}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hybrid_fwd_cuda",
+                                  [&] { hybrid_fwd_launch<scalar_t>(x, y, g, p, loss, stats); });
+  return {loss, stats};
+}
+
+// --------------------------------------------------------------------------- backward
+
+// Kernel 1: scale_n * dS/dmoment at every output pixel -> coeffs[plane][4][Ho][Wo].
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    ssim_coeffs_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
+                       const Args<acc_t> a, const TileGrid grid,
+                       const acc_t* __restrict__ grad_loss, double ssim_scale,
+                       acc_t* __restrict__ coeffs) {
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
+  const int64_t item = blockIdx.x;
+  const int64_t plane = item / grid.per_plane(), tile = item % grid.per_plane();
+  const int64_t n = plane / a.C, c = plane % a.C;
+  const int64_t row0 = (tile / grid.cols) * kTile, col0 = (tile % grid.cols) * kTile;
+  const int64_t row = row0 + threadIdx.y, col = col0 + threadIdx.x;
+  const Moments<acc_t> m = tile_moments(x, y, a, n, c, row0, col0, smem);
+  if (row >= a.Ho || col >= a.Wo) return;
+  const acc_t scale = static_cast<acc_t>(ssim_scale) * grad_loss[n];
+  const MomentGrads<acc_t> d = ssim_moment_grads(m, a.c1, a.c2, scale);
+  const int64_t map = a.Ho * a.Wo;
+  acc_t* out = coeffs + plane * 4 * map + row * a.Wo + col;
+  out[0] = d.d_mx, out[map] = d.d_my, out[2 * map] = d.d_e2, out[3 * map] = d.d_exy;
+}
+
+// Kernel 2: per source tile, gather the coefficient maps through the transposed window
+// and write both gradients (plus the cosine term).
+template <typename scalar_t, typename acc_t, bool kSSIM, bool kCos>
+__global__ void __launch_bounds__(kThreads)
+    hybrid_grad_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
+                       const Args<acc_t> a, const TileGrid grid,
+                       const acc_t* __restrict__ coeffs, const acc_t* __restrict__ grad_loss,
+                       const acc_t* __restrict__ stats, double beta, double eps,
+                       scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_y) {
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
+  const int64_t item = blockIdx.x;
+  const int64_t plane = item / grid.per_plane(), tile = item % grid.per_plane();
+  const int64_t n = plane / a.C, c = plane % a.C;
+  const int64_t row0 = (tile / grid.cols) * kTile, col0 = (tile % grid.cols) * kTile;
+  const int64_t q_row = row0 + threadIdx.y, q_col = col0 + threadIdx.x;
+  const int tid = threadIdx.y * kTile + threadIdx.x;
+
+  acc_t f[4] = {0, 0, 0, 0};  // transposed-blurred coefficients at this source pixel
+  if constexpr (kSSIM) {
+    const int w = a.window;
+    const int R = kTile + w - 1;
+    // Output rows/cols whose windows reach this tile: [origin, origin + R).
+    const int64_t o_row0 = row0 + a.pad - w + 1, o_col0 = col0 + a.pad - w + 1;
+    acc_t* g = smem;              // [4][R][R]
+    acc_t* vert = g + 4 * R * R;  // [4][kTile][R]
+    const int64_t map = a.Ho * a.Wo;
+    const acc_t* src = coeffs + plane * 4 * map;
+    for (int i = tid; i < R * R; i += kThreads) {
+      const int64_t o_row = o_row0 + i / R, o_col = o_col0 + i % R;
+      const bool in = o_row >= 0 && o_row < a.Ho && o_col >= 0 && o_col < a.Wo;
+      for (int m = 0; m < 4; ++m) g[m * R * R + i] = in ? src[m * map + o_row * a.Wo + o_col] : acc_t(0);
+    }
+    __syncthreads();
+    // Vertical gather, folded over every padded row that reads source row q.
+    for (int i = tid; i < kTile * R; i += kThreads) {
+      const int r = i / R, col = i % R;
+      const int64_t q = row0 + r;
+      int64_t readers[3] = {q, 0, 0};
+      const int n_readers = 1 + mirror_indices(q, a.H, a.pad, a.padding, readers + 1);
+      acc_t v[4] = {0, 0, 0, 0};
+      for (int j = 0; j < n_readers; ++j) {
+        for (int k = 0; k < w; ++k) {
+          const int64_t local = readers[j] - k + a.pad - o_row0;
+          if (local < 0 || local >= R) continue;
+          const acc_t t = a.taps[k];
+          for (int m = 0; m < 4; ++m) v[m] += t * g[(m * R + local) * R + col];
+        }
+      }
+      for (int m = 0; m < 4; ++m) vert[(m * kTile + r) * R + col] = v[m];
+    }
+    __syncthreads();
+    // Horizontal gather for this thread's pixel, folded the same way over columns.
+    int64_t readers[3] = {q_col, 0, 0};
+    const int n_readers = 1 + mirror_indices(q_col, a.W, a.pad, a.padding, readers + 1);
+    for (int j = 0; j < n_readers; ++j) {
+      for (int l = 0; l < w; ++l) {
+        const int64_t local = readers[j] - l + a.pad - o_col0;
+        if (local < 0 || local >= R) continue;
+        const acc_t t = a.taps[l];
+        for (int m = 0; m < 4; ++m) f[m] += t * vert[(m * kTile + threadIdx.y) * R + local];
+      }
+    }
+  }
+  if (q_row >= a.H || q_col >= a.W) return;
+  const acc_t u = load<scalar_t, acc_t>(x, a.x_strides, n, c, q_row, q_col);
+  const acc_t v = load<scalar_t, acc_t>(y, a.y_strides, n, c, q_row, q_col);
+  acc_t du = 0, dv = 0;
+  if constexpr (kSSIM) {
+    du = ssim_pixel_grad(f[0], f[2], f[3], u, v);
+    dv = ssim_pixel_grad(f[1], f[2], f[3], v, u);
+  }
+  if constexpr (kCos) {
+    const CosineGrad<acc_t> cg =
+        cosine_grad(stats[3 * n], stats[3 * n + 1], stats[3 * n + 2], static_cast<acc_t>(eps),
+                    static_cast<acc_t>(-beta) * grad_loss[n]);
+    du += cg.coupling * v - cg.self_x * u;
+    dv += cg.coupling * u - cg.self_y * v;
+  }
+  const int64_t out = (plane * a.H + q_row) * a.W + q_col;
+  if (grad_x) grad_x[out] = static_cast<scalar_t>(du);
+  if (grad_y) grad_y[out] = static_cast<scalar_t>(dv);
+}
+
+template <typename scalar_t>
+void hybrid_bwd_launch(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y,
+                       const at::Tensor& stats, const PlaneGeometry& g, const HybridParams& p,
+                       at::Tensor& grad_x, at::Tensor& grad_y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Args<acc_t> a = make_args<acc_t>(x, y, g, p);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 block(kTile, kTile);
+  const TileGrid grid{(g.H + kTile - 1) / kTile, (g.W + kTile - 1) / kTile};
+  const int64_t blocks = g.N * g.C * grid.per_plane();
+  TORCH_CHECK(blocks < (int64_t{1} << 31), "agkd::hybrid (CUDA): input too large");
+  scalar_t* gx = grad_x.numel() ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gy = grad_y.numel() ? grad_y.mutable_data_ptr<scalar_t>() : nullptr;
+  const acc_t* gl = grad_loss.const_data_ptr<acc_t>();
+  const acc_t* st = stats.const_data_ptr<acc_t>();
+  if (p.alpha != 0) {
+    at::Tensor coeffs = at::empty({g.N * g.C * 4 * g.Ho * g.Wo}, grad_loss.options());
+    const double ssim_scale = -p.alpha / static_cast<double>(g.ssim_count());
+    auto coeff_kernel = ssim_coeffs_kernel<scalar_t, acc_t>;
+    const size_t fwd_bytes = forward_smem_bytes<acc_t>(a.window);
+    allow_shared_memory(coeff_kernel, fwd_bytes, g.window);
+    coeff_kernel<<<blocks, block, fwd_bytes, stream>>>(
+        x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), a, grid, gl, ssim_scale,
+        coeffs.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const size_t bytes = backward_smem_bytes<acc_t>(a.window);
+    auto launch = [&](auto kernel) {
+      allow_shared_memory(kernel, bytes, g.window);
+      kernel<<<blocks, block, bytes, stream>>>(x.const_data_ptr<scalar_t>(),
+                                               y.const_data_ptr<scalar_t>(), a, grid,
+                                               coeffs.const_data_ptr<acc_t>(), gl, st, p.beta,
+                                               p.eps, gx, gy);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (p.beta != 0) {
+      launch(hybrid_grad_kernel<scalar_t, acc_t, true, true>);
+    } else {
+      launch(hybrid_grad_kernel<scalar_t, acc_t, true, false>);
+    }
+  } else {
+    hybrid_grad_kernel<scalar_t, acc_t, false, true><<<blocks, block, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), a, grid, nullptr, gl, st,
+        p.beta, p.eps, gx, gy);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> hybrid_bwd_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y,
+    const at::Tensor& stats, double alpha, double beta, int64_t window_size, double sigma,
+    double c1, double c2, c10::string_view padding, double eps, bool needs_grad_x,
+    bool needs_grad_y) {
+  const HybridParams p =
+      make_params(alpha, beta, window_size, sigma, c1, c2, std::string(padding), eps);
+  const PlaneGeometry g = make_geometry(x, y, p);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = accumulate_dtype(x.scalar_type());
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == g.N && grad_loss.scalar_type() == acc,
+              "agkd::hybrid_bwd: grad_loss must be (N,) of the accumulate dtype");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == g.N && stats.size(1) == 3 &&
+                  stats.scalar_type() == acc,
+              "agkd::hybrid_bwd: stats must be (N, 3) of the accumulate dtype");
+  const at::Tensor gl = grad_loss.contiguous(), st = stats.contiguous();
+  auto grad_or_empty = [&](bool needed) {
+    return needed ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous))
+                  : at::empty({0}, x.options());
+  };
+  at::Tensor grad_x = grad_or_empty(needs_grad_x), grad_y = grad_or_empty(needs_grad_y);
+  if (!needs_grad_x && !needs_grad_y) return {grad_x, grad_y};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hybrid_bwd_cuda", [&] {
+    hybrid_bwd_launch<scalar_t>(gl, x, y, st, g, p, grad_x, grad_y);
+  });
+  return {grad_x, grad_y};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(agkd, CUDA, m) {
+  m.impl("hybrid_fwd", &hybrid_fwd_cuda);
+  m.impl("hybrid_bwd", &hybrid_bwd_cuda);
+}
+
+}  // namespace agkd

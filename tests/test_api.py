@@ -1,0 +1,150 @@
+"""Public API contract (DESIGN.md §3): reductions, dtypes, modules, backend controls and
+every bad input, with messages that name the function and the argument."""
+import importlib
+
+import pytest
+import torch
+
+import agkd_ops
+from agkd_ops import reference as R
+
+LOSSES = [agkd_ops.ssim, agkd_ops.ssim_loss, agkd_ops.hybrid_loss]
+
+
+def maps(*shape, dtype=torch.float32):
+    return torch.rand(*shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("fn", LOSSES + [agkd_ops.cosine_loss])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_reductions_shapes_and_dtypes(fn, dtype):
+    x, y = maps(3, 2, 12, 12, dtype=dtype), maps(3, 2, 12, 12, dtype=dtype)
+    none = fn(x, y, reduction="none")
+    assert none.shape == (3,) and none.dtype == dtype
+    for reduction in ("mean", "sum"):
+        out = fn(x, y, reduction=reduction)
+        assert out.shape == () and out.dtype == dtype
+    torch.testing.assert_close(fn(x, y, reduction="mean").float(), none.float().mean(), rtol=1e-2, atol=1e-3)
+
+
+def test_identical_inputs():
+    x = maps(2, 3, 16, 16)
+    assert agkd_ops.ssim(x, x).item() == pytest.approx(1.0, abs=1e-6)
+    assert agkd_ops.hybrid_loss(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert agkd_ops.cosine_loss(x, -x).item() == pytest.approx(2.0, abs=1e-6)
+
+
+def test_python_numbers_of_either_type_are_accepted():
+    x, y = maps(2, 1, 16, 16), maps(2, 1, 16, 16)
+    a = agkd_ops.ssim(x * 255, y * 255, data_range=255)
+    b = agkd_ops.ssim(x * 255, y * 255, data_range=255.0)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, agkd_ops.ssim(x, y), rtol=1e-4, atol=1e-5)
+
+
+def test_modules_mirror_functions():
+    x, y = maps(2, 1, 16, 16), maps(2, 1, 16, 16)
+    assert torch.equal(agkd_ops.HybridLoss(alpha=0.2, beta=0.7, padding="zeros")(x, y),
+                       agkd_ops.hybrid_loss(x, y, alpha=0.2, beta=0.7, padding="zeros"))
+    assert torch.equal(agkd_ops.SSIMLoss(window_size=5)(x, y), agkd_ops.ssim_loss(x, y, window_size=5))
+    assert torch.equal(agkd_ops.CosineLoss(reduction="sum")(x, y), agkd_ops.cosine_loss(x, y, reduction="sum"))
+    assert "alpha=0.2" in repr(agkd_ops.HybridLoss(alpha=0.2))
+
+
+def test_zero_padding_accepts_maps_smaller_than_window():
+    x, y = maps(2, 1, 3, 2), maps(2, 1, 3, 2)
+    torch.testing.assert_close(agkd_ops.ssim(x, y, padding="zeros"), R.ssim(x, y, padding="zeros"))
+
+
+@pytest.mark.parametrize(
+    "call,exc,words",
+    [
+        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 15)), ValueError, ["ssim", "same shape", "(2, 1, 16, 15)"]),
+        (lambda: agkd_ops.ssim(maps(2, 16, 16), maps(2, 16, 16)), ValueError, ["ssim", "x", "rank-4"]),
+        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16, dtype=torch.float64)), TypeError, ["ssim", "dtype"]),
+        (lambda: agkd_ops.ssim(torch.ones(2, 1, 16, 16, dtype=torch.int64), torch.ones(2, 1, 16, 16, dtype=torch.int64)), TypeError, ["ssim", "x", "floating"]),
+        (lambda: agkd_ops.ssim(maps(0, 1, 16, 16), maps(0, 1, 16, 16)), ValueError, ["ssim", "empty"]),
+        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), [1.0]), TypeError, ["ssim", "y", "Tensor"]),
+        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), window_size=4), ValueError, ["ssim", "window_size", "odd"]),
+        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), window_size=-3), ValueError, ["window_size"]),
+        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), window_size=3.0), TypeError, ["window_size", "int"]),
+        (lambda: agkd_ops.ssim(maps(2, 1, 8, 16), maps(2, 1, 8, 16)), ValueError, ["ssim", "valid", "window_size=11"]),
+        (lambda: agkd_ops.ssim(maps(2, 1, 5, 16), maps(2, 1, 5, 16), padding="reflect"), ValueError, ["reflect", "window_size // 2"]),
+        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), padding="same"), ValueError, ["padding", "'same'"]),
+        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), sigma=0), ValueError, ["sigma", "> 0"]),
+        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), data_range=-1), ValueError, ["data_range"]),
+        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), k1=0), ValueError, ["k1"]),
+        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), k2=float("nan")), ValueError, ["k2", "finite"]),
+        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), reduction="batchmean"), ValueError, ["reduction", "'batchmean'"]),
+        (lambda: agkd_ops.ssim_loss(maps(2, 1, 16, 16), maps(3, 1, 16, 16)), ValueError, ["ssim_loss", "same shape"]),
+        (lambda: agkd_ops.hybrid_loss(maps(2, 1, 16, 16), maps(2, 1, 16, 16), alpha=-1), ValueError, ["hybrid_loss", "alpha", ">= 0"]),
+        (lambda: agkd_ops.hybrid_loss(maps(2, 1, 16, 16), maps(2, 1, 16, 16), beta="1"), TypeError, ["hybrid_loss", "beta"]),
+        (lambda: agkd_ops.hybrid_loss(maps(2, 1, 16, 16), maps(2, 1, 16, 16), eps=0), ValueError, ["hybrid_loss", "eps"]),
+        (lambda: agkd_ops.cosine_loss(torch.rand(4), torch.rand(4)), ValueError, ["cosine_loss", "at least 2"]),
+        (lambda: agkd_ops.cosine_loss(torch.rand(2, 4), torch.rand(2, 5)), ValueError, ["cosine_loss", "same shape"]),
+        (lambda: agkd_ops.cosine_loss(torch.rand(2, 4), torch.rand(2, 4), eps=-1e-8), ValueError, ["cosine_loss", "eps"]),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(call, exc, words):
+    with pytest.raises(exc) as info:
+        call()
+    message = str(info.value)
+    assert message.startswith("agkd_ops.")
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+
+
+def test_different_devices_rejected():
+    x = maps(2, 1, 16, 16)
+    y = torch.empty(2, 1, 16, 16, device="meta")
+    with pytest.raises(ValueError, match="same device"):
+        agkd_ops.hybrid_loss(x, y)
+
+
+def test_set_backend_validates_and_round_trips():
+    previous = agkd_ops.get_backend()
+    try:
+        with pytest.raises(ValueError, match="set_backend"):
+            agkd_ops.set_backend("fast")
+        assert agkd_ops.get_backend() == previous
+        agkd_ops.set_backend("reference")
+        assert agkd_ops.get_backend() == "reference"
+        x, y = maps(2, 1, 16, 16, dtype=torch.float64), maps(2, 1, 16, 16, dtype=torch.float64)
+        torch.testing.assert_close(agkd_ops.hybrid_loss(x, y), R.hybrid_loss(x, y), rtol=0, atol=0)
+    finally:
+        agkd_ops.set_backend(previous)
+
+
+def test_native_backend_refuses_what_it_cannot_serve():
+    previous = agkd_ops.get_backend()
+    try:
+        agkd_ops.set_backend("native")
+        x = torch.empty(2, 1, 16, 16, device="meta")
+        with pytest.raises(NotImplementedError, match=r"hybrid_loss.*meta"):
+            agkd_ops.hybrid_loss(x, x)
+    finally:
+        agkd_ops.set_backend(previous)
+
+
+def test_environment_variable_sets_the_starting_backend(monkeypatch):
+    import agkd_ops._backend as backend
+
+    monkeypatch.setenv("AGKD_OPS_BACKEND", "reference")
+    assert backend._initial_backend() == "reference"
+    monkeypatch.setenv("AGKD_OPS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="AGKD_OPS_BACKEND"):
+        backend._initial_backend()
+
+
+def test_build_info_reports_the_build():
+    info = agkd_ops.build_info()
+    for key in ("compiled", "cpu", "cuda", "cuda_archs", "torch_version", "num_threads", "openmp"):
+        assert key in info
+    assert info["cpu"] == agkd_ops.native_available("cpu")
+    if info["compiled"]:
+        assert info["compiled_torch_version"] == torch.__version__
+
+
+def test_reference_importable_without_compiled_library():
+    module = importlib.import_module("agkd_ops.reference")
+    assert "_C" not in module.__dict__
