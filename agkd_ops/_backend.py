@@ -58,11 +58,26 @@ def get_backend() -> str:
     return _backend
 
 
-def _has_kernel(op: str, device_type: str) -> bool:
+_OPS = ("hybrid_fwd", "hybrid_bwd")
+
+
+def _kernel_table():
+    """(op, device type) pairs with a compiled kernel. Read once at import: the kernels
+    register when _C loads, and a plain set lookup stays traceable by torch.compile."""
     if _C is None:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"agkd::{op}", key)
+        return frozenset()
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return frozenset(
+        (op, device) for op in _OPS for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if has(f"agkd::{op}", key)
+    )
+
+
+_KERNELS = _kernel_table()
+
+
+def _has_kernel(op: str, device_type: str) -> bool:
+    return (op, device_type) in _KERNELS
 
 
 def native_available(device: Any = "cpu", dtype: Optional[torch.dtype] = None) -> bool:

