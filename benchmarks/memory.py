@@ -1,0 +1,44 @@
+"""Peak extra host memory of one forward + backward, measured as the growth of the
+process's maximum resident set size in a fresh subprocess (after a small warm-up call, so
+one-time initialisation is not counted). Large tensors are mmap-backed and returned on
+free, so the growth is the peak of what the step allocated beyond its inputs.
+
+    python -m benchmarks.memory LOSS IMPL SHAPE_NAME   -> prints bytes
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+
+
+def _maxrss_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _measure(loss, impl_name, shape_name):
+    import torch
+
+    from benchmarks.cases import IMPLEMENTATIONS, SHAPES, make_inputs, step
+
+    torch.set_num_threads(int(os.environ.get("AGKD_BENCH_THREADS", torch.get_num_threads())))
+    shape, kw = next((s, k) for n, s, k in SHAPES if n == shape_name)
+    impl = IMPLEMENTATIONS[loss][impl_name]
+    small_x, small_y = make_inputs((1,) + tuple(shape[1:]))
+    if not step(impl, small_x, small_y, kw):
+        return None
+    x, y = make_inputs(shape)
+    before = _maxrss_bytes()
+    step(impl, x, y, kw)
+    return _maxrss_bytes() - before
+
+
+def peak_extra_bytes(loss, impl_name, shape_name):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "benchmarks.memory", loss, impl_name, shape_name],
+                         cwd=root, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    print(json.dumps(_measure(*sys.argv[1:4])))

@@ -1,0 +1,84 @@
+"""Runs the benchmark suite and the memory measurement, and writes
+benchmarks/results/<device>.json and <device>.md (medians, ratios to native, peak extra
+memory, machine and torch version).
+
+    python -m benchmarks.report
+"""
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections import defaultdict
+
+import torch
+
+from benchmarks.cases import IMPLEMENTATIONS, SHAPES
+from benchmarks.memory import peak_extra_bytes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def _machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def main():
+    os.makedirs(RESULTS, exist_ok=True)
+    raw = os.path.join(RESULTS, "pytest-benchmark.json")
+    subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "-q",
+                    f"--benchmark-json={raw}", "-p", "no:cacheprovider"], cwd=ROOT, check=True)
+    with open(raw) as f:
+        bench = json.load(f)
+    os.remove(raw)
+    medians = defaultdict(dict)  # (loss, shape, device) -> impl -> ms
+    for b in bench["benchmarks"]:
+        info = b["extra_info"]
+        key = (info["loss"], "x".join(map(str, info["shape"])), info["device"])
+        medians[key][info["impl"]] = 1e3 * b["stats"]["median"]
+    memory = {}
+    for loss, impls in IMPLEMENTATIONS.items():
+        for name, shape, _ in SHAPES:
+            for impl in impls:
+                memory[(loss, "x".join(map(str, shape)), impl)] = peak_extra_bytes(loss, impl, name)
+
+    machine = _machine()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    lines = [f"# agkd_ops benchmark ({device})", "",
+             f"Machine: {machine['cpu']}, {machine['cores']} cores, torch threads {machine['torch_threads']}"
+             + (f", GPU {machine['gpu']}" if machine["gpu"] else "")
+             + f"; torch {machine['torch']}, Python {machine['python']}.", "",
+             "Forward + backward of a scalar loss, float32, median of 15 rounds. Ratio = median / native median "
+             "(higher means native is faster). Peak extra memory: growth of max RSS during one CPU step "
+             "(fresh process, after warm-up).", "",
+             "| loss | shape | device | impl | median ms | ratio vs native | peak extra MiB (CPU) |",
+             "|---|---|---|---|---:|---:|---:|"]
+    for (loss, shape, dev), impls in sorted(medians.items()):
+        native = impls.get("native")
+        for impl, ms in sorted(impls.items(), key=lambda kv: kv[1]):
+            mem = memory.get((loss, shape, impl))
+            ratio = ms / native if native else None
+            rows.append({"loss": loss, "shape": shape, "device": dev, "impl": impl, "median_ms": ms,
+                         "ratio_vs_native": ratio, "peak_extra_bytes_cpu": mem})
+            lines.append(f"| {loss} | {shape} | {dev} | {impl} | {ms:.2f} | "
+                         f"{'' if ratio is None else f'{ratio:.1f}x'} | "
+                         f"{'' if mem is None else f'{mem / 2**20:.1f}'} |")
+    with open(os.path.join(RESULTS, f"{device}.json"), "w") as f:
+        json.dump({"machine": machine, "results": rows}, f, indent=1)
+    with open(os.path.join(RESULTS, f"{device}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
