@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <string>
@@ -81,6 +82,25 @@ inline PlaneGeometry make_geometry(const at::Tensor& x, const at::Tensor& y,
 // accumulate in and that the per-sample outputs carry.
 inline at::ScalarType accumulate_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// What agkd::hybrid_bwd receives besides the maps, as hybrid_fwd produced it.
+inline void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& stats,
+                                  const at::Tensor& x, const PlaneGeometry& g) {
+  const auto acc = accumulate_dtype(x.scalar_type());
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == g.N && grad_loss.scalar_type() == acc,
+              "agkd::hybrid_bwd: grad_loss must be (N,) of the accumulate dtype");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == g.N && stats.size(1) == 3 &&
+                  stats.scalar_type() == acc,
+              "agkd::hybrid_bwd: stats must be (N, 3) of the accumulate dtype");
+  TORCH_CHECK(grad_loss.device() == x.device() && stats.device() == x.device(),
+              "agkd::hybrid_bwd: grad_loss and stats must be on x's device");
+}
+
+// A contiguous gradient for an input that needs one, an empty tensor (no work) otherwise.
+inline at::Tensor input_grad_or_empty(const at::Tensor& like, bool needed) {
+  return needed ? at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous))
+                : at::empty({0}, like.options());
 }
 
 }  // namespace agkd

@@ -484,18 +484,10 @@ std::tuple<at::Tensor, at::Tensor> hybrid_bwd_cuda(
       make_params(alpha, beta, window_size, sigma, c1, c2, std::string(padding), eps);
   const PlaneGeometry g = make_geometry(x, y, p);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto acc = accumulate_dtype(x.scalar_type());
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == g.N && grad_loss.scalar_type() == acc,
-              "agkd::hybrid_bwd: grad_loss must be (N,) of the accumulate dtype");
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == g.N && stats.size(1) == 3 &&
-                  stats.scalar_type() == acc,
-              "agkd::hybrid_bwd: stats must be (N, 3) of the accumulate dtype");
+  check_backward_inputs(grad_loss, stats, x, g);
   const at::Tensor gl = grad_loss.contiguous(), st = stats.contiguous();
-  auto grad_or_empty = [&](bool needed) {
-    return needed ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous))
-                  : at::empty({0}, x.options());
-  };
-  at::Tensor grad_x = grad_or_empty(needs_grad_x), grad_y = grad_or_empty(needs_grad_y);
+  at::Tensor grad_x = input_grad_or_empty(x, needs_grad_x);
+  at::Tensor grad_y = input_grad_or_empty(x, needs_grad_y);
   if (!needs_grad_x && !needs_grad_y) return {grad_x, grad_y};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hybrid_bwd_cuda", [&] {
     hybrid_bwd_launch<scalar_t>(gl, x, y, st, g, p, grad_x, grad_y);
