@@ -39,4 +39,17 @@ TORCH_LIBRARY(agkd, m) {
       "hybrid_bwd(Tensor grad_loss, Tensor x, Tensor y, Tensor stats, float alpha, float beta, "
       "int window_size, float sigma, float c1, float c2, str padding, float eps, "
       "bool needs_grad_x, bool needs_grad_y) -> (Tensor grad_x, Tensor grad_y)");
+
+  // Temperature-scaled KL and Hinton KD loss of (N, K) logits. Per row n:
+  //   loss[n] = ce_weight * CE(student[n], target[n]) + kl_weight * T² * KL(p_t ‖ p_s)
+  // with p = softmax(logits / T) and CE at temperature 1 (target unused, may be None, when
+  // ce_weight == 0). stats[n] holds the row maxima, log-normalisers and KL (math/kd.h,
+  // KdStat) from which the backward recomputes both gradients in one pass.
+  m.def(
+      "kd_fwd(Tensor student, Tensor teacher, Tensor? target, float temperature, "
+      "float ce_weight, float kl_weight) -> (Tensor loss, Tensor stats)");
+  m.def(
+      "kd_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? target, Tensor stats, "
+      "float temperature, float ce_weight, float kl_weight, bool needs_grad_student, "
+      "bool needs_grad_teacher) -> (Tensor grad_student, Tensor grad_teacher)");
 }

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "agkd/cpu/vectorize.h"
 #include "agkd/hybrid.h"
 #include "agkd/math/cosine.h"
 #include "agkd/math/ssim.h"
@@ -32,27 +33,6 @@ namespace {
 // Rows per work item. Fixed (not derived from the thread count) so that partial sums,
 // and therefore results, are bitwise identical on any machine with the same ISA.
 constexpr int64_t kRowTile = 64;
-
-// Clone the hot loops for AVX2+FMA with a portable fallback, chosen at load time.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define AGKD_CPU_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define AGKD_CPU_MULTIVERSION
-#endif
-// Helpers of the hot loops are forced inline so that they are compiled into each clone
-// (an out-of-line helper would run the baseline instruction set inside the AVX2 clone).
-// The lane loops below are independent per column; say so, since GCC will not if-convert
-// the masked SSIM/coefficient lanes on its own.
-#if defined(_OPENMP)
-#define AGKD_SIMD _Pragma("omp simd")
-#else
-#define AGKD_SIMD
-#endif
-#if defined(__GNUC__)
-#define AGKD_CPU_INLINE inline __attribute__((always_inline))
-#else
-#define AGKD_CPU_INLINE inline
-#endif
 
 // One (N, C, H, W) tensor of any strides, read plane by plane.
 template <typename scalar_t>

@@ -1,0 +1,273 @@
+// CPU kernels of agkd::kd_fwd / agkd::kd_bwd (temperature-scaled KL and Hinton KD loss).
+//
+// Rows are independent, and at::parallel_for hands out whole rows, so every row's sums
+// are taken in one fixed order whatever the thread count. The forward reads a row twice
+// while it is in cache (maxima, then the sums of math/kd.h) and keeps six numbers per row;
+// the backward reads the logits once more and writes the gradients in one sweep, with the
+// row's upstream gradient folded into two coefficients.
+//
+// Recompute rather than store: writing the gradient during the forward (and scaling it by
+// the upstream gradient in the backward) trades one more read of both logit tensors for
+// an (N, K) write plus a read-and-write pass, holds an (N, K) tensor alive between forward
+// and backward, and costs the gradient even when only the loss is wanted. Measured with a
+// prototype of the storing variant (2-core EPYC, float32 (4096, 1000), forward + backward):
+// recompute 7.9 ms vs store 8.5 ms for the KL; 11.4 ms vs 12.1 ms for the KD loss.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "agkd/cpu/vectorize.h"
+#include "agkd/kd.h"
+#include "agkd/math/kd.h"
+
+namespace agkd {
+namespace {
+
+// Rows are grouped into tasks of at least this many logits, so small rows are not all
+// scheduling overhead.
+constexpr int64_t kLogitsPerTask = 16384;
+// Logits summed in acc_t lanes before the partial sums move into double.
+constexpr int64_t kChunk = 1024;
+
+int64_t rows_per_task(int64_t K) { return std::max<int64_t>(1, kLogitsPerTask / K); }
+
+// (N, K) logits of any strides and dtype, handed out one row at a time as contiguous
+// acc_t: the tensor's own memory where it already is that, else a converted copy.
+template <typename scalar_t>
+struct LogitRows {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* data;
+  int64_t sN, sK, K;
+  explicit LogitRows(const at::Tensor& t)
+      : data(t.const_data_ptr<scalar_t>()), sN(t.stride(0)), sK(t.stride(1)), K(t.size(1)) {}
+  const acc_t* row(int64_t n, std::vector<acc_t>& buffer) const {
+    const scalar_t* r = data + n * sN;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (sK == 1) return r;
+    }
+    buffer.resize(K);
+    for (int64_t k = 0; k < K; ++k) buffer[k] = static_cast<acc_t>(r[k * sK]);
+    return buffer.data();
+  }
+};
+
+// Row maximum over 64 bytes of independent lanes: GCC leaves a plain max reduction
+// scalar, one dependent vmaxss per logit. (A NaN is skipped here; the sums carry it.)
+template <typename acc_t>
+AGKD_CPU_INLINE acc_t row_max(const acc_t* __restrict x, int64_t K) {
+  constexpr int kLanes = 64 / sizeof(acc_t);
+  acc_t lane[kLanes];
+  for (int j = 0; j < kLanes; ++j) lane[j] = -std::numeric_limits<acc_t>::infinity();
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    AGKD_SIMD
+    for (int j = 0; j < kLanes; ++j) lane[j] = std::max(lane[j], x[k + j]);
+  }
+  for (; k < K; ++k) lane[0] = std::max(lane[0], x[k]);
+  acc_t m = lane[0];
+  for (int j = 1; j < kLanes; ++j) m = std::max(m, lane[j]);
+  return m;
+}
+
+template <typename acc_t, bool kCE, bool kKL>
+AGKD_CPU_INLINE KdRowStats<acc_t> row_stats(const acc_t* __restrict s,
+                                            const acc_t* __restrict t, int64_t K,
+                                            acc_t inv_tau) {
+  const acc_t max_s = row_max(s, K);
+  const acc_t max_t = kKL ? row_max(t, K) : acc_t(0);
+  KdRowSums<double> total;
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    const int64_t k1 = std::min(K, k0 + kChunk);
+    acc_t z_s = 0, z_t = 0, w = 0, z_ce = 0;
+    AGKD_SIMD_REDUCTION(+ : z_s, z_t, w, z_ce)
+    for (int64_t k = k0; k < k1; ++k) {
+      if constexpr (kKL) {
+        const acc_t b = (s[k] - max_s) * inv_tau, a = (t[k] - max_t) * inv_tau;
+        const acc_t exp_a = exp_simd(a);
+        z_s += exp_simd(b), z_t += exp_a, w += kl_term(exp_a, a, b);
+      }
+      if constexpr (kCE) z_ce += exp_simd(s[k] - max_s);
+    }
+    total.z_s += z_s, total.z_t += z_t, total.w += w, total.z_ce += z_ce;
+  }
+  return kd_row_stats<acc_t>(max_s, max_t, total);
+}
+
+template <typename scalar_t, bool kCE, bool kKL>
+AGKD_CPU_MULTIVERSION void kd_fwd_rows(const LogitRows<scalar_t>& student,
+                                       const LogitRows<scalar_t>& teacher,
+                                       const int64_t* target, const KdParams& p,
+                                       int64_t begin, int64_t end,
+                                       at::opmath_type<scalar_t>* loss,
+                                       at::opmath_type<scalar_t>* stats) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t tau = static_cast<acc_t>(p.temperature), inv_tau = acc_t(1) / tau;
+  const acc_t ce_weight = static_cast<acc_t>(p.ce_weight);
+  const acc_t kl_weight = static_cast<acc_t>(p.kl_weight);
+  std::vector<acc_t> s_buffer, t_buffer;
+  for (int64_t n = begin; n < end; ++n) {
+    const acc_t* s = student.row(n, s_buffer);
+    const acc_t* t = kKL ? teacher.row(n, t_buffer) : nullptr;
+    const KdRowStats<acc_t> st = row_stats<acc_t, kCE, kKL>(s, t, student.K, inv_tau);
+    const acc_t s_target =
+        kCE ? kd_target_logit<acc_t>(target[n], student.K, [&](int64_t k) { return s[k]; })
+            : acc_t(0);
+    loss[n] = kd_row_loss(st, s_target, tau, ce_weight, kl_weight);
+    acc_t* out = stats + n * kKdStats;
+    out[kStatMaxS] = st.max_s, out[kStatMaxT] = st.max_t, out[kStatLogZS] = st.log_z_s;
+    out[kStatLogZT] = st.log_z_t, out[kStatLogZCE] = st.log_z_ce, out[kStatKL] = st.kl;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_fwd_cpu(const at::Tensor& student,
+                                              const at::Tensor& teacher,
+                                              const std::optional<at::Tensor>& target,
+                                              double temperature, double ce_weight,
+                                              double kl_weight) {
+  const KdParams p{temperature, ce_weight, kl_weight};
+  const KdGeometry g = check_kd_inputs(student, teacher, target, p);
+  const auto acc = accumulate_dtype(student.scalar_type());
+  at::Tensor loss = at::empty({g.N}, student.options().dtype(acc));
+  at::Tensor stats = at::empty({g.N, kKdStats}, student.options().dtype(acc));
+  const at::Tensor target_c = p.with_ce() ? target->contiguous() : at::Tensor();
+  const int64_t* tgt = p.with_ce() ? target_c.const_data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const LogitRows<scalar_t> s(student), t(teacher);
+    acc_t* loss_out = loss.mutable_data_ptr<acc_t>();
+    acc_t* stats_out = stats.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, g.N, rows_per_task(g.K), [&](int64_t begin, int64_t end) {
+      if (p.with_ce() && p.with_kl()) {
+        kd_fwd_rows<scalar_t, true, true>(s, t, tgt, p, begin, end, loss_out, stats_out);
+      } else if (p.with_ce()) {
+        kd_fwd_rows<scalar_t, true, false>(s, t, tgt, p, begin, end, loss_out, stats_out);
+      } else {
+        kd_fwd_rows<scalar_t, false, true>(s, t, tgt, p, begin, end, loss_out, stats_out);
+      }
+    });
+  });
+  return {loss, stats};
+}
+
+// --------------------------------------------------------------------------- backward
+
+// One row of both gradients. kGradS / kGradT select the outputs, so the lane loop has no
+// per-element branch on them.
+template <typename scalar_t, bool kCE, bool kKL, bool kGradS, bool kGradT>
+AGKD_CPU_INLINE void kd_grad_row(const at::opmath_type<scalar_t>* __restrict s,
+                                 const at::opmath_type<scalar_t>* __restrict t, int64_t K,
+                                 int64_t target, const KdRowStats<at::opmath_type<scalar_t>>& st,
+                                 const KdGradCoeffs<at::opmath_type<scalar_t>>& c,
+                                 at::opmath_type<scalar_t> inv_tau,
+                                 scalar_t* __restrict grad_s, scalar_t* __restrict grad_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  AGKD_SIMD
+  for (int64_t k = 0; k < K; ++k) {
+    const KdLogProbs<acc_t> lp = kd_log_probs(st, s[k], kKL ? t[k] : acc_t(0), inv_tau);
+    const acc_t p_s = kKL ? exp_simd(lp.log_p_s) : acc_t(0);
+    const acc_t p_t = kKL ? exp_simd(lp.log_p_t) : acc_t(0);
+    const acc_t q = kCE ? exp_simd(lp.log_p_ce) : acc_t(0);
+    if constexpr (kGradS) grad_s[k] = static_cast<scalar_t>(kd_student_grad(c, p_s, p_t, q, k == target));
+    if constexpr (kGradT) grad_t[k] = static_cast<scalar_t>(kKL ? kd_teacher_grad(c, st.kl, p_t, lp.log_p_t, lp.log_p_s) : acc_t(0));
+  }
+}
+
+template <typename scalar_t, bool kCE, bool kKL, bool kGradS, bool kGradT>
+AGKD_CPU_MULTIVERSION void kd_bwd_rows(const LogitRows<scalar_t>& student,
+                                       const LogitRows<scalar_t>& teacher,
+                                       const int64_t* target, const KdParams& p,
+                                       const at::opmath_type<scalar_t>* grad_loss,
+                                       const at::opmath_type<scalar_t>* stats, int64_t begin,
+                                       int64_t end, scalar_t* grad_s, scalar_t* grad_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t K = student.K;
+  const acc_t tau = static_cast<acc_t>(p.temperature), inv_tau = acc_t(1) / tau;
+  std::vector<acc_t> s_buffer, t_buffer;
+  for (int64_t n = begin; n < end; ++n) {
+    const acc_t* in = stats + n * kKdStats;
+    const KdRowStats<acc_t> st{in[kStatMaxS],  in[kStatMaxT],    in[kStatLogZS],
+                               in[kStatLogZT], in[kStatLogZCE], in[kStatKL]};
+    const KdGradCoeffs<acc_t> c =
+        kd_grad_coeffs(grad_loss[n], tau, static_cast<acc_t>(p.ce_weight),
+                       static_cast<acc_t>(p.kl_weight));
+    const acc_t* s = student.row(n, s_buffer);
+    const acc_t* t = kKL ? teacher.row(n, t_buffer) : nullptr;
+    // An out-of-range target (direct op calls only) matches no class; the forward's loss
+    // for that row is already NaN.
+    kd_grad_row<scalar_t, kCE, kKL, kGradS, kGradT>(s, t, K, kCE ? target[n] : -1, st, c,
+                                                    inv_tau, kGradS ? grad_s + n * K : nullptr,
+                                                    kGradT ? grad_t + n * K : nullptr);
+  }
+}
+
+template <typename scalar_t, bool kCE, bool kKL>
+void kd_bwd_typed(const LogitRows<scalar_t>& s, const LogitRows<scalar_t>& t,
+                  const int64_t* target, const KdParams& p, const KdGeometry& g,
+                  const at::opmath_type<scalar_t>* grad_loss,
+                  const at::opmath_type<scalar_t>* stats, scalar_t* grad_s, scalar_t* grad_t) {
+  at::parallel_for(0, g.N, rows_per_task(g.K), [&](int64_t begin, int64_t end) {
+    if (grad_s && grad_t) {
+      kd_bwd_rows<scalar_t, kCE, kKL, true, true>(s, t, target, p, grad_loss, stats, begin,
+                                                  end, grad_s, grad_t);
+    } else if (grad_s) {
+      kd_bwd_rows<scalar_t, kCE, kKL, true, false>(s, t, target, p, grad_loss, stats, begin,
+                                                   end, grad_s, grad_t);
+    } else {
+      kd_bwd_rows<scalar_t, kCE, kKL, false, true>(s, t, target, p, grad_loss, stats, begin,
+                                                   end, grad_s, grad_t);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_bwd_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+    const std::optional<at::Tensor>& target, const at::Tensor& stats, double temperature,
+    double ce_weight, double kl_weight, bool needs_grad_student, bool needs_grad_teacher) {
+  const KdParams p{temperature, ce_weight, kl_weight};
+  const KdGeometry g = check_kd_inputs(student, teacher, target, p);
+  check_kd_backward_inputs(grad_loss, stats, student, g);
+  at::Tensor grad_s = input_grad_or_empty(student, needs_grad_student);
+  at::Tensor grad_t = input_grad_or_empty(teacher, needs_grad_teacher);
+  // The cross-entropy alone does not see the teacher: a zero gradient, no kernel work.
+  const bool teacher_in_kernel = needs_grad_teacher && p.with_kl();
+  if (needs_grad_teacher && !p.with_kl()) grad_t.zero_();
+  if (!needs_grad_student && !teacher_in_kernel) return {grad_s, grad_t};
+  const at::Tensor gl = grad_loss.contiguous(), st = stats.contiguous();
+  const at::Tensor target_c = p.with_ce() ? target->contiguous() : at::Tensor();
+  const int64_t* tgt = p.with_ce() ? target_c.const_data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const LogitRows<scalar_t> s(student), t(teacher);
+    const acc_t* gl_in = gl.const_data_ptr<acc_t>();
+    const acc_t* st_in = st.const_data_ptr<acc_t>();
+    scalar_t* gs = needs_grad_student ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gt = teacher_in_kernel ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
+    if (p.with_ce() && p.with_kl()) {
+      kd_bwd_typed<scalar_t, true, true>(s, t, tgt, p, g, gl_in, st_in, gs, gt);
+    } else if (p.with_ce()) {
+      kd_bwd_typed<scalar_t, true, false>(s, t, tgt, p, g, gl_in, st_in, gs, gt);
+    } else {
+      kd_bwd_typed<scalar_t, false, true>(s, t, tgt, p, g, gl_in, st_in, gs, gt);
+    }
+  });
+  return {grad_s, grad_t};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(agkd, CPU, m) {
+  m.impl("kd_fwd", &kd_fwd_cpu);
+  m.impl("kd_bwd", &kd_bwd_cpu);
+}
+
+}  // namespace agkd

@@ -1,0 +1,116 @@
+// Temperature-scaled KL divergence and Hinton KD loss of one row of logits, from
+// per-row statistics. Shared by the CPU and CUDA kernels of agkd::kd_fwd / agkd::kd_bwd.
+//
+// For one row, with a = t/τ (teacher) and b = s/τ (student):
+//   KL   = Σ_k p_t,k (log p_t,k − log p_s,k),  p_t = softmax(a), p_s = softmax(b)
+//   CE   = −log softmax(s)[y]                     (temperature 1)
+//   loss = ce_weight · CE + kl_weight · τ² · KL
+// Every exponent is taken of a max-shifted logit, (x − max)/τ ≤ 0, so logits of any size
+// give finite sums, and log-probabilities are formed as (x − max)/τ − log Z: differences
+// of numbers of the size of the logits' spread, not of the logits themselves.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#include "agkd/math/common.h"
+
+namespace agkd {
+
+// What the forward keeps per row for the backward (the (N, kKdStats) `stats` tensor).
+enum KdStat : int { kStatMaxS = 0, kStatMaxT, kStatLogZS, kStatLogZT, kStatLogZCE, kStatKL, kKdStats };
+
+template <typename T>
+struct KdRowStats {
+  T max_s, max_t;     // row maxima of the raw logits
+  T log_z_s, log_z_t; // log Σ_k exp((x_k − max)/τ), student and teacher
+  T log_z_ce;         // log Σ_k exp(s_k − max_s), the cross-entropy's normaliser
+  T kl;               // KL(p_t ‖ p_s) at temperature τ, before the τ² factor
+};
+
+// The sums of one row's second pass, taken with the row maxima as shifts.
+template <typename T>
+struct KdRowSums {
+  T z_s = 0, z_t = 0;  // Σ exp(b̃_k), Σ exp(ã_k), with ã = (t − max_t)/τ, b̃ = (s − max_s)/τ
+  T w = 0;             // Σ exp(ã_k) (ã_k − b̃_k)
+  T z_ce = 0;          // Σ exp(s_k − max_s)
+};
+
+// exp(ã)·(ã − b̃) with the convention 0·log 0 = 0: a teacher logit of −∞ contributes
+// nothing (instead of 0·∞ = NaN), while a NaN still propagates.
+template <typename T>
+AGKD_HOST_DEVICE T kl_term(T exp_a, T a, T b) {
+  return exp_a == T(0) ? T(0) : exp_a * (a - b);
+}
+
+template <typename T, typename Sum>
+AGKD_HOST_DEVICE KdRowStats<T> kd_row_stats(T max_s, T max_t, const KdRowSums<Sum>& sums) {
+  KdRowStats<T> st;
+  st.max_s = max_s, st.max_t = max_t;
+  st.log_z_s = static_cast<T>(std::log(sums.z_s));
+  st.log_z_t = static_cast<T>(std::log(sums.z_t));
+  st.log_z_ce = static_cast<T>(std::log(sums.z_ce));
+  // Σ p_t (log p_t − log p_s) = w / z_t − log z_t + log z_s
+  st.kl = static_cast<T>(sums.w / sums.z_t - std::log(sums.z_t) + std::log(sums.z_s));
+  return st;
+}
+
+// Loss of one row; `s_target` is the student's logit at the target class (unused when
+// ce_weight is 0). A target outside [0, K) reaches here as NaN (see kd_target_logit).
+template <typename T>
+AGKD_HOST_DEVICE T kd_row_loss(const KdRowStats<T>& st, T s_target, T temperature,
+                               T ce_weight, T kl_weight) {
+  T loss = 0;  // a term with weight 0 is not computed at all: skip it, NaN stats included
+  if (kl_weight != T(0)) loss += kl_weight * temperature * temperature * st.kl;
+  if (ce_weight != T(0)) loss += ce_weight * (st.log_z_ce - (s_target - st.max_s));
+  return loss;
+}
+
+// The student's logit at the target class, or NaN for a target outside [0, K): the
+// Python API rejects those up front; a direct op call gets NaN, never an out-of-bounds read.
+template <typename T, typename Load>
+AGKD_HOST_DEVICE T kd_target_logit(int64_t target, int64_t K, const Load& load) {
+  return (target >= 0 && target < K) ? load(target) : std::numeric_limits<T>::quiet_NaN();
+}
+
+// Per-row coefficients of the backward: the row's upstream gradient folded in once.
+template <typename T>
+struct KdGradCoeffs {
+  T kl;  // grad_loss · kl_weight · τ   (τ² · ∂/∂x of KL(a, b) brings one 1/τ)
+  T ce;  // grad_loss · ce_weight
+};
+
+template <typename T>
+AGKD_HOST_DEVICE KdGradCoeffs<T> kd_grad_coeffs(T grad_loss, T temperature, T ce_weight,
+                                                T kl_weight) {
+  return {grad_loss * kl_weight * temperature, grad_loss * ce_weight};
+}
+
+// The log-probabilities of one class at temperature τ (and of the student at 1).
+template <typename T>
+struct KdLogProbs {
+  T log_p_s, log_p_t, log_p_ce;
+};
+
+template <typename T>
+AGKD_HOST_DEVICE KdLogProbs<T> kd_log_probs(const KdRowStats<T>& st, T s, T t,
+                                            T inv_temperature) {
+  return {(s - st.max_s) * inv_temperature - st.log_z_s,
+          (t - st.max_t) * inv_temperature - st.log_z_t, (s - st.max_s) - st.log_z_ce};
+}
+
+// ∂loss/∂s_k = c.kl (p_s,k − p_t,k) + c.ce (softmax(s)_k − [k = y]),
+// given p_s,k = exp(log_p_s), p_t,k = exp(log_p_t), q_k = exp(log_p_ce).
+template <typename T>
+AGKD_HOST_DEVICE T kd_student_grad(const KdGradCoeffs<T>& c, T p_s, T p_t, T q,
+                                   bool is_target) {
+  return c.kl * (p_s - p_t) + c.ce * (q - (is_target ? T(1) : T(0)));
+}
+
+// ∂loss/∂t_k = c.kl · p_t,k (log p_t,k − log p_s,k − KL), with 0 where p_t,k = 0.
+template <typename T>
+AGKD_HOST_DEVICE T kd_teacher_grad(const KdGradCoeffs<T>& c, T kl, T p_t, T log_p_t, T log_p_s) {
+  return p_t == T(0) ? T(0) : c.kl * p_t * (log_p_t - log_p_s - kl);
+}
+
+}  // namespace agkd
