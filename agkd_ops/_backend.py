@@ -58,7 +58,7 @@ def get_backend() -> str:
     return _backend
 
 
-_OPS = ("hybrid_fwd", "hybrid_bwd")
+_OPS = ("hybrid_fwd", "hybrid_bwd", "kd_fwd", "kd_bwd")
 
 
 def _kernel_table():

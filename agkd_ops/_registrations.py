@@ -1,13 +1,56 @@
 """Fake (meta) kernels and autograd for the native ops, so that they work under
 ``torch.compile(fullgraph=True)`` and ``loss.backward()``. Imported by ``agkd_ops`` only
-when the compiled library loaded."""
+when the compiled library loaded.
+
+Every loss op has the same shape (csrc/agkd/ops.cpp): ``<op>_fwd(a, b, *more_tensors,
+*params) -> (per_sample_loss, stats)`` and ``<op>_bwd(grad_loss, a, b, *more_tensors,
+stats, *params, needs_grad_a, needs_grad_b) -> (grad_a, grad_b)``; :func:`_register_autograd`
+wires one such pair.
+"""
 from __future__ import annotations
 
 import torch
 
+# Numbers agkd::kd_fwd keeps per row (csrc/agkd/math/kd.h, KdStat).
+_KD_STATS = 6
+
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grad_or_empty(like: torch.Tensor, needed: bool) -> torch.Tensor:
+    # The kernels return contiguous gradients, and an empty tensor where none is needed.
+    return like.new_empty(like.shape) if needed else like.new_empty((0,))
+
+
+def _register_autograd(op: str, n_tensors: int) -> None:
+    """Autograd for ``agkd::<op>_fwd`` whose first ``n_tensors`` inputs are tensors, the
+    first two of them differentiable (the others, e.g. class targets, are not)."""
+
+    def setup_context(ctx, inputs, output):
+        _loss, stats = output
+        ctx.save_for_backward(*inputs[:n_tensors], stats)
+        ctx.params = inputs[n_tensors:]
+        ctx.mark_non_differentiable(stats)
+
+    def backward(ctx, grad_loss, _grad_stats):
+        *tensors, stats = ctx.saved_tensors
+        needs_a, needs_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        bwd = getattr(torch.ops.agkd, f"{op}_bwd")
+        grad_a, grad_b = bwd(grad_loss.contiguous(), *tensors, stats, *ctx.params, needs_a, needs_b)
+        return ((grad_a if needs_a else None, grad_b if needs_b else None)
+                + (None,) * (n_tensors - 2 + len(ctx.params)))
+
+    def no_double_backward(ctx, *grads):
+        raise NotImplementedError(
+            f"agkd_ops: double backward (a gradient of a gradient) through agkd::{op} is not "
+            f"implemented; use agkd_ops.set_backend('reference') for it"
+        )
+
+    torch.library.register_autograd(f"agkd::{op}_fwd", backward, setup_context=setup_context)
+    torch.library.register_autograd(f"agkd::{op}_bwd", no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
 
 
 # ---------------------------------------------------------------- agkd::hybrid_fwd/bwd
@@ -22,45 +65,25 @@ def _hybrid_fwd_fake(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps
 @torch.library.register_fake("agkd::hybrid_bwd")
 def _hybrid_bwd_fake(grad_loss, x, y, stats, alpha, beta, window_size, sigma, c1, c2, padding,
                      eps, needs_grad_x, needs_grad_y):
-    def grad(needed):
-        return x.new_empty(x.shape) if needed else x.new_empty((0,))
-
-    return grad(needs_grad_x), grad(needs_grad_y)
+    return _grad_or_empty(x, needs_grad_x), _grad_or_empty(y, needs_grad_y)
 
 
-def _hybrid_setup_context(ctx, inputs, output):
-    x, y, *params = inputs
-    _loss, stats = output
-    ctx.save_for_backward(x, y, stats)
-    ctx.params = params
-    ctx.mark_non_differentiable(stats)
+_register_autograd("hybrid", n_tensors=2)
 
 
-def _hybrid_backward(ctx, grad_loss, _grad_stats):
-    x, y, stats = ctx.saved_tensors
-    needs_x, needs_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_x, grad_y = torch.ops.agkd.hybrid_bwd(
-        grad_loss.contiguous(), x, y, stats, *ctx.params, needs_x, needs_y
-    )
-    return (grad_x if needs_x else None, grad_y if needs_y else None) + (None,) * len(ctx.params)
+# ------------------------------------------------------------------- agkd::kd_fwd/bwd
+
+@torch.library.register_fake("agkd::kd_fwd")
+def _kd_fwd_fake(student, teacher, target, temperature, ce_weight, kl_weight):
+    acc = _accumulate_dtype(student.dtype)
+    n = student.shape[0]
+    return student.new_empty((n,), dtype=acc), student.new_empty((n, _KD_STATS), dtype=acc)
 
 
-torch.library.register_autograd(
-    "agkd::hybrid_fwd", _hybrid_backward, setup_context=_hybrid_setup_context
-)
+@torch.library.register_fake("agkd::kd_bwd")
+def _kd_bwd_fake(grad_loss, student, teacher, target, stats, temperature, ce_weight, kl_weight,
+                 needs_grad_student, needs_grad_teacher):
+    return _grad_or_empty(student, needs_grad_student), _grad_or_empty(teacher, needs_grad_teacher)
 
 
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError(
-        "agkd_ops: double backward (a gradient of a gradient) of the SSIM/cosine/hybrid "
-        "losses is not implemented; use agkd_ops.set_backend('reference') for it"
-    )
-
-
-def _bwd_setup_context(ctx, inputs, output):
-    pass
-
-
-torch.library.register_autograd(
-    "agkd::hybrid_bwd", _no_double_backward, setup_context=_bwd_setup_context
-)
+_register_autograd("kd", n_tensors=3)

@@ -8,6 +8,9 @@ import numbers
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
+KL_REDUCTIONS = ("batchmean", "sum", "none")
+MAPS = "(N, C, H, W)"
+LOGITS = "(N, K)"
 PADDINGS = ("valid", "reflect", "zeros")
 
 
@@ -15,7 +18,7 @@ def _shape(t: torch.Tensor) -> str:
     return f"({', '.join(map(str, t.shape))})"
 
 
-def check_tensor(fn: str, name: str, t, *, ranks=(4,), min_rank=None) -> None:
+def check_tensor(fn: str, name: str, t, *, ranks=(4,), min_rank=None, layout=MAPS) -> None:
     if not torch.is_tensor(t):
         raise TypeError(f"agkd_ops.{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
@@ -28,17 +31,17 @@ def check_tensor(fn: str, name: str, t, *, ranks=(4,), min_rank=None) -> None:
             )
     elif t.dim() not in ranks:
         raise ValueError(
-            f"agkd_ops.{fn}: {name} must be a rank-4 (N, C, H, W) tensor, got shape {_shape(t)}"
+            f"agkd_ops.{fn}: {name} must be a rank-{ranks[0]} {layout} tensor, got shape {_shape(t)}"
         )
     if t.numel() == 0:
         raise ValueError(f"agkd_ops.{fn}: {name} is empty (shape {_shape(t)})")
 
 
 def check_pair(fn: str, x, y, *, names=("x", "y"), ranks=(4,), min_rank=None,
-               same_shape=True) -> None:
+               same_shape=True, layout=MAPS) -> None:
     a, b = names
-    check_tensor(fn, a, x, ranks=ranks, min_rank=min_rank)
-    check_tensor(fn, b, y, ranks=ranks, min_rank=min_rank)
+    check_tensor(fn, a, x, ranks=ranks, min_rank=min_rank, layout=layout)
+    check_tensor(fn, b, y, ranks=ranks, min_rank=min_rank, layout=layout)
     if x.dtype != y.dtype:
         raise TypeError(f"agkd_ops.{fn}: {a} and {b} must have the same dtype, got {x.dtype} and {y.dtype}")
     if x.device != y.device:
@@ -60,6 +63,53 @@ def check_number(fn: str, name: str, value, *, positive=False, nonnegative=False
     if nonnegative and value < 0:
         raise ValueError(f"agkd_ops.{fn}: {name} must be >= 0, got {value}")
     return value
+
+
+def check_fraction(fn: str, name: str, value) -> float:
+    """A real number in [0, 1]."""
+    value = check_number(fn, name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"agkd_ops.{fn}: {name} must be in [0, 1], got {value}")
+    return value
+
+
+def check_kl_reduction(fn: str, reduction) -> str:
+    if reduction == "mean":
+        raise ValueError(
+            f"agkd_ops.{fn}: reduction='mean' is not accepted: torch's 'mean' for KL divides by "
+            f"N*K, not by the batch size; use reduction='batchmean' (sum over classes, mean "
+            f"over samples), 'sum' or 'none'"
+        )
+    return check_choice(fn, "reduction", reduction, KL_REDUCTIONS)
+
+
+def check_target(fn: str, target, logits: torch.Tensor, name: str = "target") -> torch.Tensor:
+    """Class indices (N,) in [0, K) for (N, K) logits; returned as int64."""
+    if not torch.is_tensor(target):
+        raise TypeError(f"agkd_ops.{fn}: {name} must be a torch.Tensor of class indices, "
+                        f"got {type(target).__name__}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(
+            f"agkd_ops.{fn}: {name} must hold integer class indices (int64 or int32), got "
+            f"{target.dtype}; probability (soft) targets are not supported"
+        )
+    n, k = logits.shape
+    if target.shape != (n,):
+        raise ValueError(f"agkd_ops.{fn}: {name} must have shape ({n},) to match the logits' "
+                         f"batch, got {_shape(target)}")
+    if target.device != logits.device:
+        raise ValueError(f"agkd_ops.{fn}: {name} must be on the logits' device {logits.device}, "
+                         f"got {target.device}")
+    # A data-dependent check cannot be traced; under torch.compile the kernel turns an
+    # out-of-range target into a NaN loss for that row instead (never an out-of-bounds read).
+    if not torch.compiler.is_compiling():
+        lo, hi = int(target.min()), int(target.max())
+        if lo < 0 or hi >= k:
+            raise ValueError(
+                f"agkd_ops.{fn}: {name} must hold class indices in [0, {k}) for K={k} classes, "
+                f"got values from {lo} to {hi} (there is no ignore_index)"
+            )
+    return target.long()
 
 
 def check_choice(fn: str, name: str, value, choices) -> str:

@@ -12,18 +12,11 @@ from __future__ import annotations
 import torch
 
 from . import _backend, reference
-from ._validation import REDUCTIONS, check_choice, check_number, check_pair, check_ssim_args
+from ._validation import (LOGITS, REDUCTIONS, check_choice, check_fraction, check_kl_reduction,
+                          check_number, check_pair, check_ssim_args, check_target)
+from .reference import _reduce  # per-sample values in the accumulate dtype -> reduced, cast
 
-__all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss"]
-
-
-def _reduce(per_sample: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
-    # per_sample is float32 (float64 for float64 inputs); reduce there, then cast.
-    if reduction == "mean":
-        per_sample = per_sample.mean()
-    elif reduction == "sum":
-        per_sample = per_sample.sum()
-    return per_sample.to(dtype)
+__all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "kd_kl_div", "kd_loss"]
 
 
 def _native_hybrid(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps):
@@ -160,3 +153,85 @@ def hybrid_loss(x, y, *, alpha=0.5, beta=0.5, window_size=11, sigma=1.5, data_ra
     return reference.hybrid_loss(x, y, alpha=alpha, beta=beta, window_size=window_size,
                                  sigma=sigma, data_range=data_range, k1=k1, k2=k2,
                                  padding=padding, eps=eps, reduction=reduction)
+
+
+_KD_NAMES = ("student_logits", "teacher_logits")
+
+
+def kd_kl_div(student_logits, teacher_logits, *, temperature=4.0, reduction="batchmean"):
+    r"""Temperature-scaled KL divergence of the student from the teacher (Hinton et al.):
+
+    .. math:: \tau^2\,\mathrm{KL}\big(\mathrm{softmax}(t/\tau)\,\big\|\,\mathrm{softmax}(s/\tau)\big)
+              = \tau^2 \sum_k p_{t,k} \log\frac{p_{t,k}}{p_{s,k}}
+
+    per row, fused: one pass over both logit rows gives the loss; the backward recomputes
+    both gradients from the logits and six saved numbers per row. ``τ²`` keeps the gradient
+    scale independent of ``τ``. Equal to ``τ**2 * F.kl_div(F.log_softmax(s / τ, 1),
+    F.log_softmax(t / τ, 1), log_target=True, reduction="batchmean")``, and stable for any
+    logits (max-shifted exponents; logits of ±1e4 are fine; a teacher logit of ``-inf``
+    contributes 0).
+
+    Args:
+        student_logits, teacher_logits: ``(N, K)`` logits of the same shape and dtype. The
+            teacher gets a gradient too if it requires one.
+        temperature: ``τ > 0``.
+        reduction: ``"batchmean"`` (sum over classes, mean over samples), ``"sum"`` or
+            ``"none"`` for ``(N,)``. ``"mean"`` is rejected: in ``torch.nn.KLDivLoss`` it
+            divides by ``N·K``, a known trap in KD code.
+
+    Example:
+        >>> import torch, agkd_ops
+        >>> student = torch.randn(8, 10, requires_grad=True)
+        >>> teacher = torch.randn(8, 10)
+        >>> agkd_ops.kd_kl_div(student, teacher, temperature=4.0).backward()
+        >>> student.grad.shape
+        torch.Size([8, 10])
+    """
+    fn = "kd_kl_div"
+    check_pair(fn, student_logits, teacher_logits, names=_KD_NAMES, ranks=(2,), layout=LOGITS)
+    temperature = check_number(fn, "temperature", temperature, positive=True)
+    check_kl_reduction(fn, reduction)
+    if _backend.use_native(fn, "kd_fwd", student_logits):
+        per_sample, _stats = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, None,
+                                                   temperature, 0.0, 1.0)
+        return _reduce(per_sample, reduction, student_logits.dtype)
+    return reference.kd_kl_div(student_logits, teacher_logits, temperature=temperature,
+                               reduction=reduction)
+
+
+def kd_loss(student_logits, teacher_logits, target, *, temperature=4.0, alpha=0.9,
+            reduction="mean"):
+    r"""Hinton's knowledge-distillation loss, fused: per row
+
+    .. math:: (1 - \alpha)\,\mathrm{CE}(s, y) + \alpha\,\tau^2\,
+              \mathrm{KL}\big(\mathrm{softmax}(t/\tau)\,\big\|\,\mathrm{softmax}(s/\tau)\big)
+
+    with the cross-entropy at temperature 1, i.e. ``(1 - α) * F.cross_entropy(s, y) + α *
+    kd_kl_div(s, t, temperature=τ)``, from one pass over the logits.
+
+    Args:
+        student_logits, teacher_logits: ``(N, K)`` logits of the same shape and dtype.
+        target: ``(N,)`` class indices (int64 or int32) in ``[0, K)``; out-of-range values
+            (``-100`` included: there is no ``ignore_index``) are a ``ValueError``.
+        temperature: ``τ > 0``. alpha: weight of the KL term, in ``[0, 1]``.
+        reduction: ``"mean"`` over samples, ``"sum"`` or ``"none"`` for ``(N,)``.
+
+    Example:
+        >>> import torch, agkd_ops
+        >>> student = torch.randn(8, 10, requires_grad=True)
+        >>> loss = agkd_ops.kd_loss(student, torch.randn(8, 10), torch.randint(0, 10, (8,)))
+        >>> loss.backward()
+    """
+    fn = "kd_loss"
+    check_pair(fn, student_logits, teacher_logits, names=_KD_NAMES, ranks=(2,), layout=LOGITS)
+    target = check_target(fn, target, student_logits)
+    temperature = check_number(fn, "temperature", temperature, positive=True)
+    alpha = check_fraction(fn, "alpha", alpha)
+    check_choice(fn, "reduction", reduction, REDUCTIONS)
+    if _backend.use_native(fn, "kd_fwd", student_logits):
+        per_sample, _stats = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, target,
+                                                   temperature, 1.0 - alpha, alpha)
+        return _reduce(per_sample, reduction, student_logits.dtype)
+    return reference.kd_loss(student_logits, teacher_logits, target, temperature=temperature,
+                             alpha=alpha, reduction=reduction)
+

@@ -7,7 +7,7 @@ from torch import nn
 
 from . import functional as F
 
-__all__ = ["SSIMLoss", "CosineLoss", "HybridLoss"]
+__all__ = ["SSIMLoss", "CosineLoss", "HybridLoss", "KDKLDivLoss", "KDLoss"]
 
 
 class SSIMLoss(nn.Module):
@@ -84,3 +84,49 @@ class HybridLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, beta={self.beta}, window_size={self.window_size}, "
                 f"sigma={self.sigma}, padding={self.padding!r}, reduction={self.reduction!r}")
+
+
+class KDKLDivLoss(nn.Module):
+    """``τ²·KL(softmax(t/τ) ‖ softmax(s/τ))``; see :func:`agkd_ops.kd_kl_div`.
+
+    Example:
+        >>> import torch, agkd_ops
+        >>> criterion = agkd_ops.KDKLDivLoss(temperature=4.0)
+        >>> criterion(torch.randn(8, 10), torch.randn(8, 10)).shape
+        torch.Size([])
+    """
+
+    def __init__(self, *, temperature=4.0, reduction="batchmean"):
+        super().__init__()
+        self.temperature, self.reduction = temperature, reduction
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return F.kd_kl_div(student_logits, teacher_logits, temperature=self.temperature,
+                           reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}"
+
+
+class KDLoss(nn.Module):
+    """Hinton's ``(1-α)·CE + α·τ²·KL``; see :func:`agkd_ops.kd_loss`.
+
+    Example:
+        >>> import torch, agkd_ops
+        >>> criterion = agkd_ops.KDLoss(temperature=4.0, alpha=0.9)
+        >>> student = torch.randn(8, 10, requires_grad=True)
+        >>> criterion(student, torch.randn(8, 10), torch.randint(0, 10, (8,))).backward()
+    """
+
+    def __init__(self, *, temperature=4.0, alpha=0.9, reduction="mean"):
+        super().__init__()
+        self.temperature, self.alpha, self.reduction = temperature, alpha, reduction
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                target: torch.Tensor) -> torch.Tensor:
+        return F.kd_loss(student_logits, teacher_logits, target, temperature=self.temperature,
+                         alpha=self.alpha, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, alpha={self.alpha}, reduction={self.reduction!r}"
+

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "gaussian_window"]
+__all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "kd_kl_div", "kd_loss",
+           "gaussian_window"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -18,7 +19,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _reduce(per_sample: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
-    if reduction == "mean":
+    """Per-sample values (in the compute dtype) reduced as asked, then cast to ``dtype``."""
+    if reduction in ("mean", "batchmean"):
         out = per_sample.mean()
     elif reduction == "sum":
         out = per_sample.sum()
@@ -105,3 +107,36 @@ def hybrid_loss(x, y, *, alpha=0.5, beta=0.5, window_size=11, sigma=1.5, data_ra
         per_sample = torch.zeros(x.shape[0], dtype=_compute_dtype(x.dtype), device=x.device)
         per_sample = per_sample + 0 * (x.sum() + y.sum())  # keep both inputs in the graph
     return _reduce(per_sample, reduction, x.dtype)
+
+
+# ------------------------------------------------------------------------------ KD
+
+
+def _kl_per_sample(student_logits, teacher_logits, temperature):
+    """KL(softmax(t/τ) ‖ softmax(s/τ)) per row, in the compute dtype."""
+    dtype = _compute_dtype(student_logits.dtype)
+    log_p_s = torch.log_softmax(student_logits.to(dtype) / temperature, dim=1)
+    log_p_t = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=1)
+    p_t = log_p_t.exp()
+    # 0·log 0 = 0: a class the teacher rules out (logit -inf) contributes nothing. Masking
+    # the log-ratio rather than the product keeps its gradient finite too.
+    log_ratio = torch.where(p_t > 0, log_p_t - log_p_s, torch.zeros_like(p_t))
+    return (p_t * log_ratio).sum(dim=1)
+
+
+def kd_kl_div(student_logits, teacher_logits, *, temperature=4.0, reduction="batchmean"):
+    """``τ²·KL(softmax(t/τ) ‖ softmax(s/τ))`` per row; ``"batchmean"`` averages the rows."""
+    per_sample = temperature**2 * _kl_per_sample(student_logits, teacher_logits, temperature)
+    return _reduce(per_sample, reduction, student_logits.dtype)
+
+
+def kd_loss(student_logits, teacher_logits, target, *, temperature=4.0, alpha=0.9,
+            reduction="mean"):
+    """Hinton's ``(1-α)·CE(s, target) + α·τ²·KL`` per row; CE at temperature 1."""
+    dtype = _compute_dtype(student_logits.dtype)
+    log_q = torch.log_softmax(student_logits.to(dtype), dim=1)
+    ce = -log_q.gather(1, target.long().unsqueeze(1)).squeeze(1)
+    kl = _kl_per_sample(student_logits, teacher_logits, temperature)
+    per_sample = (1 - alpha) * ce + alpha * temperature**2 * kl
+    return _reduce(per_sample, reduction, student_logits.dtype)
+

@@ -44,3 +44,22 @@ def cosine_per_sample(x, y, eps=1e-8):
     nx = np.maximum(np.sqrt((x * x).sum(1)), eps)
     ny = np.maximum(np.sqrt((y * y).sum(1)), eps)
     return (x * y).sum(1) / (nx * ny)
+
+
+def _log_softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def kd_kl_per_sample(student, teacher, temperature):
+    """τ²·Σ_k p_t (log p_t − log p_s) with p = softmax(logits / τ), explicitly."""
+    s = np.asarray(student, dtype=np.float64) / temperature
+    t = np.asarray(teacher, dtype=np.float64) / temperature
+    log_p_s, log_p_t = _log_softmax(s), _log_softmax(t)
+    p_t = np.exp(log_p_t)
+    return temperature**2 * (p_t * (log_p_t - log_p_s)).sum(axis=1)
+
+
+def cross_entropy_per_sample(logits, target):
+    z = np.asarray(logits, dtype=np.float64)
+    return -_log_softmax(z)[np.arange(len(z)), np.asarray(target)]

@@ -148,3 +148,99 @@ def test_build_info_reports_the_build():
 def test_reference_importable_without_compiled_library():
     module = importlib.import_module("agkd_ops.reference")
     assert "_C" not in module.__dict__
+
+
+# ------------------------------------------------------------------------------- KD
+
+
+def logits(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def classes(*values):
+    return torch.tensor(values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_kd_reductions_shapes_and_dtypes(dtype):
+    s, t, y = logits(4, 6, dtype=dtype), logits(4, 6, dtype=dtype), classes(0, 5, 2, 2)
+    kl_none = agkd_ops.kd_kl_div(s, t, reduction="none")
+    assert kl_none.shape == (4,) and kl_none.dtype == dtype
+    for reduction in ("batchmean", "sum"):
+        out = agkd_ops.kd_kl_div(s, t, reduction=reduction)
+        assert out.shape == () and out.dtype == dtype
+    torch.testing.assert_close(agkd_ops.kd_kl_div(s, t).float(), kl_none.float().mean(), rtol=1e-2, atol=1e-3)
+    kd_none = agkd_ops.kd_loss(s, t, y, reduction="none")
+    assert kd_none.shape == (4,) and kd_none.dtype == dtype
+    torch.testing.assert_close(agkd_ops.kd_loss(s, t, y, reduction="sum").float(), kd_none.float().sum(),
+                               rtol=1e-2, atol=1e-3)
+
+
+def test_kd_identical_logits_give_zero_kl():
+    s = logits(5, 7)
+    assert torch.equal(agkd_ops.kd_kl_div(s, s, reduction="none"), torch.zeros(5))
+
+
+def test_kd_modules_mirror_functions():
+    s, t, y = logits(4, 6), logits(4, 6), classes(0, 5, 2, 2)
+    assert torch.equal(agkd_ops.KDKLDivLoss(temperature=2, reduction="sum")(s, t),
+                       agkd_ops.kd_kl_div(s, t, temperature=2, reduction="sum"))
+    assert torch.equal(agkd_ops.KDLoss(temperature=3.0, alpha=0.25)(s, t, y),
+                       agkd_ops.kd_loss(s, t, y, temperature=3.0, alpha=0.25))
+    assert "alpha=0.25" in repr(agkd_ops.KDLoss(alpha=0.25))
+
+
+@pytest.mark.parametrize(
+    "call,exc,words",
+    [
+        (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 7)), ValueError, ["kd_kl_div", "same shape", "(4, 7)"]),
+        (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(3, 6)), ValueError, ["kd_kl_div", "teacher_logits", "(3, 6)"]),
+        (lambda: agkd_ops.kd_kl_div(logits(4, 6, 1), logits(4, 6, 1)), ValueError, ["kd_kl_div", "student_logits", "rank-2 (N, K)"]),
+        (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6, dtype=torch.float64)), TypeError, ["kd_kl_div", "dtype"]),
+        (lambda: agkd_ops.kd_kl_div(torch.ones(4, 6, dtype=torch.int64), torch.ones(4, 6, dtype=torch.int64)), TypeError, ["student_logits", "floating"]),
+        (lambda: agkd_ops.kd_kl_div(logits(0, 6), logits(0, 6)), ValueError, ["kd_kl_div", "empty"]),
+        (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), temperature=0), ValueError, ["kd_kl_div", "temperature", "> 0"]),
+        (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), temperature=-2.0), ValueError, ["temperature"]),
+        (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), temperature=float("inf")), ValueError, ["temperature", "finite"]),
+        (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), temperature="4"), TypeError, ["temperature", "real number"]),
+        (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), reduction="mean"), ValueError, ["kd_kl_div", "'mean'", "batchmean", "N*K"]),
+        (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), reduction="avg"), ValueError, ["reduction", "'avg'"]),
+        (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 6)), ValueError, ["kd_loss", "target", "[0, 6)", "6"]),
+        (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, -100, 2, 3)), ValueError, ["kd_loss", "target", "-100", "ignore_index"]),
+        (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2)), ValueError, ["kd_loss", "target", "(4,)", "(3)"]),
+        (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), torch.zeros(4, 6)), TypeError, ["kd_loss", "target", "float32", "soft"]),
+        (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), torch.zeros(4, dtype=torch.bool)), TypeError, ["kd_loss", "target", "bool"]),
+        (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), [0, 1, 2, 3]), TypeError, ["kd_loss", "target", "Tensor"]),
+        (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 3), alpha=1.5), ValueError, ["kd_loss", "alpha", "[0, 1]"]),
+        (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 3), alpha=-0.1), ValueError, ["alpha"]),
+        (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 3), reduction="batchmean"), ValueError, ["kd_loss", "reduction"]),
+        (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 5), classes(0, 1, 2, 3)), ValueError, ["kd_loss", "same shape"]),
+    ],
+)
+def test_kd_bad_inputs_raise_clear_errors(call, exc, words):
+    with pytest.raises(exc) as info:
+        call()
+    message = str(info.value)
+    assert message.startswith("agkd_ops.")
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+
+
+def test_kd_target_on_another_device_rejected():
+    s = logits(2, 3)
+    with pytest.raises(ValueError, match=r"kd_loss: target must be on the logits' device"):
+        agkd_ops.kd_loss(s, s, torch.zeros(2, dtype=torch.int64, device="meta"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_kd_backends_agree(backend):
+    if backend == "native" and not agkd_ops.native_available("cpu"):
+        pytest.skip("native kernels not built")
+    previous = agkd_ops.get_backend()
+    s, t, y = logits(6, 9, dtype=torch.float64), logits(6, 9, dtype=torch.float64), classes(*range(6))
+    try:
+        agkd_ops.set_backend(backend)
+        got = agkd_ops.kd_loss(s, t, y, temperature=2.0, alpha=0.5, reduction="none")
+    finally:
+        agkd_ops.set_backend(previous)
+    torch.testing.assert_close(got, R.kd_loss(s, t, y, temperature=2.0, alpha=0.5, reduction="none"))

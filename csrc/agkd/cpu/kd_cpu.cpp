@@ -100,7 +100,7 @@ AGKD_CPU_INLINE KdRowStats<acc_t> row_stats(const acc_t* __restrict s,
     }
     total.z_s += z_s, total.z_t += z_t, total.w += w, total.z_ce += z_ce;
   }
-  return kd_row_stats<acc_t>(max_s, max_t, total);
+  return kd_row_stats<acc_t>(max_s, max_t, total, kKL, kCE);
 }
 
 template <typename scalar_t, bool kCE, bool kKL>

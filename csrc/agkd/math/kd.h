@@ -43,15 +43,20 @@ AGKD_HOST_DEVICE T kl_term(T exp_a, T a, T b) {
   return exp_a == T(0) ? T(0) : exp_a * (a - b);
 }
 
+// A term that is not computed (with_kl / with_ce false) leaves its statistics at 0, so
+// that the saved stats are always finite where the logits are.
 template <typename T, typename Sum>
-AGKD_HOST_DEVICE KdRowStats<T> kd_row_stats(T max_s, T max_t, const KdRowSums<Sum>& sums) {
-  KdRowStats<T> st;
-  st.max_s = max_s, st.max_t = max_t;
-  st.log_z_s = static_cast<T>(std::log(sums.z_s));
-  st.log_z_t = static_cast<T>(std::log(sums.z_t));
-  st.log_z_ce = static_cast<T>(std::log(sums.z_ce));
-  // Σ p_t (log p_t − log p_s) = w / z_t − log z_t + log z_s
-  st.kl = static_cast<T>(sums.w / sums.z_t - std::log(sums.z_t) + std::log(sums.z_s));
+AGKD_HOST_DEVICE KdRowStats<T> kd_row_stats(T max_s, T max_t, const KdRowSums<Sum>& sums,
+                                            bool with_kl, bool with_ce) {
+  KdRowStats<T> st{max_s, T(0), T(0), T(0), T(0), T(0)};
+  if (with_kl) {
+    st.max_t = max_t;
+    st.log_z_s = static_cast<T>(std::log(sums.z_s));
+    st.log_z_t = static_cast<T>(std::log(sums.z_t));
+    // Σ p_t (log p_t − log p_s) = w / z_t − log z_t + log z_s
+    st.kl = static_cast<T>(sums.w / sums.z_t - std::log(sums.z_t) + std::log(sums.z_s));
+  }
+  if (with_ce) st.log_z_ce = static_cast<T>(std::log(sums.z_ce));
   return st;
 }
 
