@@ -19,17 +19,16 @@ def _maxrss_bytes():
 def _measure(loss, impl_name, shape_name):
     import torch
 
-    from benchmarks.cases import IMPLEMENTATIONS, SHAPES, make_inputs, step
+    from benchmarks.cases import IMPLEMENTATIONS, find_shape, make_inputs, step
 
     torch.set_num_threads(int(os.environ.get("AGKD_BENCH_THREADS", torch.get_num_threads())))
-    shape, kw = next((s, k) for n, s, k in SHAPES if n == shape_name)
+    shape, kw = find_shape(loss, shape_name)
     impl = IMPLEMENTATIONS[loss][impl_name]
-    small_x, small_y = make_inputs((1,) + tuple(shape[1:]))
-    if not step(impl, small_x, small_y, kw):
+    if not step(impl, make_inputs(loss, (1,) + tuple(shape[1:])), kw):
         return None
-    x, y = make_inputs(shape)
+    inputs = make_inputs(loss, shape)
     before = _maxrss_bytes()
-    step(impl, x, y, kw)
+    step(impl, inputs, kw)
     return _maxrss_bytes() - before
 
 

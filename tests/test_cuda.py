@@ -54,3 +54,50 @@ def test_cuda_gradcheck():
     y = torch.rand(2, 2, 9, 8, device="cuda", dtype=torch.float64, requires_grad=True)
     fn = lambda a, b: agkd_ops.hybrid_loss(a, b, window_size=5, padding="reflect", reduction="none")
     assert torch.autograd.gradcheck(fn, (x, y))
+
+
+KD_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(5, 2), (33, 100), (4, 1000), (3, 100_000)])
+@pytest.mark.parametrize("alpha", [None, 0.0, 0.7])
+def test_cuda_kd_matches_reference(dtype, n, k, alpha):
+    g = torch.Generator().manual_seed(0)
+    s = 3 * torch.randn(n, k, generator=g, dtype=torch.float64)
+    t = 3 * torch.randn(n, k, generator=g, dtype=torch.float64)
+    y = torch.randint(0, k, (n,), generator=g)
+    s, t = s.to(dtype).double(), t.to(dtype).double()  # compare on the same rounded values
+    if alpha is None:
+        native = lambda a, b: agkd_ops.kd_kl_div(a, b, temperature=2.0, reduction="none")
+        ref = lambda a, b: R.kd_kl_div(a, b, temperature=2.0, reduction="none")
+    else:
+        native = lambda a, b: agkd_ops.kd_loss(a, b, y.cuda(), temperature=2.0, alpha=alpha, reduction="none")
+        ref = lambda a, b: R.kd_loss(a, b, y, temperature=2.0, alpha=alpha, reduction="none")
+    want_s, want_t = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    want = ref(want_s, want_t)
+    want.sum().backward()
+    got_s = s.to("cuda", dtype).requires_grad_(True)
+    got_t = s.new_empty(k, n).copy_(t.t()).t().to("cuda", dtype).requires_grad_(True)  # strided
+    got = native(got_s, got_t)
+    got.sum().backward()
+    tol = KD_TOL[dtype]
+    torch.testing.assert_close(got.double().cpu(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_s.grad.double().cpu(), want_s.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_t.grad.double().cpu(), want_t.grad, rtol=tol, atol=tol)
+
+
+def test_cuda_kd_deterministic_and_out_of_range_target_is_an_error():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(64, 3000, generator=g).cuda().requires_grad_(True)
+    t = torch.randn(64, 3000, generator=g).cuda()
+    y = torch.randint(0, 3000, (64,), generator=g).cuda()
+    runs = []
+    for _ in range(2):
+        s.grad = None
+        loss = agkd_ops.kd_loss(s, t, y)
+        loss.backward()
+        runs.append((loss.detach().clone(), s.grad.clone()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    with pytest.raises(ValueError, match="target"):
+        agkd_ops.kd_loss(s, t, torch.full((64,), 3000, device="cuda"))

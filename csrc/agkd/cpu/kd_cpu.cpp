@@ -41,6 +41,12 @@ constexpr int64_t kChunk = 1024;
 
 int64_t rows_per_task(int64_t K) { return std::max<int64_t>(1, kLogitsPerTask / K); }
 
+// The exp of the shared math (math/kd.h), in its vectorisable CPU form.
+struct SimdExp {
+  template <typename T>
+  AGKD_CPU_INLINE T operator()(T x) const { return exp_simd(x); }
+};
+
 // (N, K) logits of any strides and dtype, handed out one row at a time as contiguous
 // acc_t: the tensor's own memory where it already is that, else a converted copy.
 template <typename scalar_t>
@@ -91,12 +97,9 @@ AGKD_CPU_INLINE KdRowStats<acc_t> row_stats(const acc_t* __restrict s,
     acc_t z_s = 0, z_t = 0, w = 0, z_ce = 0;
     AGKD_SIMD_REDUCTION(+ : z_s, z_t, w, z_ce)
     for (int64_t k = k0; k < k1; ++k) {
-      if constexpr (kKL) {
-        const acc_t b = (s[k] - max_s) * inv_tau, a = (t[k] - max_t) * inv_tau;
-        const acc_t exp_a = exp_simd(a);
-        z_s += exp_simd(b), z_t += exp_a, w += kl_term(exp_a, a, b);
-      }
-      if constexpr (kCE) z_ce += exp_simd(s[k] - max_s);
+      const KdRowSums<acc_t> terms =
+          kd_sum_terms<kCE, kKL>(s[k], kKL ? t[k] : acc_t(0), max_s, max_t, inv_tau, SimdExp{});
+      z_s += terms.z_s, z_t += terms.z_t, w += terms.w, z_ce += terms.z_ce;
     }
     total.z_s += z_s, total.z_t += z_t, total.w += w, total.z_ce += z_ce;
   }
@@ -173,12 +176,10 @@ AGKD_CPU_INLINE void kd_grad_row(const at::opmath_type<scalar_t>* __restrict s,
   using acc_t = at::opmath_type<scalar_t>;
   AGKD_SIMD
   for (int64_t k = 0; k < K; ++k) {
-    const KdLogProbs<acc_t> lp = kd_log_probs(st, s[k], kKL ? t[k] : acc_t(0), inv_tau);
-    const acc_t p_s = kKL ? exp_simd(lp.log_p_s) : acc_t(0);
-    const acc_t p_t = kKL ? exp_simd(lp.log_p_t) : acc_t(0);
-    const acc_t q = kCE ? exp_simd(lp.log_p_ce) : acc_t(0);
-    if constexpr (kGradS) grad_s[k] = static_cast<scalar_t>(kd_student_grad(c, p_s, p_t, q, k == target));
-    if constexpr (kGradT) grad_t[k] = static_cast<scalar_t>(kKL ? kd_teacher_grad(c, st.kl, p_t, lp.log_p_t, lp.log_p_s) : acc_t(0));
+    const KdGradPair<acc_t> grad = kd_grads_at<kCE, kKL>(st, c, s[k], kKL ? t[k] : acc_t(0),
+                                                         k == target, inv_tau, SimdExp{});
+    if constexpr (kGradS) grad_s[k] = static_cast<scalar_t>(grad.student);
+    if constexpr (kGradT) grad_t[k] = static_cast<scalar_t>(grad.teacher);
   }
 }
 

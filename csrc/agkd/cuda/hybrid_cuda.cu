@@ -19,6 +19,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "agkd/cuda/block_reduce.cuh"
 #include "agkd/hybrid.h"
 #include "agkd/math/cosine.h"
 #include "agkd/math/ssim.h"
@@ -77,19 +78,9 @@ __device__ __forceinline__ acc_t load_padded(const scalar_t* data, const int64_t
   return load<scalar_t, acc_t>(data, s, n, c, r, q);
 }
 
-// Fixed-order tree sum of one value per thread over the block (kThreads threads).
 template <typename T>
-__device__ __forceinline__ T block_sum(T v, T* shared) {
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  shared[tid] = v;
-  __syncthreads();
-  for (int half = kThreads / 2; half > 0; half >>= 1) {
-    if (tid < half) shared[tid] += shared[tid + half];
-    __syncthreads();
-  }
-  const T total = shared[0];
-  __syncthreads();
-  return total;
+__device__ __forceinline__ T block_sum(T v, T* shared) {  // shared: kThreads values
+  return block_reduce(v, shared, SumOp{});
 }
 
 // Stages the (kTile + w - 1)^2 halo tile of x and y whose output tile starts at

@@ -4,8 +4,12 @@
 
 #include <cstdint>
 
+// Forced inline on both sides: these run inside the kernels' per-element loops, where a
+// call (or a helper compiled for the baseline ISA outside an AVX2 clone) stops vectorisation.
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define AGKD_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define AGKD_HOST_DEVICE inline __attribute__((always_inline))
 #else
 #define AGKD_HOST_DEVICE inline
 #endif

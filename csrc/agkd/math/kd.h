@@ -43,6 +43,21 @@ AGKD_HOST_DEVICE T kl_term(T exp_a, T a, T b) {
   return exp_a == T(0) ? T(0) : exp_a * (a - b);
 }
 
+// One logit pair's contribution to the row sums. `exp_fn` is the device's exp (a
+// vectorisable one on the CPU, the CUDA intrinsic on the GPU).
+template <bool kCE, bool kKL, typename T, typename Exp>
+AGKD_HOST_DEVICE KdRowSums<T> kd_sum_terms(T s, T t, T max_s, T max_t, T inv_temperature,
+                                           Exp exp_fn) {
+  KdRowSums<T> terms;
+  if (kKL) {
+    const T b = (s - max_s) * inv_temperature, a = (t - max_t) * inv_temperature;
+    const T exp_a = exp_fn(a);
+    terms.z_s = exp_fn(b), terms.z_t = exp_a, terms.w = kl_term(exp_a, a, b);
+  }
+  if (kCE) terms.z_ce = exp_fn(s - max_s);
+  return terms;
+}
+
 // A term that is not computed (with_kl / with_ce false) leaves its statistics at 0, so
 // that the saved stats are always finite where the logits are.
 template <typename T, typename Sum>
@@ -116,6 +131,24 @@ AGKD_HOST_DEVICE T kd_student_grad(const KdGradCoeffs<T>& c, T p_s, T p_t, T q,
 template <typename T>
 AGKD_HOST_DEVICE T kd_teacher_grad(const KdGradCoeffs<T>& c, T kl, T p_t, T log_p_t, T log_p_s) {
   return p_t == T(0) ? T(0) : c.kl * p_t * (log_p_t - log_p_s - kl);
+}
+
+template <typename T>
+struct KdGradPair {
+  T student, teacher;
+};
+
+// Both gradients at one class k of a row (teacher 0 when the KL term is off).
+template <bool kCE, bool kKL, typename T, typename Exp>
+AGKD_HOST_DEVICE KdGradPair<T> kd_grads_at(const KdRowStats<T>& st, const KdGradCoeffs<T>& c,
+                                           T s, T t, bool is_target, T inv_temperature,
+                                           Exp exp_fn) {
+  const KdLogProbs<T> lp = kd_log_probs(st, s, t, inv_temperature);
+  const T p_s = kKL ? exp_fn(lp.log_p_s) : T(0);
+  const T p_t = kKL ? exp_fn(lp.log_p_t) : T(0);
+  const T q = kCE ? exp_fn(lp.log_p_ce) : T(0);
+  return {kd_student_grad(c, p_s, p_t, q, is_target),
+          kKL ? kd_teacher_grad(c, st.kl, p_t, lp.log_p_t, lp.log_p_s) : T(0)};
 }
 
 }  // namespace agkd
