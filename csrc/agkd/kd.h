@@ -60,4 +60,49 @@ inline void check_kd_backward_inputs(const at::Tensor& grad_loss, const at::Tens
               "agkd::kd_bwd: grad_loss and stats must be on the logits' device");
 }
 
+// Calls body.template operator()<kCE, kKL>() for the combination of terms the weights
+// switch on, so each kernel is compiled without the work of a zero-weight term.
+template <typename Body>
+void dispatch_kd_terms(const KdParams& p, const Body& body) {
+  if (p.with_ce() && p.with_kl()) {
+    body.template operator()<true, true>();
+  } else if (p.with_ce()) {
+    body.template operator()<true, false>();
+  } else {
+    body.template operator()<false, true>();
+  }
+}
+
+// What agkd::kd_bwd hands its kernel, with the cases that need no kernel settled: an
+// unneeded gradient is an empty tensor, and the teacher's gradient of the cross-entropy
+// alone is zero.
+struct KdBackward {
+  at::Tensor grad_student, grad_teacher;  // the op's outputs
+  at::Tensor grad_loss, stats, target;    // contiguous inputs (target undefined without CE)
+  bool student = false, teacher = false;  // which gradients the kernel must write
+  const int64_t* target_data() const {
+    return target.defined() ? target.const_data_ptr<int64_t>() : nullptr;
+  }
+};
+
+inline KdBackward prepare_kd_backward(const at::Tensor& grad_loss, const at::Tensor& student,
+                                      const at::Tensor& teacher,
+                                      const std::optional<at::Tensor>& target,
+                                      const at::Tensor& stats, const KdParams& p,
+                                      bool needs_grad_student, bool needs_grad_teacher) {
+  const KdGeometry g = check_kd_inputs(student, teacher, target, p);
+  check_kd_backward_inputs(grad_loss, stats, student, g);
+  KdBackward b;
+  b.grad_student = input_grad_or_empty(student, needs_grad_student);
+  b.grad_teacher = input_grad_or_empty(teacher, needs_grad_teacher);
+  b.student = needs_grad_student;
+  b.teacher = needs_grad_teacher && p.with_kl();
+  if (needs_grad_teacher && !p.with_kl()) b.grad_teacher.zero_();
+  b.grad_loss = grad_loss.contiguous();
+  b.stats = stats.contiguous();
+  if (p.with_ce()) b.target = target->contiguous();
+  return b;
+}
+
 }  // namespace agkd
+

@@ -149,14 +149,10 @@ std::tuple<at::Tensor, at::Tensor> kd_fwd_cpu(const at::Tensor& student,
     const LogitRows<scalar_t> s(student), t(teacher);
     acc_t* loss_out = loss.mutable_data_ptr<acc_t>();
     acc_t* stats_out = stats.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, g.N, rows_per_task(g.K), [&](int64_t begin, int64_t end) {
-      if (p.with_ce() && p.with_kl()) {
-        kd_fwd_rows<scalar_t, true, true>(s, t, tgt, p, begin, end, loss_out, stats_out);
-      } else if (p.with_ce()) {
-        kd_fwd_rows<scalar_t, true, false>(s, t, tgt, p, begin, end, loss_out, stats_out);
-      } else {
-        kd_fwd_rows<scalar_t, false, true>(s, t, tgt, p, begin, end, loss_out, stats_out);
-      }
+    dispatch_kd_terms(p, [&]<bool kCE, bool kKL>() {
+      at::parallel_for(0, g.N, rows_per_task(g.K), [&](int64_t begin, int64_t end) {
+        kd_fwd_rows<scalar_t, kCE, kKL>(s, t, tgt, p, begin, end, loss_out, stats_out);
+      });
     });
   });
   return {loss, stats};
@@ -211,57 +207,39 @@ AGKD_CPU_MULTIVERSION void kd_bwd_rows(const LogitRows<scalar_t>& student,
   }
 }
 
-template <typename scalar_t, bool kCE, bool kKL>
-void kd_bwd_typed(const LogitRows<scalar_t>& s, const LogitRows<scalar_t>& t,
-                  const int64_t* target, const KdParams& p, const KdGeometry& g,
-                  const at::opmath_type<scalar_t>* grad_loss,
-                  const at::opmath_type<scalar_t>* stats, scalar_t* grad_s, scalar_t* grad_t) {
-  at::parallel_for(0, g.N, rows_per_task(g.K), [&](int64_t begin, int64_t end) {
-    if (grad_s && grad_t) {
-      kd_bwd_rows<scalar_t, kCE, kKL, true, true>(s, t, target, p, grad_loss, stats, begin,
-                                                  end, grad_s, grad_t);
-    } else if (grad_s) {
-      kd_bwd_rows<scalar_t, kCE, kKL, true, false>(s, t, target, p, grad_loss, stats, begin,
-                                                   end, grad_s, grad_t);
-    } else {
-      kd_bwd_rows<scalar_t, kCE, kKL, false, true>(s, t, target, p, grad_loss, stats, begin,
-                                                   end, grad_s, grad_t);
-    }
-  });
-}
-
 std::tuple<at::Tensor, at::Tensor> kd_bwd_cpu(
     const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
     const std::optional<at::Tensor>& target, const at::Tensor& stats, double temperature,
     double ce_weight, double kl_weight, bool needs_grad_student, bool needs_grad_teacher) {
   const KdParams p{temperature, ce_weight, kl_weight};
-  const KdGeometry g = check_kd_inputs(student, teacher, target, p);
-  check_kd_backward_inputs(grad_loss, stats, student, g);
-  at::Tensor grad_s = input_grad_or_empty(student, needs_grad_student);
-  at::Tensor grad_t = input_grad_or_empty(teacher, needs_grad_teacher);
-  // The cross-entropy alone does not see the teacher: a zero gradient, no kernel work.
-  const bool teacher_in_kernel = needs_grad_teacher && p.with_kl();
-  if (needs_grad_teacher && !p.with_kl()) grad_t.zero_();
-  if (!needs_grad_student && !teacher_in_kernel) return {grad_s, grad_t};
-  const at::Tensor gl = grad_loss.contiguous(), st = stats.contiguous();
-  const at::Tensor target_c = p.with_ce() ? target->contiguous() : at::Tensor();
-  const int64_t* tgt = p.with_ce() ? target_c.const_data_ptr<int64_t>() : nullptr;
+  KdBackward b = prepare_kd_backward(grad_loss, student, teacher, target, stats, p,
+                                     needs_grad_student, needs_grad_teacher);
+  if (!b.student && !b.teacher) return {b.grad_student, b.grad_teacher};
+  const int64_t N = student.size(0), K = student.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const LogitRows<scalar_t> s(student), t(teacher);
-    const acc_t* gl_in = gl.const_data_ptr<acc_t>();
-    const acc_t* st_in = st.const_data_ptr<acc_t>();
-    scalar_t* gs = needs_grad_student ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gt = teacher_in_kernel ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
-    if (p.with_ce() && p.with_kl()) {
-      kd_bwd_typed<scalar_t, true, true>(s, t, tgt, p, g, gl_in, st_in, gs, gt);
-    } else if (p.with_ce()) {
-      kd_bwd_typed<scalar_t, true, false>(s, t, tgt, p, g, gl_in, st_in, gs, gt);
-    } else {
-      kd_bwd_typed<scalar_t, false, true>(s, t, tgt, p, g, gl_in, st_in, gs, gt);
-    }
+    const acc_t* gl = b.grad_loss.const_data_ptr<acc_t>();
+    const acc_t* st = b.stats.const_data_ptr<acc_t>();
+    scalar_t* gs = b.student ? b.grad_student.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gt = b.teacher ? b.grad_teacher.mutable_data_ptr<scalar_t>() : nullptr;
+    dispatch_kd_terms(p, [&]<bool kCE, bool kKL>() {
+      at::parallel_for(0, N, rows_per_task(K), [&](int64_t begin, int64_t end) {
+        // The outputs are template flags too, so the lane loop never branches on them.
+        if (gs && gt) {
+          kd_bwd_rows<scalar_t, kCE, kKL, true, true>(s, t, b.target_data(), p, gl, st, begin,
+                                                      end, gs, gt);
+        } else if (gs) {
+          kd_bwd_rows<scalar_t, kCE, kKL, true, false>(s, t, b.target_data(), p, gl, st, begin,
+                                                       end, gs, gt);
+        } else {
+          kd_bwd_rows<scalar_t, kCE, kKL, false, true>(s, t, b.target_data(), p, gl, st, begin,
+                                                       end, gs, gt);
+        }
+      });
+    });
   });
-  return {grad_s, grad_t};
+  return {b.grad_student, b.grad_teacher};
 }
 
 }  // namespace

@@ -129,18 +129,6 @@ __global__ void __launch_bounds__(kGradThreads)
   }
 }
 
-// Calls body.template operator()<kCE, kKL>() for the weights' combination.
-template <typename Body>
-void dispatch_terms(const KdParams& p, const Body& body) {
-  if (p.with_ce() && p.with_kl()) {
-    body.template operator()<true, true>();
-  } else if (p.with_ce()) {
-    body.template operator()<true, false>();
-  } else {
-    body.template operator()<false, true>();
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> kd_fwd_cuda(const at::Tensor& student,
                                                const at::Tensor& teacher,
                                                const std::optional<at::Tensor>& target,
@@ -160,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> kd_fwd_cuda(const at::Tensor& student,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Logits<scalar_t> s = logits_of<scalar_t>(student), t = logits_of<scalar_t>(teacher);
-    dispatch_terms(p, [&]<bool kCE, bool kKL>() {
+    dispatch_kd_terms(p, [&]<bool kCE, bool kKL>() {
       kd_fwd_kernel<scalar_t, kCE, kKL><<<g.N, threads, 0, stream>>>(
           s, t, tgt, g.K, static_cast<acc_t>(temperature), static_cast<acc_t>(ce_weight),
           static_cast<acc_t>(kl_weight), loss.mutable_data_ptr<acc_t>(),
@@ -176,37 +164,30 @@ std::tuple<at::Tensor, at::Tensor> kd_bwd_cuda(
     const std::optional<at::Tensor>& target, const at::Tensor& stats, double temperature,
     double ce_weight, double kl_weight, bool needs_grad_student, bool needs_grad_teacher) {
   const KdParams p{temperature, ce_weight, kl_weight};
-  const KdGeometry g = check_kd_inputs(student, teacher, target, p);
-  check_kd_backward_inputs(grad_loss, stats, student, g);
-  TORCH_CHECK(g.N < (int64_t{1} << 31), "agkd::kd (CUDA): too many rows");
   const c10::cuda::CUDAGuard guard(student.device());
-  at::Tensor grad_s = input_grad_or_empty(student, needs_grad_student);
-  at::Tensor grad_t = input_grad_or_empty(teacher, needs_grad_teacher);
-  // The cross-entropy alone does not see the teacher: a zero gradient, no kernel work.
-  const bool teacher_in_kernel = needs_grad_teacher && p.with_kl();
-  if (needs_grad_teacher && !p.with_kl()) grad_t.zero_();
-  if (!needs_grad_student && !teacher_in_kernel) return {grad_s, grad_t};
-  const at::Tensor gl = grad_loss.contiguous(), st = stats.contiguous();
-  const at::Tensor target_c = p.with_ce() ? target->contiguous() : at::Tensor();
-  const int64_t* tgt = p.with_ce() ? target_c.const_data_ptr<int64_t>() : nullptr;
+  KdBackward b = prepare_kd_backward(grad_loss, student, teacher, target, stats, p,
+                                     needs_grad_student, needs_grad_teacher);
+  if (!b.student && !b.teacher) return {b.grad_student, b.grad_teacher};
+  const int64_t N = student.size(0), K = student.size(1);
+  TORCH_CHECK(N < (int64_t{1} << 31), "agkd::kd (CUDA): too many rows");
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t per_block = int64_t{kGradThreads} * kGradPerThread;
-  const dim3 grid(static_cast<unsigned>(g.N),
-                  static_cast<unsigned>(std::min(kMaxGridY, (g.K + per_block - 1) / per_block)));
+  const dim3 grid(static_cast<unsigned>(N),
+                  static_cast<unsigned>(std::min(kMaxGridY, (K + per_block - 1) / per_block)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Logits<scalar_t> s = logits_of<scalar_t>(student), t = logits_of<scalar_t>(teacher);
-    scalar_t* gs = needs_grad_student ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gt = teacher_in_kernel ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
-    dispatch_terms(p, [&]<bool kCE, bool kKL>() {
+    scalar_t* gs = b.student ? b.grad_student.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gt = b.teacher ? b.grad_teacher.mutable_data_ptr<scalar_t>() : nullptr;
+    dispatch_kd_terms(p, [&]<bool kCE, bool kKL>() {
       kd_bwd_kernel<scalar_t, kCE, kKL><<<grid, kGradThreads, 0, stream>>>(
-          s, t, tgt, g.K, gl.const_data_ptr<acc_t>(), st.const_data_ptr<acc_t>(),
-          static_cast<acc_t>(temperature), static_cast<acc_t>(ce_weight),
-          static_cast<acc_t>(kl_weight), gs, gt);
+          s, t, b.target_data(), K, b.grad_loss.const_data_ptr<acc_t>(),
+          b.stats.const_data_ptr<acc_t>(), static_cast<acc_t>(temperature),
+          static_cast<acc_t>(ce_weight), static_cast<acc_t>(kl_weight), gs, gt);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {grad_s, grad_t};
+  return {b.grad_student, b.grad_teacher};
 }
 
 }  // namespace
