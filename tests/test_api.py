@@ -15,6 +15,14 @@ def maps(*shape, dtype=torch.float32):
     return torch.rand(*shape, dtype=dtype)
 
 
+def logits(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def classes(*values):
+    return torch.tensor(values)
+
+
 @pytest.mark.parametrize("fn", LOSSES + [agkd_ops.cosine_loss])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_reductions_shapes_and_dtypes(fn, dtype):
@@ -56,35 +64,60 @@ def test_zero_padding_accepts_maps_smaller_than_window():
     torch.testing.assert_close(agkd_ops.ssim(x, y, padding="zeros"), R.ssim(x, y, padding="zeros"))
 
 
-@pytest.mark.parametrize(
-    "call,exc,words",
-    [
-        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 15)), ValueError, ["ssim", "same shape", "(2, 1, 16, 15)"]),
-        (lambda: agkd_ops.ssim(maps(2, 16, 16), maps(2, 16, 16)), ValueError, ["ssim", "x", "rank-4"]),
-        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16, dtype=torch.float64)), TypeError, ["ssim", "dtype"]),
-        (lambda: agkd_ops.ssim(torch.ones(2, 1, 16, 16, dtype=torch.int64), torch.ones(2, 1, 16, 16, dtype=torch.int64)), TypeError, ["ssim", "x", "floating"]),
-        (lambda: agkd_ops.ssim(maps(0, 1, 16, 16), maps(0, 1, 16, 16)), ValueError, ["ssim", "empty"]),
-        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), [1.0]), TypeError, ["ssim", "y", "Tensor"]),
-        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), window_size=4), ValueError, ["ssim", "window_size", "odd"]),
-        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), window_size=-3), ValueError, ["window_size"]),
-        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), window_size=3.0), TypeError, ["window_size", "int"]),
-        (lambda: agkd_ops.ssim(maps(2, 1, 8, 16), maps(2, 1, 8, 16)), ValueError, ["ssim", "valid", "window_size=11"]),
-        (lambda: agkd_ops.ssim(maps(2, 1, 5, 16), maps(2, 1, 5, 16), padding="reflect"), ValueError, ["reflect", "window_size // 2"]),
-        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), padding="same"), ValueError, ["padding", "'same'"]),
-        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), sigma=0), ValueError, ["sigma", "> 0"]),
-        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), data_range=-1), ValueError, ["data_range"]),
-        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), k1=0), ValueError, ["k1"]),
-        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), k2=float("nan")), ValueError, ["k2", "finite"]),
-        (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), reduction="batchmean"), ValueError, ["reduction", "'batchmean'"]),
-        (lambda: agkd_ops.ssim_loss(maps(2, 1, 16, 16), maps(3, 1, 16, 16)), ValueError, ["ssim_loss", "same shape"]),
-        (lambda: agkd_ops.hybrid_loss(maps(2, 1, 16, 16), maps(2, 1, 16, 16), alpha=-1), ValueError, ["hybrid_loss", "alpha", ">= 0"]),
-        (lambda: agkd_ops.hybrid_loss(maps(2, 1, 16, 16), maps(2, 1, 16, 16), beta="1"), TypeError, ["hybrid_loss", "beta"]),
-        (lambda: agkd_ops.hybrid_loss(maps(2, 1, 16, 16), maps(2, 1, 16, 16), eps=0), ValueError, ["hybrid_loss", "eps"]),
-        (lambda: agkd_ops.cosine_loss(torch.rand(4), torch.rand(4)), ValueError, ["cosine_loss", "at least 2"]),
-        (lambda: agkd_ops.cosine_loss(torch.rand(2, 4), torch.rand(2, 5)), ValueError, ["cosine_loss", "same shape"]),
-        (lambda: agkd_ops.cosine_loss(torch.rand(2, 4), torch.rand(2, 4), eps=-1e-8), ValueError, ["cosine_loss", "eps"]),
-    ],
-)
+KD_BAD_INPUTS = [
+    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 7)), ValueError, ["kd_kl_div", "same shape", "(4, 7)"]),
+    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(3, 6)), ValueError, ["kd_kl_div", "teacher_logits", "(3, 6)"]),
+    (lambda: agkd_ops.kd_kl_div(logits(4, 6, 1), logits(4, 6, 1)), ValueError, ["kd_kl_div", "student_logits", "rank-2 (N, K)"]),
+    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6, dtype=torch.float64)), TypeError, ["kd_kl_div", "dtype"]),
+    (lambda: agkd_ops.kd_kl_div(torch.ones(4, 6, dtype=torch.int64), torch.ones(4, 6, dtype=torch.int64)), TypeError, ["student_logits", "floating"]),
+    (lambda: agkd_ops.kd_kl_div(logits(0, 6), logits(0, 6)), ValueError, ["kd_kl_div", "empty"]),
+    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), temperature=0), ValueError, ["kd_kl_div", "temperature", "> 0"]),
+    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), temperature=-2.0), ValueError, ["temperature"]),
+    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), temperature=float("inf")), ValueError, ["temperature", "finite"]),
+    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), temperature="4"), TypeError, ["temperature", "real number"]),
+    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), reduction="mean"), ValueError, ["kd_kl_div", "'mean'", "batchmean", "N*K"]),
+    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), reduction="avg"), ValueError, ["reduction", "'avg'"]),
+    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 6)), ValueError, ["kd_loss", "target", "[0, 6)", "6"]),
+    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, -100, 2, 3)), ValueError, ["kd_loss", "target", "-100", "ignore_index"]),
+    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2)), ValueError, ["kd_loss", "target", "(4,)", "(3)"]),
+    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), torch.zeros(4, 6)), TypeError, ["kd_loss", "target", "float32", "soft"]),
+    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), torch.zeros(4, dtype=torch.bool)), TypeError, ["kd_loss", "target", "bool"]),
+    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), [0, 1, 2, 3]), TypeError, ["kd_loss", "target", "Tensor"]),
+    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 3), alpha=1.5), ValueError, ["kd_loss", "alpha", "[0, 1]"]),
+    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 3), alpha=-0.1), ValueError, ["alpha"]),
+    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 3), reduction="batchmean"), ValueError, ["kd_loss", "reduction"]),
+    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 5), classes(0, 1, 2, 3)), ValueError, ["kd_loss", "same shape"]),
+]
+
+MAP_BAD_INPUTS = [
+    (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 15)), ValueError, ["ssim", "same shape", "(2, 1, 16, 15)"]),
+    (lambda: agkd_ops.ssim(maps(2, 16, 16), maps(2, 16, 16)), ValueError, ["ssim", "x", "rank-4"]),
+    (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16, dtype=torch.float64)), TypeError, ["ssim", "dtype"]),
+    (lambda: agkd_ops.ssim(torch.ones(2, 1, 16, 16, dtype=torch.int64), torch.ones(2, 1, 16, 16, dtype=torch.int64)), TypeError, ["ssim", "x", "floating"]),
+    (lambda: agkd_ops.ssim(maps(0, 1, 16, 16), maps(0, 1, 16, 16)), ValueError, ["ssim", "empty"]),
+    (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), [1.0]), TypeError, ["ssim", "y", "Tensor"]),
+    (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), window_size=4), ValueError, ["ssim", "window_size", "odd"]),
+    (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), window_size=-3), ValueError, ["window_size"]),
+    (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), window_size=3.0), TypeError, ["window_size", "int"]),
+    (lambda: agkd_ops.ssim(maps(2, 1, 8, 16), maps(2, 1, 8, 16)), ValueError, ["ssim", "valid", "window_size=11"]),
+    (lambda: agkd_ops.ssim(maps(2, 1, 5, 16), maps(2, 1, 5, 16), padding="reflect"), ValueError, ["reflect", "window_size // 2"]),
+    (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), padding="same"), ValueError, ["padding", "'same'"]),
+    (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), sigma=0), ValueError, ["sigma", "> 0"]),
+    (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), data_range=-1), ValueError, ["data_range"]),
+    (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), k1=0), ValueError, ["k1"]),
+    (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), k2=float("nan")), ValueError, ["k2", "finite"]),
+    (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), reduction="batchmean"), ValueError, ["reduction", "'batchmean'"]),
+    (lambda: agkd_ops.ssim_loss(maps(2, 1, 16, 16), maps(3, 1, 16, 16)), ValueError, ["ssim_loss", "same shape"]),
+    (lambda: agkd_ops.hybrid_loss(maps(2, 1, 16, 16), maps(2, 1, 16, 16), alpha=-1), ValueError, ["hybrid_loss", "alpha", ">= 0"]),
+    (lambda: agkd_ops.hybrid_loss(maps(2, 1, 16, 16), maps(2, 1, 16, 16), beta="1"), TypeError, ["hybrid_loss", "beta"]),
+    (lambda: agkd_ops.hybrid_loss(maps(2, 1, 16, 16), maps(2, 1, 16, 16), eps=0), ValueError, ["hybrid_loss", "eps"]),
+    (lambda: agkd_ops.cosine_loss(torch.rand(4), torch.rand(4)), ValueError, ["cosine_loss", "at least 2"]),
+    (lambda: agkd_ops.cosine_loss(torch.rand(2, 4), torch.rand(2, 5)), ValueError, ["cosine_loss", "same shape"]),
+    (lambda: agkd_ops.cosine_loss(torch.rand(2, 4), torch.rand(2, 4), eps=-1e-8), ValueError, ["cosine_loss", "eps"]),
+]
+
+
+@pytest.mark.parametrize("call,exc,words", MAP_BAD_INPUTS + KD_BAD_INPUTS)
 def test_bad_inputs_raise_clear_errors(call, exc, words):
     with pytest.raises(exc) as info:
         call()
@@ -153,14 +186,6 @@ def test_reference_importable_without_compiled_library():
 # ------------------------------------------------------------------------------- KD
 
 
-def logits(*shape, dtype=torch.float32):
-    return torch.randn(*shape, dtype=dtype)
-
-
-def classes(*values):
-    return torch.tensor(values)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_kd_reductions_shapes_and_dtypes(dtype):
     s, t, y = logits(4, 6, dtype=dtype), logits(4, 6, dtype=dtype), classes(0, 5, 2, 2)
@@ -188,42 +213,6 @@ def test_kd_modules_mirror_functions():
     assert torch.equal(agkd_ops.KDLoss(temperature=3.0, alpha=0.25)(s, t, y),
                        agkd_ops.kd_loss(s, t, y, temperature=3.0, alpha=0.25))
     assert "alpha=0.25" in repr(agkd_ops.KDLoss(alpha=0.25))
-
-
-@pytest.mark.parametrize(
-    "call,exc,words",
-    [
-        (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 7)), ValueError, ["kd_kl_div", "same shape", "(4, 7)"]),
-        (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(3, 6)), ValueError, ["kd_kl_div", "teacher_logits", "(3, 6)"]),
-        (lambda: agkd_ops.kd_kl_div(logits(4, 6, 1), logits(4, 6, 1)), ValueError, ["kd_kl_div", "student_logits", "rank-2 (N, K)"]),
-        (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6, dtype=torch.float64)), TypeError, ["kd_kl_div", "dtype"]),
-        (lambda: agkd_ops.kd_kl_div(torch.ones(4, 6, dtype=torch.int64), torch.ones(4, 6, dtype=torch.int64)), TypeError, ["student_logits", "floating"]),
-        (lambda: agkd_ops.kd_kl_div(logits(0, 6), logits(0, 6)), ValueError, ["kd_kl_div", "empty"]),
-        (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), temperature=0), ValueError, ["kd_kl_div", "temperature", "> 0"]),
-        (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), temperature=-2.0), ValueError, ["temperature"]),
-        (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), temperature=float("inf")), ValueError, ["temperature", "finite"]),
-        (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), temperature="4"), TypeError, ["temperature", "real number"]),
-        (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), reduction="mean"), ValueError, ["kd_kl_div", "'mean'", "batchmean", "N*K"]),
-        (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), reduction="avg"), ValueError, ["reduction", "'avg'"]),
-        (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 6)), ValueError, ["kd_loss", "target", "[0, 6)", "6"]),
-        (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, -100, 2, 3)), ValueError, ["kd_loss", "target", "-100", "ignore_index"]),
-        (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2)), ValueError, ["kd_loss", "target", "(4,)", "(3)"]),
-        (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), torch.zeros(4, 6)), TypeError, ["kd_loss", "target", "float32", "soft"]),
-        (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), torch.zeros(4, dtype=torch.bool)), TypeError, ["kd_loss", "target", "bool"]),
-        (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), [0, 1, 2, 3]), TypeError, ["kd_loss", "target", "Tensor"]),
-        (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 3), alpha=1.5), ValueError, ["kd_loss", "alpha", "[0, 1]"]),
-        (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 3), alpha=-0.1), ValueError, ["alpha"]),
-        (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 3), reduction="batchmean"), ValueError, ["kd_loss", "reduction"]),
-        (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 5), classes(0, 1, 2, 3)), ValueError, ["kd_loss", "same shape"]),
-    ],
-)
-def test_kd_bad_inputs_raise_clear_errors(call, exc, words):
-    with pytest.raises(exc) as info:
-        call()
-    message = str(info.value)
-    assert message.startswith("agkd_ops.")
-    for word in words:
-        assert word in message, f"{word!r} not in {message!r}"
 
 
 def test_kd_target_on_another_device_rejected():
