@@ -52,4 +52,26 @@ TORCH_LIBRARY(agkd, m) {
       "kd_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? target, Tensor stats, "
       "float temperature, float ce_weight, float kl_weight, bool needs_grad_student, "
       "bool needs_grad_teacher) -> (Tensor grad_student, Tensor grad_teacher)");
+
+  // Attention transfer map of (N, C, H, W) features: map (N, 1, H, W) = mean_c |F|^p,
+  // divided by max(‖·‖₂, eps) per sample when normalize; norm (N,) is ‖mean_c |F|^p‖₂
+  // (accumulate dtype), what the backward needs besides the map.
+  m.def("attention_map_fwd(Tensor features, float p, bool normalize, float eps) -> (Tensor map, Tensor norm)");
+  m.def(
+      "attention_map_bwd(Tensor grad_map, Tensor features, Tensor map, Tensor norm, float p, "
+      "bool normalize, float eps) -> Tensor grad_features");
+
+  // Attention alignment: the student (N, C, h, w) resized bilinearly to the teacher's
+  // (H, W) on the fly (as F.interpolate(align_corners=...)), then per sample
+  //   loss[n] = alpha * (1 - SSIM) + beta * (1 - cos) + gamma * mean((up(s) - t)²)
+  // with stats (N, 3) the cosine sums as in hybrid_fwd.
+  m.def(
+      "align_fwd(Tensor student, Tensor teacher, float alpha, float beta, float gamma, "
+      "int window_size, float sigma, float c1, float c2, str padding, float eps, "
+      "bool align_corners) -> (Tensor loss, Tensor stats)");
+  m.def(
+      "align_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, float alpha, "
+      "float beta, float gamma, int window_size, float sigma, float c1, float c2, str padding, "
+      "float eps, bool align_corners, bool needs_grad_student, bool needs_grad_teacher) -> "
+      "(Tensor grad_student, Tensor grad_teacher)");
 }

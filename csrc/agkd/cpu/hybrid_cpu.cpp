@@ -24,6 +24,7 @@
 
 #include "agkd/cpu/vectorize.h"
 #include "agkd/hybrid.h"
+#include "agkd/math/bilinear.h"
 #include "agkd/math/cosine.h"
 #include "agkd/math/ssim.h"
 
@@ -42,6 +43,9 @@ struct StridedMaps {
   explicit StridedMaps(const at::Tensor& t)
       : data(t.const_data_ptr<scalar_t>()),
         sN(t.stride(0)), sC(t.stride(1)), sH(t.stride(2)), sW(t.stride(3)) {}
+  // One plane as a 1-plane map (the attention-alignment kernels run the tiles per plane).
+  explicit StridedMaps(const scalar_t* plane, int64_t row_stride, int64_t col_stride)
+      : data(plane), sN(0), sC(0), sH(row_stride), sW(col_stride) {}
   struct Plane {
     const scalar_t* data;
     int64_t sH, sW;
@@ -247,6 +251,20 @@ AGKD_CPU_MULTIVERSION void hybrid_fwd_tiles(const StridedMaps<scalar_t>& xs,
   }
 }
 
+// One sample's loss from its sums (plus an already weighted extra term), and the cosine
+// sums the backward needs.
+template <bool kSSIM, bool kCos, typename acc_t>
+void write_sample(const TileSums& total, double extra, const PlaneGeometry& g,
+                  const HybridParams& p, int64_t n, acc_t* loss, acc_t* stats) {
+  double value = extra;
+  if (kSSIM) value += p.alpha * (1.0 - total.ssim / static_cast<double>(g.ssim_count()));
+  if (kCos) value += p.beta * (1.0 - cosine_from_sums(total.dot, total.xx, total.yy, p.eps));
+  loss[n] = static_cast<acc_t>(value);
+  stats[3 * n + 0] = static_cast<acc_t>(total.dot);
+  stats[3 * n + 1] = static_cast<acc_t>(total.xx);
+  stats[3 * n + 2] = static_cast<acc_t>(total.yy);
+}
+
 template <typename scalar_t, bool kSSIM, bool kCos>
 void hybrid_fwd_typed(const at::Tensor& x, const at::Tensor& y, const PlaneGeometry& g,
                       const HybridParams& p, at::Tensor& loss, at::Tensor& stats) {
@@ -270,13 +288,7 @@ void hybrid_fwd_typed(const at::Tensor& x, const at::Tensor& y, const PlaneGeome
       total.ssim += sums[i].ssim, total.dot += sums[i].dot;
       total.xx += sums[i].xx, total.yy += sums[i].yy;
     }
-    double value = 0;
-    if (kSSIM) value += p.alpha * (1.0 - total.ssim / static_cast<double>(g.ssim_count()));
-    if (kCos) value += p.beta * (1.0 - cosine_from_sums(total.dot, total.xx, total.yy, p.eps));
-    loss_out[n] = static_cast<acc_t>(value);
-    stats_out[3 * n + 0] = static_cast<acc_t>(total.dot);
-    stats_out[3 * n + 1] = static_cast<acc_t>(total.xx);
-    stats_out[3 * n + 2] = static_cast<acc_t>(total.yy);
+    write_sample<kSSIM, kCos>(total, 0.0, g, p, n, loss_out, stats_out);
   }
 }
 
@@ -506,11 +518,273 @@ std::tuple<at::Tensor, at::Tensor> hybrid_bwd_cpu(
   return {grad_x, grad_y};
 }
 
+
+// -------------------------------------------------------------- attention alignment
+//
+// agkd::align_fwd / agkd::align_bwd compare a student map (N, C, h, w) with a teacher map
+// (N, C, H, W) after resizing the student bilinearly to (H, W) exactly as F.interpolate
+// does. The resized map never exists as a tensor: each task resamples one student plane
+// into a per-thread buffer (H·W values, cache-resident at attention-map sizes) and runs
+// that plane pair through the same tile code as hybrid_fwd/bwd, plus an MSE term. The
+// backward resamples again, lets the tiles write the resampled plane's gradient into a
+// second buffer, and scatters it onto the student's pixels in a fixed order (one thread
+// per plane), so the result is deterministic without atomics.
+
+struct AlignParams {
+  HybridParams hybrid;
+  double gamma;  // weight of the mean squared difference
+  bool align_corners;
+};
+
+// Per teacher row and column: the two student rows/columns it reads and their weights.
+template <typename acc_t>
+struct BilinearPlan {
+  int64_t h, w;  // student plane
+  std::vector<LinearTap<acc_t>> rows, cols;
+  BilinearPlan(int64_t h_, int64_t w_, int64_t H, int64_t W, bool align_corners) : h(h_), w(w_) {
+    const acc_t sh = linear_scale<acc_t>(h, H, align_corners);
+    const acc_t sw = linear_scale<acc_t>(w, W, align_corners);
+    for (int64_t q = 0; q < H; ++q) rows.push_back(linear_tap(q, h, sh, align_corners));
+    for (int64_t j = 0; j < W; ++j) cols.push_back(linear_tap(j, w, sw, align_corners));
+  }
+};
+
+// The student plane at the teacher's size, row-major into `out` (rounded to scalar_t, as
+// F.interpolate's result would be).
+template <typename scalar_t, typename acc_t>
+void resample_plane(const typename StridedMaps<scalar_t>::Plane& src,
+                    const BilinearPlan<acc_t>& plan, scalar_t* out) {
+  const int64_t W = static_cast<int64_t>(plan.cols.size());
+  for (size_t q = 0; q < plan.rows.size(); ++q) {
+    const LinearTap<acc_t> r = plan.rows[q];
+    const scalar_t* top = src.row(r.i0);
+    const scalar_t* bottom = src.row(r.i1);
+    for (int64_t j = 0; j < W; ++j) {
+      const LinearTap<acc_t> c = plan.cols[j];
+      const acc_t t = c.w0 * static_cast<acc_t>(top[c.i0 * src.sW]) +
+                      c.w1 * static_cast<acc_t>(top[c.i1 * src.sW]);
+      const acc_t b = c.w0 * static_cast<acc_t>(bottom[c.i0 * src.sW]) +
+                      c.w1 * static_cast<acc_t>(bottom[c.i1 * src.sW]);
+      out[q * W + j] = static_cast<scalar_t>(r.w0 * t + r.w1 * b);
+    }
+  }
+}
+
+// The transpose of resample_plane: adds each resampled pixel's gradient to the four
+// student pixels it was read from, in a fixed order. `grad` is h·w, zeroed by the caller.
+template <typename scalar_t, typename acc_t>
+void scatter_to_student(const scalar_t* grad_up, const BilinearPlan<acc_t>& plan, acc_t* grad) {
+  const int64_t W = static_cast<int64_t>(plan.cols.size());
+  for (size_t q = 0; q < plan.rows.size(); ++q) {
+    const LinearTap<acc_t> r = plan.rows[q];
+    acc_t* top = grad + r.i0 * plan.w;
+    acc_t* bottom = grad + r.i1 * plan.w;
+    for (int64_t j = 0; j < W; ++j) {
+      const LinearTap<acc_t> c = plan.cols[j];
+      const acc_t v = static_cast<acc_t>(grad_up[q * W + j]);
+      top[c.i0] += r.w0 * c.w0 * v, top[c.i1] += r.w0 * c.w1 * v;
+      bottom[c.i0] += r.w1 * c.w0 * v, bottom[c.i1] += r.w1 * c.w1 * v;
+    }
+  }
+}
+
+template <typename scalar_t>
+double squared_distance(const scalar_t* up, const typename StridedMaps<scalar_t>::Plane& t,
+                        int64_t H, int64_t W) {
+  using acc_t = at::opmath_type<scalar_t>;
+  double total = 0;
+  for (int64_t q = 0; q < H; ++q) {
+    const scalar_t* tr = t.row(q);
+    acc_t row = 0;
+    for (int64_t j = 0; j < W; ++j) {
+      const acc_t d = static_cast<acc_t>(up[q * W + j]) - static_cast<acc_t>(tr[j * t.sW]);
+      row += d * d;
+    }
+    total += row;
+  }
+  return total;
+}
+
+// The teacher's geometry for one plane pair: what the tile code sees.
+PlaneGeometry single_plane(PlaneGeometry g) {
+  g.N = 1, g.C = 1;
+  return g;
+}
+
+template <typename scalar_t, bool kSSIM, bool kCos>
+void align_fwd_typed(const at::Tensor& student, const at::Tensor& teacher,
+                     const PlaneGeometry& g, const AlignParams& a, at::Tensor& loss,
+                     at::Tensor& stats) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> taps;
+  for (double t : gaussian_window(g.window, a.hybrid.sigma)) taps.push_back(static_cast<acc_t>(t));
+  const BilinearPlan<acc_t> plan(student.size(2), student.size(3), g.H, g.W, a.align_corners);
+  const PlaneGeometry pg = single_plane(g);
+  const int64_t n_tiles = (g.H + kRowTile - 1) / kRowTile;
+  const StridedMaps<scalar_t> ss(student), ts(teacher);
+  std::vector<TileSums> plane_sums(g.N * g.C);
+  std::vector<double> plane_sq(g.N * g.C, 0.0);
+  at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> up(g.H * g.W);
+    std::vector<TileSums> tiles(n_tiles);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / g.C, c = plane % g.C;
+      resample_plane(ss.plane(n, c), plan, up.data());
+      const auto tp = ts.plane(n, c);
+      const StridedMaps<scalar_t> xs(up.data(), g.W, 1), ys(tp.data, tp.sH, tp.sW);
+      hybrid_fwd_tiles<scalar_t, kSSIM, kCos>(xs, ys, pg, a.hybrid, taps, n_tiles, 0, n_tiles,
+                                              tiles.data());
+      TileSums sum;
+      for (const TileSums& t : tiles) {
+        sum.ssim += t.ssim, sum.dot += t.dot, sum.xx += t.xx, sum.yy += t.yy;
+      }
+      plane_sums[plane] = sum;
+      if (a.gamma != 0) plane_sq[plane] = squared_distance(up.data(), tp, g.H, g.W);
+    }
+  });
+  acc_t* loss_out = loss.mutable_data_ptr<acc_t>();
+  acc_t* stats_out = stats.mutable_data_ptr<acc_t>();
+  const double per_sample = static_cast<double>(g.C * g.H * g.W);
+  for (int64_t n = 0; n < g.N; ++n) {
+    TileSums total;
+    double sq = 0;
+    for (int64_t i = n * g.C; i < (n + 1) * g.C; ++i) {
+      total.ssim += plane_sums[i].ssim, total.dot += plane_sums[i].dot;
+      total.xx += plane_sums[i].xx, total.yy += plane_sums[i].yy;
+      sq += plane_sq[i];
+    }
+    write_sample<kSSIM, kCos>(total, a.gamma * sq / per_sample, g, a.hybrid, n, loss_out, stats_out);
+  }
+}
+
+template <typename scalar_t, bool kSSIM, bool kCos>
+void align_bwd_typed(const at::Tensor& grad_loss, const at::Tensor& student,
+                     const at::Tensor& teacher, const at::Tensor& stats, const PlaneGeometry& g,
+                     const AlignParams& a, at::Tensor& grad_s, at::Tensor& grad_t,
+                     bool needs_s, bool needs_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> taps;
+  for (double t : gaussian_window(g.window, a.hybrid.sigma)) taps.push_back(static_cast<acc_t>(t));
+  const int64_t h = student.size(2), w = student.size(3);
+  const BilinearPlan<acc_t> plan(h, w, g.H, g.W, a.align_corners);
+  const PlaneGeometry pg = single_plane(g);
+  const int64_t n_tiles = (g.H + kRowTile - 1) / kRowTile;
+  const StridedMaps<scalar_t> ss(student), ts(teacher);
+  const acc_t* gl = grad_loss.const_data_ptr<acc_t>();
+  const acc_t* st = stats.const_data_ptr<acc_t>();
+  scalar_t* gs = needs_s ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gt = needs_t ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
+  const acc_t mse_scale = static_cast<acc_t>(2.0 * a.gamma / static_cast<double>(g.C * g.H * g.W));
+  at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> up(g.H * g.W), grad_up(needs_s ? g.H * g.W : 0);
+    std::vector<acc_t> grad_plane(needs_s ? h * w : 0);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / g.C, c = plane % g.C;
+      resample_plane(ss.plane(n, c), plan, up.data());
+      const auto tp = ts.plane(n, c);
+      const StridedMaps<scalar_t> xs(up.data(), g.W, 1), ys(tp.data, tp.sH, tp.sW);
+      scalar_t* gx = needs_s ? grad_up.data() : nullptr;
+      scalar_t* gy = needs_t ? gt + plane * g.H * g.W : nullptr;
+      hybrid_bwd_tiles<scalar_t, kSSIM, kCos>(xs, ys, pg, a.hybrid, taps, gl + n, st + 3 * n,
+                                              gx, gy, n_tiles, 0, n_tiles);
+      if (a.gamma != 0) {
+        const acc_t coeff = mse_scale * gl[n];
+        for (int64_t q = 0; q < g.H; ++q) {
+          for (int64_t j = 0; j < g.W; ++j) {
+            const int64_t k = q * g.W + j;
+            const acc_t d = coeff * (static_cast<acc_t>(up[k]) - static_cast<acc_t>(tp.row(q)[j * tp.sW]));
+            if (gx) gx[k] = static_cast<scalar_t>(static_cast<acc_t>(gx[k]) + d);
+            if (gy) gy[k] = static_cast<scalar_t>(static_cast<acc_t>(gy[k]) - d);
+          }
+        }
+      }
+      if (needs_s) {
+        std::fill(grad_plane.begin(), grad_plane.end(), acc_t(0));
+        scatter_to_student(grad_up.data(), plan, grad_plane.data());
+        scalar_t* out = gs + plane * h * w;
+        for (int64_t k = 0; k < h * w; ++k) out[k] = static_cast<scalar_t>(grad_plane[k]);
+      }
+    }
+  });
+}
+
+// Checks shared by align_fwd/bwd; returns the teacher's geometry.
+PlaneGeometry align_geometry(const at::Tensor& student, const at::Tensor& teacher,
+                             const HybridParams& p) {
+  TORCH_CHECK(student.dim() == 4 && teacher.dim() == 4,
+              "agkd::align: student and teacher must be (N, C, H, W)");
+  TORCH_CHECK(student.size(0) == teacher.size(0) && student.size(1) == teacher.size(1),
+              "agkd::align: student and teacher batch/channels differ: ", student.sizes(), " vs ",
+              teacher.sizes());
+  TORCH_CHECK(student.numel() > 0, "agkd::align: empty student ", student.sizes());
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type() &&
+                  student.device() == teacher.device(),
+              "agkd::align: student and teacher dtypes or devices differ");
+  return make_geometry(teacher, teacher, p);
+}
+
+// Calls body.template operator()<kSSIM, kCos>() for the terms the weights switch on.
+template <typename Body>
+void dispatch_hybrid_terms(double alpha, double beta, const Body& body) {
+  if (alpha != 0 && beta != 0) {
+    body.template operator()<true, true>();
+  } else if (alpha != 0) {
+    body.template operator()<true, false>();
+  } else if (beta != 0) {
+    body.template operator()<false, true>();
+  } else {
+    body.template operator()<false, false>();
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> align_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                 double alpha, double beta, double gamma,
+                                                 int64_t window_size, double sigma, double c1,
+                                                 double c2, c10::string_view padding, double eps,
+                                                 bool align_corners) {
+  const AlignParams a{make_params(alpha, beta, window_size, sigma, c1, c2, std::string(padding), eps),
+                      gamma, align_corners};
+  const PlaneGeometry g = align_geometry(student, teacher, a.hybrid);
+  const auto acc = accumulate_dtype(student.scalar_type());
+  at::Tensor loss = at::empty({g.N}, student.options().dtype(acc));
+  at::Tensor stats = at::zeros({g.N, 3}, student.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "align_fwd_cpu", [&] {
+    dispatch_hybrid_terms(alpha, beta, [&]<bool kSSIM, bool kCos>() {
+      align_fwd_typed<scalar_t, kSSIM, kCos>(student, teacher, g, a, loss, stats);
+    });
+  });
+  return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> align_bwd_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+    const at::Tensor& stats, double alpha, double beta, double gamma, int64_t window_size,
+    double sigma, double c1, double c2, c10::string_view padding, double eps, bool align_corners,
+    bool needs_grad_student, bool needs_grad_teacher) {
+  const AlignParams a{make_params(alpha, beta, window_size, sigma, c1, c2, std::string(padding), eps),
+                      gamma, align_corners};
+  const PlaneGeometry g = align_geometry(student, teacher, a.hybrid);
+  check_backward_inputs(grad_loss, stats, teacher, g);
+  const at::Tensor gl = grad_loss.contiguous(), st = stats.contiguous();
+  at::Tensor grad_s = input_grad_or_empty(student, needs_grad_student);
+  at::Tensor grad_t = input_grad_or_empty(teacher, needs_grad_teacher);
+  if (!needs_grad_student && !needs_grad_teacher) return {grad_s, grad_t};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "align_bwd_cpu", [&] {
+    dispatch_hybrid_terms(alpha, beta, [&]<bool kSSIM, bool kCos>() {
+      align_bwd_typed<scalar_t, kSSIM, kCos>(gl, student, teacher, st, g, a, grad_s, grad_t,
+                                             needs_grad_student, needs_grad_teacher);
+    });
+  });
+  return {grad_s, grad_t};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(agkd, CPU, m) {
   m.impl("hybrid_fwd", &hybrid_fwd_cpu);
   m.impl("hybrid_bwd", &hybrid_bwd_cpu);
+  m.impl("align_fwd", &align_fwd_cpu);
+  m.impl("align_bwd", &align_bwd_cpu);
 }
 
 }  // namespace agkd

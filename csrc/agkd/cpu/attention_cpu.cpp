@@ -1,0 +1,172 @@
+// CPU kernels of agkd::attention_map_fwd / agkd::attention_map_bwd.
+//
+// One task per sample (at::parallel_for), so per-sample sums have a fixed order. The
+// forward reads every channel plane once, accumulating mean_c |F|^p into a per-sample
+// buffer, then normalises; the backward reads the features once more and writes their
+// gradient in the same sweep.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "agkd/cpu/vectorize.h"
+#include "agkd/hybrid.h"  // accumulate_dtype
+#include "agkd/math/attention.h"
+
+namespace agkd {
+namespace {
+
+struct FeatureGeometry {
+  int64_t N, C, H, W;
+  int64_t sN, sC, sH, sW;
+  int64_t pixels() const { return H * W; }
+};
+
+FeatureGeometry feature_geometry(const at::Tensor& f) {
+  TORCH_CHECK(f.dim() == 4, "agkd::attention_map: features must be (N, C, H, W), got ", f.sizes());
+  TORCH_CHECK(f.numel() > 0, "agkd::attention_map: empty features ", f.sizes());
+  return {f.size(0), f.size(1), f.size(2), f.size(3), f.stride(0), f.stride(1), f.stride(2),
+          f.stride(3)};
+}
+
+template <PowKind kKind, typename scalar_t>
+AGKD_CPU_MULTIVERSION void attention_fwd_samples(const scalar_t* f, const FeatureGeometry& g,
+                                                 double p, bool normalize, double eps,
+                                                 int64_t begin, int64_t end, scalar_t* out,
+                                                 at::opmath_type<scalar_t>* norms) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t pw = static_cast<acc_t>(p), inv_c = acc_t(1) / static_cast<acc_t>(g.C);
+  std::vector<acc_t> a(g.pixels());
+  for (int64_t n = begin; n < end; ++n) {
+    std::fill(a.begin(), a.end(), acc_t(0));
+    for (int64_t c = 0; c < g.C; ++c) {
+      const scalar_t* plane = f + n * g.sN + c * g.sC;
+      for (int64_t h = 0; h < g.H; ++h) {
+        const scalar_t* row = plane + h * g.sH;
+        acc_t* acc = a.data() + h * g.W;
+        if (g.sW == 1) {
+          AGKD_SIMD
+          for (int64_t w = 0; w < g.W; ++w) acc[w] += abs_pow<kKind>(static_cast<acc_t>(row[w]), pw);
+        } else {
+          for (int64_t w = 0; w < g.W; ++w) acc[w] += abs_pow<kKind>(static_cast<acc_t>(row[w * g.sW]), pw);
+        }
+      }
+    }
+    double sum_sq = 0;
+    for (int64_t k = 0; k < g.pixels(); ++k) {
+      a[k] *= inv_c;
+      sum_sq += static_cast<double>(a[k]) * a[k];
+    }
+    const acc_t norm = static_cast<acc_t>(std::sqrt(sum_sq));
+    norms[n] = norm;
+    // Divide as F.normalize does: by the norm clamped to eps (NaN stays NaN).
+    const acc_t scale = norm < static_cast<acc_t>(eps) ? static_cast<acc_t>(eps) : norm;
+    scalar_t* o = out + n * g.pixels();
+    for (int64_t k = 0; k < g.pixels(); ++k) o[k] = static_cast<scalar_t>(normalize ? a[k] / scale : a[k]);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_map_fwd_cpu(const at::Tensor& features, double p,
+                                                         bool normalize, double eps) {
+  const FeatureGeometry g = feature_geometry(features);
+  TORCH_CHECK(p > 0 && eps > 0, "agkd::attention_map: p and eps must be > 0");
+  at::Tensor out = at::empty({g.N, 1, g.H, g.W}, features.options());
+  at::Tensor norms = at::empty({g.N}, features.options().dtype(accumulate_dtype(features.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "attention_map_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* f = features.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    acc_t* nr = norms.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
+      switch (pow_kind(p)) {
+        case PowKind::kSquare: attention_fwd_samples<PowKind::kSquare>(f, g, p, normalize, eps, begin, end, o, nr); break;
+        case PowKind::kAbs: attention_fwd_samples<PowKind::kAbs>(f, g, p, normalize, eps, begin, end, o, nr); break;
+        default: attention_fwd_samples<PowKind::kGeneral>(f, g, p, normalize, eps, begin, end, o, nr);
+      }
+    });
+  });
+  return {out, norms};
+}
+
+template <PowKind kKind, typename scalar_t>
+AGKD_CPU_MULTIVERSION void attention_bwd_samples(const scalar_t* grad_map, const scalar_t* map,
+                                                 const at::opmath_type<scalar_t>* norms,
+                                                 const scalar_t* f, const FeatureGeometry& g,
+                                                 double p, bool normalize, double eps,
+                                                 int64_t begin, int64_t end, scalar_t* grad_f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t pw = static_cast<acc_t>(p), inv_c = acc_t(1) / static_cast<acc_t>(g.C);
+  std::vector<acc_t> grad_a(g.pixels());
+  for (int64_t n = begin; n < end; ++n) {
+    const scalar_t* gm = grad_map + n * g.pixels();
+    const scalar_t* m = map + n * g.pixels();
+    double dot = 0;
+    if (normalize) {
+      for (int64_t k = 0; k < g.pixels(); ++k) dot += static_cast<double>(m[k]) * static_cast<acc_t>(gm[k]);
+    }
+    for (int64_t k = 0; k < g.pixels(); ++k) {
+      const acc_t gk = static_cast<acc_t>(gm[k]);
+      grad_a[k] = inv_c * (normalize ? normalize_grad(gk, static_cast<acc_t>(m[k]), static_cast<acc_t>(dot),
+                                                      norms[n], static_cast<acc_t>(eps))
+                                     : gk);
+    }
+    for (int64_t c = 0; c < g.C; ++c) {
+      const scalar_t* plane = f + n * g.sN + c * g.sC;
+      scalar_t* out = grad_f + (n * g.C + c) * g.pixels();
+      for (int64_t h = 0; h < g.H; ++h) {
+        const scalar_t* row = plane + h * g.sH;
+        const acc_t* ga = grad_a.data() + h * g.W;
+        scalar_t* o = out + h * g.W;
+        AGKD_SIMD
+        for (int64_t w = 0; w < g.W; ++w) {
+          o[w] = static_cast<scalar_t>(ga[w] * abs_pow_grad<kKind>(static_cast<acc_t>(row[w * g.sW]), pw));
+        }
+      }
+    }
+  }
+}
+
+at::Tensor attention_map_bwd_cpu(const at::Tensor& grad_map, const at::Tensor& features,
+                                 const at::Tensor& map, const at::Tensor& norms, double p,
+                                 bool normalize, double eps) {
+  const FeatureGeometry g = feature_geometry(features);
+  TORCH_CHECK(grad_map.sizes() == map.sizes() && map.size(0) == g.N && map.size(1) == 1 &&
+                  map.size(2) == g.H && map.size(3) == g.W,
+              "agkd::attention_map_bwd: grad_map and map must be (N, 1, H, W) of the features");
+  TORCH_CHECK(norms.dim() == 1 && norms.size(0) == g.N &&
+                  norms.scalar_type() == accumulate_dtype(features.scalar_type()),
+              "agkd::attention_map_bwd: norms must be (N,) of the accumulate dtype");
+  const at::Tensor gm = grad_map.contiguous().to(features.scalar_type());
+  const at::Tensor m = map.contiguous(), nr = norms.contiguous();
+  at::Tensor grad_f = input_grad_or_empty(features, true);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "attention_map_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gmp = gm.const_data_ptr<scalar_t>();
+    const scalar_t* mp = m.const_data_ptr<scalar_t>();
+    const acc_t* np = nr.const_data_ptr<acc_t>();
+    const scalar_t* f = features.const_data_ptr<scalar_t>();
+    scalar_t* gf = grad_f.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
+      switch (pow_kind(p)) {
+        case PowKind::kSquare: attention_bwd_samples<PowKind::kSquare>(gmp, mp, np, f, g, p, normalize, eps, begin, end, gf); break;
+        case PowKind::kAbs: attention_bwd_samples<PowKind::kAbs>(gmp, mp, np, f, g, p, normalize, eps, begin, end, gf); break;
+        default: attention_bwd_samples<PowKind::kGeneral>(gmp, mp, np, f, g, p, normalize, eps, begin, end, gf);
+      }
+    });
+  });
+  return grad_f;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(agkd, CPU, m) {
+  m.impl("attention_map_fwd", &attention_map_fwd_cpu);
+  m.impl("attention_map_bwd", &attention_map_bwd_cpu);
+}
+
+}  // namespace agkd
