@@ -6,8 +6,9 @@ distillation, with C++ (CPU) and CUDA kernels and a pure-PyTorch reference.
 """
 from . import _backend, reference
 from ._backend import build_info, get_backend, native_available, set_backend
-from .functional import cosine_loss, hybrid_loss, kd_kl_div, kd_loss, ssim, ssim_loss
-from .losses import CosineLoss, HybridLoss, KDKLDivLoss, KDLoss, SSIMLoss
+from .functional import (attention_align_loss, attention_map, cosine_loss, hybrid_loss, kd_kl_div,
+                         kd_loss, ssim, ssim_loss)
+from .losses import AttentionAlignLoss, CosineLoss, HybridLoss, KDKLDivLoss, KDLoss, SSIMLoss
 
 if _backend._C is not None:
     from . import _registrations  # noqa: F401  (fake + autograd for the native ops)
@@ -15,8 +16,9 @@ if _backend._C is not None:
 __version__ = "0.1.0"
 
 __all__ = [
-    "ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "kd_kl_div", "kd_loss",
-    "SSIMLoss", "CosineLoss", "HybridLoss", "KDKLDivLoss", "KDLoss",
+    "ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "attention_map", "attention_align_loss",
+    "kd_kl_div", "kd_loss",
+    "SSIMLoss", "CosineLoss", "HybridLoss", "AttentionAlignLoss", "KDKLDivLoss", "KDLoss",
     "set_backend", "get_backend", "native_available", "build_info",
     "reference",
 ]

@@ -58,7 +58,8 @@ def get_backend() -> str:
     return _backend
 
 
-_OPS = ("hybrid_fwd", "hybrid_bwd", "kd_fwd", "kd_bwd")
+_OPS = ("hybrid_fwd", "hybrid_bwd", "kd_fwd", "kd_bwd", "attention_map_fwd", "attention_map_bwd",
+        "align_fwd", "align_bwd")
 
 
 def _kernel_table():

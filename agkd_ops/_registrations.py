@@ -42,13 +42,17 @@ def _register_autograd(op: str, n_tensors: int) -> None:
         return ((grad_a if needs_a else None, grad_b if needs_b else None)
                 + (None,) * (n_tensors - 2 + len(ctx.params)))
 
+    torch.library.register_autograd(f"agkd::{op}_fwd", backward, setup_context=setup_context)
+    _forbid_double_backward(op)
+
+
+def _forbid_double_backward(op: str) -> None:
     def no_double_backward(ctx, *grads):
         raise NotImplementedError(
             f"agkd_ops: double backward (a gradient of a gradient) through agkd::{op} is not "
             f"implemented; use agkd_ops.set_backend('reference') for it"
         )
 
-    torch.library.register_autograd(f"agkd::{op}_fwd", backward, setup_context=setup_context)
     torch.library.register_autograd(f"agkd::{op}_bwd", no_double_backward,
                                     setup_context=lambda ctx, inputs, output: None)
 
@@ -87,3 +91,56 @@ def _kd_bwd_fake(grad_loss, student, teacher, target, stats, temperature, ce_wei
 
 
 _register_autograd("kd", n_tensors=3)
+
+
+# ------------------------------------------------------------ agkd::align_fwd/bwd
+
+@torch.library.register_fake("agkd::align_fwd")
+def _align_fwd_fake(student, teacher, alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps,
+                    align_corners):
+    acc = _accumulate_dtype(student.dtype)
+    n = student.shape[0]
+    return student.new_empty((n,), dtype=acc), student.new_empty((n, 3), dtype=acc)
+
+
+@torch.library.register_fake("agkd::align_bwd")
+def _align_bwd_fake(grad_loss, student, teacher, stats, alpha, beta, gamma, window_size, sigma, c1,
+                    c2, padding, eps, align_corners, needs_grad_student, needs_grad_teacher):
+    return _grad_or_empty(student, needs_grad_student), _grad_or_empty(teacher, needs_grad_teacher)
+
+
+_register_autograd("align", n_tensors=2)
+
+
+# ---------------------------------------------------- agkd::attention_map_fwd/bwd
+
+@torch.library.register_fake("agkd::attention_map_fwd")
+def _attention_map_fwd_fake(features, p, normalize, eps):
+    n, _c, h, w = features.shape
+    return (features.new_empty((n, 1, h, w)),
+            features.new_empty((n,), dtype=_accumulate_dtype(features.dtype)))
+
+
+@torch.library.register_fake("agkd::attention_map_bwd")
+def _attention_map_bwd_fake(grad_map, features, amap, norm, p, normalize, eps):
+    return features.new_empty(features.shape)
+
+
+def _attention_map_setup_context(ctx, inputs, output):
+    features, *params = inputs
+    amap, norm = output
+    ctx.save_for_backward(features, amap, norm)
+    ctx.params = params
+    ctx.mark_non_differentiable(norm)
+
+
+def _attention_map_backward(ctx, grad_map, _grad_norm):
+    features, amap, norm = ctx.saved_tensors
+    grad = torch.ops.agkd.attention_map_bwd(grad_map.contiguous(), features, amap, norm, *ctx.params)
+    return (grad,) + (None,) * len(ctx.params)
+
+
+torch.library.register_autograd("agkd::attention_map_fwd", _attention_map_backward,
+                                setup_context=_attention_map_setup_context)
+_forbid_double_backward("attention_map")
+

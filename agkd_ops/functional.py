@@ -13,10 +13,11 @@ import torch
 
 from . import _backend, reference
 from ._validation import (LOGITS, REDUCTIONS, check_choice, check_fraction, check_kl_reduction,
-                          check_number, check_pair, check_ssim_args, check_target)
+                          check_number, check_pair, check_ssim_args, check_target, check_tensor)
 from .reference import _reduce  # per-sample values in the accumulate dtype -> reduced, cast
 
-__all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "kd_kl_div", "kd_loss"]
+__all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "attention_map",
+           "attention_align_loss", "kd_kl_div", "kd_loss"]
 
 
 def _native_hybrid(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps):
@@ -234,4 +235,123 @@ def kd_loss(student_logits, teacher_logits, target, *, temperature=4.0, alpha=0.
         return _reduce(per_sample, reduction, student_logits.dtype)
     return reference.kd_loss(student_logits, teacher_logits, target, temperature=temperature,
                              alpha=alpha, reduction=reduction)
+
+
+_NORMALIZE_EPS = 1e-12  # F.normalize's default floor for the map's norm
+
+
+def attention_map(features, *, p=2.0, normalize=True):
+    r"""Attention-transfer map of a feature tensor (Zagoruyko & Komodakis):
+
+    .. math:: A = \frac{1}{C}\sum_c |F_c|^p, \qquad A \leftarrow \frac{A}{\max(\lVert A\rVert_2, 10^{-12})}
+
+    per sample, from one pass over the features (backward: one more). Equal to
+    ``F.normalize(features.abs().pow(p).mean(1).flatten(1), dim=1)`` reshaped to
+    ``(N, 1, H, W)``. ``|F|`` rather than ``F``, so odd ``p`` is right; the gradient of
+    ``|F|^p`` at ``F = 0`` is taken as 0 for every ``p``.
+
+    Args:
+        features: ``(N, C, H, W)`` feature maps, any strides.
+        p: exponent (> 0). normalize: L2-normalise each sample's ``H·W`` map.
+
+    Returns:
+        ``(N, 1, H, W)`` in the features' dtype.
+
+    Example:
+        >>> import torch, agkd_ops
+        >>> amap = agkd_ops.attention_map(torch.randn(2, 320, 7, 7))
+        >>> amap.shape, round(amap[0].norm().item(), 4)
+        (torch.Size([2, 1, 7, 7]), 1.0)
+    """
+    fn = "attention_map"
+    check_tensor(fn, "features", features)
+    p = check_number(fn, "p", p, positive=True)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"agkd_ops.{fn}: normalize must be a bool, got {type(normalize).__name__}")
+    if _backend.use_native(fn, "attention_map_fwd", features):
+        amap, _norm = torch.ops.agkd.attention_map_fwd(features, p, normalize, _NORMALIZE_EPS)
+        return amap
+    return reference.attention_map(features, p=p, normalize=normalize, eps=_NORMALIZE_EPS)
+
+
+ALIGN_LOSSES = ("mse", "cosine", "ssim", "hybrid")
+_SSIM_DEFAULTS = dict(window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03, padding="valid")
+_ALIGN_DEFAULTS = {
+    "mse": {},
+    "cosine": dict(eps=1e-8),
+    "ssim": _SSIM_DEFAULTS,
+    "hybrid": dict(alpha=0.5, beta=0.5, **_SSIM_DEFAULTS, eps=1e-8),
+}
+
+
+def attention_align_loss(student, teacher, *, loss="mse", align_corners=False, reduction="mean",
+                         **loss_kwargs):
+    r"""Compare a student attention map with the teacher's after resizing the student
+    bilinearly to the teacher's size, fused: the resized map is sampled on the fly and
+    never stored, and the backward gathers its gradient back onto the student's pixels.
+
+    Per sample, with :math:`\tilde s` = ``F.interpolate(student, size=teacher's (H, W),
+    mode="bilinear", align_corners=align_corners)`` (identical numbers):
+
+    * ``"mse"``: mean over ``C·H·W`` of :math:`(\tilde s - t)^2`;
+    * ``"cosine"``: :math:`1 - \cos(\tilde s, t)` (keyword ``eps``);
+    * ``"ssim"``: :math:`1 - \mathrm{SSIM}(\tilde s, t)` (keywords of :func:`ssim`, window
+      rules at the teacher's size);
+    * ``"hybrid"``: :math:`\alpha(1 - \mathrm{SSIM}) + \beta(1 - \cos)` (keywords of
+      :func:`hybrid_loss`).
+
+    Up-sampling, down-sampling, non-integer ratios and equal sizes all work. Gradients flow
+    to both maps when they require them.
+
+    Args:
+        student: ``(N, C, h, w)`` map. teacher: ``(N, C, H, W)`` map, same ``N`` and ``C``.
+        loss: ``"mse"``, ``"cosine"``, ``"ssim"`` or ``"hybrid"``.
+        align_corners: as in ``F.interpolate``.
+        reduction: ``"mean"`` over samples, ``"sum"`` or ``"none"`` for ``(N,)``.
+        **loss_kwargs: the chosen loss's own keyword arguments; any other is a ``TypeError``.
+
+    Example:
+        >>> import torch, agkd_ops
+        >>> student = torch.rand(8, 1, 28, 28, requires_grad=True)
+        >>> teacher = torch.rand(8, 1, 56, 56)
+        >>> agkd_ops.attention_align_loss(student, teacher, loss="hybrid", padding="reflect").backward()
+        >>> student.grad.shape
+        torch.Size([8, 1, 28, 28])
+    """
+    fn = "attention_align_loss"
+    check_pair(fn, student, teacher, names=("student", "teacher"), same_shape=False)
+    if student.shape[:2] != teacher.shape[:2]:
+        raise ValueError(
+            f"agkd_ops.{fn}: student and teacher must have the same batch size and channels, got "
+            f"student ({', '.join(map(str, student.shape))}) and teacher "
+            f"({', '.join(map(str, teacher.shape))})"
+        )
+    check_choice(fn, "loss", loss, ALIGN_LOSSES)
+    accepted = _ALIGN_DEFAULTS[loss]
+    unknown = sorted(set(loss_kwargs) - set(accepted))
+    if unknown:
+        takes = ", ".join(accepted) if accepted else "no keyword arguments"
+        raise TypeError(f"agkd_ops.{fn}: loss={loss!r} got unexpected keyword argument(s) "
+                        f"{', '.join(unknown)}; it takes {takes}")
+    if not isinstance(align_corners, bool):
+        raise TypeError(f"agkd_ops.{fn}: align_corners must be a bool, got {type(align_corners).__name__}")
+    check_choice(fn, "reduction", reduction, REDUCTIONS)
+    kw = {**accepted, **loss_kwargs}
+    # (alpha, beta, gamma): the weights of 1 - SSIM, 1 - cos and MSE in the fused kernel
+    alpha = check_number(fn, "alpha", kw["alpha"], nonnegative=True) if loss == "hybrid" else float(loss == "ssim")
+    beta = check_number(fn, "beta", kw["beta"], nonnegative=True) if loss == "hybrid" else float(loss == "cosine")
+    gamma = float(loss == "mse")
+    window_size, sigma, c1, c2, padding = 1, 1.0, 1.0, 1.0, "valid"  # unused without SSIM
+    if loss in ("ssim", "hybrid"):
+        padding = kw["padding"]
+        window_size, sigma, c1, c2 = check_ssim_args(fn, teacher, kw["window_size"], kw["sigma"],
+                                                     kw["data_range"], kw["k1"], kw["k2"], padding,
+                                                     names=("teacher",))
+    eps = check_number(fn, "eps", kw["eps"], positive=True) if "eps" in kw else 1e-8
+    if _backend.use_native(fn, "align_fwd", student):
+        per_sample, _stats = torch.ops.agkd.align_fwd(student, teacher, alpha, beta, gamma, window_size,
+                                                      sigma, c1, c2, padding, eps, align_corners)
+        return _reduce(per_sample, reduction, student.dtype)
+    return reference.attention_align_loss(student, teacher, loss=loss, align_corners=align_corners,
+                                          reduction=reduction, **loss_kwargs)
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from . import functional as F
 
-__all__ = ["SSIMLoss", "CosineLoss", "HybridLoss", "KDKLDivLoss", "KDLoss"]
+__all__ = ["SSIMLoss", "CosineLoss", "HybridLoss", "AttentionAlignLoss", "KDKLDivLoss", "KDLoss"]
 
 
 class SSIMLoss(nn.Module):
@@ -84,6 +84,31 @@ class HybridLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, beta={self.beta}, window_size={self.window_size}, "
                 f"sigma={self.sigma}, padding={self.padding!r}, reduction={self.reduction!r}")
+
+
+class AttentionAlignLoss(nn.Module):
+    """Student map resized to the teacher's and compared, fused; see
+    :func:`agkd_ops.attention_align_loss`.
+
+    Example:
+        >>> import torch, agkd_ops
+        >>> criterion = agkd_ops.AttentionAlignLoss(loss="hybrid", alpha=0.5, beta=0.5, padding="reflect")
+        >>> student = torch.rand(8, 1, 28, 28, requires_grad=True)
+        >>> criterion(student, torch.rand(8, 1, 56, 56)).backward()
+    """
+
+    def __init__(self, *, loss="mse", align_corners=False, reduction="mean", **loss_kwargs):
+        super().__init__()
+        self.loss, self.align_corners, self.reduction = loss, align_corners, reduction
+        self.loss_kwargs = dict(loss_kwargs)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return F.attention_align_loss(student, teacher, loss=self.loss, align_corners=self.align_corners,
+                                      reduction=self.reduction, **self.loss_kwargs)
+
+    def extra_repr(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in self.loss_kwargs.items())
+        return f"loss={self.loss!r}, align_corners={self.align_corners}, reduction={self.reduction!r}{extra}"
 
 
 class KDKLDivLoss(nn.Module):

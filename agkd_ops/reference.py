@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "kd_kl_div", "kd_loss",
-           "gaussian_window"]
+__all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "attention_map",
+           "attention_align_loss", "kd_kl_div", "kd_loss", "gaussian_window"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -139,4 +139,39 @@ def kd_loss(student_logits, teacher_logits, target, *, temperature=4.0, alpha=0.
     kl = _kl_per_sample(student_logits, teacher_logits, temperature)
     per_sample = (1 - alpha) * ce + alpha * temperature**2 * kl
     return _reduce(per_sample, reduction, student_logits.dtype)
+
+
+# ---------------------------------------------------------------------- attention
+
+
+def attention_map(features, *, p=2.0, normalize=True, eps=1e-12):
+    """``mean_c |F|^p`` per pixel, ``(N, C, H, W) -> (N, 1, H, W)``, then divided by
+    ``max(‖·‖₂, eps)`` per sample (as ``F.normalize``). The gradient of ``|F|^p`` at
+    ``F = 0`` is taken as 0 for every ``p`` (autograd of ``abs().pow(p)`` gives NaN there
+    for ``p < 1``)."""
+    dtype = _compute_dtype(features.dtype)
+    magnitude = features.to(dtype).abs()
+    zero = magnitude == 0
+    safe = torch.where(zero, torch.ones_like(magnitude), magnitude)
+    powered = torch.where(zero, torch.zeros_like(magnitude), safe.pow(p))
+    amap = powered.mean(dim=1, keepdim=True)
+    if normalize:
+        norm = torch.linalg.vector_norm(amap.flatten(1), dim=1).clamp_min(eps)
+        amap = amap / norm.view(-1, 1, 1, 1)
+    return amap.to(features.dtype)
+
+
+def attention_align_loss(student, teacher, *, loss="mse", align_corners=False, reduction="mean",
+                         **loss_kwargs):
+    """Resize ``student`` bilinearly to the teacher's ``(H, W)`` (``F.interpolate``) and
+    compare with ``loss``: ``"mse"`` (mean of squared differences over C·H·W per sample),
+    ``"cosine"``, ``"ssim"`` (``1 - SSIM``) or ``"hybrid"``, with that loss's keywords."""
+    resized = F.interpolate(student, size=tuple(teacher.shape[-2:]), mode="bilinear",
+                            align_corners=align_corners)
+    if loss == "mse":
+        dtype = _compute_dtype(student.dtype)
+        per_sample = (resized.to(dtype) - teacher.to(dtype)).pow(2).flatten(1).mean(dim=1)
+        return _reduce(per_sample, reduction, student.dtype)
+    compare = {"cosine": cosine_loss, "ssim": ssim_loss, "hybrid": hybrid_loss}[loss]
+    return compare(resized, teacher, reduction=reduction, **loss_kwargs)
 
