@@ -26,8 +26,9 @@ struct PlaneGeometry {
   int64_t pad;         // border the window adds on each side
   int64_t window;
   Padding padding;
+  int64_t sample_planes;  // planes per sample: C, also when the tiles see one plane at a time
   int64_t padded_width() const { return Wo + window - 1; }
-  int64_t ssim_count() const { return C * Ho * Wo; }  // SSIM values averaged per sample
+  int64_t ssim_count() const { return sample_planes * Ho * Wo; }  // SSIM values averaged per sample
 };
 
 inline Padding parse_padding(const std::string& name) {
@@ -56,6 +57,7 @@ inline PlaneGeometry make_geometry(const at::Tensor& x, const at::Tensor& y,
   TORCH_CHECK(x.device() == y.device(), "agkd::hybrid: x and y are on different devices");
   PlaneGeometry g;
   g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3);
+  g.sample_planes = g.C;
   TORCH_CHECK(g.N > 0 && g.C > 0 && g.H > 0 && g.W > 0, "agkd::hybrid: empty input ",
               x.sizes());
   g.window = p.window_size;

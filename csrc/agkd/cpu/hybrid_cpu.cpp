@@ -605,7 +605,8 @@ double squared_distance(const scalar_t* up, const typename StridedMaps<scalar_t>
   return total;
 }
 
-// The teacher's geometry for one plane pair: what the tile code sees.
+// The teacher's geometry for one plane pair: what the tile code sees (the SSIM mean still
+// runs over all of a sample's planes).
 PlaneGeometry single_plane(PlaneGeometry g) {
   g.N = 1, g.C = 1;
   return g;
