@@ -20,8 +20,23 @@ LOGIT_SHAPES = [
     ("4096x1000", (4096, 1000), {"temperature": 4.0}),
     ("1024x32000", (1024, 32000), {"temperature": 4.0}),
 ]
+# (student, teacher) shapes: the student map is resized to the teacher's on the fly.
+ALIGN_SHAPES = [
+    ("28to56-hybrid", ((128, 1, 28, 28), (128, 1, 56, 56)), {"loss": "hybrid"}),
+    ("28to56-mse", ((128, 1, 28, 28), (128, 1, 56, 56)), {"loss": "mse"}),
+    ("7to14-mse", ((128, 1, 7, 7), (128, 1, 14, 14)), {"loss": "mse"}),
+]
+FEATURE_SHAPES = [("128x320x7x7", (128, 320, 7, 7), {})]
 SHAPES = {"hybrid_loss": MAP_SHAPES, "ssim_loss": MAP_SHAPES,
+          "attention_align_loss": ALIGN_SHAPES, "attention_map": FEATURE_SHAPES,
           "kd_kl_div": LOGIT_SHAPES, "kd_loss": LOGIT_SHAPES}
+
+
+def shape_label(shape):
+    """128x1x56x56, or 128x1x28x28->128x1x56x56 for a (student, teacher) pair."""
+    if isinstance(shape[0], (tuple, list)):
+        return "->".join(shape_label(s) for s in shape)
+    return "x".join(map(str, shape))
 
 
 def _native(loss):
@@ -55,6 +70,16 @@ def _kornia(x, y, kw):
     return 1 - ssim_map.mean()
 
 
+def _attention_map(fn):
+    # A scalar to differentiate: the sum of the map's squares.
+    return lambda f, kw: fn(f).pow(2).sum()
+
+
+def _attention_transfer(f):
+    """The formula attention-transfer code usually writes."""
+    return F.normalize(f.abs().pow(2).mean(1).flatten(1), dim=1)
+
+
 def _torch_kl(s, t, kw):
     """What KD code usually writes: τ²·KL through log_softmax and F.kl_div."""
     tau = kw["temperature"]
@@ -70,6 +95,11 @@ IMPLEMENTATIONS = {
     "hybrid_loss": {"native": _native("hybrid_loss"), "reference": _reference("hybrid_loss")},
     "ssim_loss": {"native": _native("ssim_loss"), "reference": _reference("ssim_loss"),
                   "pytorch-msssim": _msssim, "kornia": _kornia},
+    "attention_align_loss": {"native": _native("attention_align_loss"),
+                             "F.interpolate + reference": _reference("attention_align_loss")},
+    "attention_map": {"native": _attention_map(lambda f: _native("attention_map")(f, {})),
+                      "reference": _attention_map(reference.attention_map),
+                      "torch formula": _attention_map(_attention_transfer)},
     "kd_kl_div": {"native": _native("kd_kl_div"), "reference": _reference("kd_kl_div"),
                   "torch F.kl_div": _torch_kl},
     "kd_loss": {"native": lambda s, t, y, kw: _native("kd_loss")(s, t, y, dict(kw, alpha=0.9)),
@@ -82,9 +112,22 @@ def find_shape(loss, shape_name):
     return next((shape, kw) for name, shape, kw in SHAPES[loss] if name == shape_name)
 
 
+def with_batch(shape, n):
+    """The same case with batch size n (the memory measurement warms up with n = 1)."""
+    if isinstance(shape[0], (tuple, list)):
+        return tuple(with_batch(s, n) for s in shape)
+    return (n,) + tuple(shape[1:])
+
+
 def make_inputs(loss, shape, device="cpu", seed=0):
     """The loss's inputs, student first (requires grad)."""
     g = torch.Generator().manual_seed(seed)
+    if loss == "attention_align_loss":
+        student, teacher = shape
+        return [torch.rand(student, generator=g).to(device).requires_grad_(True),
+                torch.rand(teacher, generator=g).to(device)]
+    if loss == "attention_map":
+        return [torch.randn(shape, generator=g).to(device).requires_grad_(True)]
     if loss in ("kd_kl_div", "kd_loss"):
         s = 3 * torch.randn(shape, generator=g)
         t = 3 * torch.randn(shape, generator=g)

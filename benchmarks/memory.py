@@ -19,12 +19,12 @@ def _maxrss_bytes():
 def _measure(loss, impl_name, shape_name):
     import torch
 
-    from benchmarks.cases import IMPLEMENTATIONS, find_shape, make_inputs, step
+    from benchmarks.cases import IMPLEMENTATIONS, find_shape, make_inputs, step, with_batch
 
     torch.set_num_threads(int(os.environ.get("AGKD_BENCH_THREADS", torch.get_num_threads())))
     shape, kw = find_shape(loss, shape_name)
     impl = IMPLEMENTATIONS[loss][impl_name]
-    if not step(impl, make_inputs(loss, (1,) + tuple(shape[1:])), kw):
+    if not step(impl, make_inputs(loss, with_batch(shape, 1)), kw):
         return None
     inputs = make_inputs(loss, shape)
     before = _maxrss_bytes()

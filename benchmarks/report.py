@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import torch
 
-from benchmarks.cases import IMPLEMENTATIONS, SHAPES
+from benchmarks.cases import IMPLEMENTATIONS, SHAPES, shape_label
 from benchmarks.memory import peak_extra_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,13 +43,13 @@ def main():
     medians = defaultdict(dict)  # (loss, shape, device) -> impl -> ms
     for b in bench["benchmarks"]:
         info = b["extra_info"]
-        key = (info["loss"], "x".join(map(str, info["shape"])), info["device"])
+        key = (info["loss"], shape_label(info["shape"]), info["device"])
         medians[key][info["impl"]] = 1e3 * b["stats"]["median"]
     memory = {}
     for loss, impls in IMPLEMENTATIONS.items():
         for name, shape, _ in SHAPES[loss]:
             for impl in impls:
-                memory[(loss, "x".join(map(str, shape)), impl)] = peak_extra_bytes(loss, impl, name)
+                memory[(loss, shape_label(shape), impl)] = peak_extra_bytes(loss, impl, name)
 
     machine = _machine()
     device = "cuda" if torch.cuda.is_available() else "cpu"

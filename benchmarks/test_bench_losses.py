@@ -26,5 +26,5 @@ def test_forward_backward(benchmark, device, loss, impl_name, shape_name, shape,
         sync()
 
     benchmark.group = f"{loss} {shape_name} {device}"
-    benchmark.extra_info.update(loss=loss, impl=impl_name, shape=list(shape), device=device, **kw)
+    benchmark.extra_info.update(loss=loss, impl=impl_name, shape=list(shape), device=device, kwargs=kw)
     benchmark.pedantic(run, rounds=15, iterations=1, warmup_rounds=2)

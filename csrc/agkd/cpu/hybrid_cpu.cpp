@@ -633,13 +633,15 @@ void align_fwd_typed(const at::Tensor& student, const at::Tensor& teacher,
       resample_plane(ss.plane(n, c), plan, up.data());
       const auto tp = ts.plane(n, c);
       const StridedMaps<scalar_t> xs(up.data(), g.W, 1), ys(tp.data, tp.sH, tp.sW);
-      hybrid_fwd_tiles<scalar_t, kSSIM, kCos>(xs, ys, pg, a.hybrid, taps, n_tiles, 0, n_tiles,
-                                              tiles.data());
-      TileSums sum;
-      for (const TileSums& t : tiles) {
-        sum.ssim += t.ssim, sum.dot += t.dot, sum.xx += t.xx, sum.yy += t.yy;
+      if constexpr (kSSIM || kCos) {
+        hybrid_fwd_tiles<scalar_t, kSSIM, kCos>(xs, ys, pg, a.hybrid, taps, n_tiles, 0, n_tiles,
+                                                tiles.data());
+        TileSums sum;
+        for (const TileSums& t : tiles) {
+          sum.ssim += t.ssim, sum.dot += t.dot, sum.xx += t.xx, sum.yy += t.yy;
+        }
+        plane_sums[plane] = sum;
       }
-      plane_sums[plane] = sum;
       if (a.gamma != 0) plane_sq[plane] = squared_distance(up.data(), tp, g.H, g.W);
     }
   });
@@ -686,16 +688,20 @@ void align_bwd_typed(const at::Tensor& grad_loss, const at::Tensor& student,
       const StridedMaps<scalar_t> xs(up.data(), g.W, 1), ys(tp.data, tp.sH, tp.sW);
       scalar_t* gx = needs_s ? grad_up.data() : nullptr;
       scalar_t* gy = needs_t ? gt + plane * g.H * g.W : nullptr;
-      hybrid_bwd_tiles<scalar_t, kSSIM, kCos>(xs, ys, pg, a.hybrid, taps, gl + n, st + 3 * n,
-                                              gx, gy, n_tiles, 0, n_tiles);
-      if (a.gamma != 0) {
+      constexpr bool kTiles = kSSIM || kCos;
+      if constexpr (kTiles) {
+        hybrid_bwd_tiles<scalar_t, kSSIM, kCos>(xs, ys, pg, a.hybrid, taps, gl + n, st + 3 * n,
+                                                gx, gy, n_tiles, 0, n_tiles);
+      }
+      if (a.gamma != 0 || !kTiles) {  // the MSE term, added to (or, alone, in place of) the tiles'
         const acc_t coeff = mse_scale * gl[n];
         for (int64_t q = 0; q < g.H; ++q) {
+          const scalar_t* tr = tp.row(q);
           for (int64_t j = 0; j < g.W; ++j) {
             const int64_t k = q * g.W + j;
-            const acc_t d = coeff * (static_cast<acc_t>(up[k]) - static_cast<acc_t>(tp.row(q)[j * tp.sW]));
-            if (gx) gx[k] = static_cast<scalar_t>(static_cast<acc_t>(gx[k]) + d);
-            if (gy) gy[k] = static_cast<scalar_t>(static_cast<acc_t>(gy[k]) - d);
+            const acc_t d = coeff * (static_cast<acc_t>(up[k]) - static_cast<acc_t>(tr[j * tp.sW]));
+            if (gx) gx[k] = static_cast<scalar_t>((kTiles ? static_cast<acc_t>(gx[k]) : acc_t(0)) + d);
+            if (gy) gy[k] = static_cast<scalar_t>((kTiles ? static_cast<acc_t>(gy[k]) : acc_t(0)) - d);
           }
         }
       }
