@@ -101,3 +101,57 @@ def test_cuda_kd_deterministic_and_out_of_range_target_is_an_error():
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     with pytest.raises(ValueError, match="target"):
         agkd_ops.kd_loss(s, t, torch.full((64,), 3000, device="cuda"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loss,kw", [("mse", {}), ("cosine", {}), ("ssim", {"window_size": 5, "padding": "reflect"}),
+                                     ("hybrid", {"window_size": 7, "padding": "zeros"})])
+@pytest.mark.parametrize("student,teacher,align_corners", [((7, 7), (14, 14), False), ((28, 28), (56, 56), True),
+                                                           ((20, 13), (9, 17), False), ((5, 5), (5, 5), True)])
+def test_cuda_align_matches_reference(dtype, loss, kw, student, teacher, align_corners):
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(3, 2, *student, generator=g, dtype=torch.float64)
+    t = torch.rand(3, 2, *teacher, generator=g, dtype=torch.float64)
+    s, t = s.to(dtype).double(), t.to(dtype).double()
+    args = dict(loss=loss, align_corners=align_corners, reduction="none", **kw)
+    want_s, want_t = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    want = R.attention_align_loss(want_s, want_t, **args)
+    want.sum().backward()
+    got_s = s.to("cuda", dtype).requires_grad_(True)
+    got_t = t.to("cuda", dtype).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    got = agkd_ops.attention_align_loss(got_s, got_t, **args)
+    got.sum().backward()
+    tol = {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(got.double().cpu(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_s.grad.double().cpu(), want_s.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_t.grad.double().cpu(), want_t.grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("p,normalize", [(2.0, True), (1.0, True), (3.0, False), (0.5, True)])
+def test_cuda_attention_map_matches_reference(dtype, p, normalize):
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(4, 40, 7, 9, generator=g, dtype=torch.float64).to(dtype).double()
+    weights = torch.rand(4, 1, 7, 9, generator=g, dtype=torch.float64)
+    want_f = f.clone().requires_grad_(True)
+    want = R.attention_map(want_f, p=p, normalize=normalize)
+    (want * weights).sum().backward()
+    got_f = f.to("cuda", dtype).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    got = agkd_ops.attention_map(got_f, p=p, normalize=normalize)
+    (got.double() * weights.cuda()).sum().backward()
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(got.double().cpu(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_f.grad.double().cpu(), want_f.grad, rtol=tol, atol=tol)
+
+
+def test_cuda_align_bitwise_deterministic():
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(16, 1, 28, 28, generator=g).cuda().requires_grad_(True)
+    t = torch.rand(16, 1, 56, 56, generator=g).cuda()
+    runs = []
+    for _ in range(2):
+        s.grad = None
+        loss = agkd_ops.attention_align_loss(s, t, loss="hybrid")
+        loss.backward()
+        runs.append((loss.detach().clone(), s.grad.clone()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])

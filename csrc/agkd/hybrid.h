@@ -105,4 +105,27 @@ inline at::Tensor input_grad_or_empty(const at::Tensor& like, bool needed) {
                 : at::empty({0}, like.options());
 }
 
+// agkd::align_fwd/bwd (attention alignment): the hybrid terms plus an MSE term, with the
+// student resized bilinearly to the teacher's size.
+struct AlignParams {
+  HybridParams hybrid;
+  double gamma;  // weight of the mean squared difference
+  bool align_corners;
+};
+
+// Checks shared by align_fwd/bwd; returns the teacher's geometry.
+inline PlaneGeometry align_geometry(const at::Tensor& student, const at::Tensor& teacher,
+                             const HybridParams& p) {
+  TORCH_CHECK(student.dim() == 4 && teacher.dim() == 4,
+              "agkd::align: student and teacher must be (N, C, H, W)");
+  TORCH_CHECK(student.size(0) == teacher.size(0) && student.size(1) == teacher.size(1),
+              "agkd::align: student and teacher batch/channels differ: ", student.sizes(), " vs ",
+              teacher.sizes());
+  TORCH_CHECK(student.numel() > 0, "agkd::align: empty student ", student.sizes());
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type() &&
+                  student.device() == teacher.device(),
+              "agkd::align: student and teacher dtypes or devices differ");
+  return make_geometry(teacher, teacher, p);
+}
+
 }  // namespace agkd

@@ -15,24 +15,11 @@
 #include <vector>
 
 #include "agkd/cpu/vectorize.h"
-#include "agkd/hybrid.h"  // accumulate_dtype
+#include "agkd/attention.h"
 #include "agkd/math/attention.h"
 
 namespace agkd {
 namespace {
-
-struct FeatureGeometry {
-  int64_t N, C, H, W;
-  int64_t sN, sC, sH, sW;
-  int64_t pixels() const { return H * W; }
-};
-
-FeatureGeometry feature_geometry(const at::Tensor& f) {
-  TORCH_CHECK(f.dim() == 4, "agkd::attention_map: features must be (N, C, H, W), got ", f.sizes());
-  TORCH_CHECK(f.numel() > 0, "agkd::attention_map: empty features ", f.sizes());
-  return {f.size(0), f.size(1), f.size(2), f.size(3), f.stride(0), f.stride(1), f.stride(2),
-          f.stride(3)};
-}
 
 template <PowKind kKind, typename scalar_t>
 AGKD_CPU_MULTIVERSION void attention_fwd_samples(const scalar_t* f, const FeatureGeometry& g,
@@ -73,8 +60,7 @@ AGKD_CPU_MULTIVERSION void attention_fwd_samples(const scalar_t* f, const Featur
 
 std::tuple<at::Tensor, at::Tensor> attention_map_fwd_cpu(const at::Tensor& features, double p,
                                                          bool normalize, double eps) {
-  const FeatureGeometry g = feature_geometry(features);
-  TORCH_CHECK(p > 0 && eps > 0, "agkd::attention_map: p and eps must be > 0");
+  const FeatureGeometry g = feature_geometry(features, p, eps);
   at::Tensor out = at::empty({g.N, 1, g.H, g.W}, features.options());
   at::Tensor norms = at::empty({g.N}, features.options().dtype(accumulate_dtype(features.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "attention_map_fwd_cpu", [&] {
@@ -134,13 +120,7 @@ AGKD_CPU_MULTIVERSION void attention_bwd_samples(const scalar_t* grad_map, const
 at::Tensor attention_map_bwd_cpu(const at::Tensor& grad_map, const at::Tensor& features,
                                  const at::Tensor& map, const at::Tensor& norms, double p,
                                  bool normalize, double eps) {
-  const FeatureGeometry g = feature_geometry(features);
-  TORCH_CHECK(grad_map.sizes() == map.sizes() && map.size(0) == g.N && map.size(1) == 1 &&
-                  map.size(2) == g.H && map.size(3) == g.W,
-              "agkd::attention_map_bwd: grad_map and map must be (N, 1, H, W) of the features");
-  TORCH_CHECK(norms.dim() == 1 && norms.size(0) == g.N &&
-                  norms.scalar_type() == accumulate_dtype(features.scalar_type()),
-              "agkd::attention_map_bwd: norms must be (N,) of the accumulate dtype");
+  const FeatureGeometry g = check_attention_backward_inputs(grad_map, features, map, norms, p, eps);
   const at::Tensor gm = grad_map.contiguous().to(features.scalar_type());
   const at::Tensor m = map.contiguous(), nr = norms.contiguous();
   at::Tensor grad_f = input_grad_or_empty(features, true);

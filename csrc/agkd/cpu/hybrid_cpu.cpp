@@ -530,12 +530,6 @@ std::tuple<at::Tensor, at::Tensor> hybrid_bwd_cpu(
 // second buffer, and scatters it onto the student's pixels in a fixed order (one thread
 // per plane), so the result is deterministic without atomics.
 
-struct AlignParams {
-  HybridParams hybrid;
-  double gamma;  // weight of the mean squared difference
-  bool align_corners;
-};
-
 // Per teacher row and column: the two student rows/columns it reads and their weights.
 template <typename acc_t>
 struct BilinearPlan {
@@ -713,21 +707,6 @@ void align_bwd_typed(const at::Tensor& grad_loss, const at::Tensor& student,
       }
     }
   });
-}
-
-// Checks shared by align_fwd/bwd; returns the teacher's geometry.
-PlaneGeometry align_geometry(const at::Tensor& student, const at::Tensor& teacher,
-                             const HybridParams& p) {
-  TORCH_CHECK(student.dim() == 4 && teacher.dim() == 4,
-              "agkd::align: student and teacher must be (N, C, H, W)");
-  TORCH_CHECK(student.size(0) == teacher.size(0) && student.size(1) == teacher.size(1),
-              "agkd::align: student and teacher batch/channels differ: ", student.sizes(), " vs ",
-              teacher.sizes());
-  TORCH_CHECK(student.numel() > 0, "agkd::align: empty student ", student.sizes());
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type() &&
-                  student.device() == teacher.device(),
-              "agkd::align: student and teacher dtypes or devices differ");
-  return make_geometry(teacher, teacher, p);
 }
 
 // Calls body.template operator()<kSSIM, kCos>() for the terms the weights switch on.

@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include "agkd/cuda/block_reduce.cuh"
+#include "agkd/cuda/hybrid_cuda.h"
 #include "agkd/hybrid.h"
 #include "agkd/math/cosine.h"
 #include "agkd/math/ssim.h"
@@ -293,6 +294,9 @@ void hybrid_fwd_launch(const at::Tensor& x, const at::Tensor& y, const PlaneGeom
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+}  // namespace
+
+// Entry points, also called by the attention-alignment kernels (cuda/attention_cuda.cu).
 std::tuple<at::Tensor, at::Tensor> hybrid_fwd_cuda(const at::Tensor& x, const at::Tensor& y,
                                                    double alpha, double beta,
                                                    int64_t window_size, double sigma,
@@ -485,8 +489,6 @@ std::tuple<at::Tensor, at::Tensor> hybrid_bwd_cuda(
   });
   return {grad_x, grad_y};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(agkd, CUDA, m) {
   m.impl("hybrid_fwd", &hybrid_fwd_cuda);

@@ -1,0 +1,45 @@
+// Host-side checks of agkd::attention_map_fwd / agkd::attention_map_bwd (schemas in
+// ops.cpp), shared by the CPU and CUDA implementations. The per-element math is in
+// math/attention.h.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "agkd/hybrid.h"  // accumulate_dtype, input_grad_or_empty
+
+namespace agkd {
+
+struct FeatureGeometry {
+  int64_t N, C, H, W;
+  int64_t sN, sC, sH, sW;
+  AGKD_HOST_DEVICE int64_t pixels() const { return H * W; }
+};
+
+inline FeatureGeometry feature_geometry(const at::Tensor& f, double p, double eps) {
+  TORCH_CHECK(f.dim() == 4, "agkd::attention_map: features must be (N, C, H, W), got ", f.sizes());
+  TORCH_CHECK(p > 0 && eps > 0, "agkd::attention_map: p and eps must be > 0");
+  TORCH_CHECK(f.numel() > 0, "agkd::attention_map: empty features ", f.sizes());
+  return {f.size(0), f.size(1), f.size(2), f.size(3), f.stride(0), f.stride(1), f.stride(2),
+          f.stride(3)};
+}
+
+inline FeatureGeometry check_attention_backward_inputs(const at::Tensor& grad_map,
+                                                       const at::Tensor& features,
+                                                       const at::Tensor& map,
+                                                       const at::Tensor& norms, double p,
+                                                       double eps) {
+  const FeatureGeometry g = feature_geometry(features, p, eps);
+  TORCH_CHECK(grad_map.sizes() == map.sizes() && map.dim() == 4 && map.size(0) == g.N &&
+                  map.size(1) == 1 && map.size(2) == g.H && map.size(3) == g.W,
+              "agkd::attention_map_bwd: grad_map and map must be (N, 1, H, W) of the features");
+  TORCH_CHECK(norms.dim() == 1 && norms.size(0) == g.N &&
+                  norms.scalar_type() == accumulate_dtype(features.scalar_type()),
+              "agkd::attention_map_bwd: norms must be (N,) of the accumulate dtype");
+  TORCH_CHECK(grad_map.device() == features.device() && map.device() == features.device() &&
+                  norms.device() == features.device(),
+              "agkd::attention_map_bwd: all inputs must be on the features' device");
+  return g;
+}
+
+}  // namespace agkd

@@ -1,0 +1,438 @@
+// CUDA kernels of agkd::attention_map_fwd/bwd and agkd::align_fwd/bwd.
+//
+// attention_map: one thread per pixel sums mean_c |F|^p; one block per sample takes the
+// norm (fixed-order block tree) and normalises. Backward: one block per sample forms
+// ∂L/∂(mean_c |F|^p), then one thread per feature element writes the gradient.
+//
+// align: unlike the CPU kernels, which resample one plane at a time into a cache-resident
+// buffer, the CUDA path resamples the student into a teacher-sized scratch tensor and runs
+// the hybrid kernels (cuda/hybrid_cuda.cu) on it; the backward gathers the resampled
+// gradient back onto the student's pixels (each student pixel sums the teacher pixels that
+// read it, in a fixed order: deterministic, no atomics). The interpolation weights are
+// math/bilinear.h's, the same as the CPU's and F.interpolate's.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "agkd/attention.h"
+#include "agkd/cuda/block_reduce.cuh"
+#include "agkd/cuda/hybrid_cuda.h"
+#include "agkd/hybrid.h"
+#include "agkd/math/attention.h"
+#include "agkd/math/bilinear.h"
+
+namespace agkd {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 65535;  // grid-stride loops cover the rest
+
+unsigned blocks_for(int64_t count) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(kMaxBlocks, (count + kThreads - 1) / kThreads)));
+}
+
+#define AGKD_GRID_STRIDE(i, count)                                                   \
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (count); \
+       i += int64_t(gridDim.x) * blockDim.x)
+
+template <typename Body>
+void dispatch_pow(double p, const Body& body) {
+  switch (pow_kind(p)) {
+    case PowKind::kSquare: body.template operator()<PowKind::kSquare>(); break;
+    case PowKind::kAbs: body.template operator()<PowKind::kAbs>(); break;
+    default: body.template operator()<PowKind::kGeneral>();
+  }
+}
+
+// ------------------------------------------------------------------ attention map
+
+template <PowKind kKind, typename scalar_t>
+__global__ void attention_sum_kernel(const scalar_t* __restrict__ f, const FeatureGeometry g,
+                                     at::opmath_type<scalar_t> p,
+                                     at::opmath_type<scalar_t>* __restrict__ a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  AGKD_GRID_STRIDE(i, g.N * g.pixels()) {
+    const int64_t n = i / g.pixels(), h = (i / g.W) % g.H, w = i % g.W;
+    const scalar_t* px = f + n * g.sN + h * g.sH + w * g.sW;
+    acc_t sum = 0;
+    for (int64_t c = 0; c < g.C; ++c) sum += abs_pow<kKind>(static_cast<acc_t>(px[c * g.sC]), p);
+    a[i] = sum / static_cast<acc_t>(g.C);
+  }
+}
+
+template <typename scalar_t>
+__global__ void attention_normalize_kernel(const at::opmath_type<scalar_t>* __restrict__ a,
+                                           int64_t pixels, bool normalize,
+                                           at::opmath_type<scalar_t> eps,
+                                           scalar_t* __restrict__ out,
+                                           at::opmath_type<scalar_t>* __restrict__ norms) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t scratch[kThreads];
+  const int64_t n = blockIdx.x;
+  const acc_t* an = a + n * pixels;
+  acc_t sum_sq = 0;
+  for (int64_t k = threadIdx.x; k < pixels; k += blockDim.x) sum_sq += an[k] * an[k];
+  const acc_t norm = sqrt(block_reduce(sum_sq, scratch, SumOp{}));
+  if (threadIdx.x == 0) norms[n] = norm;
+  const acc_t scale = norm < eps ? eps : norm;
+  for (int64_t k = threadIdx.x; k < pixels; k += blockDim.x) {
+    out[n * pixels + k] = static_cast<scalar_t>(normalize ? an[k] / scale : an[k]);
+  }
+}
+
+template <typename scalar_t>
+__global__ void attention_grad_map_kernel(const scalar_t* __restrict__ grad_map,
+                                          const scalar_t* __restrict__ map,
+                                          const at::opmath_type<scalar_t>* __restrict__ norms,
+                                          int64_t pixels, int64_t channels, bool normalize,
+                                          at::opmath_type<scalar_t> eps,
+                                          at::opmath_type<scalar_t>* __restrict__ grad_a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t scratch[kThreads];
+  const int64_t n = blockIdx.x;
+  const scalar_t* gm = grad_map + n * pixels;
+  const scalar_t* m = map + n * pixels;
+  acc_t dot = 0;
+  if (normalize) {
+    for (int64_t k = threadIdx.x; k < pixels; k += blockDim.x) {
+      dot += static_cast<acc_t>(m[k]) * static_cast<acc_t>(gm[k]);
+    }
+    dot = block_reduce(dot, scratch, SumOp{});
+  }
+  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(channels);
+  for (int64_t k = threadIdx.x; k < pixels; k += blockDim.x) {
+    const acc_t g = static_cast<acc_t>(gm[k]);
+    grad_a[n * pixels + k] =
+        inv_c * (normalize ? normalize_grad(g, static_cast<acc_t>(m[k]), dot, norms[n], eps) : g);
+  }
+}
+
+template <PowKind kKind, typename scalar_t>
+__global__ void attention_grad_features_kernel(const scalar_t* __restrict__ f, const FeatureGeometry g,
+                                               const at::opmath_type<scalar_t>* __restrict__ grad_a,
+                                               at::opmath_type<scalar_t> p,
+                                               scalar_t* __restrict__ grad_f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  AGKD_GRID_STRIDE(i, g.N * g.C * g.pixels()) {  // i: contiguous index of grad_f
+    const int64_t w = i % g.W, h = (i / g.W) % g.H, c = (i / g.pixels()) % g.C;
+    const int64_t n = i / (g.C * g.pixels());
+    const acc_t x = static_cast<acc_t>(f[n * g.sN + c * g.sC + h * g.sH + w * g.sW]);
+    grad_f[i] = static_cast<scalar_t>(grad_a[n * g.pixels() + h * g.W + w] * abs_pow_grad<kKind>(x, p));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_map_fwd_cuda(const at::Tensor& features, double p,
+                                                          bool normalize, double eps) {
+  const FeatureGeometry g = feature_geometry(features, p, eps);
+  const c10::cuda::CUDAGuard guard(features.device());
+  const auto acc = accumulate_dtype(features.scalar_type());
+  at::Tensor out = at::empty({g.N, 1, g.H, g.W}, features.options());
+  at::Tensor norms = at::empty({g.N}, features.options().dtype(acc));
+  at::Tensor a = at::empty({g.N, g.pixels()}, features.options().dtype(acc));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "attention_map_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_pow(p, [&]<PowKind kKind>() {
+      attention_sum_kernel<kKind, scalar_t><<<blocks_for(g.N * g.pixels()), kThreads, 0, stream>>>(
+          features.const_data_ptr<scalar_t>(), g, static_cast<acc_t>(p), a.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    attention_normalize_kernel<scalar_t><<<g.N, kThreads, 0, stream>>>(
+        a.const_data_ptr<acc_t>(), g.pixels(), normalize, static_cast<acc_t>(eps),
+        out.mutable_data_ptr<scalar_t>(), norms.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, norms};
+}
+
+at::Tensor attention_map_bwd_cuda(const at::Tensor& grad_map, const at::Tensor& features,
+                                  const at::Tensor& map, const at::Tensor& norms, double p,
+                                  bool normalize, double eps) {
+  const FeatureGeometry g = check_attention_backward_inputs(grad_map, features, map, norms, p, eps);
+  const c10::cuda::CUDAGuard guard(features.device());
+  const at::Tensor gm = grad_map.contiguous().to(features.scalar_type());
+  const at::Tensor m = map.contiguous(), nr = norms.contiguous();
+  at::Tensor grad_f = input_grad_or_empty(features, true);
+  at::Tensor grad_a = at::empty({g.N, g.pixels()}, nr.options());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "attention_map_bwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    attention_grad_map_kernel<scalar_t><<<g.N, kThreads, 0, stream>>>(
+        gm.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(), nr.const_data_ptr<acc_t>(),
+        g.pixels(), g.C, normalize, static_cast<acc_t>(eps), grad_a.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_pow(p, [&]<PowKind kKind>() {
+      attention_grad_features_kernel<kKind, scalar_t>
+          <<<blocks_for(g.N * g.C * g.pixels()), kThreads, 0, stream>>>(
+              features.const_data_ptr<scalar_t>(), g, grad_a.const_data_ptr<acc_t>(),
+              static_cast<acc_t>(p), grad_f.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return grad_f;
+}
+
+// ------------------------------------------------------------------------ align
+
+// Interpolation taps along one axis, for the device: per destination index (i0, i1, w0,
+// w1), and per source index the first and last destination that reads it (the gather).
+template <typename acc_t>
+struct AxisTaps {
+  const LinearTap<acc_t>* taps;  // [dst]
+  const int64_t* first;          // [src]
+  const int64_t* last;           // [src], < first where no destination reads src
+};
+
+// Host tables for one axis, packed into one byte tensor on the device.
+template <typename acc_t>
+at::Tensor axis_table(int64_t src, int64_t dst, bool align_corners, const at::Tensor& like) {
+  std::vector<LinearTap<acc_t>> taps;
+  std::vector<int64_t> first(src, dst), last(src, -1);
+  const acc_t scale = linear_scale<acc_t>(src, dst, align_corners);
+  for (int64_t d = 0; d < dst; ++d) {
+    const LinearTap<acc_t> t = linear_tap(d, src, scale, align_corners);
+    taps.push_back(t);
+    const int64_t read[2] = {t.i0, t.i1};
+    for (const int64_t s : read) first[s] = std::min(first[s], d), last[s] = std::max(last[s], d);
+  }
+  const size_t tap_bytes = taps.size() * sizeof(LinearTap<acc_t>);
+  const size_t range_bytes = src * sizeof(int64_t);
+  at::Tensor host = at::empty({static_cast<int64_t>(tap_bytes + 2 * range_bytes)}, at::kByte);
+  uint8_t* bytes = host.mutable_data_ptr<uint8_t>();
+  std::memcpy(bytes, taps.data(), tap_bytes);
+  std::memcpy(bytes + tap_bytes, first.data(), range_bytes);
+  std::memcpy(bytes + tap_bytes + range_bytes, last.data(), range_bytes);
+  return host.to(like.device());
+}
+
+template <typename acc_t>
+AxisTaps<acc_t> axis_taps(const at::Tensor& table, int64_t src, int64_t dst) {
+  const uint8_t* bytes = table.const_data_ptr<uint8_t>();
+  const size_t tap_bytes = dst * sizeof(LinearTap<acc_t>);
+  return {reinterpret_cast<const LinearTap<acc_t>*>(bytes),
+          reinterpret_cast<const int64_t*>(bytes + tap_bytes),
+          reinterpret_cast<const int64_t*>(bytes + tap_bytes + src * sizeof(int64_t))};
+}
+
+struct Dims {
+  int64_t N, C, h, w, H, W;
+  int64_t s_strides[4];  // student
+  int64_t t_strides[4];  // teacher
+};
+
+template <typename scalar_t>
+__global__ void resample_kernel(const scalar_t* __restrict__ student, const Dims d,
+                                AxisTaps<at::opmath_type<scalar_t>> rows,
+                                AxisTaps<at::opmath_type<scalar_t>> cols, scalar_t* __restrict__ up) {
+  using acc_t = at::opmath_type<scalar_t>;
+  AGKD_GRID_STRIDE(i, d.N * d.C * d.H * d.W) {
+    const int64_t j = i % d.W, q = (i / d.W) % d.H, c = (i / (d.H * d.W)) % d.C;
+    const int64_t n = i / (d.C * d.H * d.W);
+    const LinearTap<acc_t> r = rows.taps[q], k = cols.taps[j];
+    const scalar_t* plane = student + n * d.s_strides[0] + c * d.s_strides[1];
+    auto at = [&](int64_t y, int64_t x) {
+      return static_cast<acc_t>(plane[y * d.s_strides[2] + x * d.s_strides[3]]);
+    };
+    const acc_t top = k.w0 * at(r.i0, k.i0) + k.w1 * at(r.i0, k.i1);
+    const acc_t bottom = k.w0 * at(r.i1, k.i0) + k.w1 * at(r.i1, k.i1);
+    up[i] = static_cast<scalar_t>(r.w0 * top + r.w1 * bottom);
+  }
+}
+
+// The weight with which destination `dst` reads source `src` along one axis.
+template <typename acc_t>
+__device__ __forceinline__ acc_t tap_weight(const LinearTap<acc_t>& t, int64_t src) {
+  return (t.i0 == src ? t.w0 : acc_t(0)) + (t.i1 == src ? t.w1 : acc_t(0));
+}
+
+template <typename scalar_t>
+__global__ void gather_to_student_kernel(const scalar_t* __restrict__ grad_up, const Dims d,
+                                         AxisTaps<at::opmath_type<scalar_t>> rows,
+                                         AxisTaps<at::opmath_type<scalar_t>> cols,
+                                         scalar_t* __restrict__ grad_s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  AGKD_GRID_STRIDE(i, d.N * d.C * d.h * d.w) {  // i: contiguous index of grad_s
+    const int64_t x = i % d.w, y = (i / d.w) % d.h, plane = i / (d.h * d.w);
+    const scalar_t* g = grad_up + plane * d.H * d.W;
+    acc_t sum = 0;
+    for (int64_t q = rows.first[y]; q <= rows.last[y]; ++q) {
+      const acc_t wr = tap_weight(rows.taps[q], y);
+      for (int64_t j = cols.first[x]; j <= cols.last[x]; ++j) {
+        sum += wr * tap_weight(cols.taps[j], x) * static_cast<acc_t>(g[q * d.W + j]);
+      }
+    }
+    grad_s[i] = static_cast<scalar_t>(sum);
+  }
+}
+
+// Per sample Σ (up - t)² over C·H·W (up contiguous, teacher strided): one block a sample.
+template <typename scalar_t>
+__global__ void squared_distance_kernel(const scalar_t* __restrict__ up,
+                                        const scalar_t* __restrict__ teacher, const Dims d,
+                                        at::opmath_type<scalar_t>* __restrict__ out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t scratch[kThreads];
+  const int64_t n = blockIdx.x, per = d.C * d.H * d.W;
+  acc_t sum = 0;
+  for (int64_t k = threadIdx.x; k < per; k += blockDim.x) {
+    const int64_t j = k % d.W, q = (k / d.W) % d.H, c = k / (d.H * d.W);
+    const acc_t diff = static_cast<acc_t>(up[n * per + k]) -
+                       static_cast<acc_t>(teacher[n * d.t_strides[0] + c * d.t_strides[1] +
+                                                  q * d.t_strides[2] + j * d.t_strides[3]]);
+    sum += diff * diff;
+  }
+  sum = block_reduce(sum, scratch, SumOp{});
+  if (threadIdx.x == 0) out[n] = sum;
+}
+
+// Adds the MSE gradient coeff[n]·(up - t) to grad_up and subtracts it from grad_t
+// (both contiguous; either may be null).
+template <typename scalar_t>
+__global__ void mse_grad_kernel(const scalar_t* __restrict__ up, const scalar_t* __restrict__ teacher,
+                                const Dims d, const at::opmath_type<scalar_t>* __restrict__ grad_loss,
+                                at::opmath_type<scalar_t> scale, scalar_t* __restrict__ grad_up,
+                                scalar_t* __restrict__ grad_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t per = d.C * d.H * d.W;
+  AGKD_GRID_STRIDE(i, d.N * per) {
+    const int64_t j = i % d.W, q = (i / d.W) % d.H, c = (i / (d.H * d.W)) % d.C, n = i / per;
+    const acc_t t = static_cast<acc_t>(teacher[n * d.t_strides[0] + c * d.t_strides[1] +
+                                               q * d.t_strides[2] + j * d.t_strides[3]]);
+    const acc_t diff = scale * grad_loss[n] * (static_cast<acc_t>(up[i]) - t);
+    if (grad_up) grad_up[i] = static_cast<scalar_t>(static_cast<acc_t>(grad_up[i]) + diff);
+    if (grad_t) grad_t[i] = static_cast<scalar_t>(static_cast<acc_t>(grad_t[i]) - diff);
+  }
+}
+
+Dims dims_of(const at::Tensor& student, const at::Tensor& teacher) {
+  Dims d{student.size(0), student.size(1), student.size(2), student.size(3), teacher.size(2),
+         teacher.size(3), {}, {}};
+  for (int k = 0; k < 4; ++k) d.s_strides[k] = student.stride(k), d.t_strides[k] = teacher.stride(k);
+  return d;
+}
+
+// The student resampled to the teacher's size, plus the tables it was made with.
+struct Resampled {
+  at::Tensor up, row_table, col_table;
+};
+
+Resampled resample(const at::Tensor& student, const at::Tensor& teacher, const Dims& d,
+                   bool align_corners) {
+  Resampled r;
+  r.up = at::empty(teacher.sizes(), teacher.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "align_resample_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    r.row_table = axis_table<acc_t>(d.h, d.H, align_corners, student);
+    r.col_table = axis_table<acc_t>(d.w, d.W, align_corners, student);
+    resample_kernel<scalar_t><<<blocks_for(d.N * d.C * d.H * d.W), kThreads, 0, stream>>>(
+        student.const_data_ptr<scalar_t>(), d, axis_taps<acc_t>(r.row_table, d.h, d.H),
+        axis_taps<acc_t>(r.col_table, d.w, d.W), r.up.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor> align_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                  double alpha, double beta, double gamma,
+                                                  int64_t window_size, double sigma, double c1,
+                                                  double c2, c10::string_view padding, double eps,
+                                                  bool align_corners) {
+  const AlignParams a{make_params(alpha, beta, window_size, sigma, c1, c2, std::string(padding), eps),
+                      gamma, align_corners};
+  const PlaneGeometry g = align_geometry(student, teacher, a.hybrid);
+  const c10::cuda::CUDAGuard guard(student.device());
+  const Dims d = dims_of(student, teacher);
+  const Resampled r = resample(student, teacher, d, align_corners);
+  const auto acc = accumulate_dtype(student.scalar_type());
+  at::Tensor loss, stats;
+  if (alpha != 0 || beta != 0) {
+    std::tie(loss, stats) = hybrid_fwd_cuda(r.up, teacher, alpha, beta, window_size, sigma, c1,
+                                            c2, padding, eps);
+  } else {
+    loss = at::zeros({g.N}, student.options().dtype(acc));
+    stats = at::zeros({g.N, 3}, student.options().dtype(acc));
+  }
+  if (gamma != 0) {
+    at::Tensor sq = at::empty({g.N}, student.options().dtype(acc));
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "align_mse_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      squared_distance_kernel<scalar_t><<<g.N, kThreads, 0, stream>>>(
+          r.up.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(), d,
+          sq.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    loss.add_(sq, gamma / static_cast<double>(g.C * g.H * g.W));
+  }
+  return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> align_bwd_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+    const at::Tensor& stats, double alpha, double beta, double gamma, int64_t window_size,
+    double sigma, double c1, double c2, c10::string_view padding, double eps, bool align_corners,
+    bool needs_grad_student, bool needs_grad_teacher) {
+  const AlignParams a{make_params(alpha, beta, window_size, sigma, c1, c2, std::string(padding), eps),
+                      gamma, align_corners};
+  const PlaneGeometry g = align_geometry(student, teacher, a.hybrid);
+  check_backward_inputs(grad_loss, stats, teacher, g);
+  const c10::cuda::CUDAGuard guard(student.device());
+  at::Tensor grad_s = input_grad_or_empty(student, needs_grad_student);
+  if (!needs_grad_student && !needs_grad_teacher) {
+    return {grad_s, input_grad_or_empty(teacher, false)};
+  }
+  const Dims d = dims_of(student, teacher);
+  const Resampled r = resample(student, teacher, d, align_corners);
+  const at::Tensor gl = grad_loss.contiguous();
+  at::Tensor grad_up, grad_t;
+  if (alpha != 0 || beta != 0) {
+    std::tie(grad_up, grad_t) = hybrid_bwd_cuda(gl, r.up, teacher, stats, alpha, beta, window_size,
+                                                sigma, c1, c2, padding, eps, needs_grad_student,
+                                                needs_grad_teacher);
+  } else {
+    grad_up = needs_grad_student ? at::zeros(r.up.sizes(), r.up.options()) : at::empty({0}, r.up.options());
+    grad_t = needs_grad_teacher ? at::zeros(r.up.sizes(), r.up.options()) : at::empty({0}, r.up.options());
+  }
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "align_bwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (gamma != 0) {
+      mse_grad_kernel<scalar_t><<<blocks_for(d.N * d.C * d.H * d.W), kThreads, 0, stream>>>(
+          r.up.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(), d,
+          gl.const_data_ptr<acc_t>(),
+          static_cast<acc_t>(2.0 * gamma / static_cast<double>(g.C * g.H * g.W)),
+          needs_grad_student ? grad_up.mutable_data_ptr<scalar_t>() : nullptr,
+          needs_grad_teacher ? grad_t.mutable_data_ptr<scalar_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (needs_grad_student) {
+      gather_to_student_kernel<scalar_t><<<blocks_for(grad_s.numel()), kThreads, 0, stream>>>(
+          grad_up.const_data_ptr<scalar_t>(), d, axis_taps<acc_t>(r.row_table, d.h, d.H),
+          axis_taps<acc_t>(r.col_table, d.w, d.W), grad_s.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {grad_s, grad_t};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(agkd, CUDA, m) {
+  m.impl("attention_map_fwd", &attention_map_fwd_cuda);
+  m.impl("attention_map_bwd", &attention_map_bwd_cuda);
+  m.impl("align_fwd", &align_fwd_cuda);
+  m.impl("align_bwd", &align_bwd_cuda);
+}
+
+}  // namespace agkd
