@@ -20,6 +20,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 
+def case_label(shape, kw):
+    """The shape, plus the compared loss where one op serves several (attention alignment)."""
+    return shape_label(shape) + (f" ({kw['loss']})" if "loss" in kw else "")
+
+
 def _machine():
     cpu = platform.processor() or platform.machine()
     try:
@@ -43,13 +48,13 @@ def main():
     medians = defaultdict(dict)  # (loss, shape, device) -> impl -> ms
     for b in bench["benchmarks"]:
         info = b["extra_info"]
-        key = (info["loss"], shape_label(info["shape"]), info["device"])
+        key = (info["loss"], case_label(info["shape"], info["kwargs"]), info["device"])
         medians[key][info["impl"]] = 1e3 * b["stats"]["median"]
     memory = {}
     for loss, impls in IMPLEMENTATIONS.items():
-        for name, shape, _ in SHAPES[loss]:
+        for name, shape, kw in SHAPES[loss]:
             for impl in impls:
-                memory[(loss, shape_label(shape), impl)] = peak_extra_bytes(loss, impl, name)
+                memory[(loss, case_label(shape, kw), impl)] = peak_extra_bytes(loss, impl, name)
 
     machine = _machine()
     device = "cuda" if torch.cuda.is_available() else "cpu"

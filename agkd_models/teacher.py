@@ -1,0 +1,108 @@
+"""The AGKD hybrid teacher: a CNN branch (VGG19 by default) and a ViT branch (ViT-B/16 by
+default), each with ``num_classes`` outputs, concatenated and mapped by one linear layer
+to the teacher's logits; plus the teacher attention map ``A_T = Combine(A_CNN, A_ViT)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import timm
+import torch
+from torch import nn
+
+import agkd_ops
+
+from .attention import ViTAttentionRecorder, attention_rollout, cls_attention, combine_attention
+
+__all__ = ["HybridTeacher", "TeacherOutput", "create_timm_model"]
+
+
+def create_timm_model(name: str, num_classes: int, *, pretrained: bool = False,
+                      weights: Optional[str] = None, **kwargs: Any) -> nn.Module:
+    """A timm model by name. ``weights``: a local checkpoint file loaded through timm's
+    pretrained machinery (``pretrained_cfg_overlay=dict(file=...)``, classifier adapted to
+    ``num_classes``); nothing is downloaded unless ``pretrained=True`` without ``weights``."""
+    if weights is not None:
+        return timm.create_model(name, pretrained=True, num_classes=num_classes,
+                                 pretrained_cfg_overlay=dict(file=str(weights)), **kwargs)
+    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+
+
+@dataclass
+class TeacherOutput:
+    logits: torch.Tensor              # (B, K) fused teacher logits z_T
+    attention: torch.Tensor           # (B, 1 or 2, H, W) A_T
+    cnn_logits: torch.Tensor          # (B, K)
+    vit_logits: torch.Tensor          # (B, K)
+    cnn_attention: torch.Tensor       # (B, 1, h, w) attention transfer of the last conv map
+    vit_attention: torch.Tensor       # (B, 1, gh, gw) CLS attention or rollout
+    cnn_features: torch.Tensor        # (B, C, h, w) last convolutional feature map
+    tokens: torch.Tensor              # (B, T, D) last-block tokens (prefix tokens first)
+    qkv: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # last block's q, k, v: (B, heads, T, hd)
+    num_prefix_tokens: int
+    grid: Tuple[int, int]             # ViT patch grid (gh, gw)
+
+
+class HybridTeacher(nn.Module):
+    """CNN + ViT teacher (AGKD, Fig. 1): ``z_T = W [z_CNN ; z_ViT] + b``.
+
+    Args:
+        num_classes: classes ``d`` of each branch and of the fused output.
+        cnn, vit: timm model names (``"vgg19"``, ``"vit_base_patch16_224"`` by default;
+            e.g. ``"vgg11"`` and ``"vit_tiny_patch16_224"`` for tests).
+        cnn_weights, vit_weights: local checkpoint files for the branches.
+        pretrained: let timm fetch its pretrained weights (needs a network).
+        vit_kwargs: extra ``timm.create_model`` arguments of the ViT (``img_size``,
+            ``patch_size``, ...).
+        vit_attention: ``"cls"`` (last block's CLS attention, head mean) or ``"rollout"``.
+        combine: ``"add"`` (normalised sum, one channel) or ``"concat"`` (two channels).
+        attention_size: resolution of ``A_T`` (default: the larger branch map).
+        p: exponent of the CNN attention map.
+    """
+
+    def __init__(self, num_classes: int, *, cnn: str = "vgg19", vit: str = "vit_base_patch16_224",
+                 cnn_weights: Optional[str] = None, vit_weights: Optional[str] = None,
+                 pretrained: bool = False, vit_kwargs: Optional[Dict[str, Any]] = None,
+                 vit_attention: str = "cls", combine: str = "add",
+                 attention_size: Optional[Tuple[int, int]] = None, p: float = 2.0):
+        super().__init__()
+        if vit_attention not in ("cls", "rollout"):
+            raise ValueError(f"HybridTeacher: vit_attention must be 'cls' or 'rollout', got {vit_attention!r}")
+        if combine not in ("add", "concat"):
+            raise ValueError(f"HybridTeacher: combine must be 'add' or 'concat', got {combine!r}")
+        self.cnn = create_timm_model(cnn, num_classes, pretrained=pretrained, weights=cnn_weights)
+        self.vit = create_timm_model(vit, num_classes, pretrained=pretrained, weights=vit_weights,
+                                     **(vit_kwargs or {}))
+        self.fuse = nn.Linear(2 * num_classes, num_classes)
+        self.vit_attention, self.combine, self.p = vit_attention, combine, p
+        self.attention_size = tuple(attention_size) if attention_size is not None else None
+        blocks = range(len(self.vit.blocks)) if vit_attention == "rollout" else [len(self.vit.blocks) - 1]
+        self._recorder = ViTAttentionRecorder(self.vit, list(blocks))
+
+    @property
+    def attention_channels(self) -> int:
+        return 2 if self.combine == "concat" else 1
+
+    def forward(self, images: torch.Tensor) -> TeacherOutput:
+        self._recorder.clear()
+        cnn_features = self.cnn.forward_features(images)
+        cnn_logits = self.cnn.forward_head(cnn_features)
+        tokens = self.vit.forward_features(images)
+        vit_logits = self.vit.forward_head(tokens)
+        logits = self.fuse(torch.cat([cnn_logits, vit_logits], dim=1))
+
+        prefix = self.vit.num_prefix_tokens
+        grid = tuple(self.vit.patch_embed.grid_size)
+        records = self._recorder.records
+        last = records[len(self.vit.blocks) - 1]
+        if self.vit_attention == "cls":
+            vit_map = cls_attention(last["attn"], prefix, grid)
+        else:
+            vit_map = attention_rollout([records[i]["attn"] for i in sorted(records)], prefix, grid)
+        cnn_map = agkd_ops.attention_map(cnn_features.float(), p=self.p)
+        attention = combine_attention(cnn_map, vit_map.to(cnn_map.dtype), self.combine, self.attention_size)
+        return TeacherOutput(logits=logits, attention=attention, cnn_logits=cnn_logits,
+                             vit_logits=vit_logits, cnn_attention=cnn_map, vit_attention=vit_map,
+                             cnn_features=cnn_features, tokens=tokens,
+                             qkv=(last["q"], last["k"], last["v"]), num_prefix_tokens=prefix, grid=grid)
