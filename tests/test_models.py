@@ -48,6 +48,8 @@ def test_teacher_outputs(batch, vit_attention, combine):
     torch.testing.assert_close(norms, torch.ones_like(norms))
     assert out.tokens.shape == (8, 65, 192) and out.qkv[0].shape == (8, 3, 65, 64)
     assert out.vit_attention.shape == (8, 1, 8, 8) and (out.vit_attention >= 0).all()
+    for tensor in (out.logits, out.attention, out.cnn_attention, out.vit_attention, out.tokens, *out.qkv):
+        assert tensor.dtype == torch.float32
 
 
 def test_vit_attention_matches_explicit_softmax(batch):
@@ -78,6 +80,7 @@ def test_student_outputs(batch):
         assert (a >= 0).all()
         torch.testing.assert_close(a.flatten(1).norm(dim=1), torch.ones(8))
     assert set(out.features) == {2, 3} and out.features[3].shape[1] == student.stage_channels(3)
+    assert all(t.dtype == torch.float32 for t in [out.logits, *out.attention, *out.features.values()])
 
 
 def make_distiller(kind, **kw):
