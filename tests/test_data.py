@@ -1,0 +1,97 @@
+"""Data sets: the embedded digits, ImageFolder trees (train/val folders or a split),
+TinyImageNet's layout, CIFAR roots, clear errors for missing or malformed roots, and
+unreadable images skipped with a counted warning."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from agkd_models.data import DataError, build_datasets
+
+
+def write_image(path, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (12, 10, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def test_digits_split_is_stratified_fixed_and_normalised():
+    splits = build_datasets("digits", image_size=24, val_fraction=0.2, seed=0)
+    again = build_datasets("digits", image_size=24, val_fraction=0.2, seed=0)
+    assert splits.num_classes == 10 and len(splits.train) + len(splits.val) == 1797
+    assert torch.equal(splits.val.labels, again.val.labels)
+    counts = torch.bincount(splits.val.labels, minlength=10).float()
+    assert counts.min() / counts.max() > 0.9  # stratified
+    image, label = splits.val[0]
+    assert image.shape == (3, 24, 24) and image.dtype == torch.float32 and 0 <= label < 10
+    torch.manual_seed(0)
+    assert splits.train[0][0].shape == (3, 24, 24)
+
+
+def test_folder_with_train_and_val(tmp_path):
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            for i in range(3):
+                write_image(tmp_path / split / c / f"{i}.png", i)
+    splits = build_datasets("folder", str(tmp_path), image_size=16)
+    assert splits.classes == ["cat", "dog"] and len(splits.train) == 6 and len(splits.val) == 6
+    image, label = splits.val[5]
+    assert image.shape == (3, 16, 16) and label == 1
+
+
+def test_folder_split_by_fraction_and_corrupt_images_skipped(tmp_path):
+    for c in ("a", "b", "c"):
+        for i in range(5):
+            write_image(tmp_path / c / f"{i}.jpg", i)
+    (tmp_path / "b" / "broken.jpg").write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match=r"1 unreadable image\(s\)"):
+        splits = build_datasets("folder", str(tmp_path), image_size=16, val_fraction=0.4)
+    assert len(splits.train) + len(splits.val) == 15
+    for dataset in (splits.train, splits.val):
+        for i in range(len(dataset)):
+            assert dataset[i][0].shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda root: None, ["does not exist", "ROOT/train/<class>"]),
+    (lambda root: root.mkdir(), ["no class sub-folders"]),
+    (lambda root: (root / "a").mkdir(parents=True), ["no images"]),
+])
+def test_folder_errors_name_the_path_and_layout(tmp_path, make, words):
+    root = tmp_path / "data"
+    make(root)
+    with pytest.raises(DataError) as info:
+        build_datasets("folder", str(root))
+    assert str(root) in str(info.value)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_tinyimagenet_layout(tmp_path):
+    (tmp_path / "wnids.txt").write_text("n01\nn02\n")
+    for wnid in ("n01", "n02"):
+        for i in range(2):
+            write_image(tmp_path / "train" / wnid / "images" / f"{wnid}_{i}.JPEG", i)
+    for i in range(2):
+        write_image(tmp_path / "val" / "images" / f"val_{i}.JPEG", i)
+    (tmp_path / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn02\t0\t0\t1\t1\nval_1.JPEG\tn01\t0\t0\t1\t1\n")
+    splits = build_datasets("tinyimagenet", str(tmp_path), image_size=16)
+    assert splits.classes == ["n01", "n02"] and len(splits.train) == 4
+    assert [splits.val[i][1] for i in range(2)] == [1, 0]
+    (tmp_path / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn99\n")
+    with pytest.raises(DataError, match="val_annotations.txt:1"):
+        build_datasets("tinyimagenet", str(tmp_path))
+    (tmp_path / "wnids.txt").unlink()
+    with pytest.raises(DataError, match="wnids.txt is missing"):
+        build_datasets("tinyimagenet", str(tmp_path))
+
+
+def test_cifar_without_data_is_a_clear_error_and_no_download(tmp_path):
+    with pytest.raises(DataError, match=r"cifar10: no valid data set .*--download"):
+        build_datasets("cifar10", str(tmp_path))
+    assert not any(tmp_path.iterdir())  # nothing fetched
+
+
+def test_unknown_dataset():
+    with pytest.raises(DataError, match="unknown data set 'imagenet'"):
+        build_datasets("imagenet", "/tmp")
