@@ -176,6 +176,14 @@ class CAKD(Distiller):
         self.iterations = 0
         self.discriminator_steps = 0
 
+    def get_extra_state(self):
+        # Saved with state_dict, so a resumed run keeps the discriminator's schedule.
+        return {"iterations": self.iterations, "discriminator_steps": self.discriminator_steps}
+
+    def set_extra_state(self, state):
+        self.iterations = int(state["iterations"])
+        self.discriminator_steps = int(state["discriminator_steps"])
+
     def trainable_parameters(self):
         """Student and projectors: what the main optimizer updates (not the discriminator)."""
         for module in (self.student, self.pca, self.gl):

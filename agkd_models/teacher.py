@@ -53,8 +53,8 @@ class HybridTeacher(nn.Module):
             e.g. ``"vgg11"`` and ``"vit_tiny_patch16_224"`` for tests).
         cnn_weights, vit_weights: local checkpoint files for the branches.
         pretrained: let timm fetch its pretrained weights (needs a network).
-        vit_kwargs: extra ``timm.create_model`` arguments of the ViT (``img_size``,
-            ``patch_size``, ...).
+        vit_kwargs, cnn_kwargs: extra ``timm.create_model`` arguments of each branch (ViT:
+            ``img_size``, ``patch_size``, ...; VGG: ``mlp_ratio`` shrinks its 4096-wide head).
         vit_attention: ``"cls"`` (last block's CLS attention, head mean) or ``"rollout"``.
         combine: ``"add"`` (normalised sum, one channel) or ``"concat"`` (two channels).
         attention_size: resolution of ``A_T`` (default: the larger branch map).
@@ -64,6 +64,7 @@ class HybridTeacher(nn.Module):
     def __init__(self, num_classes: int, *, cnn: str = "vgg19", vit: str = "vit_base_patch16_224",
                  cnn_weights: Optional[str] = None, vit_weights: Optional[str] = None,
                  pretrained: bool = False, vit_kwargs: Optional[Dict[str, Any]] = None,
+                 cnn_kwargs: Optional[Dict[str, Any]] = None,
                  vit_attention: str = "cls", combine: str = "add",
                  attention_size: Optional[Tuple[int, int]] = None, p: float = 2.0):
         super().__init__()
@@ -71,7 +72,8 @@ class HybridTeacher(nn.Module):
             raise ValueError(f"HybridTeacher: vit_attention must be 'cls' or 'rollout', got {vit_attention!r}")
         if combine not in ("add", "concat"):
             raise ValueError(f"HybridTeacher: combine must be 'add' or 'concat', got {combine!r}")
-        self.cnn = create_timm_model(cnn, num_classes, pretrained=pretrained, weights=cnn_weights)
+        self.cnn = create_timm_model(cnn, num_classes, pretrained=pretrained, weights=cnn_weights,
+                                     **(cnn_kwargs or {}))
         self.vit = create_timm_model(vit, num_classes, pretrained=pretrained, weights=vit_weights,
                                      **(vit_kwargs or {}))
         self.fuse = nn.Linear(2 * num_classes, num_classes)
