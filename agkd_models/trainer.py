@@ -247,7 +247,7 @@ class Trainer:
             if not torch.isfinite(total):
                 raise NonFiniteLossError(
                     f"non-finite loss ({total.item()}) in epoch {epoch + 1}; terms "
-                    f"{ {k: float(v) for k, v in terms.items()} }; the last good checkpoint "
+                    f"{ {k: float(v.detach()) for k, v in terms.items()} }; the last good checkpoint "
                     f"({self.checkpoint_path if self.checkpoint_path.exists() else 'none yet'}) is kept")
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()

@@ -1,0 +1,150 @@
+"""The agkd command and the trainer: end to end on digits with a tiny budget (teacher, then
+distill, then evaluate), config overrides and the saved resolved config, exact resume
+after SIGKILL mid-epoch, atomic checkpoints, non-finite loss stop, clear data errors,
+reports and plots."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from agkd_models.cli import main
+from agkd_models.config import ConfigError, load_config
+from agkd_models.trainer import NonFiniteLossError, TeacherTask, Trainer, TrainConfig, atomic_save
+
+TINY = ["--set", "data.limit_train=64", "--set", "data.limit_val=32", "--set", "train.epochs=1",
+        "--set", "train.batch_size=32", "--set", "train.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    assert main(["train-teacher", "--out", str(out)] + TINY) == 0
+    return out
+
+
+def test_train_teacher_writes_everything(teacher_run):
+    for name in ("teacher.pt", "checkpoint.pt", "metrics.jsonl", "metrics.csv", "report.md", "curves.png",
+                 "config.yaml"):
+        assert (teacher_run / name).is_file(), name
+    config = yaml.safe_load((teacher_run / "config.yaml").read_text())
+    assert config["data"]["limit_train"] == 64 and config["train"]["epochs"] == 1  # overrides resolved
+    records = [json.loads(line) for line in (teacher_run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and {"train_loss", "val_loss", "train_acc", "val_acc", "train_ce"} <= set(records[0])
+    assert "| teacher |" in (teacher_run / "report.md").read_text()
+    state = torch.load(teacher_run / "checkpoint.pt", weights_only=True)  # loads without pickle code
+    assert state["epoch"] == 0
+
+
+@pytest.mark.parametrize("method", ["agkd", "logit", "none"])
+def test_distill_then_evaluate(teacher_run, tmp_path, method, capsys):
+    out = tmp_path / method
+    assert main(["distill", "--teacher", str(teacher_run / "teacher.pt"), "--method", method,
+                 "--out", str(out)] + TINY) == 0
+    report = (out / "report.md").read_text()
+    assert "relative error" in report and f"student ({method})" in report
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out / "student.pt"), "--model", "student"] + TINY) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["samples"] == 32
+    assert result["val_acc"] == pytest.approx(records[-1]["val_acc"])
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="unknown key 'train.epoch'"):
+        load_config("digits", ["train.epoch=3"])
+    with pytest.raises(ConfigError, match="no preset"):
+        load_config("imagenet-22k")
+    assert load_config("cifar100", ["train.lr=0.1"])["train"]["lr"] == 0.1
+    assert main(["train-teacher", "--set", "train.epochs"]) == 2
+
+
+def test_missing_data_root_is_a_clear_cli_error(tmp_path, capsys):
+    code = main(["train-teacher", "--config", "caltech101", "--set", f"data.root={tmp_path / 'nope'}",
+                 "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert f"{tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+
+
+def _cli(out, extra=()):
+    return [sys.executable, "-m", "agkd_models.cli", "train-teacher", "--out", str(out),
+            "--set", "data.limit_train=96", "--set", "data.limit_val=32", "--set", "train.epochs=3",
+            "--set", "train.batch_size=16", "--set", "train.progress=false", *extra]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # bitwise-repeatable CPU math across processes
+    full = tmp_path / "full"
+    subprocess.run(_cli(full) + ["--set", "train.num_workers=0"], check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the second epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = metrics.read_text().count("\n")
+    assert 1 <= done < 3, "the run should have been killed mid-way"
+    subprocess.run(_cli(killed, ["--resume"]), check=True, env=env, capture_output=True)
+    want = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert len(got) == 3
+    for a, b in zip(want, got):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert a[key] == b[key], key
+    assert torch.equal(torch.load(full / "teacher.pt", weights_only=True)["fuse.weight"],
+                       torch.load(killed / "teacher.pt", weights_only=True)["fuse.weight"])
+
+
+def test_atomic_checkpoint_never_leaves_a_truncated_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    atomic_save({"epoch": 1, "w": torch.ones(3)}, path)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        atomic_save({"epoch": 2, "w": torch.zeros(3)}, path)
+    state = torch.load(path, weights_only=True)
+    assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
+
+
+class _Exploding(torch.nn.Module):
+    def __init__(self, bad_epoch):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+        self.bad_epoch, self.epoch_calls = bad_epoch, 0
+        self.last_logits = None
+
+    def trainable_parameters(self):
+        return self.parameters()
+
+    def forward(self, x, y):
+        logits = self.linear(x)
+        self.last_logits = logits.detach()
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        self.epoch_calls += 1
+        if self.epoch_calls > self.bad_epoch * 2:  # two batches per epoch
+            loss = loss * float("nan")
+        return {"ce": loss, "total": loss}
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    task = _Exploding(bad_epoch=1)
+    trainer = Trainer(task, TrainConfig(epochs=3, batch_size=4, progress=False, device="cpu"), tmp_path,
+                      evaluate_model=task.linear)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* epoch 2;.*last good checkpoint"):
+        trainer.fit(data, data)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["task"].values())
