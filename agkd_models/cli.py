@@ -22,7 +22,7 @@ import torch
 
 from .config import PRESETS, ConfigError, load_config, save_config
 from .data import DataError, build_datasets
-from .distill import AGKD, LogitKD
+from .distill import AGKD, ATTENTION_LOSSES, LogitKD
 from .cakd import CAKD
 from .report import comparison_metrics, model_costs, plot_curves, write_report
 from .student import Student
@@ -167,13 +167,23 @@ def cmd_demo(args, cfg):
     device = resolve_device(cfg["train"]["device"])
     size = cfg["data"]["image_size"]
     runs = {"teacher": {"history": teacher_run["history"], "costs": model_costs(teacher_run["model"], size, device)}}
-    labels = {"none": "student, no KD", "logit": "student, logit KD", "agkd": "student, AGKD (hybrid attention)"}
-    for method in ("none", "logit", "agkd"):
+    # Students: no KD, logit KD, then AGKD with each requested attention loss (several of
+    # them give the paper's Table II rows).
+    variants = [("none", None, "student, no KD"), ("logit", None, "student, logit KD")]
+    losses = [loss.strip() for loss in args.attention_losses.split(",") if loss.strip()]
+    unknown = sorted(set(losses) - set(ATTENTION_LOSSES))
+    if unknown:
+        raise ConfigError(f"--attention-losses: unknown {', '.join(unknown)}; choose from {', '.join(ATTENTION_LOSSES)}")
+    variants += [("agkd", loss, f"student, AGKD ({loss} attention)") for loss in losses]
+    for method, attention_loss, label in variants:
         student_cfg = json.loads(json.dumps(cfg))
         student_cfg["train"]["epochs"] = args.student_epochs
-        print(f"[demo] {labels[method]}")
-        run = distill(student_cfg, str(out / "teacher" / "teacher.pt"), method, out / method)
-        runs[labels[method]] = _student_run(student_cfg, run, device)
+        if attention_loss:
+            student_cfg["distill"]["attention_loss"] = attention_loss
+        print(f"[demo] {label}")
+        folder = method if attention_loss is None else f"agkd-{attention_loss}"
+        run = distill(student_cfg, str(out / "teacher" / "teacher.pt"), method, out / folder)
+        runs[label] = _student_run(student_cfg, run, device)
     notes = [f"Digits ({cfg['data']['image_size']} px), teacher {args.teacher_epochs} epochs, students "
              f"{args.student_epochs} epochs each, seed {cfg['train']['seed']}, total {time.time() - start:.0f} s "
              f"on {device}. One seed on a small data set: differences of a point or two are noise."]
@@ -211,6 +221,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--teacher-epochs", type=int, default=4)
     p.add_argument("--student-epochs", type=int, default=4)
+    p.add_argument("--attention-losses", default="hybrid",
+                   help="comma-separated AGKD attention losses to compare (mse,cosine,ssim,hybrid,perceptual)")
 
     args = parser.parse_args(argv)
     try:

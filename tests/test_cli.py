@@ -148,3 +148,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         trainer.fit(data, data)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["task"].values())
+
+
+def test_demo_compares_attention_losses(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--teacher-epochs", "1", "--student-epochs", "1",
+                 "--attention-losses", "mse,hybrid"] + TINY) == 0
+    report = (out / "report.md").read_text()
+    for row in ("| teacher |", "| student, no KD |", "| student, logit KD |",
+                "| student, AGKD (mse attention) |", "| student, AGKD (hybrid attention) |"):
+        assert row in report
+    assert (out / "curves.png").stat().st_size > 0 and "Table I" in capsys.readouterr().out
