@@ -201,6 +201,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                        help=f"preset ({', '.join(PRESETS)}) or YAML file (default: {default_config})")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config entry, e.g. --set train.epochs=3 (repeatable)")
+        p.add_argument("--download", action="store_true",
+                       help="allow fetching the data set (CIFAR); never done otherwise")
 
     p = sub.add_parser("train-teacher", help="train the hybrid teacher")
     common(p, "digits")
@@ -227,6 +229,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
+        if args.download:
+            cfg["data"]["download"] = True
         {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "evaluate": cmd_evaluate,
          "demo": cmd_demo}[args.command](args, cfg)
     except (ConfigError, DataError, NonFiniteLossError) as exc:

@@ -11,9 +11,8 @@ from hypothesis import given, strategies as st
 import agkd_ops
 from agkd_ops import reference as R
 
-from .helpers import assert_clear_error
-
 from .conftest import requires_native_cpu
+from .helpers import assert_clear_error
 
 TOL = {torch.float64: (1e-9, 1e-11), torch.float32: (2e-4, 2e-5)}
 
