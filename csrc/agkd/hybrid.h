@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
 #include <string>
 
@@ -112,6 +113,13 @@ struct AlignParams {
   double gamma;  // weight of the mean squared difference
   bool align_corners;
 };
+
+inline AlignParams make_align_params(double alpha, double beta, double gamma, int64_t window_size,
+                                     double sigma, double c1, double c2, c10::string_view padding,
+                                     double eps, bool align_corners) {
+  return {make_params(alpha, beta, window_size, sigma, c1, c2, std::string(padding), eps), gamma,
+          align_corners};
+}
 
 // Checks shared by align_fwd/bwd; returns the teacher's geometry.
 inline PlaneGeometry align_geometry(const at::Tensor& student, const at::Tensor& teacher,

@@ -728,8 +728,8 @@ std::tuple<at::Tensor, at::Tensor> align_fwd_cpu(const at::Tensor& student, cons
                                                  int64_t window_size, double sigma, double c1,
                                                  double c2, c10::string_view padding, double eps,
                                                  bool align_corners) {
-  const AlignParams a{make_params(alpha, beta, window_size, sigma, c1, c2, std::string(padding), eps),
-                      gamma, align_corners};
+  const AlignParams a =
+      make_align_params(alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps, align_corners);
   const PlaneGeometry g = align_geometry(student, teacher, a.hybrid);
   const auto acc = accumulate_dtype(student.scalar_type());
   at::Tensor loss = at::empty({g.N}, student.options().dtype(acc));
@@ -747,8 +747,8 @@ std::tuple<at::Tensor, at::Tensor> align_bwd_cpu(
     const at::Tensor& stats, double alpha, double beta, double gamma, int64_t window_size,
     double sigma, double c1, double c2, c10::string_view padding, double eps, bool align_corners,
     bool needs_grad_student, bool needs_grad_teacher) {
-  const AlignParams a{make_params(alpha, beta, window_size, sigma, c1, c2, std::string(padding), eps),
-                      gamma, align_corners};
+  const AlignParams a =
+      make_align_params(alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps, align_corners);
   const PlaneGeometry g = align_geometry(student, teacher, a.hybrid);
   check_backward_inputs(grad_loss, stats, teacher, g);
   const at::Tensor gl = grad_loss.contiguous(), st = stats.contiguous();

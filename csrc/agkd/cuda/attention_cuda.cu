@@ -348,8 +348,8 @@ std::tuple<at::Tensor, at::Tensor> align_fwd_cuda(const at::Tensor& student, con
                                                   int64_t window_size, double sigma, double c1,
                                                   double c2, c10::string_view padding, double eps,
                                                   bool align_corners) {
-  const AlignParams a{make_params(alpha, beta, window_size, sigma, c1, c2, std::string(padding), eps),
-                      gamma, align_corners};
+  const AlignParams a =
+      make_align_params(alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps, align_corners);
   const PlaneGeometry g = align_geometry(student, teacher, a.hybrid);
   const c10::cuda::CUDAGuard guard(student.device());
   const Dims d = dims_of(student, teacher);
@@ -383,8 +383,8 @@ std::tuple<at::Tensor, at::Tensor> align_bwd_cuda(
     const at::Tensor& stats, double alpha, double beta, double gamma, int64_t window_size,
     double sigma, double c1, double c2, c10::string_view padding, double eps, bool align_corners,
     bool needs_grad_student, bool needs_grad_teacher) {
-  const AlignParams a{make_params(alpha, beta, window_size, sigma, c1, c2, std::string(padding), eps),
-                      gamma, align_corners};
+  const AlignParams a =
+      make_align_params(alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps, align_corners);
   const PlaneGeometry g = align_geometry(student, teacher, a.hybrid);
   check_backward_inputs(grad_loss, stats, teacher, g);
   const c10::cuda::CUDAGuard guard(student.device());
