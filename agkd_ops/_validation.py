@@ -103,7 +103,7 @@ def check_target(fn: str, target, logits: torch.Tensor, name: str = "target") ->
     # A data-dependent check cannot be traced; under torch.compile the kernel turns an
     # out-of-range target into a NaN loss for that row instead (never an out-of-bounds read).
     if not torch.compiler.is_compiling():
-        lo, hi = int(target.min()), int(target.max())
+        lo, hi = (int(v) for v in torch.aminmax(target))  # one pass, one sync
         if lo < 0 or hi >= k:
             raise ValueError(
                 f"agkd_ops.{fn}: {name} must hold class indices in [0, {k}) for K={k} classes, "
