@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distill import Distiller
+from .distributed import average_gradients
 from .student import Student, StudentOutput
 from .teacher import HybridTeacher, TeacherOutput
 
@@ -176,6 +177,15 @@ class CAKD(Distiller):
         self.iterations = 0
         self.discriminator_steps = 0
 
+    # Under DDP: the discriminator steps itself and averages its own gradients over the
+    # ranks; the PCA projector's convolutions go unused when the teacher's Q/K/V replace them.
+    ddp_self_synced = ("discriminator",)
+    ddp_find_unused_parameters = True
+
+    def enable_compile(self) -> None:
+        # The loss path steps the discriminator's optimizer: only the student is compiled.
+        self.student.compile()
+
     def get_extra_state(self):
         # Saved with state_dict, so a resumed run keeps the discriminator's schedule.
         return {"iterations": self.iterations, "discriminator_steps": self.discriminator_steps}
@@ -196,6 +206,7 @@ class CAKD(Distiller):
                    + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
             self.discriminator_optimizer.zero_grad(set_to_none=True)
             mad.backward()
+            average_gradients(self.discriminator.parameters())
             self.discriminator_optimizer.step()
         self.discriminator_steps += 1
         return mad.detach()

@@ -1,18 +1,23 @@
-"""The ``agkd`` command: ``train-teacher``, ``distill``, ``evaluate`` and ``demo``.
+"""The ``agkd`` command: ``train-teacher``, ``distill``, ``cache-teacher``, ``evaluate``
+and ``demo``.
 
     agkd train-teacher --config digits --out runs/teacher
     agkd distill --config digits --teacher runs/teacher/teacher.pt --method agkd --out runs/agkd
+    agkd cache-teacher --config digits --teacher runs/teacher/teacher.pt --epochs 5 --out runs/cache
+    agkd distill ... --teacher-cache runs/cache     # replays the cache: no teacher forward passes
     agkd evaluate --config digits --checkpoint runs/agkd/student.pt --model student
     agkd demo                                  # digits: teacher, then three students, a table
+    torchrun --nproc_per_node=4 -m agkd_models.cli distill ...   # DDP, one process per GPU
 
 ``--config`` takes a preset name (``agkd_models/configs``) or a YAML file; ``--set
 section.key=value`` overrides any entry; the resolved configuration is saved as
-``config.yaml`` in the output folder.
+``config.yaml`` in the output folder. Under ``torchrun`` only rank 0 writes files.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,15 +25,17 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from . import distributed
+from .cache import CachedTeacherDataset, TeacherCache, TeacherCacheError, cache_identity, write_teacher_cache
 from .config import PRESETS, ConfigError, load_config, save_config
-from .data import DataError, build_datasets
+from .data import DataError, build_datasets, limit
 from .distill import AGKD, ATTENTION_LOSSES, LogitKD
 from .cakd import CAKD
 from .report import comparison_metrics, model_costs, plot_curves, write_report
 from .student import Student
 from .teacher import HybridTeacher
-from .trainer import (NonFiniteLossError, TeacherTask, Trainer, TrainConfig, evaluate_logits, limit,
-                      resolve_device)
+from .trainer import (AMP_MODES, NonFiniteLossError, TeacherTask, Trainer, TrainConfig, classification_metrics,
+                      evaluate_logits, resolve_device)
 
 METHODS = ("agkd", "logit", "cakd", "none")
 
@@ -85,23 +92,55 @@ def train_teacher(cfg: Dict[str, Any], out: Path, resume: bool = False) -> Dict[
     teacher = build_teacher(cfg, num_classes)
     trainer = Trainer(TeacherTask(teacher), TrainConfig.from_dict(cfg["train"]), out, evaluate_model=teacher)
     history = trainer.fit(train_set, val_set, resume=resume)
-    torch.save(teacher.state_dict(), out / "teacher.pt")
+    if trainer.world.is_main:
+        torch.save(teacher.state_dict(), out / "teacher.pt")
     return {"history": history, "model": teacher}
 
 
-def distill(cfg: Dict[str, Any], teacher_path: str, method: str, out: Path, resume: bool = False) -> Dict[str, Any]:
+# Methods that need only the teacher's logits and attention map, which a cache holds.
+CACHEABLE = ("agkd", "logit")
+
+
+def open_teacher_cache(path: str, cfg: Dict[str, Any], train_set, teacher) -> TeacherCache:
+    return TeacherCache.open(path, expect=cache_identity(train_set, teacher, cfg["teacher"]))
+
+
+def distill(cfg: Dict[str, Any], teacher_path: str, method: str, out: Path, resume: bool = False,
+            teacher_cache: Optional[str] = None) -> Dict[str, Any]:
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if teacher_cache and method not in CACHEABLE:
+        raise ConfigError(f"--teacher-cache serves the methods that read only the teacher's logits and attention "
+                          f"({', '.join(CACHEABLE)}); {method!r} needs the online teacher")
     train_set, val_set, num_classes = build_data(cfg)
     _seeded(cfg)
     teacher = build_teacher(cfg, num_classes)
     load_weights(teacher, teacher_path)
+    if teacher_cache:
+        cache = open_teacher_cache(teacher_cache, cfg, train_set, teacher)
+        if cfg["train"]["epochs"] > cache.epochs and distributed.world().is_main:
+            print(f"note: {cfg['train']['epochs']} epochs from a cache of {cache.epochs}: epoch n replays cached "
+                  f"epoch n mod {cache.epochs}", flush=True)
+        train_set = CachedTeacherDataset(train_set, cache)
     student = build_student(cfg, num_classes)
     task = build_task(method, cfg, teacher, student)
     trainer = Trainer(task, TrainConfig.from_dict(cfg["train"]), out, evaluate_model=student)
     history = trainer.fit(train_set, val_set, resume=resume)
-    torch.save(student.state_dict(), out / "student.pt")  # the student alone, for inference
+    if trainer.world.is_main:
+        torch.save(student.state_dict(), out / "student.pt")  # the student alone, for inference
     return {"history": history, "model": student, "teacher": teacher, "val_set": val_set}
+
+
+def cache_teacher(cfg: Dict[str, Any], teacher_path: str, out: Path, *, epochs: int, dtype: str = "float16",
+                  topk: Optional[int] = None, overwrite: bool = False) -> Path:
+    _world, device = distributed.setup(cfg["train"]["device"])
+    train_set, _val_set, num_classes = build_data(cfg)
+    teacher = build_teacher(cfg, num_classes)
+    load_weights(teacher, teacher_path)
+    t = cfg["train"]
+    return write_teacher_cache(teacher, train_set, out, epochs=epochs, teacher_config=cfg["teacher"], dtype=dtype,
+                               topk=topk, batch_size=t["batch_size"], num_workers=t["num_workers"], device=device,
+                               overwrite=overwrite, progress=t.get("progress", False))
 
 
 def _write_run_report(out: Path, title: str, runs: Dict[str, Dict]) -> None:
@@ -115,10 +154,17 @@ def _evaluate(model, val_set, cfg, device):
     return evaluate_logits(model, loader, device)
 
 
+def _is_main() -> bool:
+    return distributed.world().is_main
+
+
 def cmd_train_teacher(args, cfg):
     out = Path(args.out)
-    save_config(cfg, out / "config.yaml")
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_config(cfg, out / "config.yaml")
     run = train_teacher(cfg, out, args.resume)
+    if not _is_main():
+        return
     device = resolve_device(cfg["train"]["device"])
     costs = model_costs(run["model"].to(device), cfg["data"]["image_size"], device)
     _write_run_report(out, "Teacher training", {"teacher": {"history": run["history"], "costs": costs}})
@@ -137,8 +183,11 @@ def _student_run(cfg, run, device) -> Dict[str, Any]:
 def cmd_distill(args, cfg):
     out = Path(args.out)
     cfg["distill"]["method"] = args.method or cfg["distill"].get("method", "agkd")
-    save_config(cfg, out / "config.yaml")
-    run = distill(cfg, args.teacher, cfg["distill"]["method"], out, args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_config(cfg, out / "config.yaml")
+    run = distill(cfg, args.teacher, cfg["distill"]["method"], out, args.resume, args.teacher_cache)
+    if not _is_main():
+        return
     device = resolve_device(cfg["train"]["device"])
     _write_run_report(out, f"Distillation ({cfg['distill']['method']})",
                       {f"student ({cfg['distill']['method']})": _student_run(cfg, run, device)})
@@ -151,10 +200,21 @@ def cmd_evaluate(args, cfg):
     load_weights(model, args.checkpoint)
     device = resolve_device(cfg["train"]["device"])
     logits, targets = _evaluate(model, val_set, cfg, device)
-    result = {"model": args.model, "val_loss": torch.nn.functional.cross_entropy(logits, targets).item(),
-              "val_acc": (logits.argmax(1) == targets).float().mean().item(), "samples": len(targets)}
+    m = classification_metrics(logits, targets)
+    result = {"model": args.model, "val_loss": m["loss_sum"] / m["count"], "val_acc": m["correct"] / m["count"],
+              "samples": m["count"]}
     print(json.dumps(result))
     return result
+
+
+def cmd_cache_teacher(args, cfg):
+    out = cache_teacher(cfg, args.teacher, Path(args.out), epochs=args.epochs, dtype=args.dtype, topk=args.topk,
+                        overwrite=args.overwrite)
+    if _is_main():
+        manifest = TeacherCache.open(out).manifest
+        size = sum((out / f["file"]).stat().st_size for f in manifest["fields"].values())
+        print(f"teacher cache: {manifest['num_samples']} samples x {manifest['epochs']} epochs, {manifest['dtype']}"
+              f"{'' if manifest['topk'] is None else ', top-' + str(manifest['topk'])}, {size / 2**20:.1f} MiB in {out}")
 
 
 def cmd_demo(args, cfg):
@@ -204,16 +264,34 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.add_argument("--download", action="store_true",
                        help="allow fetching the data set (CIFAR); never done otherwise")
 
+    def speed(p):
+        p.add_argument("--amp", choices=AMP_MODES, default=None, help="autocast (default: the config's train.amp)")
+        p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the model (and a distiller's loss path, fullgraph)")
+
     p = sub.add_parser("train-teacher", help="train the hybrid teacher")
     common(p, "digits")
     p.add_argument("--out", default="runs/teacher")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    speed(p)
     p = sub.add_parser("distill", help="train a student from a trained teacher")
     common(p, "digits")
     p.add_argument("--teacher", required=True, help="teacher.pt written by train-teacher")
     p.add_argument("--method", choices=METHODS, default=None, help="default: the config's distill.method")
     p.add_argument("--out", default="runs/student")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--teacher-cache", default=None, metavar="DIR",
+                   help="read the teacher's outputs from a cache-teacher folder instead of running it")
+    speed(p)
+    p = sub.add_parser("cache-teacher", help="run the teacher once over E epochs of augmentation and store it")
+    common(p, "digits")
+    p.add_argument("--teacher", required=True, help="teacher.pt written by train-teacher")
+    p.add_argument("--out", required=True, help="cache folder to create")
+    p.add_argument("--epochs", type=int, required=True, help="augmentation epochs to cache")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage precision")
+    p.add_argument("--topk", type=int, default=None, help="keep only the k largest teacher logits per sample")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
     p = sub.add_parser("evaluate", help="validation loss and accuracy of a saved model")
     common(p, "digits")
     p.add_argument("--checkpoint", required=True)
@@ -231,11 +309,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = load_config(args.config, args.set)
         if args.download:
             cfg["data"]["download"] = True
-        {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "evaluate": cmd_evaluate,
-         "demo": cmd_demo}[args.command](args, cfg)
-    except (ConfigError, DataError, NonFiniteLossError) as exc:
+        if getattr(args, "amp", None):
+            cfg["train"]["amp"] = args.amp
+        if getattr(args, "channels_last", False):
+            cfg["train"]["channels_last"] = True
+        if getattr(args, "compile", False):
+            cfg["train"]["compile"] = True
+        {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "cache-teacher": cmd_cache_teacher,
+         "evaluate": cmd_evaluate, "demo": cmd_demo}[args.command](args, cfg)
+    except (ConfigError, DataError, NonFiniteLossError, TeacherCacheError) as exc:
         print(f"agkd {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
     return 0
 
 

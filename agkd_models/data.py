@@ -3,20 +3,29 @@ ImageFolder tree, CIFAR-10/100 in torchvision's on-disk format and TinyImageNet-
 released layout. Nothing downloads unless ``download=True``; a missing or malformed root
 is a ``DataError`` naming the path and the layout that was expected; unreadable images
 are skipped with one counted warning.
+
+Training augmentation is *replayable*: the random resized crop and flip of sample ``i``
+in epoch ``e`` are drawn from a generator seeded by ``(seed, e, i)``
+(:class:`AugmentedDataset`), so a draw does not depend on worker count, rank or batch
+order, and can be stored with the teacher's outputs and replayed (:mod:`.cache`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
-__all__ = ["DataError", "DataSplits", "build_datasets", "train_transform", "eval_transform",
-           "IMAGENET_MEAN", "IMAGENET_STD", "DATASETS"]
+__all__ = ["DataError", "DataSplits", "build_datasets", "ReplayableAugment", "AugmentedDataset",
+           "eval_transform", "fingerprint", "limit", "IMAGENET_MEAN", "IMAGENET_STD", "DATASETS"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,13 +48,133 @@ class DataSplits:
         return len(self.classes)
 
 
-def train_transform(size: int, *, flip: bool = True, scale: Tuple[float, float] = (0.6, 1.0)):
-    """Random resized crop (and horizontal flip), ImageNet normalisation."""
-    from torchvision.transforms import v2
-    steps = [v2.ToImage(), v2.RandomResizedCrop(size, scale=scale, antialias=True)]
-    if flip:
-        steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+class ReplayableAugment:
+    """Random resized crop (and horizontal flip), then ImageNet normalisation, with the
+    random draw separated from its application: :meth:`draw` turns a NumPy generator and
+    the image size into five integers ``(top, left, height, width, flip)`` (torchvision's
+    ``RandomResizedCrop`` sampling: ten tries of an area fraction in ``scale`` and a
+    log-uniform aspect ratio, then the largest centred crop of allowed ratio), and
+    :meth:`apply` renders them. Stored draws replay exactly."""
+
+    def __init__(self, size: int, *, scale: Tuple[float, float] = (0.6, 1.0),
+                 ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True):
+        self.size, self.scale, self.ratio, self.flip = int(size), tuple(scale), tuple(ratio), bool(flip)
+
+    def config(self) -> Dict[str, Any]:
+        return {"size": self.size, "scale": list(self.scale), "ratio": list(self.ratio), "flip": self.flip}
+
+    def draw(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+        area = height * width
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        crop = None
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                crop = (int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w)
+                break
+        if crop is None:  # fallback: centre crop at the nearest allowed aspect ratio
+            aspect = width / height
+            if aspect < self.ratio[0]:
+                w, h = width, int(round(width / self.ratio[0]))
+            elif aspect > self.ratio[1]:
+                w, h = int(round(height * self.ratio[1])), height
+            else:
+                w, h = width, height
+            crop = ((height - h) // 2, (width - w) // 2, h, w)
+        flip = int(self.flip and rng.random() < 0.5)
+        return np.array([*crop, flip], dtype=np.int32)
+
+    def apply(self, image, params: Sequence[int]) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+        top, left, h, w, flip = (int(v) for v in params)
+        image = TF.to_image(image)
+        image = TF.resized_crop(image, top, left, h, w, [self.size, self.size], antialias=True)
+        if flip:
+            image = TF.horizontal_flip(image)
+        image = TF.to_dtype(image, torch.float32, scale=True)
+        return TF.normalize(image, IMAGENET_MEAN, IMAGENET_STD).as_subclass(torch.Tensor)
+
+
+def _image_size(image) -> Tuple[int, int]:
+    from torchvision.transforms.v2 import functional as TF
+    height, width = TF.get_size(TF.to_image(image) if not isinstance(image, torch.Tensor) else image)
+    return int(height), int(width)
+
+
+class AugmentedDataset(Dataset):
+    """``(augmented image, label)`` pairs of a raw data set (items ``(image, label)`` with
+    PIL or uint8 tensor images). The draw of sample ``i`` in epoch :attr:`epoch` comes from
+    ``numpy.random.default_rng((seed, epoch, i))``; :meth:`sample` also returns the draw,
+    or renders a given one (replay)."""
+
+    def __init__(self, base: Dataset, augment: ReplayableAugment, seed: int = 0):
+        self.base, self.augment, self.seed = base, augment, int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def draw(self, index: int, epoch: int, height: int, width: int) -> np.ndarray:
+        return self.augment.draw(np.random.default_rng((self.seed, int(epoch), int(index))), height, width)
+
+    def sample(self, index: int, epoch: Optional[int] = None, params: Optional[Sequence[int]] = None):
+        """``(image, label, params)``: the draw of ``(index, epoch)``, or ``params`` replayed."""
+        image, label = self.base[index]
+        if params is None:
+            params = self.draw(index, self.epoch if epoch is None else epoch, *_image_size(image))
+        return self.augment.apply(image, params), label, np.asarray(params, dtype=np.int32)
+
+    def __getitem__(self, index: int):
+        image, label, _ = self.sample(index)
+        return image, label
+
+    def subset(self, indices: Sequence[int]) -> "AugmentedDataset":
+        return AugmentedDataset(Subset(self.base, list(indices)), self.augment, self.seed)
+
+
+def limit(dataset: Dataset, count: Optional[int], seed: int) -> Dataset:
+    """A fixed random subset of ``count`` samples (all when None); an augmented data set
+    stays one, indexed ``0 .. count-1``."""
+    if count is None or count >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    return dataset.subset(order) if isinstance(dataset, AugmentedDataset) else Subset(dataset, order)
+
+
+def fingerprint(dataset: Dataset) -> str:
+    """A SHA-256 of what identifies a data set's samples and their order: image bytes and
+    labels of in-memory sets, file paths, sizes and labels of file-backed ones, subset
+    indices. Augmentation is not included (see :meth:`ReplayableAugment.config`)."""
+    digest = hashlib.sha256()
+
+    def feed(ds) -> None:
+        if isinstance(ds, AugmentedDataset):
+            feed(ds.base)
+        elif isinstance(ds, Subset):
+            feed(ds.dataset)
+            digest.update(b"subset")
+            digest.update(np.asarray(ds.indices, dtype=np.int64).tobytes())
+        elif isinstance(ds, _Tensors):
+            digest.update(ds.images.contiguous().numpy().tobytes())
+            digest.update(ds.labels.to(torch.int64).numpy().tobytes())
+        elif isinstance(ds, _Samples):
+            listing = [(path, label, os.path.getsize(path)) for path, label in ds.samples]
+            digest.update(json.dumps(listing).encode())
+        elif hasattr(ds, "data") and hasattr(ds, "targets"):  # torchvision CIFAR and the like
+            digest.update(np.ascontiguousarray(ds.data).tobytes())
+            digest.update(np.asarray(ds.targets, dtype=np.int64).tobytes())
+        else:
+            raise DataError(f"cannot fingerprint a {type(ds).__name__}; wrap its samples in a "
+                            f"supported data set (in-memory tensors, image files, .data/.targets)")
+        digest.update(str(len(ds)).encode())
+
+    feed(dataset)
+    return digest.hexdigest()
 
 
 def eval_transform(size: int):
@@ -208,11 +337,20 @@ def _tinyimagenet(root: Path, train_tf, eval_tf, verify: bool) -> DataSplits:
 def build_datasets(name: str, root: Optional[str] = None, *, image_size: int = 224,
                    val_fraction: float = 0.2, seed: int = 0, download: bool = False,
                    flip: bool = True, verify: bool = True) -> DataSplits:
-    """Train and validation sets of ``name`` (see :data:`DATASETS`) with the standard
-    augmentation for training and resize/center-crop for validation."""
+    """Train and validation sets of ``name`` (see :data:`DATASETS`): the training set is an
+    :class:`AugmentedDataset` (replayable random resized crop and, with ``flip``, horizontal
+    flip; draws seeded by ``seed``), validation is resized and centre-cropped."""
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
-    train_tf, eval_tf = train_transform(image_size, flip=flip), eval_transform(image_size)
+    splits = _raw_splits(name, root, image_size, val_fraction, seed, download, verify)
+    augment = ReplayableAugment(image_size, flip=flip)
+    return DataSplits(AugmentedDataset(splits.train, augment, seed), splits.val, splits.classes)
+
+
+def _raw_splits(name, root, image_size, val_fraction, seed, download, verify) -> DataSplits:
+    """Training split without a transform (the caller augments it), validation split with
+    the evaluation transform."""
+    train_tf, eval_tf = None, eval_transform(image_size)
     if name == "digits":
         return _digits(image_size, val_fraction, seed, train_tf, eval_tf)
     if root is None:

@@ -47,6 +47,24 @@ class Distiller(nn.Module):
     def teacher_outputs(self, images: torch.Tensor) -> TeacherOutput:
         return self.teacher(images)
 
+    def loss_terms(self, s: StudentOutput, t, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The loss path: named terms from the student's and teacher's outputs (``t`` is a
+        :class:`TeacherOutput` or a cached one with ``logits`` and ``attention``)."""
+        raise NotImplementedError
+
+    def enable_compile(self) -> None:
+        """``torch.compile`` the student, and the loss path with ``fullgraph=True`` (the
+        agkd_ops kernels trace without graph breaks)."""
+        self.student.compile()
+        self._compiled_loss_terms = torch.compile(self.loss_terms, fullgraph=True)
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor,
+                teacher_out: Optional[TeacherOutput] = None) -> Dict[str, torch.Tensor]:
+        t = teacher_out if teacher_out is not None else self.teacher_outputs(images)
+        s: StudentOutput = self.student(images)
+        self.last_logits = s.logits.detach()
+        return getattr(self, "_compiled_loss_terms", self.loss_terms)(s, t, targets)
+
     def trainable_parameters(self):
         """What the main optimizer updates."""
         return self.student.parameters()
@@ -64,11 +82,7 @@ class LogitKD(Distiller):
         super().__init__(teacher, student)
         self.temperature, self.alpha = temperature, alpha
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor,
-                teacher_out: Optional[TeacherOutput] = None) -> Dict[str, torch.Tensor]:
-        t = teacher_out if teacher_out is not None else self.teacher_outputs(images)
-        s: StudentOutput = self.student(images)
-        self.last_logits = s.logits.detach()
+    def loss_terms(self, s: StudentOutput, t, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         kd = agkd_ops.kd_loss(s.logits, t.logits, targets, temperature=self.temperature, alpha=self.alpha)
         return {"kd": kd, "total": kd}
 
@@ -133,11 +147,7 @@ class AGKD(Distiller):
         as_rgb = lambda m: m.mean(1, keepdim=True).expand(-1, 3, -1, -1)
         return F.mse_loss(self.perceptual(as_rgb(s)), self.perceptual(as_rgb(t)))
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor,
-                teacher_out: Optional[TeacherOutput] = None) -> Dict[str, torch.Tensor]:
-        t = teacher_out if teacher_out is not None else self.teacher_outputs(images)
-        s: StudentOutput = self.student(images)
-        self.last_logits = s.logits.detach()
+    def loss_terms(self, s: StudentOutput, t, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         logits = agkd_ops.kd_loss(s.logits, t.logits, targets, temperature=self.temperature,
                                   alpha=self.kd_alpha)
         teacher_map = t.attention.to(s.attention[0].dtype)

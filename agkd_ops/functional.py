@@ -3,7 +3,10 @@
 :mod:`agkd_ops.reference`, as the backend decides (:mod:`agkd_ops._backend`).
 
 Shapes: maps are ``(N, C, H, W)``; ``reduction="none"`` gives ``(N,)``, ``"mean"`` (over
-samples) and ``"sum"`` give a 0-dim tensor, always in the input's dtype. NaN or Inf in a
+samples) and ``"sum"`` give a 0-dim tensor, always in the input's dtype. Inside an
+autocast region the floating-point inputs are cast to float32 first (as autocast does for
+torch's own losses), so bf16/fp16 activations meet float32 loss math and mixed input
+dtypes are accepted there. NaN or Inf in a
 sample makes that sample's value (and its gradient) non-finite and leaves the other
 samples untouched.
 """
@@ -18,6 +21,14 @@ from .reference import _reduce  # per-sample values in the accumulate dtype -> r
 
 __all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "attention_map",
            "attention_align_loss", "kd_kl_div", "kd_loss"]
+
+
+def _float32_under_autocast(*tensors):
+    """The inputs, cast to float32 when autocast is on for their device."""
+    first = tensors[0]
+    if not (torch.is_tensor(first) and torch.is_autocast_enabled(first.device.type)):
+        return tensors
+    return tuple(t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in tensors)
 
 
 def _native_hybrid(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps):
@@ -58,6 +69,7 @@ def ssim(x, y, *, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03,
         1.0
     """
     fn = "ssim"
+    x, y = _float32_under_autocast(x, y)
     check_pair(fn, x, y)
     window_size, sigma, c1, c2 = check_ssim_args(fn, x, window_size, sigma, data_range, k1, k2, padding)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
@@ -78,6 +90,7 @@ def ssim_loss(x, y, *, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.
         >>> agkd_ops.ssim_loss(x, torch.rand(4, 1, 32, 32)).backward()
     """
     fn = "ssim_loss"
+    x, y = _float32_under_autocast(x, y)
     check_pair(fn, x, y)
     window_size, sigma, c1, c2 = check_ssim_args(fn, x, window_size, sigma, data_range, k1, k2, padding)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
@@ -106,6 +119,7 @@ def cosine_loss(x, y, *, eps=1e-8, reduction="mean"):
         0.0
     """
     fn = "cosine_loss"
+    x, y = _float32_under_autocast(x, y)
     check_pair(fn, x, y, min_rank=2)
     eps = check_number(fn, "eps", eps, positive=True)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
@@ -142,6 +156,7 @@ def hybrid_loss(x, y, *, alpha=0.5, beta=0.5, window_size=11, sigma=1.5, data_ra
         torch.Size([8, 1, 28, 28])
     """
     fn = "hybrid_loss"
+    x, y = _float32_under_autocast(x, y)
     check_pair(fn, x, y)
     alpha = check_number(fn, "alpha", alpha, nonnegative=True)
     beta = check_number(fn, "beta", beta, nonnegative=True)
@@ -189,6 +204,7 @@ def kd_kl_div(student_logits, teacher_logits, *, temperature=4.0, reduction="bat
         torch.Size([8, 10])
     """
     fn = "kd_kl_div"
+    student_logits, teacher_logits = _float32_under_autocast(student_logits, teacher_logits)
     check_pair(fn, student_logits, teacher_logits, names=_KD_NAMES, ranks=(2,), layout=LOGITS)
     temperature = check_number(fn, "temperature", temperature, positive=True)
     check_kl_reduction(fn, reduction)
@@ -224,6 +240,7 @@ def kd_loss(student_logits, teacher_logits, target, *, temperature=4.0, alpha=0.
         >>> loss.backward()
     """
     fn = "kd_loss"
+    student_logits, teacher_logits = _float32_under_autocast(student_logits, teacher_logits)
     check_pair(fn, student_logits, teacher_logits, names=_KD_NAMES, ranks=(2,), layout=LOGITS)
     target = check_target(fn, target, student_logits)
     temperature = check_number(fn, "temperature", temperature, positive=True)
@@ -264,6 +281,7 @@ def attention_map(features, *, p=2.0, normalize=True):
         (torch.Size([2, 1, 7, 7]), 1.0)
     """
     fn = "attention_map"
+    features, = _float32_under_autocast(features)
     check_tensor(fn, "features", features)
     p = check_number(fn, "p", p, positive=True)
     if not isinstance(normalize, bool):
@@ -319,6 +337,7 @@ def attention_align_loss(student, teacher, *, loss="mse", align_corners=False, r
         torch.Size([8, 1, 28, 28])
     """
     fn = "attention_align_loss"
+    student, teacher = _float32_under_autocast(student, teacher)
     check_pair(fn, student, teacher, names=("student", "teacher"), same_shape=False)
     if student.shape[:2] != teacher.shape[:2]:
         raise ValueError(

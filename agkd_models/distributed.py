@@ -1,0 +1,100 @@
+"""Multi-process training through PyTorch's own engine: ``torchrun`` sets ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK``; :func:`setup` joins the process group (NCCL on GPUs,
+gloo on CPUs) and picks this process's device. Without ``torchrun`` everything here is a
+no-op for a world of one, so the trainer has a single code path.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, List, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["World", "setup", "world", "shutdown", "all_reduce_sums", "gather_objects", "average_gradients",
+           "barrier"]
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes files and prints summaries."""
+        return self.rank == 0
+
+
+def world() -> World:
+    """The current process's place in the process group (a world of one without it)."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return World()
+
+
+def setup(device: str = "auto") -> tuple[World, torch.device]:
+    """Joins the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1) and
+    returns this process's world and device: ``cuda:LOCAL_RANK`` when CUDA is used, else
+    the CPU. ``device`` is ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (single process)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={device!r} but CUDA is not available")
+    if size > 1:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        here = world()
+        return here, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if device == "auto":
+        return World(), torch.device("cuda" if use_cuda else "cpu")
+    return World(), torch.device(device)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sums(values: Sequence[float], device: torch.device) -> List[float]:
+    """Element-wise sums over all ranks (float64), in one collective."""
+    if not world().distributed:
+        return [float(v) for v in values]
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def gather_objects(obj: Any) -> List[Any]:
+    """``obj`` of every rank, in rank order (a list of one without a process group)."""
+    here = world()
+    if not here.distributed:
+        return [obj]
+    out: List[Any] = [None] * here.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if world().distributed:
+        dist.barrier()
+
+
+def average_gradients(parameters) -> None:
+    """Averages ``.grad`` over the ranks, for modules stepped outside DDP."""
+    here = world()
+    if not here.distributed:
+        return
+    for p in parameters:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(here.size)
