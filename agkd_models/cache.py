@@ -153,8 +153,8 @@ class TeacherCache:
 
     def check_identity(self, expect: Dict[str, Any]) -> None:
         made = self.manifest["made_from"]
-        what = {"dataset": "the training data (samples, labels or their order) differ",
-                "num_samples": "the number of training samples differs",
+        what = {"num_samples": "the number of training samples differs",
+                "dataset": "the training data (samples, labels or their order) differ",
                 "augment": "the augmentation settings differ",
                 "teacher": "the teacher differs (architecture or weights)"}
         for key, meaning in what.items():
@@ -251,6 +251,48 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _fill(teacher, train_set, work: Path, fields, *, epochs, dtype, topk, batch_size, num_workers, device,
+          progress) -> None:
+    """Computes this rank's rows of every epoch and writes them into the field files."""
+    here = distributed.world()
+    index_dtype = fields["topk_indices"][1] if topk is not None else None
+    arrays = {name: _open_npy(work / file, "r+") for name, (file, _, _) in fields.items()}
+
+    shard = range(here.rank, len(train_set), here.size)
+    for epoch in range(epochs):
+        loader = DataLoader(Subset(_Draws(train_set, epoch), shard), batch_size=batch_size,
+                            num_workers=num_workers, shuffle=False)
+        if progress:
+            from tqdm import tqdm
+            loader = tqdm(loader, desc=f"teacher cache epoch {epoch + 1}/{epochs}", leave=False)
+        for images, labels, params, index in loader:
+            out_t = teacher(images.to(device))
+            logits, attention = out_t.logits.float().cpu(), out_t.attention.float().cpu()
+            for name, value in (("logits", logits), ("attention", attention)):
+                if not torch.isfinite(value).all():
+                    raise TeacherCacheError(f"the teacher produced non-finite {name} (epoch {epoch}, samples "
+                                            f"{index.tolist()[:8]}…); nothing was cached")
+                if dtype == "float16" and value.abs().max() > _FLOAT16_MAX:
+                    raise TeacherCacheError(f"teacher {name} reach {value.abs().max():.4g}, beyond float16's "
+                                            f"{_FLOAT16_MAX:g}; cache with --dtype float32")
+            rows = index.numpy()
+            arrays["augment"][epoch, rows] = params.numpy()
+            arrays["attention"][epoch, rows] = attention.numpy().astype(dtype)
+            if topk is None:
+                arrays["logits"][epoch, rows] = logits.numpy().astype(dtype)
+            else:
+                values, classes = logits.topk(topk, dim=1)
+                arrays["topk_values"][epoch, rows] = values.numpy().astype(dtype)
+                arrays["topk_indices"][epoch, rows] = classes.numpy().astype(index_dtype)
+            if epoch == 0:
+                arrays["labels"][rows] = labels.numpy()
+    for array in arrays.values():
+        array.flush()
+    del arrays
+    for file, _, _ in fields.values():
+        _fsync(work / file)
+
+
 @torch.no_grad()
 def write_teacher_cache(teacher: nn.Module, train_set: AugmentedDataset, out: Path, *, epochs: int,
                         teacher_config: Dict[str, Any], dtype: str = "float16", topk: Optional[int] = None,
@@ -297,41 +339,13 @@ def write_teacher_cache(teacher: nn.Module, train_set: AugmentedDataset, out: Pa
         for name, (file, field_dtype, shape) in fields.items():
             np.lib.format.open_memmap(work / file, mode="w+", dtype=field_dtype, shape=tuple(shape)).flush()
     distributed.barrier()
-    arrays = {name: _open_npy(work / file, "r+") for name, (file, _, _) in fields.items()}
-
-    shard = range(here.rank, num_samples, here.size)
-    for epoch in range(epochs):
-        loader = DataLoader(Subset(_Draws(train_set, epoch), shard), batch_size=batch_size,
-                            num_workers=num_workers, shuffle=False)
-        if progress and here.is_main:
-            from tqdm import tqdm
-            loader = tqdm(loader, desc=f"teacher cache epoch {epoch + 1}/{epochs}", leave=False)
-        for images, labels, params, index in loader:
-            out_t = teacher(images.to(device))
-            logits, attention = out_t.logits.float().cpu(), out_t.attention.float().cpu()
-            for name, value in (("logits", logits), ("attention", attention)):
-                if not torch.isfinite(value).all():
-                    raise TeacherCacheError(f"the teacher produced non-finite {name} (epoch {epoch}, samples "
-                                            f"{index.tolist()[:8]}…); nothing was cached")
-                if dtype == "float16" and value.abs().max() > _FLOAT16_MAX:
-                    raise TeacherCacheError(f"teacher {name} reach {value.abs().max():.4g}, beyond float16's "
-                                            f"{_FLOAT16_MAX:g}; cache with --dtype float32")
-            rows = index.numpy()
-            arrays["augment"][epoch, rows] = params.numpy()
-            arrays["attention"][epoch, rows] = attention.numpy().astype(dtype)
-            if topk is None:
-                arrays["logits"][epoch, rows] = logits.numpy().astype(dtype)
-            else:
-                values, classes = logits.topk(topk, dim=1)
-                arrays["topk_values"][epoch, rows] = values.numpy().astype(dtype)
-                arrays["topk_indices"][epoch, rows] = classes.numpy().astype(index_dtype)
-            if epoch == 0:
-                arrays["labels"][rows] = labels.numpy()
-    for array in arrays.values():
-        array.flush()
-    del arrays
-    for file, _, _ in fields.values():
-        _fsync(work / file)
+    try:
+        _fill(teacher, train_set, work, fields, epochs=epochs, dtype=dtype, topk=topk, batch_size=batch_size,
+              num_workers=num_workers, device=device, progress=progress and here.is_main)
+    except BaseException:
+        if here.is_main:  # a failed write leaves nothing behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     distributed.barrier()
     if here.is_main:
         manifest = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -182,9 +182,10 @@ class CAKD(Distiller):
     ddp_self_synced = ("discriminator",)
     ddp_find_unused_parameters = True
 
-    def enable_compile(self) -> None:
+    def enable_compile(self, student: bool = True) -> None:
         # The loss path steps the discriminator's optimizer: only the student is compiled.
-        self.student.compile()
+        if student:
+            self.student.compile()
 
     def get_extra_state(self):
         # Saved with state_dict, so a resumed run keeps the discriminator's schedule.

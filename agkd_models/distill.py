@@ -52,10 +52,11 @@ class Distiller(nn.Module):
         :class:`TeacherOutput` or a cached one with ``logits`` and ``attention``)."""
         raise NotImplementedError
 
-    def enable_compile(self) -> None:
-        """``torch.compile`` the student, and the loss path with ``fullgraph=True`` (the
-        agkd_ops kernels trace without graph breaks)."""
-        self.student.compile()
+    def enable_compile(self, student: bool = True) -> None:
+        """``torch.compile`` the student (unless ``student=False``), and the loss path with
+        ``fullgraph=True`` (the agkd_ops kernels trace without graph breaks)."""
+        if student:
+            self.student.compile()
         self._compiled_loss_terms = torch.compile(self.loss_terms, fullgraph=True)
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor,

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["World", "setup", "world", "shutdown", "all_reduce_sums", "gather_objects", "average_gradients",
-           "barrier"]
+           "average_buffers", "barrier"]
 
 
 @dataclass(frozen=True)
@@ -98,3 +98,19 @@ def average_gradients(parameters) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad.div_(here.size)
+
+
+def average_buffers(module: torch.nn.Module) -> None:
+    """Makes ``module``'s buffers equal on every rank: floating ones (BatchNorm running
+    statistics) become their mean over the ranks, integer ones (batch counters) rank 0's.
+    Each rank's statistics saw only its own batches; after this, every rank evaluates and
+    rank 0 saves the same model."""
+    here = world()
+    if not here.distributed:
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer.div_(here.size)
+        else:
+            dist.broadcast(buffer, 0)

@@ -317,6 +317,7 @@ class Trainer:
                           pin_memory=self.device.type == "cuda", collate_fn=getattr(dataset, "collate_fn", None))
 
     def _validate(self, val_set: Dataset) -> Dict[str, float]:
+        distributed.average_buffers(self.evaluate_model)
         self.evaluate_model.eval()
         # Each rank takes every world-size-th sample: the whole set, each sample once.
         shard = Subset(val_set, range(self.world.rank, len(val_set), self.world.size))
@@ -359,7 +360,8 @@ class Trainer:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         if not bool(finite):
             raise NonFiniteLossError(
-                f"non-finite loss ({total.item()}) in epoch {epoch + 1} (on this or another rank); terms "
+                f"non-finite loss ({total.item() if not torch.isfinite(total) else 'on another rank'}) in epoch "
+                f"{epoch + 1}; terms "
                 f"{ {k: float(v.detach()) for k, v in terms.items()} }; the last good checkpoint "
                 f"({self.checkpoint_path if self.checkpoint_path.exists() else 'none yet'}) is kept")
         self.optimizer.zero_grad(set_to_none=True)
