@@ -12,6 +12,8 @@ samples untouched.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _backend, reference
@@ -23,12 +25,21 @@ __all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "attention_map",
            "attention_align_loss", "kd_kl_div", "kd_loss"]
 
 
-def _float32_under_autocast(*tensors):
-    """The inputs, cast to float32 when autocast is on for their device."""
-    first = tensors[0]
-    if not (torch.is_tensor(first) and torch.is_autocast_enabled(first.device.type)):
-        return tensors
-    return tuple(t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in tensors)
+def _float32_under_autocast(fn):
+    """Inside an autocast region: the tensor arguments in float32 and the loss computed with
+    autocast off (the reference's convolutions and reductions too), as autocast treats
+    torch's own losses. Outside one: ``fn`` unchanged."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = args[0] if args else None
+        if not (torch.is_tensor(first) and torch.is_autocast_enabled(first.device.type)):
+            return fn(*args, **kwargs)
+        args = tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _native_hybrid(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps):
@@ -39,6 +50,7 @@ def _native_hybrid(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps):
     return loss
 
 
+@_float32_under_autocast
 def ssim(x, y, *, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03,
          padding="valid", reduction="mean"):
     r"""Structural similarity with a Gaussian window (Wang et al. 2004).
@@ -69,7 +81,6 @@ def ssim(x, y, *, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03,
         1.0
     """
     fn = "ssim"
-    x, y = _float32_under_autocast(x, y)
     check_pair(fn, x, y)
     window_size, sigma, c1, c2 = check_ssim_args(fn, x, window_size, sigma, data_range, k1, k2, padding)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
@@ -80,6 +91,7 @@ def ssim(x, y, *, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03,
                           k1=k1, k2=k2, padding=padding, reduction=reduction)
 
 
+@_float32_under_autocast
 def ssim_loss(x, y, *, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03,
               padding="valid", reduction="mean"):
     """``1 - ssim(x, y, ...)`` per sample, then reduced. Same arguments as :func:`ssim`.
@@ -90,7 +102,6 @@ def ssim_loss(x, y, *, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.
         >>> agkd_ops.ssim_loss(x, torch.rand(4, 1, 32, 32)).backward()
     """
     fn = "ssim_loss"
-    x, y = _float32_under_autocast(x, y)
     check_pair(fn, x, y)
     window_size, sigma, c1, c2 = check_ssim_args(fn, x, window_size, sigma, data_range, k1, k2, padding)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
@@ -101,6 +112,7 @@ def ssim_loss(x, y, *, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.
                                k1=k1, k2=k2, padding=padding, reduction=reduction)
 
 
+@_float32_under_autocast
 def cosine_loss(x, y, *, eps=1e-8, reduction="mean"):
     r"""Per sample ``1 - cos(flatten(x), flatten(y))``, each norm clamped to ``eps``:
 
@@ -119,7 +131,6 @@ def cosine_loss(x, y, *, eps=1e-8, reduction="mean"):
         0.0
     """
     fn = "cosine_loss"
-    x, y = _float32_under_autocast(x, y)
     check_pair(fn, x, y, min_rank=2)
     eps = check_number(fn, "eps", eps, positive=True)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
@@ -132,6 +143,7 @@ def cosine_loss(x, y, *, eps=1e-8, reduction="mean"):
     return reference.cosine_loss(x, y, eps=eps, reduction=reduction)
 
 
+@_float32_under_autocast
 def hybrid_loss(x, y, *, alpha=0.5, beta=0.5, window_size=11, sigma=1.5, data_range=1.0,
                 k1=0.01, k2=0.03, padding="valid", eps=1e-8, reduction="mean"):
     r"""The AGKD hybrid attention loss, fused: per sample
@@ -156,7 +168,6 @@ def hybrid_loss(x, y, *, alpha=0.5, beta=0.5, window_size=11, sigma=1.5, data_ra
         torch.Size([8, 1, 28, 28])
     """
     fn = "hybrid_loss"
-    x, y = _float32_under_autocast(x, y)
     check_pair(fn, x, y)
     alpha = check_number(fn, "alpha", alpha, nonnegative=True)
     beta = check_number(fn, "beta", beta, nonnegative=True)
@@ -174,6 +185,7 @@ def hybrid_loss(x, y, *, alpha=0.5, beta=0.5, window_size=11, sigma=1.5, data_ra
 _KD_NAMES = ("student_logits", "teacher_logits")
 
 
+@_float32_under_autocast
 def kd_kl_div(student_logits, teacher_logits, *, temperature=4.0, reduction="batchmean"):
     r"""Temperature-scaled KL divergence of the student from the teacher (Hinton et al.):
 
@@ -204,7 +216,6 @@ def kd_kl_div(student_logits, teacher_logits, *, temperature=4.0, reduction="bat
         torch.Size([8, 10])
     """
     fn = "kd_kl_div"
-    student_logits, teacher_logits = _float32_under_autocast(student_logits, teacher_logits)
     check_pair(fn, student_logits, teacher_logits, names=_KD_NAMES, ranks=(2,), layout=LOGITS)
     temperature = check_number(fn, "temperature", temperature, positive=True)
     check_kl_reduction(fn, reduction)
@@ -216,6 +227,7 @@ def kd_kl_div(student_logits, teacher_logits, *, temperature=4.0, reduction="bat
                                reduction=reduction)
 
 
+@_float32_under_autocast
 def kd_loss(student_logits, teacher_logits, target, *, temperature=4.0, alpha=0.9,
             reduction="mean"):
     r"""Hinton's knowledge-distillation loss, fused: per row
@@ -240,7 +252,6 @@ def kd_loss(student_logits, teacher_logits, target, *, temperature=4.0, alpha=0.
         >>> loss.backward()
     """
     fn = "kd_loss"
-    student_logits, teacher_logits = _float32_under_autocast(student_logits, teacher_logits)
     check_pair(fn, student_logits, teacher_logits, names=_KD_NAMES, ranks=(2,), layout=LOGITS)
     target = check_target(fn, target, student_logits)
     temperature = check_number(fn, "temperature", temperature, positive=True)
@@ -257,6 +268,7 @@ def kd_loss(student_logits, teacher_logits, target, *, temperature=4.0, alpha=0.
 _NORMALIZE_EPS = 1e-12  # F.normalize's default floor for the map's norm
 
 
+@_float32_under_autocast
 def attention_map(features, *, p=2.0, normalize=True):
     r"""Attention-transfer map of a feature tensor (Zagoruyko & Komodakis):
 
@@ -281,7 +293,6 @@ def attention_map(features, *, p=2.0, normalize=True):
         (torch.Size([2, 1, 7, 7]), 1.0)
     """
     fn = "attention_map"
-    features, = _float32_under_autocast(features)
     check_tensor(fn, "features", features)
     p = check_number(fn, "p", p, positive=True)
     if not isinstance(normalize, bool):
@@ -302,6 +313,7 @@ _ALIGN_DEFAULTS = {
 }
 
 
+@_float32_under_autocast
 def attention_align_loss(student, teacher, *, loss="mse", align_corners=False, reduction="mean",
                          **loss_kwargs):
     r"""Compare a student attention map with the teacher's after resizing the student
@@ -337,7 +349,6 @@ def attention_align_loss(student, teacher, *, loss="mse", align_corners=False, r
         torch.Size([8, 1, 28, 28])
     """
     fn = "attention_align_loss"
-    student, teacher = _float32_under_autocast(student, teacher)
     check_pair(fn, student, teacher, names=("student", "teacher"), same_shape=False)
     if student.shape[:2] != teacher.shape[:2]:
         raise ValueError(

@@ -230,3 +230,39 @@ def test_kd_backends_agree(backend):
     finally:
         agkd_ops.set_backend(previous)
     torch.testing.assert_close(got, R.kd_loss(s, t, y, temperature=2.0, alpha=0.5, reduction="none"))
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_losses_run_in_float32_under_autocast(backend):
+    """Inside autocast, bf16 activations meet float32 loss math (as torch's own losses do),
+    mixed input dtypes are accepted, and the value is that of the float32 inputs."""
+    if backend == "native" and not agkd_ops.native_available("cpu"):
+        pytest.skip("native ops not built")
+    previous = agkd_ops.get_backend()
+    agkd_ops.set_backend(backend)
+    try:
+        torch.manual_seed(0)
+        s = torch.randn(6, 10).bfloat16().requires_grad_()
+        t = torch.randn(6, 10)
+        target = torch.randint(0, 10, (6,))
+        a = torch.rand(6, 1, 7, 7).bfloat16().requires_grad_()
+        b = torch.rand(6, 1, 14, 14)
+        features = torch.randn(6, 4, 8, 8).bfloat16()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = {"kd_loss": agkd_ops.kd_loss(s, t, target), "kd_kl_div": agkd_ops.kd_kl_div(s, t),
+                   "align": agkd_ops.attention_align_loss(a, b, loss="hybrid", window_size=3),
+                   "hybrid": agkd_ops.hybrid_loss(a, a.detach().float() * 0.5, window_size=3),
+                   "map": agkd_ops.attention_map(features)}
+        want = {"kd_loss": agkd_ops.kd_loss(s.float(), t, target), "kd_kl_div": agkd_ops.kd_kl_div(s.float(), t),
+                "align": agkd_ops.attention_align_loss(a.float(), b, loss="hybrid", window_size=3),
+                "hybrid": agkd_ops.hybrid_loss(a.float(), a.detach().float() * 0.5, window_size=3),
+                "map": agkd_ops.attention_map(features.float())}
+        for key in want:
+            assert got[key].dtype == torch.float32, key
+            torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7)
+        got["kd_loss"].backward()
+        assert s.grad.dtype == torch.bfloat16 and torch.isfinite(s.grad.float()).all()
+        with pytest.raises(TypeError, match="same dtype"):  # outside autocast, mixed dtypes stay an error
+            agkd_ops.kd_loss(s, t, target)
+    finally:
+        agkd_ops.set_backend(previous)

@@ -95,3 +95,55 @@ def test_cifar_without_data_is_a_clear_error_and_no_download(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(DataError, match="unknown data set 'imagenet'"):
         build_datasets("imagenet", "/tmp")
+
+
+def test_augmentation_draws_are_fixed_per_sample_and_epoch():
+    from agkd_models.data import AugmentedDataset, limit
+    splits = build_datasets("digits", image_size=24, seed=0, flip=True)
+    train = splits.train
+    assert isinstance(train, AugmentedDataset)
+    a, _, pa = train.sample(3, epoch=1)
+    b, _, pb = train.sample(3, epoch=1)
+    assert np.array_equal(pa, pb) and torch.equal(a, b)           # same (sample, epoch): same draw
+    draws = np.stack([train.sample(i, epoch=e)[2] for i in range(40) for e in range(2)])
+    assert len({tuple(d) for d in draws}) > 70                     # and different ones otherwise
+    assert 0.3 < draws[:, 4].mean() < 0.7                          # flip about half the time
+    h, w = 24, 24
+    top, left, ch, cw = draws[:, 0], draws[:, 1], draws[:, 2], draws[:, 3]
+    assert (top >= 0).all() and (left >= 0).all() and (top + ch <= h).all() and (left + cw <= w).all()
+    area = ch * cw / (h * w)
+    assert area.min() >= 0.6 - 0.1 and area.max() <= 1.0            # scale (0.6, 1), rounding aside
+    # Replay renders a stored draw exactly; the worker count changes nothing.
+    replay, _, _ = train.sample(3, params=pa)
+    assert torch.equal(replay, a)
+    train.set_epoch(1)
+    loaded = [torch.cat([x for x, _ in torch.utils.data.DataLoader(train, batch_size=8, num_workers=n)])
+              for n in (0, 2)]
+    assert torch.equal(loaded[0], loaded[1]) and torch.equal(loaded[0][3], a)
+    # limit() keeps an augmented set, indexed from 0.
+    small = limit(train, 10, seed=0)
+    assert isinstance(small, AugmentedDataset) and len(small) == 10
+
+
+def test_replayed_crop_matches_torchvision():
+    from torchvision.transforms.v2 import functional as TF
+    from agkd_models.data import IMAGENET_MEAN, IMAGENET_STD, ReplayableAugment
+    image = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8)
+    out = ReplayableAugment(16).apply(image, [5, 3, 20, 25, 1])
+    want = TF.horizontal_flip(TF.resized_crop(image, 5, 3, 20, 25, [16, 16], antialias=True))
+    want = TF.normalize(want.float() / 255, IMAGENET_MEAN, IMAGENET_STD)
+    torch.testing.assert_close(out, want)
+    # Impossible aspect ratios fall back to the largest centred crop of an allowed ratio.
+    params = ReplayableAugment(16, scale=(1.0, 1.0), ratio=(1.0, 1.0)).draw(np.random.default_rng(0), 40, 10)
+    assert params[:4].tolist() == [15, 0, 10, 10]
+
+
+def test_fingerprint_tracks_samples_labels_and_subsets():
+    from agkd_models.data import fingerprint, limit
+    a = build_datasets("digits", image_size=24, seed=0)
+    b = build_datasets("digits", image_size=24, seed=0)
+    c = build_datasets("digits", image_size=24, seed=1)
+    assert fingerprint(a.train) == fingerprint(b.train) != fingerprint(c.train)
+    assert fingerprint(limit(a.train, 10, 0)) != fingerprint(limit(a.train, 10, 1))
+    b.train.base.labels[0] = (b.train.base.labels[0] + 1) % 10
+    assert fingerprint(a.train) != fingerprint(b.train)
