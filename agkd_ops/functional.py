@@ -25,6 +25,9 @@ __all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "attention_map",
            "attention_align_loss", "kd_kl_div", "kd_loss"]
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")  # meta tensors have no autocast state
+
+
 def _float32_under_autocast(fn):
     """Inside an autocast region: the tensor arguments in float32 and the loss computed with
     autocast off (the reference's convolutions and reductions too), as autocast treats
@@ -33,7 +36,8 @@ def _float32_under_autocast(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         first = args[0] if args else None
-        if not (torch.is_tensor(first) and torch.is_autocast_enabled(first.device.type)):
+        if not (torch.is_tensor(first) and first.device.type in _AUTOCAST_DEVICES
+                and torch.is_autocast_enabled(first.device.type)):
             return fn(*args, **kwargs)
         args = tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
         with torch.autocast(first.device.type, enabled=False):

@@ -40,7 +40,7 @@ def _machine():
 def main():
     os.makedirs(RESULTS, exist_ok=True)
     raw = os.path.join(RESULTS, "pytest-benchmark.json")
-    subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "-q",
+    subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_bench_losses.py", "--benchmark-only", "-q",
                     f"--benchmark-json={raw}", "-p", "no:cacheprovider"], cwd=ROOT, check=True)
     with open(raw) as f:
         bench = json.load(f)
