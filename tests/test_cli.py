@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import yaml
 
 from agkd_models.cli import main
 from agkd_models.config import ConfigError, load_config
-from agkd_models.trainer import NonFiniteLossError, TeacherTask, Trainer, TrainConfig, atomic_save
+from agkd_models.trainer import NonFiniteLossError, Trainer, TrainConfig, atomic_save
 
 TINY = ["--set", "data.limit_train=64", "--set", "data.limit_val=32", "--set", "train.epochs=1",
         "--set", "train.batch_size=32", "--set", "train.progress=false"]
