@@ -37,14 +37,26 @@ def _machine():
             "torch": torch.__version__, "python": platform.python_version()}
 
 
-def main():
+def machine_line(machine):
+    return (f"Machine: {machine['cpu']}, {machine['cores']} cores, torch threads {machine['torch_threads']}"
+            + (f", GPU {machine['gpu']}" if machine["gpu"] else "")
+            + f"; torch {machine['torch']}, Python {machine['python']}.")
+
+
+def run_benchmarks(test_file):
+    """Runs one pytest-benchmark suite and returns its JSON report."""
     os.makedirs(RESULTS, exist_ok=True)
     raw = os.path.join(RESULTS, "pytest-benchmark.json")
-    subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_bench_losses.py", "--benchmark-only", "-q",
+    subprocess.run([sys.executable, "-m", "pytest", test_file, "--benchmark-only", "-q",
                     f"--benchmark-json={raw}", "-p", "no:cacheprovider"], cwd=ROOT, check=True)
     with open(raw) as f:
         bench = json.load(f)
     os.remove(raw)
+    return bench
+
+
+def main():
+    bench = run_benchmarks("benchmarks/test_bench_losses.py")
     medians = defaultdict(dict)  # (loss, shape, device) -> impl -> ms
     for b in bench["benchmarks"]:
         info = b["extra_info"]
@@ -60,9 +72,7 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     lines = [f"# agkd_ops benchmark ({device})", "",
-             f"Machine: {machine['cpu']}, {machine['cores']} cores, torch threads {machine['torch_threads']}"
-             + (f", GPU {machine['gpu']}" if machine["gpu"] else "")
-             + f"; torch {machine['torch']}, Python {machine['python']}.", "",
+             machine_line(machine), "",
              "Forward + backward of a scalar loss, float32, median of 15 rounds; the gradient is taken for the "
              "first input (the student) only. KD losses at temperature 4 (kd_loss with alpha 0.9), logits "
              "3·N(0, 1). Ratio = median / native median (higher means native is faster). Peak extra memory: "

@@ -6,31 +6,21 @@ reference/native ratios, machine and torch version).
 """
 import json
 import os
-import subprocess
-import sys
 
 import torch
 
-from benchmarks.report import RESULTS, ROOT, _machine
+from benchmarks.report import RESULTS, _machine, machine_line, run_benchmarks
 
 
 def main():
-    os.makedirs(RESULTS, exist_ok=True)
-    raw = os.path.join(RESULTS, "pytest-benchmark-step.json")
-    subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_bench_distill_step.py", "--benchmark-only", "-q",
-                    f"--benchmark-json={raw}", "-p", "no:cacheprovider"], cwd=ROOT, check=True)
-    with open(raw) as f:
-        bench = json.load(f)
-    os.remove(raw)
+    bench = run_benchmarks("benchmarks/test_bench_distill_step.py")
     ms = {(b["extra_info"]["source"], b["extra_info"]["backend"]): 1e3 * b["stats"]["median"]
           for b in bench["benchmarks"]}
     info = bench["benchmarks"][0]["extra_info"]
     machine = _machine()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lines = [f"# One AGKD distillation step ({device})", "",
-             f"Machine: {machine['cpu']}, {machine['cores']} cores, torch threads {machine['torch_threads']}"
-             + (f", GPU {machine['gpu']}" if machine["gpu"] else "")
-             + f"; torch {machine['torch']}, Python {machine['python']}.", "",
+             machine_line(machine), "",
              f"Teacher {info['teacher']}, student {info['student']}, {info['image_size']} px, batch {info['batch']}, "
              "100 classes, hybrid attention loss on student stages 3-5, float32, median of 7 rounds. A step: "
              "fetch and augment the batch (cached: plus reading the teacher's rows from the memory-mapped "
