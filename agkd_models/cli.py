@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -160,7 +159,7 @@ def _is_main() -> bool:
 
 def cmd_train_teacher(args, cfg):
     out = Path(args.out)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _is_main():
         save_config(cfg, out / "config.yaml")
     run = train_teacher(cfg, out, args.resume)
     if not _is_main():
@@ -183,7 +182,7 @@ def _student_run(cfg, run, device) -> Dict[str, Any]:
 def cmd_distill(args, cfg):
     out = Path(args.out)
     cfg["distill"]["method"] = args.method or cfg["distill"].get("method", "agkd")
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _is_main():
         save_config(cfg, out / "config.yaml")
     run = distill(cfg, args.teacher, cfg["distill"]["method"], out, args.resume, args.teacher_cache)
     if not _is_main():
@@ -315,6 +314,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             cfg["train"]["channels_last"] = True
         if getattr(args, "compile", False):
             cfg["train"]["compile"] = True
+        if args.command in ("train-teacher", "distill", "cache-teacher"):
+            distributed.setup(cfg["train"]["device"])  # under torchrun: join the group before anything is written
         {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "cache-teacher": cmd_cache_teacher,
          "evaluate": cmd_evaluate, "demo": cmd_demo}[args.command](args, cfg)
     except (ConfigError, DataError, NonFiniteLossError, TeacherCacheError) as exc:

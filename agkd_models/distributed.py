@@ -12,7 +12,7 @@ from typing import Any, List, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "setup", "world", "shutdown", "all_reduce_sums", "gather_objects", "average_gradients",
+__all__ = ["World", "setup", "world", "resolve_device", "shutdown", "all_reduce_sums", "gather_objects", "average_gradients",
            "average_buffers", "barrier"]
 
 
@@ -39,6 +39,13 @@ def world() -> World:
     return World()
 
 
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: CUDA when available, else the CPU; any other name as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def setup(device: str = "auto") -> tuple[World, torch.device]:
     """Joins the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1) and
     returns this process's world and device: ``cuda:LOCAL_RANK`` when CUDA is used, else
@@ -55,9 +62,7 @@ def setup(device: str = "auto") -> tuple[World, torch.device]:
             dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         here = world()
         return here, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if device == "auto":
-        return World(), torch.device("cuda" if use_cuda else "cpu")
-    return World(), torch.device(device)
+    return World(), resolve_device(device)
 
 
 def shutdown() -> None:

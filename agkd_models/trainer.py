@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
+from .distributed import resolve_device
 
 __all__ = ["Trainer", "TeacherTask", "TrainConfig", "NonFiniteLossError", "seed_everything",
            "evaluate_logits", "classification_metrics", "resolve_device", "autocast", "AMP_MODES"]
@@ -58,12 +59,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def autocast(device: torch.device, amp: str):
