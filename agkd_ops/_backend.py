@@ -15,13 +15,36 @@ import torch
 
 _BACKENDS = ("auto", "native", "reference")
 
-try:  # importing _C runs the C++ TORCH_LIBRARY registrations
-    from . import _C  # type: ignore[attr-defined]
 
-    _LOAD_ERROR: Optional[BaseException] = None
-except ImportError as exc:  # pure-Python install (AGKD_NO_EXT=1) or a broken build
-    _C = None
-    _LOAD_ERROR = exc
+
+def _cuda_emulation_requested() -> bool:
+    value = os.environ.get("AGKD_OPS_CUDA_EMULATION", "0").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"AGKD_OPS_CUDA_EMULATION must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+# With AGKD_OPS_CUDA_EMULATION=1 the package loads _C_cuda_emu instead of _C: the same
+# schemas, with the CUDA kernels (cuda/*.cu) compiled for the CPU emulator and registered
+# for CPU tensors, so every native call on the CPU runs the CUDA code. It is a test
+# build (setup.py, AGKD_CUDA_EMULATION=1); the real CPU kernels are not loaded beside it.
+_CUDA_EMULATION = _cuda_emulation_requested()
+_LOAD_ERROR: Optional[BaseException] = None
+if _CUDA_EMULATION:
+    try:
+        from . import _C_cuda_emu as _C  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise ImportError(
+            "agkd_ops: AGKD_OPS_CUDA_EMULATION=1, but this install has no CUDA emulation build "
+            f"(agkd_ops._C_cuda_emu: {exc}); rebuild with AGKD_CUDA_EMULATION=1 pip install "
+            "--no-build-isolation -e ."
+        ) from exc
+else:
+    try:  # importing _C runs the C++ TORCH_LIBRARY registrations
+        from . import _C  # type: ignore[attr-defined]
+    except ImportError as exc:  # pure-Python install (AGKD_NO_EXT=1) or a broken build
+        _C = None
+        _LOAD_ERROR = exc
 
 # Dtypes the native kernels are compiled for, per device type.
 _NATIVE_DTYPES = {
@@ -120,6 +143,7 @@ def build_info() -> Dict[str, Any]:
         "cuda_device_available": torch.cuda.is_available(),
         "num_threads": torch.get_num_threads(),
         "backend": _backend,
+        "cuda_emulation": _CUDA_EMULATION,
     }
     if _C is not None:
         info["cuda_archs"] = _C.cuda_archs or None

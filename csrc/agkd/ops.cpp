@@ -4,12 +4,29 @@
 #include <Python.h>
 #include <torch/library.h>
 
+// The extension module's name: _C, or _C_cuda_emu for the build that runs the CUDA
+// kernels on the CPU emulator (setup.py, AGKD_CUDA_EMULATION).
+#ifndef AGKD_EXTENSION_NAME
+#define AGKD_EXTENSION_NAME _C
+#endif
+#define AGKD_CONCAT_(a, b) a##b
+#define AGKD_CONCAT(a, b) AGKD_CONCAT_(a, b)
+#define AGKD_STRINGIFY_(a) #a
+#define AGKD_STRINGIFY(a) AGKD_STRINGIFY_(a)
+
 // Importing agkd_ops._C runs the static TORCH_LIBRARY registrations below; the module
 // itself only carries build facts for agkd_ops.build_info().
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC AGKD_CONCAT(PyInit_, AGKD_EXTENSION_NAME)(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT,
+                                          AGKD_STRINGIFY(AGKD_EXTENSION_NAME), nullptr, -1,
+                                          nullptr};
   PyObject* m = PyModule_Create(&module_def);
   if (m == nullptr) return nullptr;
+#ifdef AGKD_CUDA_EMULATION
+  PyModule_AddIntConstant(m, "cuda_emulation", 1);
+#else
+  PyModule_AddIntConstant(m, "cuda_emulation", 0);
+#endif
 #ifdef AGKD_WITH_CUDA
   PyModule_AddIntConstant(m, "with_cuda", 1);
 #else

@@ -27,6 +27,7 @@
 #include "agkd/attention.h"
 #include "agkd/cuda/block_reduce.cuh"
 #include "agkd/cuda/hybrid_cuda.h"
+#include "agkd/cuda/launch.cuh"
 #include "agkd/hybrid.h"
 #include "agkd/math/attention.h"
 #include "agkd/math/bilinear.h"
@@ -143,14 +144,13 @@ std::tuple<at::Tensor, at::Tensor> attention_map_fwd_cuda(const at::Tensor& feat
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "attention_map_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_pow(p, [&]<PowKind kKind>() {
-      attention_sum_kernel<kKind, scalar_t><<<blocks_for(g.N * g.pixels()), kThreads, 0, stream>>>(
-          features.const_data_ptr<scalar_t>(), g, static_cast<acc_t>(p), a.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(attention_sum_kernel<kKind, scalar_t>, blocks_for(g.N * g.pixels()), kThreads,
+                    0, stream, features.const_data_ptr<scalar_t>(), g, static_cast<acc_t>(p),
+                    a.mutable_data_ptr<acc_t>());
     });
-    attention_normalize_kernel<scalar_t><<<g.N, kThreads, 0, stream>>>(
-        a.const_data_ptr<acc_t>(), g.pixels(), normalize, static_cast<acc_t>(eps),
-        out.mutable_data_ptr<scalar_t>(), norms.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(attention_normalize_kernel<scalar_t>, g.N, kThreads, 0, stream,
+                  a.const_data_ptr<acc_t>(), g.pixels(), normalize, static_cast<acc_t>(eps),
+                  out.mutable_data_ptr<scalar_t>(), norms.mutable_data_ptr<acc_t>());
   });
   return {out, norms};
 }
@@ -167,16 +167,15 @@ at::Tensor attention_map_bwd_cuda(const at::Tensor& grad_map, const at::Tensor& 
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "attention_map_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    attention_grad_map_kernel<scalar_t><<<g.N, kThreads, 0, stream>>>(
-        gm.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(), nr.const_data_ptr<acc_t>(),
-        g.pixels(), g.C, normalize, static_cast<acc_t>(eps), grad_a.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(attention_grad_map_kernel<scalar_t>, g.N, kThreads, 0, stream,
+                  gm.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(),
+                  nr.const_data_ptr<acc_t>(), g.pixels(), g.C, normalize, static_cast<acc_t>(eps),
+                  grad_a.mutable_data_ptr<acc_t>());
     dispatch_pow(p, [&]<PowKind kKind>() {
-      attention_grad_features_kernel<kKind, scalar_t>
-          <<<blocks_for(g.N * g.C * g.pixels()), kThreads, 0, stream>>>(
-              features.const_data_ptr<scalar_t>(), g, grad_a.const_data_ptr<acc_t>(),
-              static_cast<acc_t>(p), grad_f.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(attention_grad_features_kernel<kKind, scalar_t>,
+                    blocks_for(g.N * g.C * g.pixels()), kThreads, 0, stream,
+                    features.const_data_ptr<scalar_t>(), g, grad_a.const_data_ptr<acc_t>(),
+                    static_cast<acc_t>(p), grad_f.mutable_data_ptr<scalar_t>());
     });
   });
   return grad_f;
@@ -335,10 +334,9 @@ Resampled resample(const at::Tensor& student, const at::Tensor& teacher, const D
     using acc_t = at::opmath_type<scalar_t>;
     r.row_table = axis_table<acc_t>(d.h, d.H, align_corners, student);
     r.col_table = axis_table<acc_t>(d.w, d.W, align_corners, student);
-    resample_kernel<scalar_t><<<blocks_for(d.N * d.C * d.H * d.W), kThreads, 0, stream>>>(
-        student.const_data_ptr<scalar_t>(), d, axis_taps<acc_t>(r.row_table, d.h, d.H),
-        axis_taps<acc_t>(r.col_table, d.w, d.W), r.up.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(resample_kernel<scalar_t>, blocks_for(d.N * d.C * d.H * d.W), kThreads, 0, stream,
+                  student.const_data_ptr<scalar_t>(), d, axis_taps<acc_t>(r.row_table, d.h, d.H),
+                  axis_taps<acc_t>(r.col_table, d.w, d.W), r.up.mutable_data_ptr<scalar_t>());
   });
   return r;
 }
@@ -368,10 +366,9 @@ std::tuple<at::Tensor, at::Tensor> align_fwd_cuda(const at::Tensor& student, con
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "align_mse_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      squared_distance_kernel<scalar_t><<<g.N, kThreads, 0, stream>>>(
-          r.up.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(), d,
-          sq.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(squared_distance_kernel<scalar_t>, g.N, kThreads, 0, stream,
+                    r.up.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(), d,
+                    sq.mutable_data_ptr<acc_t>());
     });
     loss.add_(sq, gamma / static_cast<double>(g.C * g.H * g.W));
   }
@@ -408,19 +405,18 @@ std::tuple<at::Tensor, at::Tensor> align_bwd_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "align_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (gamma != 0) {
-      mse_grad_kernel<scalar_t><<<blocks_for(d.N * d.C * d.H * d.W), kThreads, 0, stream>>>(
-          r.up.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(), d,
-          gl.const_data_ptr<acc_t>(),
-          static_cast<acc_t>(2.0 * gamma / static_cast<double>(g.C * g.H * g.W)),
-          needs_grad_student ? grad_up.mutable_data_ptr<scalar_t>() : nullptr,
-          needs_grad_teacher ? grad_t.mutable_data_ptr<scalar_t>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(mse_grad_kernel<scalar_t>, blocks_for(d.N * d.C * d.H * d.W), kThreads, 0,
+                    stream, r.up.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(), d,
+                    gl.const_data_ptr<acc_t>(),
+                    static_cast<acc_t>(2.0 * gamma / static_cast<double>(g.C * g.H * g.W)),
+                    needs_grad_student ? grad_up.mutable_data_ptr<scalar_t>() : nullptr,
+                    needs_grad_teacher ? grad_t.mutable_data_ptr<scalar_t>() : nullptr);
     }
     if (needs_grad_student) {
-      gather_to_student_kernel<scalar_t><<<blocks_for(grad_s.numel()), kThreads, 0, stream>>>(
-          grad_up.const_data_ptr<scalar_t>(), d, axis_taps<acc_t>(r.row_table, d.h, d.H),
-          axis_taps<acc_t>(r.col_table, d.w, d.W), grad_s.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(gather_to_student_kernel<scalar_t>, blocks_for(grad_s.numel()), kThreads, 0,
+                    stream, grad_up.const_data_ptr<scalar_t>(), d,
+                    axis_taps<acc_t>(r.row_table, d.h, d.H),
+                    axis_taps<acc_t>(r.col_table, d.w, d.W), grad_s.mutable_data_ptr<scalar_t>());
     }
   });
   return {grad_s, grad_t};

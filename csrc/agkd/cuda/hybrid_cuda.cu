@@ -21,6 +21,7 @@
 
 #include "agkd/cuda/block_reduce.cuh"
 #include "agkd/cuda/hybrid_cuda.h"
+#include "agkd/cuda/launch.cuh"
 #include "agkd/hybrid.h"
 #include "agkd/math/cosine.h"
 #include "agkd/math/ssim.h"
@@ -139,8 +140,7 @@ __global__ void __launch_bounds__(kThreads)
     hybrid_fwd_tiles_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
                             const Args<acc_t> a, const TileGrid grid,
                             acc_t* __restrict__ partials) {
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
-  acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
+  acc_t* smem = dynamic_shared_memory<acc_t>();
   const int64_t item = blockIdx.x;
   const int64_t plane = item / grid.per_plane(), tile = item % grid.per_plane();
   const int64_t n = plane / a.C, c = plane % a.C;
@@ -263,35 +263,23 @@ void hybrid_fwd_launch(const at::Tensor& x, const at::Tensor& y, const PlaneGeom
     slots = g.C * grid.per_plane();
     partials = at::empty({blocks * 4}, x.options().dtype(loss.scalar_type()));
     const size_t bytes = forward_smem_bytes<acc_t>(a.window);
-    if (p.beta != 0) {
-      auto kernel = hybrid_fwd_tiles_kernel<scalar_t, acc_t, true>;
-      allow_shared_memory(kernel, bytes, g.window);
-      kernel<<<blocks, block, bytes, stream>>>(x.const_data_ptr<scalar_t>(),
-                                               y.const_data_ptr<scalar_t>(), a, grid,
-                                               partials.mutable_data_ptr<acc_t>());
-    } else {
-      auto kernel = hybrid_fwd_tiles_kernel<scalar_t, acc_t, false>;
-      allow_shared_memory(kernel, bytes, g.window);
-      kernel<<<blocks, block, bytes, stream>>>(x.const_data_ptr<scalar_t>(),
-                                               y.const_data_ptr<scalar_t>(), a, grid,
-                                               partials.mutable_data_ptr<acc_t>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto kernel = p.beta != 0 ? hybrid_fwd_tiles_kernel<scalar_t, acc_t, true>
+                              : hybrid_fwd_tiles_kernel<scalar_t, acc_t, false>;
+    allow_shared_memory(kernel, bytes, g.window);
+    launch_kernel(kernel, blocks, block, bytes, stream, x.const_data_ptr<scalar_t>(),
+                  y.const_data_ptr<scalar_t>(), a, grid, partials.mutable_data_ptr<acc_t>());
   } else {
     TORCH_CHECK(g.N < 65536, "agkd::hybrid (CUDA): cosine-only supports N < 65536");
     slots = kCosineBlocksPerSample;
     partials = at::empty({g.N * slots * 4}, x.options().dtype(loss.scalar_type()));
-    cosine_fwd_kernel<scalar_t, acc_t>
-        <<<dim3(kCosineBlocksPerSample, g.N), block, 0, stream>>>(
-            x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), a,
-            partials.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(cosine_fwd_kernel<scalar_t, acc_t>, dim3(kCosineBlocksPerSample, g.N), block, 0,
+                  stream, x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), a,
+                  partials.mutable_data_ptr<acc_t>());
   }
-  hybrid_finalize_kernel<acc_t><<<g.N, block, 0, stream>>>(
-      partials.const_data_ptr<acc_t>(), slots, p.alpha, p.beta, p.eps,
-      static_cast<double>(g.ssim_count()), loss.mutable_data_ptr<acc_t>(),
-      stats.mutable_data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(hybrid_finalize_kernel<acc_t>, g.N, block, 0, stream,
+                partials.const_data_ptr<acc_t>(), slots, p.alpha, p.beta, p.eps,
+                static_cast<double>(g.ssim_count()), loss.mutable_data_ptr<acc_t>(),
+                stats.mutable_data_ptr<acc_t>());
 }
 
 }  // namespace
@@ -323,8 +311,7 @@ __global__ void __launch_bounds__(kThreads)
                        const Args<acc_t> a, const TileGrid grid,
                        const acc_t* __restrict__ grad_loss, double ssim_scale,
                        acc_t* __restrict__ coeffs) {
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
-  acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
+  acc_t* smem = dynamic_shared_memory<acc_t>();
   const int64_t item = blockIdx.x;
   const int64_t plane = item / grid.per_plane(), tile = item % grid.per_plane();
   const int64_t n = plane / a.C, c = plane % a.C;
@@ -348,8 +335,7 @@ __global__ void __launch_bounds__(kThreads)
                        const acc_t* __restrict__ coeffs, const acc_t* __restrict__ grad_loss,
                        const acc_t* __restrict__ stats, double beta, double eps,
                        scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_y) {
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
-  acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
+  acc_t* smem = dynamic_shared_memory<acc_t>();
   const int64_t item = blockIdx.x;
   const int64_t plane = item / grid.per_plane(), tile = item % grid.per_plane();
   const int64_t n = plane / a.C, c = plane % a.C;
@@ -444,29 +430,20 @@ void hybrid_bwd_launch(const at::Tensor& grad_loss, const at::Tensor& x, const a
     auto coeff_kernel = ssim_coeffs_kernel<scalar_t, acc_t>;
     const size_t fwd_bytes = forward_smem_bytes<acc_t>(a.window);
     allow_shared_memory(coeff_kernel, fwd_bytes, g.window);
-    coeff_kernel<<<blocks, block, fwd_bytes, stream>>>(
-        x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), a, grid, gl, ssim_scale,
-        coeffs.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(coeff_kernel, blocks, block, fwd_bytes, stream, x.const_data_ptr<scalar_t>(),
+                  y.const_data_ptr<scalar_t>(), a, grid, gl, ssim_scale,
+                  coeffs.mutable_data_ptr<acc_t>());
     const size_t bytes = backward_smem_bytes<acc_t>(a.window);
-    auto launch = [&](auto kernel) {
-      allow_shared_memory(kernel, bytes, g.window);
-      kernel<<<blocks, block, bytes, stream>>>(x.const_data_ptr<scalar_t>(),
-                                               y.const_data_ptr<scalar_t>(), a, grid,
-                                               coeffs.const_data_ptr<acc_t>(), gl, st, p.beta,
-                                               p.eps, gx, gy);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (p.beta != 0) {
-      launch(hybrid_grad_kernel<scalar_t, acc_t, true, true>);
-    } else {
-      launch(hybrid_grad_kernel<scalar_t, acc_t, true, false>);
-    }
+    auto kernel = p.beta != 0 ? hybrid_grad_kernel<scalar_t, acc_t, true, true>
+                              : hybrid_grad_kernel<scalar_t, acc_t, true, false>;
+    allow_shared_memory(kernel, bytes, g.window);
+    launch_kernel(kernel, blocks, block, bytes, stream, x.const_data_ptr<scalar_t>(),
+                  y.const_data_ptr<scalar_t>(), a, grid, coeffs.const_data_ptr<acc_t>(), gl, st,
+                  p.beta, p.eps, gx, gy);
   } else {
-    hybrid_grad_kernel<scalar_t, acc_t, false, true><<<blocks, block, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), a, grid, nullptr, gl, st,
-        p.beta, p.eps, gx, gy);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(hybrid_grad_kernel<scalar_t, acc_t, false, true>, blocks, block, 0, stream,
+                  x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), a, grid, nullptr,
+                  gl, st, p.beta, p.eps, gx, gy);
   }
 }
 

@@ -20,6 +20,7 @@
 #include <optional>
 
 #include "agkd/cuda/block_reduce.cuh"
+#include "agkd/cuda/launch.cuh"
 #include "agkd/kd.h"
 #include "agkd/math/kd.h"
 
@@ -149,11 +150,10 @@ std::tuple<at::Tensor, at::Tensor> kd_fwd_cuda(const at::Tensor& student,
     using acc_t = at::opmath_type<scalar_t>;
     const Logits<scalar_t> s = logits_of<scalar_t>(student), t = logits_of<scalar_t>(teacher);
     dispatch_kd_terms(p, [&]<bool kCE, bool kKL>() {
-      kd_fwd_kernel<scalar_t, kCE, kKL><<<g.N, threads, 0, stream>>>(
-          s, t, tgt, g.K, static_cast<acc_t>(temperature), static_cast<acc_t>(ce_weight),
-          static_cast<acc_t>(kl_weight), loss.mutable_data_ptr<acc_t>(),
-          stats.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(kd_fwd_kernel<scalar_t, kCE, kKL>, g.N, threads, 0, stream, s, t, tgt, g.K,
+                    static_cast<acc_t>(temperature), static_cast<acc_t>(ce_weight),
+                    static_cast<acc_t>(kl_weight), loss.mutable_data_ptr<acc_t>(),
+                    stats.mutable_data_ptr<acc_t>());
     });
   });
   return {loss, stats};
@@ -180,11 +180,10 @@ std::tuple<at::Tensor, at::Tensor> kd_bwd_cuda(
     scalar_t* gs = b.student ? b.grad_student.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gt = b.teacher ? b.grad_teacher.mutable_data_ptr<scalar_t>() : nullptr;
     dispatch_kd_terms(p, [&]<bool kCE, bool kKL>() {
-      kd_bwd_kernel<scalar_t, kCE, kKL><<<grid, kGradThreads, 0, stream>>>(
-          s, t, b.target_data(), K, b.grad_loss.const_data_ptr<acc_t>(),
-          b.stats.const_data_ptr<acc_t>(), static_cast<acc_t>(temperature),
-          static_cast<acc_t>(ce_weight), static_cast<acc_t>(kl_weight), gs, gt);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(kd_bwd_kernel<scalar_t, kCE, kKL>, grid, kGradThreads, 0, stream, s, t,
+                    b.target_data(), K, b.grad_loss.const_data_ptr<acc_t>(),
+                    b.stats.const_data_ptr<acc_t>(), static_cast<acc_t>(temperature),
+                    static_cast<acc_t>(ce_weight), static_cast<acc_t>(kl_weight), gs, gt);
     });
   });
   return {b.grad_student, b.grad_teacher};
