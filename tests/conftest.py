@@ -18,13 +18,37 @@ requires_native_cpu = pytest.mark.skipif(
 )
 
 
-def pytest_collection_modifyitems(config, items):
+def _cuda_kernel_device():
+    """Where this session runs the CUDA kernels: "cpu" under the CPU emulator
+    (AGKD_OPS_CUDA_EMULATION=1, which then serves every native call on CPU tensors),
+    "cuda" on a GPU, None where neither is there."""
+    if agkd_ops.build_info()["cuda_emulation"]:
+        return "cpu"
     if torch.cuda.is_available() and agkd_ops.native_available("cuda"):
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device and the CUDA kernels")
+        return "cuda"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu = torch.cuda.is_available() and agkd_ops.native_available("cuda")
+    kernels = _cuda_kernel_device() is not None
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device and the CUDA kernels")
+    skip_kernels = pytest.mark.skip(
+        reason="needs a CUDA device, or the CPU emulation build with AGKD_OPS_CUDA_EMULATION=1")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "cuda" in item.keywords and not gpu:
+            item.add_marker(skip_gpu)
+        elif "cuda_kernels" in item.keywords and not kernels:
+            item.add_marker(skip_kernels)
+
+
+@pytest.fixture(scope="session")
+def kernel_device():
+    """The device whose tensors reach the CUDA kernels: a GPU, or the CPU emulator."""
+    device = _cuda_kernel_device()
+    if device is None:
+        pytest.skip("needs a CUDA device or the CUDA emulator")
+    return torch.device(device)
 
 
 @pytest.fixture

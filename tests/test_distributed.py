@@ -82,8 +82,10 @@ def test_torchrun_validation_equals_single_process_evaluation(ddp_run, capsys):
     single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert single["samples"] == 20  # the whole validation set, odd split over two ranks
     assert single["val_acc"] == last["val_acc"]
-    # float32 logits from other batch compositions and thread counts: equal to rounding.
-    assert single["val_loss"] == pytest.approx(last["val_loss"], rel=1e-6)
+    # float32 logits from other batch compositions and thread counts (oneDNN picks its
+    # summation order by batch size and threads): equal to float32 rounding of the logits,
+    # ~1e-6 relative after the network's depth; 1e-5 allows for that on any CPU.
+    assert single["val_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
 
 
 def test_torchrun_resume_matches_an_uninterrupted_run(ddp_run, teacher_file, tmp_path):
@@ -112,8 +114,11 @@ def test_torchrun_sharded_teacher_cache_equals_single_process(teacher_file, tmp_
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     for name in ("labels", "augment", "logits", "attention"):
         a, b = np.load(tmp_path / "sharded" / f"{name}.npy"), np.load(single / f"{name}.npy")
-        if a.dtype.kind == "f":  # other batch compositions: same values up to summation order
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        if a.dtype.kind == "f":
+            # Other batch compositions and thread counts reorder the teacher's float32
+            # convolution sums: the same values to rounding, ~1e-6 relative through the
+            # network; atol covers entries near zero, where relative error means nothing.
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
         else:
             np.testing.assert_array_equal(a, b)
 
@@ -162,11 +167,17 @@ def test_bad_amp_mode_is_a_clear_error(tmp_path):
 
 
 def test_channels_last_gives_the_same_training(tmp_path):
+    # channels_last changes only the order in which oneDNN sums a convolution's products:
+    # the first step's loss moves by ~1e-6 relative (float32 rounding through the network).
+    # Plain SGD carries that forward linearly, so two steps stay near 1e-6 and rel=1e-4 is
+    # a wide margin on any CPU. Adam would not: its first update is lr·g/|g| per element,
+    # so a gradient component at rounding level whose sign flips moves its weight by 2·lr,
+    # a difference no float tolerance bounds (1.5e-4 relative was seen on one machine).
     runs = []
     for channels_last in (False, True):
         task = _agkd("mse")
         trainer = Trainer(task, TrainConfig(epochs=1, batch_size=16, channels_last=channels_last, device="cpu",
-                                            progress=False, lr=1e-3), tmp_path / str(channels_last),
+                                            progress=False, lr=1e-3, optimizer="sgd"), tmp_path / str(channels_last),
                           evaluate_model=task.student)
         runs.append(trainer.fit(*_data())[0])
         if channels_last:
@@ -188,11 +199,14 @@ def test_compiled_loss_path_is_one_graph_and_matches_eager(method, attention_los
         terms["total"].backward()
         results.append((terms, [p.grad.clone() for p in task.student.parameters() if p.grad is not None]))
     (want, want_grads), (got, got_grads) = results
+    # Inductor fuses and reorders the loss path's float32 reductions (softmax, means): equal
+    # to rounding, ~1e-6 relative. A gradient entry's error is relative to its tensor's
+    # scale, not to the entry itself, hence atol from the largest entry.
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
     assert len(got_grads) == len(want_grads) > 0
     for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
 def test_trainer_compile_option(tmp_path):

@@ -89,7 +89,11 @@ def test_kd_kl_div_parity_with_torch_composition(reduction):
                              reduction=reduction)
     if reduction == "none":
         want = want.sum(1)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # The composition's error, not ours (we sum in double): its float32 log-probabilities
+    # are each off by a few ulp of log K, and a row's KL at τ=4 is small (~0.05), so a
+    # row's value carries ~1e-5 relative error (9.99e-6 seen), which depends on the CPU's
+    # vector width; sums over rows average it out.
+    torch.testing.assert_close(got, want, rtol=1e-4 if reduction == "none" else 1e-5, atol=1e-6)
     for a, b in zip(torch.autograd.grad(got.sum(), (s, t)), torch.autograd.grad(want.sum(), (s, t))):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 

@@ -68,6 +68,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                   at::opmath_type<scalar_t>* __restrict__ stats) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t scratch[kMaxThreads];
+  __shared__ double wide_scratch[kMaxThreads];
   const int64_t n = blockIdx.x;
   const acc_t inv_tau = acc_t(1) / temperature;
 
@@ -79,18 +80,22 @@ __global__ void __launch_bounds__(kMaxThreads)
   max_s = block_reduce(max_s, scratch, MaxOp{});
   if (kKL) max_t = block_reduce(max_t, scratch, MaxOp{});
 
-  KdRowSums<acc_t> sums;
+  KdRowSums<acc_t> partial;  // this thread's classes, in acc_t
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
     const KdRowSums<acc_t> terms = kd_sum_terms<kCE, kKL>(
         s.at(n, k), kKL ? t.at(n, k) : acc_t(0), max_s, max_t, inv_tau, DeviceExp{});
-    sums.z_s += terms.z_s, sums.z_t += terms.z_t, sums.w += terms.w, sums.z_ce += terms.z_ce;
+    partial.z_s += terms.z_s, partial.z_t += terms.z_t, partial.w += terms.w;
+    partial.z_ce += terms.z_ce;
   }
+  // The row totals in double, as on the CPU: KL = w/z_t − log z_t + log z_s cancels
+  // terms of the size of log K, and τ² then scales what float32 would leave of it.
+  KdRowSums<double> sums;
   if (kKL) {
-    sums.z_s = block_reduce(sums.z_s, scratch, SumOp{});
-    sums.z_t = block_reduce(sums.z_t, scratch, SumOp{});
-    sums.w = block_reduce(sums.w, scratch, SumOp{});
+    sums.z_s = block_reduce(static_cast<double>(partial.z_s), wide_scratch, SumOp{});
+    sums.z_t = block_reduce(static_cast<double>(partial.z_t), wide_scratch, SumOp{});
+    sums.w = block_reduce(static_cast<double>(partial.w), wide_scratch, SumOp{});
   }
-  if (kCE) sums.z_ce = block_reduce(sums.z_ce, scratch, SumOp{});
+  if (kCE) sums.z_ce = block_reduce(static_cast<double>(partial.z_ce), wide_scratch, SumOp{});
 
   if (threadIdx.x == 0) {
     const KdRowStats<acc_t> st = kd_row_stats<acc_t>(max_s, max_t, sums, kKL, kCE);
