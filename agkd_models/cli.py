@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,18 +26,21 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from . import distributed
+from .checkpoint import CheckpointError, check_readable, load_model_weights
 from .cache import CachedTeacherDataset, TeacherCache, TeacherCacheError, cache_identity, write_teacher_cache
-from .config import PRESETS, ConfigError, load_config, save_config
+from .config import AMP_MODES, METHODS, PRESETS, ConfigError, load_config, save_config
 from .data import DataError, build_datasets, limit
 from .distill import AGKD, ATTENTION_LOSSES, LogitKD
 from .cakd import CAKD
 from .report import comparison_metrics, model_costs, plot_curves, write_report
 from .student import Student
 from .teacher import HybridTeacher
-from .trainer import (AMP_MODES, NonFiniteLossError, TeacherTask, Trainer, TrainConfig, classification_metrics,
+from .trainer import (NonFiniteLossError, TeacherTask, Trainer, TrainConfig, classification_metrics,
                       evaluate_logits, resolve_device)
 
-METHODS = ("agkd", "logit", "cakd", "none")
+# Errors about the user's input (configuration, files, data), reported in one line; any
+# other exception is a bug in agkd and keeps its traceback.
+USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, TeacherCacheError, CheckpointError)
 
 
 def build_data(cfg: Dict[str, Any]):
@@ -70,15 +74,24 @@ def build_task(method: str, cfg: Dict[str, Any], teacher: HybridTeacher, student
     if method == "logit":
         return LogitKD(teacher, student, temperature=d["temperature"], alpha=d["kd_alpha"])
     if method == "cakd":
-        return CAKD(teacher, student)
+        return CAKD(teacher, student, replace_prob=d["replace_prob"], lam=d["lam"], ce_weight=d["ce_weight"],
+                    discriminator_every=d["discriminator_every"], discriminator_lr=d["discriminator_lr"],
+                    dropout=d["dropout"], view_prob=d["view_prob"])
     return AGKD(teacher, student, attention_loss=d["attention_loss"], alpha=d["alpha"], beta=d["beta"],
-                temperature=d["temperature"], kd_alpha=d["kd_alpha"], window_size=d["window_size"],
-                padding=d["padding"])
+                temperature=d["temperature"], kd_alpha=d["kd_alpha"], hybrid_alpha=d["hybrid_alpha"],
+                hybrid_beta=d["hybrid_beta"], window_size=d["window_size"], padding=d["padding"],
+                perceptual_layers=d["perceptual_layers"])
 
 
-def load_weights(module: torch.nn.Module, path: str) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    module.load_state_dict(state)
+def load_teacher_weights(teacher: HybridTeacher, path: str, cfg: Dict[str, Any], num_classes: int) -> None:
+    t = cfg["teacher"]
+    load_model_weights(teacher, path, "teacher file",
+                       f"a hybrid teacher {t['cnn']} + {t['vit']} for {num_classes} classes")
+
+
+def load_student_weights(student: Student, path: str, cfg: Dict[str, Any], num_classes: int) -> None:
+    load_model_weights(student, path, "student file",
+                       f"student weights ({cfg['student']['name']}, {num_classes} classes)")
 
 
 def _seeded(cfg):
@@ -114,7 +127,7 @@ def distill(cfg: Dict[str, Any], teacher_path: str, method: str, out: Path, resu
     train_set, val_set, num_classes = build_data(cfg)
     _seeded(cfg)
     teacher = build_teacher(cfg, num_classes)
-    load_weights(teacher, teacher_path)
+    load_teacher_weights(teacher, teacher_path, cfg, num_classes)
     if teacher_cache:
         cache = open_teacher_cache(teacher_cache, cfg, train_set, teacher)
         if cfg["train"]["epochs"] > cache.epochs and distributed.world().is_main:
@@ -135,7 +148,7 @@ def cache_teacher(cfg: Dict[str, Any], teacher_path: str, out: Path, *, epochs: 
     _world, device = distributed.setup(cfg["train"]["device"])
     train_set, _val_set, num_classes = build_data(cfg)
     teacher = build_teacher(cfg, num_classes)
-    load_weights(teacher, teacher_path)
+    load_teacher_weights(teacher, teacher_path, cfg, num_classes)
     t = cfg["train"]
     return write_teacher_cache(teacher, train_set, out, epochs=epochs, teacher_config=cfg["teacher"], dtype=dtype,
                                topk=topk, batch_size=t["batch_size"], num_workers=t["num_workers"], device=device,
@@ -195,8 +208,12 @@ def cmd_distill(args, cfg):
 
 def cmd_evaluate(args, cfg):
     _, val_set, num_classes = build_data(cfg)
-    model = build_teacher(cfg, num_classes) if args.model == "teacher" else build_student(cfg, num_classes)
-    load_weights(model, args.checkpoint)
+    if args.model == "teacher":
+        model = build_teacher(cfg, num_classes)
+        load_teacher_weights(model, args.checkpoint, cfg, num_classes)
+    else:
+        model = build_student(cfg, num_classes)
+        load_student_weights(model, args.checkpoint, cfg, num_classes)
     device = resolve_device(cfg["train"]["device"])
     logits, targets = _evaluate(model, val_set, cfg, device)
     m = classification_metrics(logits, targets)
@@ -303,6 +320,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--attention-losses", default="hybrid",
                    help="comma-separated AGKD attention losses to compare (mse,cosine,ssim,hybrid,perceptual)")
 
+    for action in sub.choices.values():
+        action.add_argument("--debug", action="store_true",
+                            help="show the full traceback of an error (also: AGKD_DEBUG=1)")
+
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
@@ -314,12 +335,22 @@ def main(argv: Optional[List[str]] = None) -> int:
             cfg["train"]["channels_last"] = True
         if getattr(args, "compile", False):
             cfg["train"]["compile"] = True
+        # Files named on the command line, before any work starts.
+        for flag, what in (("teacher", "teacher file"), ("checkpoint", "checkpoint")):
+            if getattr(args, flag, None):
+                check_readable(Path(getattr(args, flag)), what)
+        if getattr(args, "teacher_cache", None) and not Path(args.teacher_cache).is_dir():
+            raise TeacherCacheError(f"teacher cache {args.teacher_cache}: no such folder (write one with "
+                                    f"agkd cache-teacher)")
         if args.command in ("train-teacher", "distill", "cache-teacher"):
             distributed.setup(cfg["train"]["device"])  # under torchrun: join the group before anything is written
         {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "cache-teacher": cmd_cache_teacher,
          "evaluate": cmd_evaluate, "demo": cmd_demo}[args.command](args, cfg)
-    except (ConfigError, DataError, NonFiniteLossError, TeacherCacheError) as exc:
-        print(f"agkd {args.command}: error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:  # the user's input is wrong, not agkd: one line, exit status 2
+        if args.debug or os.environ.get("AGKD_DEBUG", "0") not in ("", "0"):
+            raise
+        message = " ".join(str(exc).split())
+        print(f"agkd {args.command}: error: {message}", file=sys.stderr)
         return 2
     finally:
         distributed.shutdown()

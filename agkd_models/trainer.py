@@ -28,9 +28,9 @@ import csv
 import json
 import os
 import random
+import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -42,13 +42,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
+from .checkpoint import CheckpointError, atomic_save, previous_path, read_checkpoint, save_rotating
+from .config import AMP_MODES, TrainConfig
 from .distributed import resolve_device
 
 __all__ = ["Trainer", "TeacherTask", "TrainConfig", "NonFiniteLossError", "seed_everything",
            "evaluate_logits", "classification_metrics", "resolve_device", "autocast", "AMP_MODES"]
 
 CHECKPOINT = "checkpoint.pt"
-AMP_MODES = ("off", "bf16", "fp16")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -117,17 +118,6 @@ def _trainable_state(task: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in task.state_dict().items() if not k.startswith("teacher.")}
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file beside ``path``, flush it to disk, then rename over it:
-    a crash leaves either the old file or the new one, never a truncated one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def evaluate_logits(model_fn, loader: DataLoader, device: torch.device, *, amp: str = "off",
                     channels_last: bool = False):
@@ -149,36 +139,6 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> Dict[
     """Summed cross-entropy (float64), correct predictions and count: what ranks add up."""
     return {"loss_sum": F.cross_entropy(logits.double(), targets, reduction="sum").item(),
             "correct": int((logits.argmax(1) == targets).sum()), "count": len(targets)}
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 128          # global: split evenly over torchrun's processes
-    optimizer: str = "adam"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    scheduler: str = "cosine"
-    step_size: int = 10
-    gamma: float = 0.1
-    grad_clip: Optional[float] = 5.0
-    num_workers: int = 0
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = True
-    amp: str = "off"               # "off" | "bf16" | "fp16"
-    channels_last: bool = False
-    compile: bool = False
-    sync_bn: bool = False
-
-    def __post_init__(self):
-        if self.amp is False or self.amp is None:  # YAML reads a bare `off` as false
-            self.amp = "off"
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 def _set_epoch(dataset: Dataset, epoch: int) -> None:
@@ -259,11 +219,17 @@ class Trainer:
         rng = distributed.gather_objects(_rng_state())  # every rank's, so resume is exact per rank
         if not self.world.is_main:
             return
-        atomic_save({"epoch": epoch, "task": _trainable_state(self.task),
-                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "scaler": self.scaler.state_dict(), "extra_optimizers": self._extra_optimizer_states(),
-                     "rng": rng, "world_size": self.world.size, "history": self.history},
-                    self.checkpoint_path)
+        state = {"epoch": epoch, "task": _trainable_state(self.task),
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict(), "extra_optimizers": self._extra_optimizer_states(),
+                 "rng": rng, "world_size": self.world.size, "history": self.history}
+        try:
+            save_rotating(state, self.checkpoint_path)
+        except OSError as exc:  # a full disk or a lost mount: the previous checkpoint is intact
+            kept = [p.name for p in (self.checkpoint_path, previous_path(self.checkpoint_path)) if p.exists()]
+            raise CheckpointError(f"could not write the checkpoint of epoch {epoch + 1} to {self.out_dir} "
+                                  f"({exc.strerror or exc}); {' and '.join(kept) or 'no checkpoint'} kept, "
+                                  f"--resume continues from there") from None
 
     def _extra_optimizers(self):
         opt = getattr(self.task, "discriminator_optimizer", None)
@@ -272,13 +238,36 @@ class Trainer:
     def _extra_optimizer_states(self):
         return [opt.state_dict() for opt in self._extra_optimizers()]
 
-    def load_checkpoint(self) -> None:
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+    def _newest_readable_checkpoint(self) -> Optional[Dict[str, Any]]:
+        """The newest checkpoint that loads; the previous one where the newest is damaged
+        (a crash or a full disk while writing), said on standard error."""
+        newest, previous = self.checkpoint_path, previous_path(self.checkpoint_path)
+        if not newest.exists() and not previous.exists():
+            return None
+        try:
+            return read_checkpoint(newest)
+        except CheckpointError as damaged:
+            if not previous.exists():
+                raise CheckpointError(f"cannot resume: {damaged}; there is no previous checkpoint "
+                                      f"({previous.name}); remove {newest} to start over") from None
+            try:
+                state = read_checkpoint(previous)
+            except CheckpointError as also:
+                raise CheckpointError(f"cannot resume: {damaged}; {also}; remove both to start over") from None
+            if self.world.is_main:
+                print(f"warning: {damaged}; resuming from the previous checkpoint {previous} "
+                      f"(epoch {state['epoch'] + 1})", file=sys.stderr, flush=True)
+            return state
+
+    def load_checkpoint(self, state: Optional[Dict[str, Any]] = None) -> None:
+        if state is None:
+            state = read_checkpoint(self.checkpoint_path)
         missing, unexpected = self.task.load_state_dict(state["task"], strict=False)
         missing = [k for k in missing if not k.startswith("teacher.")]
         if missing or unexpected:
-            raise RuntimeError(f"checkpoint {self.checkpoint_path} does not match this task: "
-                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise CheckpointError(f"checkpoint {self.checkpoint_path} was written by another model or method "
+                                  f"({len(missing)} weights missing, e.g. {missing[:2]}, {len(unexpected)} "
+                                  f"unexpected, e.g. {unexpected[:2]}); use another --out to start a new run")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
@@ -325,8 +314,9 @@ class Trainer:
     def fit(self, train_set: Dataset, val_set: Dataset, *, resume: bool = False) -> List[Dict[str, float]]:
         if self.world.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        if resume and self.checkpoint_path.exists():
-            self.load_checkpoint()
+        state = self._newest_readable_checkpoint() if resume else None
+        if state is not None:
+            self.load_checkpoint(state)
         else:
             seed_everything(self.config.seed + self.world.rank)
         for epoch in range(self.start_epoch, self.config.epochs):

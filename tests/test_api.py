@@ -1,6 +1,10 @@
 """Public API contract (DESIGN.md §3): reductions, dtypes, modules, backend controls and
 every bad input, with messages that name the function and the argument."""
 import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,6 +177,31 @@ def test_build_info_reports_the_build():
     assert info["cpu"] == agkd_ops.native_available("cpu")
     if info["compiled"]:
         assert info["compiled_torch_version"] == torch.__version__
+
+
+def test_cuda_emulation_switch(monkeypatch):
+    import agkd_ops._backend as backend
+
+    emulated = os.environ.get("AGKD_OPS_CUDA_EMULATION") == "1"
+    assert agkd_ops.build_info()["cuda_emulation"] is emulated
+    if agkd_ops.build_info()["compiled"]:
+        assert bool(backend._C.cuda_emulation) is emulated  # which extension was loaded
+    monkeypatch.setenv("AGKD_OPS_CUDA_EMULATION", "yes")
+    with pytest.raises(ValueError, match="AGKD_OPS_CUDA_EMULATION must be 0 or 1, got 'yes'"):
+        backend._cuda_emulation_requested()
+
+
+def test_asking_for_emulation_without_its_build_fails_at_import(tmp_path):
+    # A copy of the Python package without any compiled extension.
+    package = tmp_path / "agkd_ops"
+    package.mkdir()
+    for source in Path(agkd_ops.__file__).parent.glob("*.py"):
+        (package / source.name).write_text(source.read_text())
+    env = dict(os.environ, AGKD_OPS_CUDA_EMULATION="1", PYTHONPATH=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", "import agkd_ops"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "AGKD_OPS_CUDA_EMULATION=1, but this install has no CUDA emulation build" in result.stderr
 
 
 def test_reference_importable_without_compiled_library():

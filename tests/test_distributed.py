@@ -161,7 +161,7 @@ def test_autocast_training_on_cuda(tmp_path, amp):
 
 
 def test_bad_amp_mode_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="train.amp must be one of off, bf16, fp16, got 'fp8'"):
+    with pytest.raises(ValueError, match="train.amp: got 'fp8'; expected one of off, bf16, fp16"):
         Trainer(_agkd("mse", "logit"), TrainConfig(amp="fp8", device="cpu"), tmp_path)
     assert TrainConfig(amp=False).amp == "off"  # YAML's bare `off`
 

@@ -1,0 +1,165 @@
+"""Files that runs write and read back: training checkpoints (atomic, with the previous one
+kept beside the newest) and model weights, with one-line errors that say which file is
+wrong and how.
+
+A training checkpoint is replaced in three steps: the new state is written to a temporary
+file and flushed to disk, the current checkpoint becomes ``<name>.prev.pt``, then the
+temporary file takes the checkpoint's name. A crash or a full disk at any point leaves at
+least one complete checkpoint, so a run never loses more than the epoch in progress.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["CheckpointError", "check_readable", "atomic_save", "previous_path", "save_rotating", "read_checkpoint",
+           "read_weights", "load_model_weights", "describe_weights"]
+
+# What every training checkpoint holds (written by Trainer.save_checkpoint).
+CHECKPOINT_KEYS = ("epoch", "task", "optimizer", "scheduler", "rng", "history")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that is missing, unreadable or holds something else."""
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file beside ``path``, flush it to disk, then rename over it:
+    a crash leaves either the old file or the new one, never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise
+    os.replace(tmp, path)
+
+
+def previous_path(path: Path) -> Path:
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_rotating(obj: Any, path: Path) -> None:
+    """Save ``obj`` as ``path``, keeping the checkpoint it replaces as ``<stem>.prev.pt``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.new-{os.getpid()}")
+    atomic_save(obj, tmp)
+    if path.exists():
+        os.replace(path, previous_path(path))
+    os.replace(tmp, path)
+
+
+def _load(path: Path, what: str) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{what} {path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path}: not a file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise CheckpointError(f"{what} {path}: cannot be read ({exc.strerror or exc})") from None
+    except Exception as exc:  # truncated zip, random bytes, a pickle of arbitrary objects, ...
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{what} {path}: not a PyTorch file (torch.save writes a zip archive; this is "
+                                  f"{path.stat().st_size} bytes of something else, or a truncated copy)") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{what} {path}: damaged or not loadable without running code ({reason[:160]})") \
+            from None
+
+
+def check_readable(path: Path, what: str) -> None:
+    """Fails early, before any work, for a file that is missing or cannot be opened."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path}: {'not a file' if path.exists() else 'no such file'}")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise CheckpointError(f"{what} {path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def read_checkpoint(path: Path) -> Dict[str, Any]:
+    """A training checkpoint, verified to load and to hold what the trainer writes."""
+    state = _load(path, "checkpoint")
+    if not isinstance(state, dict) or not all(key in state for key in CHECKPOINT_KEYS):
+        raise CheckpointError(f"checkpoint {path}: {describe_weights(state)}, not a training checkpoint "
+                              f"(expected the keys {', '.join(CHECKPOINT_KEYS)})")
+    return state
+
+
+def describe_weights(state: Any) -> str:
+    """What a loaded file holds, in a few words."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}"
+    if all(key in state for key in CHECKPOINT_KEYS):
+        return f"a training checkpoint (epoch {state['epoch'] + 1})"
+    tensors = {k: v for k, v in state.items() if torch.is_tensor(v)}
+    if not tensors:
+        return f"a dictionary with keys {', '.join(map(str, list(state)[:5]))}"
+    prefixes = {k.split(".", 1)[0] for k in tensors}
+    if {"cnn", "vit", "fuse"} <= prefixes:
+        return f"hybrid teacher weights ({state['fuse.weight'].shape[0]} classes)" if "fuse.weight" in state \
+            else "hybrid teacher weights"
+    if prefixes == {"model"}:
+        return f"student weights ({_classes(tensors)} classes)"
+    return f"weights of another model ({len(tensors)} tensors, e.g. {next(iter(tensors))})"
+
+
+def _classes(tensors: Dict[str, torch.Tensor]) -> Optional[int]:
+    last = [v for v in tensors.values() if v.dim() == 2]
+    return last[-1].shape[0] if last else None
+
+
+def read_weights(path: Path, what: str) -> Dict[str, torch.Tensor]:
+    """A state dict from ``path`` (a bare ``state_dict`` file, or the weights inside a
+    training checkpoint)."""
+    state = _load(path, what)
+    if isinstance(state, dict) and all(key in state for key in CHECKPOINT_KEYS):
+        state = state["task"]  # task state: the model's keys under the task's prefix
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"{what} {path}: holds {describe_weights(state)}, not model weights")
+    return state
+
+
+def load_model_weights(model: nn.Module, path: Path, what: str, expected: str) -> None:
+    """Load ``path`` into ``model`` or raise one line naming the file, what it holds and
+    what was expected (``expected``: e.g. "a student efficientnet_b0 for 10 classes")."""
+    state = read_weights(path, what)
+    own = model.state_dict()
+    if set(state) != set(own):
+        stripped = _strip_task_prefix(state, own)
+        if stripped is not None:
+            state = stripped
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{what} {path}: holds {describe_weights(state)}, expected {expected} "
+                              f"({len(missing)} weights missing, {len(unexpected)} unexpected)")
+    wrong: List[Tuple[str, torch.Size, torch.Size]] = [
+        (k, state[k].shape, own[k].shape) for k in own if state[k].shape != own[k].shape]
+    if wrong:
+        key, got, want = wrong[0]
+        raise CheckpointError(f"{what} {path}: holds {describe_weights(state)}, expected {expected} "
+                              f"({key} is {tuple(got)}, this model's is {tuple(want)})")
+    model.load_state_dict(state)
+
+
+def _strip_task_prefix(state: Dict[str, torch.Tensor], own: Dict[str, Any]):
+    """A task's state (``student.model.*``, ``model.*``) narrowed to one model's keys."""
+    for prefix in ("student.", "model.", "teacher."):
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if sub and set(sub) == set(own):
+            return sub
+    return None

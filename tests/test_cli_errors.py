@@ -1,0 +1,251 @@
+"""Bad input to the agkd command: configuration values, files on the command line and
+damaged checkpoints each give exit status 2 and one line on standard error that names the
+key or file, never a traceback; the settings declarations themselves are consistent."""
+import dataclasses
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from agkd_models import checkpoint as ckpt
+from agkd_models.cli import build_student, build_task, build_teacher, main
+from agkd_models.config import SECTIONS, ConfigError, PRESETS, default_config, load_config, validate_config
+
+TINY = ["--set", "data.limit_train=32", "--set", "data.limit_val=16", "--set", "train.batch_size=16",
+        "--set", "train.progress=false", "--set", "train.epochs=1"]
+
+
+def run_cli(capsys, *argv):
+    """(exit status, the lines on standard error) of ``agkd argv``, in process."""
+    capsys.readouterr()
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.strip()]
+
+
+def assert_one_line_error(capsys, argv, *words):
+    code, lines = run_cli(capsys, *argv)
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith(f"agkd {argv[0]}: error: "), lines
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save(build_teacher(load_config("digits"), 10).state_dict(), path)
+    return path
+
+
+# ------------------------------------------------------------- the issue's table, row by row
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: [1, 2\n  lr: 0.1\n")
+    assert_one_line_error(capsys, ["train-teacher", "--config", str(bad)], str(bad), "not valid YAML", "line")
+
+
+@pytest.mark.parametrize("override,words", [
+    ("train.lr=abc", ["train.lr", "'abc'", "a number > 0"]),
+    ("train.batch_size=0", ["train.batch_size", "got 0", "an integer >= 1"]),
+    ("train.epochs=-1", ["train.epochs", "got -1", "an integer >= 1"]),
+])
+def test_bad_values_name_the_key_the_value_and_what_is_allowed(capsys, override, words):
+    assert_one_line_error(capsys, ["train-teacher", "--set", override], *words)
+
+
+def test_teacher_of_random_bytes(tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(4096))
+    assert_one_line_error(capsys, ["distill", "--teacher", str(junk), "--out", str(tmp_path / "s")] + TINY,
+                          str(junk), "not a PyTorch file")
+
+
+def test_missing_teacher(tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "teacher.pt"
+    assert_one_line_error(capsys, ["distill", "--teacher", str(missing), "--out", str(tmp_path / "s")] + TINY,
+                          str(missing), "no such file")
+
+
+def test_resume_from_a_truncated_checkpoint_uses_the_previous_one(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train-teacher", "--out", str(out)] + TINY
+    assert main(args + ["--set", "train.epochs=2"]) == 0
+    newest, previous = out / "checkpoint.pt", out / "checkpoint.prev.pt"
+    assert torch.load(previous, weights_only=True)["epoch"] == 0  # the epoch before the newest
+    with open(newest, "r+b") as f:
+        f.truncate(newest.stat().st_size // 2)
+    code, lines = run_cli(capsys, *args, "--set", "train.epochs=3", "--resume")
+    assert code == 0
+    assert any("checkpoint.pt" in line and "resuming from the previous checkpoint" in line for line in lines)
+    history = torch.load(newest, weights_only=True)["history"]
+    assert [r["epoch"] for r in history] == [0, 1, 2]  # epoch 2 (index 1) retrained, nothing else lost
+
+
+def test_resume_with_both_checkpoints_damaged_says_so(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"\0" * 100)
+    (out / "checkpoint.prev.pt").write_bytes(b"PK\3\4 truncated")
+    assert_one_line_error(capsys, ["train-teacher", "--out", str(out), "--resume"] + TINY,
+                          "cannot resume", "checkpoint.pt", "checkpoint.prev.pt")
+
+
+def test_evaluate_student_given_a_teacher(teacher_file, capsys):
+    line = assert_one_line_error(capsys, ["evaluate", "--checkpoint", str(teacher_file), "--model", "student"] + TINY,
+                                 str(teacher_file), "hybrid teacher weights", "expected student weights")
+    assert "missing" in line and len(line) < 400  # a summary, not a screen of state-dict keys
+
+
+# ------------------------------------------------------------------- the other subcommands
+
+
+def test_teacher_for_another_number_of_classes(tmp_path, capsys):
+    five = tmp_path / "five.pt"
+    torch.save(build_teacher(load_config("digits"), 5).state_dict(), five)
+    assert_one_line_error(capsys, ["distill", "--teacher", str(five), "--out", str(tmp_path / "s")] + TINY,
+                          str(five), "5 classes", "for 10 classes")
+
+
+def test_cache_teacher_bad_inputs(tmp_path, teacher_file, capsys):
+    assert_one_line_error(capsys, ["cache-teacher", "--teacher", str(tmp_path / "none.pt"), "--out",
+                                   str(tmp_path / "c"), "--epochs", "1"] + TINY, "none.pt", "no such file")
+    assert_one_line_error(capsys, ["cache-teacher", "--teacher", str(teacher_file), "--out", str(tmp_path / "c"),
+                                   "--epochs", "1", "--set", "data.image_size=4"] + TINY,
+                          "data.image_size", "got 4")
+
+
+def test_distill_with_a_missing_teacher_cache(tmp_path, teacher_file, capsys):
+    assert_one_line_error(capsys, ["distill", "--teacher", str(teacher_file), "--teacher-cache",
+                                   str(tmp_path / "no-cache"), "--out", str(tmp_path / "s")] + TINY,
+                          "no-cache", "no such folder")
+
+
+def test_evaluate_bad_inputs(tmp_path, capsys):
+    assert_one_line_error(capsys, ["evaluate", "--checkpoint", str(tmp_path / "gone.pt")] + TINY,
+                          "gone.pt", "no such file")
+    notes = tmp_path / "notes.pt"
+    torch.save({"note": "hello"}, notes)
+    assert_one_line_error(capsys, ["evaluate", "--checkpoint", str(notes)] + TINY, str(notes), "not model weights")
+
+
+@pytest.mark.parametrize("override,key", [("train.optimizer=adamw", "train.optimizer"),
+                                          ("distill.window_size=4", "distill.window_size"),
+                                          ("student.name=efficientnet_b99", "student.name"),
+                                          ("distill.replace_prob=1.5", "distill.replace_prob"),
+                                          ("teacher.cnn_weights=/no/such/file.pth", "teacher.cnn_weights")])
+def test_demo_checks_its_configuration_before_any_work(tmp_path, capsys, override, key):
+    assert_one_line_error(capsys, ["demo", "--out", str(tmp_path / "demo"), "--set", override] + TINY, key)
+    assert not (tmp_path / "demo").exists()  # nothing was trained or written
+
+
+def test_the_real_command_prints_no_traceback_and_debug_shows_it():
+    cmd = [sys.executable, "-m", "agkd_models.cli", "train-teacher", "--set", "train.lr=abc"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "agkd train-teacher: error: train.lr: got 'abc'; expected a number > 0"
+    debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, timeout=300)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+
+
+# ------------------------------------------------------------------------ checkpoint files
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    args = ["train-teacher", "--out", str(out)] + TINY
+    assert main(args) == 0
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if isinstance(obj, dict) and "optimizer" in obj:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert_one_line_error(capsys, args + ["--set", "train.epochs=2", "--resume"],
+                          "No space left on device", "checkpoint.pt", "--resume")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 0
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no half-written files
+
+
+def test_rotation_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    for epoch in range(3):
+        ckpt.save_rotating({"epoch": epoch}, path)
+    assert torch.load(path, weights_only=True)["epoch"] == 2
+    assert torch.load(ckpt.previous_path(path), weights_only=True)["epoch"] == 1
+
+
+# ---------------------------------------------------------------------------- declarations
+
+
+def test_every_default_passes_its_own_check_and_every_preset_loads():
+    assert validate_config({}) == default_config()
+    for preset in PRESETS:
+        config = load_config(preset)
+        assert set(config) == set(SECTIONS)
+        for section, cls in SECTIONS.items():
+            assert set(config[section]) == {f.name for f in dataclasses.fields(cls)}, (preset, section)
+
+
+def test_every_setting_says_what_it_is():
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.metadata["rule"].help, f"{section}.{f.name}"
+
+
+def test_unknown_and_misspelt_keys():
+    with pytest.raises(ConfigError, match=r"unknown key 'train.epoch' \(did you mean 'train.epochs'\?\)"):
+        validate_config({"train": {"epoch": 3}})
+    with pytest.raises(ConfigError, match="unknown section 'trian'"):
+        validate_config({"trian": {}})
+    with pytest.raises(ConfigError, match=r"distill.padding: got 'reflekt' \(did you mean 'reflect'\?\)"):
+        load_config("digits", ["distill.padding=reflekt"])
+
+
+def test_values_are_normalised():
+    config = load_config("digits", ["train.lr=1e-3", "train.amp=off", "train.epochs=2.0", "train.grad_clip=null"])
+    assert config["train"]["lr"] == 0.001 and config["train"]["amp"] == "off"
+    assert config["train"]["epochs"] == 2 and isinstance(config["train"]["epochs"], int)
+    assert config["train"]["grad_clip"] is None
+    for bad in ("train.epochs=2.5", "train.progress=maybe", "data.limit_train=0", "distill.temperature=0",
+                "distill.kd_alpha=1.2", "train.momentum=1", "train.device=gpu", "student.stages=[a]"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
+            load_config("digits", [bad])
+
+
+def test_saved_config_has_every_setting(tmp_path):
+    config = load_config("digits")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert load_config(str(path)) == config
+
+
+@pytest.mark.parametrize("method,overrides,attributes", [
+    ("agkd", ["distill.hybrid_alpha=0.3", "distill.hybrid_beta=0.7", "distill.attention_loss=ssim",
+              "distill.window_size=5", "distill.padding=reflect", "distill.temperature=2.5", "distill.kd_alpha=0.4",
+              "distill.alpha=0.6", "distill.beta=2.0"],
+     {"hybrid_alpha": 0.3, "hybrid_beta": 0.7, "attention_loss": "ssim", "window_size": 5, "padding": "reflect",
+      "temperature": 2.5, "kd_alpha": 0.4, "alpha": 0.6, "beta": 2.0}),
+    ("logit", ["distill.temperature=3.0", "distill.kd_alpha=0.25"], {"temperature": 3.0, "alpha": 0.25}),
+    ("cakd", ["distill.lam=0.2", "distill.ce_weight=0.5", "distill.discriminator_every=3"],
+     {"lam": 0.2, "ce_weight": 0.5, "discriminator_every": 3}),
+])
+def test_distiller_settings_reach_the_distiller(method, overrides, attributes):
+    cfg = load_config("digits", overrides + ["distill.replace_prob=0.25", "distill.dropout=0.3",
+                                             "distill.view_prob=0.8", "distill.discriminator_lr=0.002"])
+    task = build_task(method, cfg, build_teacher(cfg, 10), build_student(cfg, 10))
+    for name, value in attributes.items():
+        assert getattr(task, name) == value, name
+    if method == "cakd":
+        assert task.pca.replace_prob == 0.25 and task.gl.dropout.p == 0.3 and task.generator.p == 0.8
+        assert task.discriminator_optimizer.param_groups[0]["lr"] == 0.002
