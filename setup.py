@@ -115,7 +115,7 @@ def _cuda_emulation_extension(CppExtension, cxx, defines, link, asan):
     c10/cuda headers) and registered for CPU tensors. Test-only: wheels never build it."""
     wrappers = os.path.join("build", "agkd_cuda_emu")
     os.makedirs(os.path.join(ROOT, wrappers), exist_ok=True)
-    sources = ["csrc/agkd/ops.cpp", "csrc/agkd/cuda_emu/emulation.cpp"]
+    sources = ["csrc/agkd/ops.cpp", "csrc/agkd/cuda_emu/emulation.cpp", "csrc/agkd/cuda_emu/selftest.cpp"]
     for cu in sorted(glob.glob("csrc/agkd/cuda/*.cu")):
         # A .cu file would be handed to nvcc; a one-line C++ wrapper includes it instead.
         name = os.path.splitext(os.path.basename(cu))[0]
@@ -130,7 +130,7 @@ def _cuda_emulation_extension(CppExtension, cxx, defines, link, asan):
     if asan:
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
         link = link + ["-fsanitize=address"]
-    _log(f"CUDA emulation extension: yes ({len(sources) - 2} .cu files{', AddressSanitizer' if asan else ''})")
+    _log(f"CUDA emulation extension: yes ({len(sources) - 3} .cu files{', AddressSanitizer' if asan else ''})")
     return CppExtension(
         name="agkd_ops._C_cuda_emu",
         sources=sources,

@@ -150,7 +150,7 @@ def _check(key: str, value: Any, annotation: Any, rule: Rule) -> Any:
 
         if not timm.is_model(value):
             close = difflib.get_close_matches(value, timm.list_models(), n=1)
-            raise bad(f", which timm does not know" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise bad(", which timm does not know" + (f" (did you mean {close[0]!r}?)" if close else ""))
     if rule.file:
         path = Path(value).expanduser()
         if not path.is_file():

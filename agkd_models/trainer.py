@@ -3,7 +3,8 @@
 A *task* is a module whose ``forward(images, targets)`` returns named loss terms with
 ``"total"`` and leaves the logits it produced in ``last_logits``; the trainer optimises
 ``task.trainable_parameters()``. Every epoch ends with validation, a line in
-``metrics.jsonl`` / ``metrics.csv`` and an atomic checkpoint (temp file + rename) holding
+``metrics.jsonl`` / ``metrics.csv`` and an atomic checkpoint (see :mod:`.checkpoint`: the
+one it replaces is kept as ``checkpoint.prev.pt`` and used when the newest is damaged) holding
 the task's trainable state, optimizer, scheduler, gradient scaler, every rank's RNG
 states and history, loadable with ``torch.load(weights_only=True)``. ``resume=True``
 continues from it and, on the CPU, reaches the same final metrics as an uninterrupted run
@@ -26,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import random
 import sys
 import time
@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
-from .checkpoint import CheckpointError, atomic_save, previous_path, read_checkpoint, save_rotating
+from .checkpoint import CheckpointError, previous_path, read_checkpoint, save_rotating
 from .config import AMP_MODES, TrainConfig
 from .distributed import resolve_device
 

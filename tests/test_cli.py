@@ -15,7 +15,8 @@ import yaml
 
 from agkd_models.cli import main
 from agkd_models.config import ConfigError, load_config
-from agkd_models.trainer import NonFiniteLossError, Trainer, TrainConfig, atomic_save
+from agkd_models.checkpoint import atomic_save
+from agkd_models.trainer import NonFiniteLossError, Trainer, TrainConfig
 
 TINY = ["--set", "data.limit_train=64", "--set", "data.limit_val=32", "--set", "train.epochs=1",
         "--set", "train.batch_size=32", "--set", "train.progress=false"]
