@@ -17,26 +17,38 @@ __all__ = ["model_costs", "comparison_metrics", "write_report", "plot_curves"]
 
 
 @torch.no_grad()
-def model_costs(model: nn.Module, image_size: int, device: torch.device, repeats: int = 10) -> Dict[str, float]:
-    """Parameters, forward FLOPs for one image (torch.utils.flop_counter) and the median
-    latency of a batch-1 forward on ``device``."""
+def model_costs(model: nn.Module, image_size: int, device: torch.device, *, repeats: int = 30,
+                warmup: int = 5, min_seconds: float = 0.5) -> Dict[str, float]:
+    """Parameters, forward FLOPs for one image (torch.utils.flop_counter) and the latency of
+    a batch-1 forward on ``device``: ``warmup`` untimed calls (oneDNN/cuDNN pick and cache
+    their kernels on the first ones), then at least ``repeats`` timed calls and at least
+    ``min_seconds`` of them; the median and the interquartile range, with the thread count
+    they ran on. Every model in a report is measured by this one function."""
     from torch.utils.flop_counter import FlopCounterMode
     model.eval()
     x = torch.randn(1, 3, image_size, image_size, device=device)
     with FlopCounterMode(display=False) as counter:
         model(x)
-    times = []
-    for _ in range(repeats + 2):
+
+    def timed() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         model(x)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    times = sorted(times[2:])
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        timed()
+    times: List[float] = []
+    while len(times) < repeats or sum(times) < min_seconds:
+        times.append(timed())
+    q1, median, q3 = (float(v) for v in torch.tensor(times).quantile(torch.tensor([0.25, 0.5, 0.75]), 
+                                                                     interpolation="midpoint"))
     return {"params": count_parameters(model), "gflops": counter.get_total_flops() / 1e9,
-            "latency_ms": 1e3 * times[len(times) // 2]}
+            "latency_ms": 1e3 * median, "latency_iqr_ms": 1e3 * (q3 - q1), "latency_repeats": len(times),
+            "threads": torch.get_num_threads() if device.type == "cpu" else None, "device": str(device)}
 
 
 def comparison_metrics(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -78,28 +90,54 @@ def write_report(path: Path, title: str, runs: Dict[str, Dict], notes: Optional[
                          f"{_fmt(c['kl'])} | {_fmt(c['correlation'])} |")
     costs = {n: r["costs"] for n, r in runs.items() if r.get("costs")}
     if costs:
-        lines += ["", "## Cost (batch 1)", "", "| model | parameters | GFLOPs | latency ms |", "|---|---:|---:|---:|"]
+        lines += ["", "## Cost (batch 1)", "", "| model | parameters | GFLOPs | latency ms (median) | IQR ms | repeats |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for name, c in costs.items():
-            lines.append(f"| {name} | {c['params']:,} | {c['gflops']:.3f} | {c['latency_ms']:.2f} |")
+            lines.append(f"| {name} | {c['params']:,} | {c['gflops']:.3f} | {c['latency_ms']:.2f} | "
+                         f"{c.get('latency_iqr_ms', float('nan')):.2f} | {c.get('latency_repeats', '')} |")
+        first = next(iter(costs.values()))
+        where = first.get("device", "")
+        if first.get("threads"):
+            where += f", {first['threads']} threads"
+        lines += ["", f"Latency: one image, after 5 untimed warm-up calls, median of at least 30 timed calls "
+                      f"({where}); every model measured the same way."]
     if notes:
         lines += ["", *notes]
     path.write_text("\n".join(lines) + "\n")
 
 
 def plot_curves(path: Path, histories: Dict[str, List[Dict[str, float]]]) -> None:
+    """Validation cross-entropy and accuracy of every model on shared axes (comparable
+    across methods), then each model's own training objective on a panel of its own (a KD
+    objective and a plain cross-entropy are different quantities)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, history in histories.items():
+    from matplotlib.ticker import MaxNLocator
+
+    n = len(histories)
+    fig = plt.figure(figsize=(11, 7.5))
+    grid = fig.add_gridspec(2, max(n, 2))
+    half = max(n, 2) // 2
+    val_ax = fig.add_subplot(grid[0, :half])
+    acc_ax = fig.add_subplot(grid[0, half:])
+    for i, (name, history) in enumerate(histories.items()):
         epochs = [r["epoch"] + 1 for r in history]
-        axes[0].plot(epochs, [r["train_loss"] for r in history], label=f"{name} train")
-        axes[0].plot(epochs, [r["val_loss"] for r in history], "--", label=f"{name} val")
-        axes[1].plot(epochs, [r["train_acc"] for r in history], label=f"{name} train")
-        axes[1].plot(epochs, [r["val_acc"] for r in history], "--", label=f"{name} val")
-    for ax, label in zip(axes, ("loss", "accuracy")):
+        color = f"C{i % 10}"
+        val_ax.plot(epochs, [r["val_loss"] for r in history], marker="o", color=color, label=name)
+        acc_ax.plot(epochs, [r["val_acc"] for r in history], marker="o", color=color, label=f"{name} val")
+        acc_ax.plot(epochs, [r["train_acc"] for r in history], "--", color=color, label=f"{name} train")
+        own = fig.add_subplot(grid[1, i])
+        own.plot(epochs, [r["train_loss"] for r in history], marker="o", color=color)
+        own.set_title(f"{name}\ntraining objective", fontsize=8)
+        own.set_xlabel("epoch", fontsize=8)
+        own.tick_params(labelsize=7)
+        own.xaxis.set_major_locator(MaxNLocator(integer=True))
+    val_ax.set_ylabel("validation cross-entropy")
+    acc_ax.set_ylabel("accuracy")
+    for ax in (val_ax, acc_ax):
         ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -159,3 +159,53 @@ def test_demo_compares_attention_losses(tmp_path, capsys):
                 "| student, AGKD (mse attention) |", "| student, AGKD (hybrid attention) |"):
         assert row in report
     assert (out / "curves.png").stat().st_size > 0 and "Table I" in capsys.readouterr().out
+
+
+def test_latency_is_a_median_of_enough_warm_repeats():
+    from agkd_models.report import model_costs
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.conv(x)
+
+    model = Counting()
+    costs = model_costs(model, 16, torch.device("cpu"), min_seconds=0.0)
+    # one FLOP-counting call, five warm-up calls, thirty timed ones
+    assert model.calls == 1 + 5 + 30 and costs["latency_repeats"] == 30
+    assert costs["threads"] == torch.get_num_threads() and costs["latency_iqr_ms"] >= 0
+    assert costs["params"] == 3 * 4 * 9 + 4
+
+
+def test_curves_put_each_training_objective_on_its_own_panel(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from agkd_models import report
+
+    history = [{"epoch": e, "train_loss": 3.0 - e, "val_loss": 2.0 - e / 2, "train_acc": 0.3 * e,
+                "val_acc": 0.25 * e} for e in range(3)]
+    saved = {}
+    real_savefig = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        saved["axes"] = fig.get_axes()
+        return real_savefig(fig, *args, **kwargs)
+
+    plt.Figure.savefig = keep
+    try:
+        report.plot_curves(tmp_path / "curves.png", {"teacher": history, "student, logit KD": history})
+    finally:
+        plt.Figure.savefig = real_savefig
+    labels = [ax.get_ylabel() for ax in saved["axes"]]
+    assert labels[:2] == ["validation cross-entropy", "accuracy"]
+    titles = [ax.get_title() for ax in saved["axes"][2:]]
+    assert titles == ["teacher\ntraining objective", "student, logit KD\ntraining objective"]
+    assert all(tick == int(tick) for ax in saved["axes"] for tick in ax.get_xticks())
+    assert (tmp_path / "curves.png").stat().st_size > 0
