@@ -10,8 +10,8 @@ Environment switches:
                              compiles the same cuda/*.cu sources with the host compiler and
                              runs them on the CPU emulator in csrc/agkd/cuda_emu (select it
                              with AGKD_OPS_CUDA_EMULATION=1 at import)
-  AGKD_CUDA_EMULATION=asan   the same, built with AddressSanitizer (run python with
-                             LD_PRELOAD=$(gcc -print-file-name=libasan.so))
+  AGKD_CUDA_EMULATION=asan   the same, built with AddressSanitizer (run python with libasan
+                             and libstdc++ in LD_PRELOAD; see the README)
 """
 import glob
 import os
