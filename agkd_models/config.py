@@ -239,6 +239,7 @@ class TrainConfig:
     momentum: float = setting(0.9, "SGD momentum", minimum=0, below=1)
     weight_decay: float = setting(0.0, "weight decay", minimum=0)
     scheduler: str = setting("cosine", "learning-rate schedule", choices=("cosine", "step"))
+    warmup_epochs: int = setting(0, "epochs of linear learning-rate warm-up before the schedule", minimum=0)
     step_size: int = setting(10, "step schedule: epochs between decays", minimum=1)
     gamma: float = setting(0.1, "step schedule: decay factor", above=0)
     grad_clip: Optional[float] = setting(5.0, "gradient-norm clip (null: none)", above=0)

@@ -190,12 +190,7 @@ class Trainer:
                                              weight_decay=config.weight_decay)
         else:
             raise ValueError(f"train.optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
-        if config.scheduler == "cosine":
-            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, config.epochs))
-        elif config.scheduler == "step":
-            self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, config.step_size, config.gamma)
-        else:
-            raise ValueError(f"train.scheduler must be 'cosine' or 'step', got {config.scheduler!r}")
+        self.scheduler = self._scheduler(config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.model: nn.Module = task
         if self.world.distributed:
@@ -209,6 +204,20 @@ class Trainer:
                 find_unused_parameters=getattr(task, "ddp_find_unused_parameters", False))
         self.history: List[Dict[str, float]] = []
         self.start_epoch = 0
+
+    def _scheduler(self, config: TrainConfig):
+        """Per-epoch schedule: ``warmup_epochs`` of linear warm-up (from lr/(w+1) up to lr),
+        then cosine annealing over the remaining epochs, or step decay."""
+        lr_sched = torch.optim.lr_scheduler
+        warmup = min(config.warmup_epochs, config.epochs - 1)
+        if config.scheduler == "cosine":
+            main = lr_sched.CosineAnnealingLR(self.optimizer, T_max=max(1, config.epochs - warmup))
+        else:
+            main = lr_sched.StepLR(self.optimizer, config.step_size, config.gamma)
+        if warmup <= 0:
+            return main
+        ramp = lr_sched.LinearLR(self.optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup)
+        return lr_sched.SequentialLR(self.optimizer, [ramp, main], milestones=[warmup])
 
     # ------------------------------------------------------------------ checkpoints
     @property

@@ -3,6 +3,7 @@ distill, then evaluate), config overrides and the saved resolved config, exact r
 after SIGKILL mid-epoch, atomic checkpoints, non-finite loss stop, clear data errors,
 reports and plots."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import yaml
 from agkd_models.cli import main
 from agkd_models.config import ConfigError, load_config
 from agkd_models.checkpoint import atomic_save
-from agkd_models.trainer import NonFiniteLossError, Trainer, TrainConfig
+from agkd_models.trainer import NonFiniteLossError, TeacherTask, Trainer, TrainConfig
 
 TINY = ["--set", "data.limit_train=64", "--set", "data.limit_val=32", "--set", "train.epochs=1",
         "--set", "train.batch_size=32", "--set", "train.progress=false"]
@@ -209,3 +210,14 @@ def test_curves_put_each_training_objective_on_its_own_panel(tmp_path):
     assert titles == ["teacher\ntraining objective", "student, logit KD\ntraining objective"]
     assert all(tick == int(tick) for ax in saved["axes"] for tick in ax.get_xticks())
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_warmup_then_cosine_learning_rates(tmp_path):
+    data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    model = torch.nn.Linear(4, 3)
+    trainer = Trainer(TeacherTask(model), TrainConfig(epochs=6, batch_size=8, lr=0.1, warmup_epochs=2,
+                                                      progress=False, device="cpu"), tmp_path, evaluate_model=model)
+    lrs = [r["lr"] for r in trainer.fit(data, data)]
+    # 0.1/3, 0.2/3 while warming up, then cosine over the 4 remaining epochs from 0.1
+    want = [0.1 / 3, 0.2 / 3] + [0.05 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert lrs == pytest.approx(want, rel=1e-6)
