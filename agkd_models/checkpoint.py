@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "check_readable", "atomic_save", "previous_path", "save_rotating", "read_checkpoint",
+__all__ = ["CheckpointError", "unreadable", "check_readable", "atomic_save", "previous_path", "save_rotating", "read_checkpoint",
            "read_weights", "load_model_weights", "describe_weights"]
 
 # What every training checkpoint holds (written by Trainer.save_checkpoint).
@@ -61,10 +61,7 @@ def save_rotating(obj: Any, path: Path) -> None:
 
 def _load(path: Path, what: str) -> Any:
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{what} {path}: no such file")
-    if not path.is_file():
-        raise CheckpointError(f"{what} {path}: not a file")
+    check_readable(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except OSError as exc:
@@ -78,16 +75,24 @@ def _load(path: Path, what: str) -> Any:
             from None
 
 
-def check_readable(path: Path, what: str) -> None:
-    """Fails early, before any work, for a file that is missing or cannot be opened."""
+def unreadable(path: Path) -> Optional[str]:
+    """Why ``path`` cannot be opened as a file, or None when it can."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{what} {path}: {'not a file' if path.exists() else 'no such file'}")
+        return "not a file" if path.exists() else "no such file"
     try:
         with open(path, "rb"):
             pass
     except OSError as exc:
-        raise CheckpointError(f"{what} {path}: cannot be read ({exc.strerror or exc})") from None
+        return f"cannot be read ({exc.strerror or exc})"
+    return None
+
+
+def check_readable(path: Path, what: str) -> None:
+    """Fails early, before any work, for a file that is missing or cannot be opened."""
+    reason = unreadable(path)
+    if reason is not None:
+        raise CheckpointError(f"{what} {path}: {reason}")
 
 
 def read_checkpoint(path: Path) -> Dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import yaml
 
+from .checkpoint import unreadable
 from .data import DATASETS
 from .distill import ATTENTION_LOSSES
 
@@ -152,14 +153,9 @@ def _check(key: str, value: Any, annotation: Any, rule: Rule) -> Any:
             close = difflib.get_close_matches(value, timm.list_models(), n=1)
             raise bad(", which timm does not know" + (f" (did you mean {close[0]!r}?)" if close else ""))
     if rule.file:
-        path = Path(value).expanduser()
-        if not path.is_file():
-            raise bad(", which is not a file")
-        try:
-            with open(path, "rb"):
-                pass
-        except OSError as exc:
-            raise bad(f", which cannot be read ({exc.strerror})") from None
+        reason = unreadable(Path(value).expanduser())
+        if reason is not None:
+            raise bad(f" ({reason})")
     return value
 
 
@@ -253,8 +249,6 @@ class TrainConfig:
     sync_bn: bool = setting(False, "SyncBatchNorm across GPU processes")
 
     def __post_init__(self):
-        if self.amp is False or self.amp is None:  # YAML reads a bare `off` as false
-            self.amp = "off"
         for name, value in validate_section("train", dataclasses.asdict(self)).items():
             setattr(self, name, value)
 
@@ -280,7 +274,7 @@ def validate_section(section: str, values: Dict[str, Any]) -> Dict[str, Any]:
                           + f"; {section} has: {', '.join(fields)}")
     out = {}
     for name, value in values.items():
-        if section == "train" and name == "amp" and value is False:
+        if section == "train" and name == "amp" and value in (False, None):
             value = "off"  # YAML reads a bare `off` as false
         out[name] = _check(f"{section}.{name}", value, hints[name], fields[name].metadata["rule"])
     if section == "train" and not _device(out.get("device", "auto")):

@@ -239,13 +239,6 @@ constexpr size_t kSharedGuardBytes = 256;
 constexpr unsigned char kSharedFill = 0xFF;  // NaN as float and double
 constexpr unsigned char kGuardFill = 0xA5;
 
-#if defined(AGKD_EMU_ASAN)
-// AddressSanitizer keeps per-stack state; it must be told about every switch.
-void asan_enter_fiber(void** fake_stack, const Stack& stack) {
-  __sanitizer_start_switch_fiber(fake_stack, stack.bottom(), kStackBytes);
-}
-#endif
-
 void fiber_main(void* /*unused*/) {
   Worker& w = worker;
 #if defined(AGKD_EMU_ASAN)
@@ -275,9 +268,9 @@ void resume(Worker& w, int index) {
   Fiber& f = w.fibers[index];
   w.current = index;
   threadIdx = f.index;
-#if defined(AGKD_EMU_ASAN)
+#if defined(AGKD_EMU_ASAN)  // AddressSanitizer keeps per-stack state: tell it of every switch
   void* fake_stack = nullptr;
-  asan_enter_fiber(&fake_stack, *w.stacks[index]);
+  __sanitizer_start_switch_fiber(&fake_stack, w.stacks[index]->bottom(), kStackBytes);
 #endif
   switch_context(w.scheduler, f.context);
 #if defined(AGKD_EMU_ASAN)
