@@ -30,6 +30,19 @@ FEATURE_SHAPES = [("128x320x7x7", (128, 320, 7, 7), {})]
 SHAPES = {"hybrid_loss": MAP_SHAPES, "ssim_loss": MAP_SHAPES,
           "attention_align_loss": ALIGN_SHAPES, "attention_map": FEATURE_SHAPES,
           "kd_kl_div": LOGIT_SHAPES, "kd_loss": LOGIT_SHAPES}
+# On a GPU the shapes above take well under a millisecond, so launch and dispatch costs
+# dominate; these add work large enough for the kernels' memory traffic to show.
+GPU_MAP_SHAPES = [("64x4x224x224", (64, 4, 224, 224), {})]
+GPU_LOGIT_SHAPES = [("8192x32000", (8192, 32000), {"temperature": 4.0})]
+GPU_SHAPES = {"hybrid_loss": GPU_MAP_SHAPES, "ssim_loss": GPU_MAP_SHAPES,
+              "attention_align_loss": [("56to224-hybrid", ((64, 4, 56, 56), (64, 4, 224, 224)), {"loss": "hybrid"})],
+              "attention_map": [("256x1280x14x14", (256, 1280, 14, 14), {})],
+              "kd_kl_div": GPU_LOGIT_SHAPES, "kd_loss": GPU_LOGIT_SHAPES}
+
+
+def shapes_for(loss, device):
+    """The (name, shape, kwargs) cases of one loss on one device."""
+    return SHAPES[loss] + (GPU_SHAPES[loss] if device == "cuda" else [])
 
 
 def shape_label(shape):
@@ -109,7 +122,7 @@ IMPLEMENTATIONS = {
 
 
 def find_shape(loss, shape_name):
-    return next((shape, kw) for name, shape, kw in SHAPES[loss] if name == shape_name)
+    return next((shape, kw) for name, shape, kw in shapes_for(loss, "cuda") if name == shape_name)
 
 
 def with_batch(shape, n):

@@ -2,8 +2,9 @@
 benchmarks/results/<device>.json and <device>.md (medians, ratios to native, peak extra
 memory, machine and torch version).
 
-    python -m benchmarks.report
+    python -m benchmarks.report [--device cpu|cuda]   (default: cuda when a GPU is visible)
 """
+import argparse
 import json
 import os
 import platform
@@ -13,8 +14,8 @@ from collections import defaultdict
 
 import torch
 
-from benchmarks.cases import IMPLEMENTATIONS, SHAPES, shape_label
-from benchmarks.memory import peak_extra_bytes
+from benchmarks.cases import IMPLEMENTATIONS, shape_label, shapes_for
+from benchmarks.memory import peak_extra_bytes, peak_extra_cuda_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -43,12 +44,17 @@ def machine_line(machine):
             + f"; torch {machine['torch']}, Python {machine['python']}.")
 
 
-def run_benchmarks(test_file):
-    """Runs one pytest-benchmark suite and returns its JSON report."""
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_benchmarks(test_file, device=None):
+    """Runs one pytest-benchmark suite (on one device, if given) and returns its JSON report."""
     os.makedirs(RESULTS, exist_ok=True)
     raw = os.path.join(RESULTS, "pytest-benchmark.json")
+    env = dict(os.environ, **({"AGKD_BENCH_DEVICES": device} if device else {}))
     subprocess.run([sys.executable, "-m", "pytest", test_file, "--benchmark-only", "-q",
-                    f"--benchmark-json={raw}", "-p", "no:cacheprovider"], cwd=ROOT, check=True)
+                    f"--benchmark-json={raw}", "-p", "no:cacheprovider"], cwd=ROOT, env=env, check=True)
     with open(raw) as f:
         bench = json.load(f)
     os.remove(raw)
@@ -56,7 +62,10 @@ def run_benchmarks(test_file):
 
 
 def main():
-    bench = run_benchmarks("benchmarks/test_bench_losses.py")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device())
+    device = parser.parse_args().device
+    bench = run_benchmarks("benchmarks/test_bench_losses.py", device)
     medians = defaultdict(dict)  # (loss, shape, device) -> impl -> ms
     for b in bench["benchmarks"]:
         info = b["extra_info"]
@@ -64,20 +73,22 @@ def main():
         medians[key][info["impl"]] = 1e3 * b["stats"]["median"]
     memory = {}
     for loss, impls in IMPLEMENTATIONS.items():
-        for name, shape, kw in SHAPES[loss]:
+        for name, shape, kw in shapes_for(loss, device):
             for impl in impls:
-                memory[(loss, case_label(shape, kw), impl)] = peak_extra_bytes(loss, impl, name)
+                measure = peak_extra_cuda_bytes if device == "cuda" else peak_extra_bytes
+                memory[(loss, case_label(shape, kw), impl)] = measure(loss, impl, name)
 
     machine = _machine()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     lines = [f"# agkd_ops benchmark ({device})", "",
              machine_line(machine), "",
              "Forward + backward of a scalar loss, float32, median of 15 rounds; the gradient is taken for the "
              "first input (the student) only. KD losses at temperature 4 (kd_loss with alpha 0.9), logits "
              "3·N(0, 1). Ratio = median / native median (higher means native is faster). Peak extra memory: "
-             "growth of max RSS during one CPU step (fresh process, after warm-up).", "",
-             "| loss | shape | device | impl | median ms | ratio vs native | peak extra MiB (CPU) |",
+             + ("the CUDA caching allocator's peak during one step minus what was allocated before it "
+                "(after warm-up)." if device == "cuda" else
+                "growth of max RSS during one CPU step (fresh process, after warm-up)."), "",
+             f"| loss | shape | device | impl | median ms | ratio vs native | peak extra MiB ({device}) |",
              "|---|---|---|---|---:|---:|---:|"]
     for (loss, shape, dev), impls in sorted(medians.items()):
         native = impls.get("native")
@@ -85,7 +96,7 @@ def main():
             mem = memory.get((loss, shape, impl))
             ratio = ms / native if native else None
             rows.append({"loss": loss, "shape": shape, "device": dev, "impl": impl, "median_ms": ms,
-                         "ratio_vs_native": ratio, "peak_extra_bytes_cpu": mem})
+                         "ratio_vs_native": ratio, f"peak_extra_bytes_{device}": mem})
             lines.append(f"| {loss} | {shape} | {dev} | {impl} | {ms:.2f} | "
                          f"{'' if ratio is None else f'{ratio:.1f}x'} | "
                          f"{'' if mem is None else f'{mem / 2**20:.1f}'} |")

@@ -7,9 +7,7 @@ reference/native ratios, machine and torch version).
 import json
 import os
 
-import torch
-
-from benchmarks.report import RESULTS, _machine, machine_line, run_benchmarks
+from benchmarks.report import RESULTS, _machine, default_device, machine_line, run_benchmarks
 
 
 def main():
@@ -18,7 +16,7 @@ def main():
           for b in bench["benchmarks"]}
     info = bench["benchmarks"][0]["extra_info"]
     machine = _machine()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     lines = [f"# One AGKD distillation step ({device})", "",
              machine_line(machine), "",
              f"Teacher {info['teacher']}, student {info['student']}, {info['image_size']} px, batch {info['batch']}, "
