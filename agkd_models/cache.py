@@ -87,7 +87,8 @@ def teacher_fingerprint(teacher: nn.Module, config: Dict[str, Any]) -> str:
     for name, tensor in sorted(teacher.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        # reshape: batch norm's num_batches_tracked is 0-d, which cannot be viewed as bytes.
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 

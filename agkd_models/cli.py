@@ -21,149 +21,24 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
-
-import torch
+from typing import List, Optional
 
 from . import distributed
-from .checkpoint import CheckpointError, check_readable, load_model_weights
-from .cache import CachedTeacherDataset, TeacherCache, TeacherCacheError, cache_identity, write_teacher_cache
+from .cache import TeacherCache, TeacherCacheError
+from .checkpoint import CheckpointError, check_readable
 from .config import AMP_MODES, METHODS, PRESETS, ConfigError, load_config, save_config
-from .data import DataError, build_datasets, limit
-from .distill import AGKD, ATTENTION_LOSSES, LogitKD
-from .cakd import CAKD
-from .report import comparison_metrics, model_costs, plot_curves, write_report
-from .student import Student
-from .teacher import HybridTeacher
-from .trainer import (NonFiniteLossError, TeacherTask, Trainer, TrainConfig, classification_metrics,
-                      evaluate_logits, resolve_device)
+from .compare import COMPARE_METHODS, LABELS, parse_methods, prepare_teacher, run_comparison
+from .data import DataError
+from .distill import ATTENTION_LOSSES
+from .pipeline import (build_data, build_student, build_teacher, cache_teacher, distill,
+                       load_student_weights, load_teacher_weights,
+                       student_report, test_accuracy, train_teacher, evaluate_model, write_run_report)
+from .report import model_costs, plot_curves, write_report
+from .trainer import NonFiniteLossError, classification_metrics, resolve_device
 
 # Errors about the user's input (configuration, files, data), reported in one line; any
 # other exception is a bug in agkd and keeps its traceback.
 USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, TeacherCacheError, CheckpointError)
-
-
-def build_data(cfg: Dict[str, Any]):
-    d, seed = cfg["data"], cfg["train"]["seed"]
-    splits = build_datasets(d["name"], d.get("root"), image_size=d["image_size"],
-                            val_fraction=d.get("val_fraction", 0.2), seed=seed,
-                            download=d.get("download", False), flip=d.get("flip", True))
-    return (limit(splits.train, d.get("limit_train"), seed), limit(splits.val, d.get("limit_val"), seed),
-            splits.num_classes)
-
-
-def build_teacher(cfg: Dict[str, Any], num_classes: int) -> HybridTeacher:
-    t = cfg["teacher"]
-    return HybridTeacher(num_classes, cnn=t["cnn"], vit=t["vit"], cnn_weights=t.get("cnn_weights"),
-                         vit_weights=t.get("vit_weights"), pretrained=t.get("pretrained", False),
-                         vit_kwargs=t.get("vit_kwargs") or {}, cnn_kwargs=t.get("cnn_kwargs") or {},
-                         vit_attention=t.get("vit_attention", "cls"),
-                         combine=t.get("combine", "add"))
-
-
-def build_student(cfg: Dict[str, Any], num_classes: int) -> Student:
-    s = cfg["student"]
-    return Student(num_classes, name=s["name"], stages=s["stages"], weights=s.get("weights"),
-                   pretrained=s.get("pretrained", False))
-
-
-def build_task(method: str, cfg: Dict[str, Any], teacher: HybridTeacher, student: Student):
-    d = cfg["distill"]
-    if method == "none":
-        return TeacherTask(student)
-    if method == "logit":
-        return LogitKD(teacher, student, temperature=d["temperature"], alpha=d["kd_alpha"])
-    if method == "cakd":
-        return CAKD(teacher, student, replace_prob=d["replace_prob"], lam=d["lam"], ce_weight=d["ce_weight"],
-                    discriminator_every=d["discriminator_every"], discriminator_lr=d["discriminator_lr"],
-                    dropout=d["dropout"], view_prob=d["view_prob"])
-    return AGKD(teacher, student, attention_loss=d["attention_loss"], alpha=d["alpha"], beta=d["beta"],
-                temperature=d["temperature"], kd_alpha=d["kd_alpha"], hybrid_alpha=d["hybrid_alpha"],
-                hybrid_beta=d["hybrid_beta"], window_size=d["window_size"], padding=d["padding"],
-                perceptual_layers=d["perceptual_layers"])
-
-
-def load_teacher_weights(teacher: HybridTeacher, path: str, cfg: Dict[str, Any], num_classes: int) -> None:
-    t = cfg["teacher"]
-    load_model_weights(teacher, path, "teacher file",
-                       f"a hybrid teacher {t['cnn']} + {t['vit']} for {num_classes} classes")
-
-
-def load_student_weights(student: Student, path: str, cfg: Dict[str, Any], num_classes: int) -> None:
-    load_model_weights(student, path, "student file",
-                       f"student weights ({cfg['student']['name']}, {num_classes} classes)")
-
-
-def _seeded(cfg):
-    torch.manual_seed(cfg["train"]["seed"])
-
-
-def train_teacher(cfg: Dict[str, Any], out: Path, resume: bool = False) -> Dict[str, Any]:
-    train_set, val_set, num_classes = build_data(cfg)
-    _seeded(cfg)
-    teacher = build_teacher(cfg, num_classes)
-    trainer = Trainer(TeacherTask(teacher), TrainConfig.from_dict(cfg["train"]), out, evaluate_model=teacher)
-    history = trainer.fit(train_set, val_set, resume=resume)
-    if trainer.world.is_main:
-        torch.save(teacher.state_dict(), out / "teacher.pt")
-    return {"history": history, "model": teacher}
-
-
-# Methods that need only the teacher's logits and attention map, which a cache holds.
-CACHEABLE = ("agkd", "logit")
-
-
-def open_teacher_cache(path: str, cfg: Dict[str, Any], train_set, teacher) -> TeacherCache:
-    return TeacherCache.open(path, expect=cache_identity(train_set, teacher, cfg["teacher"]))
-
-
-def distill(cfg: Dict[str, Any], teacher_path: str, method: str, out: Path, resume: bool = False,
-            teacher_cache: Optional[str] = None) -> Dict[str, Any]:
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if teacher_cache and method not in CACHEABLE:
-        raise ConfigError(f"--teacher-cache serves the methods that read only the teacher's logits and attention "
-                          f"({', '.join(CACHEABLE)}); {method!r} needs the online teacher")
-    train_set, val_set, num_classes = build_data(cfg)
-    _seeded(cfg)
-    teacher = build_teacher(cfg, num_classes)
-    load_teacher_weights(teacher, teacher_path, cfg, num_classes)
-    if teacher_cache:
-        cache = open_teacher_cache(teacher_cache, cfg, train_set, teacher)
-        if cfg["train"]["epochs"] > cache.epochs and distributed.world().is_main:
-            print(f"note: {cfg['train']['epochs']} epochs from a cache of {cache.epochs}: epoch n replays cached "
-                  f"epoch n mod {cache.epochs}", flush=True)
-        train_set = CachedTeacherDataset(train_set, cache)
-    student = build_student(cfg, num_classes)
-    task = build_task(method, cfg, teacher, student)
-    trainer = Trainer(task, TrainConfig.from_dict(cfg["train"]), out, evaluate_model=student)
-    history = trainer.fit(train_set, val_set, resume=resume)
-    if trainer.world.is_main:
-        torch.save(student.state_dict(), out / "student.pt")  # the student alone, for inference
-    return {"history": history, "model": student, "teacher": teacher, "val_set": val_set}
-
-
-def cache_teacher(cfg: Dict[str, Any], teacher_path: str, out: Path, *, epochs: int, dtype: str = "float16",
-                  topk: Optional[int] = None, overwrite: bool = False) -> Path:
-    _world, device = distributed.setup(cfg["train"]["device"])
-    train_set, _val_set, num_classes = build_data(cfg)
-    teacher = build_teacher(cfg, num_classes)
-    load_teacher_weights(teacher, teacher_path, cfg, num_classes)
-    t = cfg["train"]
-    return write_teacher_cache(teacher, train_set, out, epochs=epochs, teacher_config=cfg["teacher"], dtype=dtype,
-                               topk=topk, batch_size=t["batch_size"], num_workers=t["num_workers"], device=device,
-                               overwrite=overwrite, progress=t.get("progress", False))
-
-
-def _write_run_report(out: Path, title: str, runs: Dict[str, Dict]) -> None:
-    write_report(out / "report.md", title, runs)
-    plot_curves(out / "curves.png", {name: run["history"] for name, run in runs.items()})
-
-
-def _evaluate(model, val_set, cfg, device):
-    model.to(device).eval()
-    loader = torch.utils.data.DataLoader(val_set, batch_size=cfg["train"]["batch_size"])
-    return evaluate_logits(model, loader, device)
 
 
 def _is_main() -> bool:
@@ -179,17 +54,11 @@ def cmd_train_teacher(args, cfg):
         return
     device = resolve_device(cfg["train"]["device"])
     costs = model_costs(run["model"].to(device), cfg["data"]["image_size"], device)
-    _write_run_report(out, "Teacher training", {"teacher": {"history": run["history"], "costs": costs}})
-    print(f"teacher: val acc {run['history'][-1]['val_acc']:.4f}; wrote {out}/teacher.pt, report.md")
-
-
-def _student_run(cfg, run, device) -> Dict[str, Any]:
-    s_logits, targets = _evaluate(run["model"], run["val_set"], cfg, device)
-    t_logits, _ = _evaluate(run["teacher"], run["val_set"], cfg, device)
-    size = cfg["data"]["image_size"]
-    compare = comparison_metrics(s_logits, t_logits, targets, sum(p.numel() for p in run["teacher"].parameters()),
-                                 sum(p.numel() for p in run["model"].parameters()))
-    return {"history": run["history"], "compare": compare, "costs": model_costs(run["model"], size, device)}
+    test_acc = test_accuracy(run["model"], run["data"], cfg, device)
+    write_run_report(out, "Teacher training", {"teacher": {"history": run["history"], "costs": costs,
+                                                            "test_acc": test_acc}})
+    print(f"teacher: val acc {run['history'][-1]['val_acc']:.4f}, test acc {test_acc:.4f}; "
+          f"wrote {out}/teacher.pt, report.md")
 
 
 def cmd_distill(args, cfg):
@@ -201,13 +70,15 @@ def cmd_distill(args, cfg):
     if not _is_main():
         return
     device = resolve_device(cfg["train"]["device"])
-    _write_run_report(out, f"Distillation ({cfg['distill']['method']})",
-                      {f"student ({cfg['distill']['method']})": _student_run(cfg, run, device)})
-    print(f"student: val acc {run['history'][-1]['val_acc']:.4f}; wrote {out}/student.pt, report.md")
+    report = {f"student ({cfg['distill']['method']})": student_report(cfg, run, device)}
+    write_run_report(out, f"Distillation ({cfg['distill']['method']})", report)
+    print(f"student: val acc {run['history'][-1]['val_acc']:.4f}, test acc "
+          f"{report[next(iter(report))]['test_acc']:.4f}; wrote {out}/student.pt, report.md")
 
 
 def cmd_evaluate(args, cfg):
-    _, val_set, num_classes = build_data(cfg)
+    data = build_data(cfg)
+    num_classes = data.num_classes
     if args.model == "teacher":
         model = build_teacher(cfg, num_classes)
         load_teacher_weights(model, args.checkpoint, cfg, num_classes)
@@ -215,10 +86,10 @@ def cmd_evaluate(args, cfg):
         model = build_student(cfg, num_classes)
         load_student_weights(model, args.checkpoint, cfg, num_classes)
     device = resolve_device(cfg["train"]["device"])
-    logits, targets = _evaluate(model, val_set, cfg, device)
+    logits, targets = evaluate_model(model, getattr(data, args.split), cfg, device)
     m = classification_metrics(logits, targets)
-    result = {"model": args.model, "val_loss": m["loss_sum"] / m["count"], "val_acc": m["correct"] / m["count"],
-              "samples": m["count"]}
+    result = {"model": args.model, "split": args.split, f"{args.split}_loss": m["loss_sum"] / m["count"],
+              f"{args.split}_acc": m["correct"] / m["count"], "samples": m["count"]}
     print(json.dumps(result))
     return result
 
@@ -233,39 +104,66 @@ def cmd_cache_teacher(args, cfg):
               f"{'' if manifest['topk'] is None else ', top-' + str(manifest['topk'])}, {size / 2**20:.1f} MiB in {out}")
 
 
+def cmd_compare(args, cfg):
+    out = Path(args.out)
+    methods = parse_methods(args.methods)
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+    save_config(cfg, out / "config.yaml")
+    if args.teacher:
+        teacher_path = Path(args.teacher)
+    else:
+        teacher_path = prepare_teacher(cfg, out / "teacher", args.teacher_epochs or cfg["train"]["epochs"],
+                                       log=_log("compare"))["path"]
+    seeds = [cfg["train"]["seed"] + i for i in range(args.seeds)]
+    run_comparison(cfg, out, methods=methods, seeds=seeds, teacher_path=teacher_path,
+                   student_epochs=args.student_epochs or cfg["train"]["epochs"], log=_log("compare"))
+    print((out / "comparison.md").read_text())
+
+
+def _log(command):
+    return lambda message: print(f"[{command}] {message}", flush=True)
+
+
 def cmd_demo(args, cfg):
     out = Path(args.out)
     start = time.time()
-    cfg["train"]["epochs"] = args.teacher_epochs
     save_config(cfg, out / "config.yaml")
-    print(f"[demo] training the hybrid teacher ({cfg['teacher']['cnn']} + {cfg['teacher']['vit']}) on digits")
-    teacher_run = train_teacher(cfg, out / "teacher")
-    device = resolve_device(cfg["train"]["device"])
-    size = cfg["data"]["image_size"]
-    runs = {"teacher": {"history": teacher_run["history"], "costs": model_costs(teacher_run["model"], size, device)}}
-    # Students: no KD, logit KD, then AGKD with each requested attention loss (several of
-    # them give the paper's Table II rows).
-    variants = [("none", None, "student, no KD"), ("logit", None, "student, logit KD")]
     losses = [loss.strip() for loss in args.attention_losses.split(",") if loss.strip()]
     unknown = sorted(set(losses) - set(ATTENTION_LOSSES))
     if unknown:
         raise ConfigError(f"--attention-losses: unknown {', '.join(unknown)}; choose from {', '.join(ATTENTION_LOSSES)}")
-    variants += [("agkd", loss, f"student, AGKD ({loss} attention)") for loss in losses]
-    for method, attention_loss, label in variants:
-        student_cfg = json.loads(json.dumps(cfg))
-        student_cfg["train"]["epochs"] = args.student_epochs
-        if attention_loss:
-            student_cfg["distill"]["attention_loss"] = attention_loss
-        print(f"[demo] {label}")
-        folder = method if attention_loss is None else f"agkd-{attention_loss}"
-        run = distill(student_cfg, str(out / "teacher" / "teacher.pt"), method, out / folder)
-        runs[label] = _student_run(student_cfg, run, device)
-    notes = [f"Digits ({cfg['data']['image_size']} px), teacher {args.teacher_epochs} epochs, students "
-             f"{args.student_epochs} epochs each, seed {cfg['train']['seed']}, total {time.time() - start:.0f} s "
-             f"on {device}. One seed on a small data set: differences of a point or two are noise."]
-    write_report(out / "report.md", "agkd demo: teacher and three students on digits", runs, notes)
-    plot_curves(out / "curves.png", {name: run["history"] for name, run in runs.items()})
+    methods = ["none", "logit"] + [f"agkd-{loss}" for loss in losses]
+    teacher = prepare_teacher(cfg, out / "teacher", args.teacher_epochs, log=_log("demo"))
+    summary = run_comparison(cfg, out, methods=methods, seeds=[cfg["train"]["seed"]], teacher_path=teacher["path"],
+                             student_epochs=args.student_epochs, log=_log("demo"))
+    # The report: Table I, the students against the teacher, and every model's cost.
+    device = resolve_device(cfg["train"]["device"])
+    data = build_data(cfg)
+    size = cfg["data"]["image_size"]
+    teacher_model = build_teacher(cfg, data.num_classes)
+    load_teacher_weights(teacher_model, str(teacher["path"]), cfg, data.num_classes)
+    student = build_student(cfg, data.num_classes)
+    runs = {"teacher": {"history": teacher["history"], "costs": model_costs(teacher_model, size, device)}}
+    student_costs = model_costs(student.to(device), size, device)  # the same architecture for every student
+    seed = cfg["train"]["seed"]
+    for name in methods:
+        result = summary["runs"][name][seed]
+        runs[LABELS[name]] = {"history": result["history"], "compare": result["compare"], "costs": student_costs}
+    teacher_note = ("reused from an earlier run with the same configuration and data" if teacher["reused"]
+                    else f"trained {args.teacher_epochs} epochs")
+    notes = [f"Digits ({size} px): teacher {teacher_note}, test accuracy {summary['teacher']['test_acc']:.4f}; "
+             f"students {args.student_epochs} epochs each, seed {seed}; total {time.time() - start:.0f} s on "
+             f"{device}. Test accuracies are in comparison.md. One seed on a small data set: differences of a "
+             f"point or two are noise; `agkd compare --seeds 3` gives mean ± std."]
+    write_report(out / "report.md", "agkd demo: a teacher and its students on digits", runs, notes)
+    plot_curves(out / "curves.png", {name: run["history"] for name, run in runs.items() if run["history"]})
+    (out / "summary.json").write_text(json.dumps({
+        "teacher": {"test_acc": summary["teacher"]["test_acc"], "reused": teacher["reused"]},
+        "students": {LABELS[name]: summary["runs"][name][seed]["test_acc"] for name in methods},
+        "test_samples": summary["test_samples"], "seconds": time.time() - start}, indent=1))
     print((out / "report.md").read_text())
+    print((out / "comparison.md").read_text())
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -308,15 +206,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage precision")
     p.add_argument("--topk", type=int, default=None, help="keep only the k largest teacher logits per sample")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
-    p = sub.add_parser("evaluate", help="validation loss and accuracy of a saved model")
+    p = sub.add_parser("evaluate", help="test (or validation) loss and accuracy of a saved model")
     common(p, "digits")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--model", choices=("teacher", "student"), default="student")
+    p.add_argument("--split", choices=("val", "test"), default="test",
+                   help="evaluation set (default: test; choose recipes on val)")
+    p = sub.add_parser("compare", help="students trained with several methods over several seeds, one table")
+    common(p, "digits")
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--teacher", default=None,
+                   help="teacher.pt to distil from (default: train one in OUT/teacher, or reuse the one there)")
+    p.add_argument("--methods", default=",".join(COMPARE_METHODS),
+                   help=f"comma-separated, from {', '.join(COMPARE_METHODS)} (default: all)")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds train.seed, +1, ... (default 3)")
+    p.add_argument("--teacher-epochs", type=int, default=None, help="default: train.epochs")
+    p.add_argument("--student-epochs", type=int, default=None, help="default: train.epochs")
     p = sub.add_parser("demo", help="digits: a teacher, then students without KD, with logit KD and with AGKD")
     common(p, "digits")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--teacher-epochs", type=int, default=4)
-    p.add_argument("--student-epochs", type=int, default=4)
+    p.add_argument("--teacher-epochs", type=int, default=6)
+    p.add_argument("--student-epochs", type=int, default=6)
     p.add_argument("--attention-losses", default="hybrid",
                    help="comma-separated AGKD attention losses to compare (mse,cosine,ssim,hybrid,perceptual)")
 
@@ -345,7 +255,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command in ("train-teacher", "distill", "cache-teacher"):
             distributed.setup(cfg["train"]["device"])  # under torchrun: join the group before anything is written
         {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "cache-teacher": cmd_cache_teacher,
-         "evaluate": cmd_evaluate, "demo": cmd_demo}[args.command](args, cfg)
+         "evaluate": cmd_evaluate, "compare": cmd_compare, "demo": cmd_demo}[args.command](args, cfg)
     except USER_ERRORS as exc:  # the user's input is wrong, not agkd: one line, exit status 2
         if args.debug or os.environ.get("AGKD_DEBUG", "0") not in ("", "0"):
             raise

@@ -171,11 +171,16 @@ class DataConfig:
     name: str = setting("digits", "data set", choices=DATASETS)
     root: Optional[str] = setting(None, "data folder (folder, cifar*, tinyimagenet)")
     image_size: int = setting(224, "input size in pixels", minimum=8)
-    val_fraction: float = setting(0.2, "share of a single-split data set held out for validation", above=0, below=1)
+    val_fraction: float = setting(0.2, "share held out for validation (of the whole set when it has one split, "
+                                  "else of the training split)", above=0, below=1)
+    test_fraction: float = setting(0.2, "share of a single-split data set held out for the test", minimum=0,
+                                   below=1)
+    split_seed: int = setting(0, "seed of the train/validation/test split, separate from train.seed", minimum=0)
     flip: bool = setting(True, "random horizontal flips in training")
     download: bool = setting(False, "allow fetching the data set (CIFAR)")
     limit_train: Optional[int] = setting(None, "use only this many training samples", minimum=1)
     limit_val: Optional[int] = setting(None, "use only this many validation samples", minimum=1)
+    limit_test: Optional[int] = setting(None, "use only this many test samples", minimum=1)
 
 
 @dataclass

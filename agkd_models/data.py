@@ -16,16 +16,17 @@ import json
 import math
 import os
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
 __all__ = ["DataError", "DataSplits", "build_datasets", "ReplayableAugment", "AugmentedDataset",
-           "eval_transform", "fingerprint", "limit", "IMAGENET_MEAN", "IMAGENET_STD", "DATASETS"]
+           "eval_transform", "fingerprint", "limit", "three_way_split", "IMAGENET_MEAN", "IMAGENET_STD", "DATASETS"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,9 +40,14 @@ class DataError(ValueError):
 
 @dataclass
 class DataSplits:
+    """Training, validation (choose recipes here) and test (report here) sets.
+    ``test_is_val`` marks a folder data set that ships only train/ and val/: its one held-out
+    set serves as both, and reports say so."""
     train: Dataset
     val: Dataset
+    test: Dataset
     classes: List[str]
+    test_is_val: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -251,13 +257,26 @@ def _scan(root: Path, classes: List[str], layout: str) -> List[Tuple[str, int]]:
     return samples
 
 
-def _split(n: int, labels: Sequence[int], val_fraction: float, seed: int):
+def three_way_split(labels: Sequence[int], val_fraction: float, test_fraction: float,
+                    seed: int) -> Tuple[List[int], List[int], List[int]]:
+    """Stratified train / validation / test indices; the same for the same labels, fractions
+    and ``seed`` (``data.split_seed``, separate from the training seed)."""
     from sklearn.model_selection import train_test_split
-    index = list(range(n))
-    return train_test_split(index, test_size=val_fraction, random_state=seed, stratify=list(labels))
+    if val_fraction + test_fraction >= 1:
+        raise DataError(f"data.val_fraction + data.test_fraction must be < 1, got {val_fraction} + {test_fraction}")
+    def holdout(index, fraction):
+        try:
+            return train_test_split(index, test_size=fraction, random_state=seed, stratify=[labels[i] for i in index])
+        except ValueError:  # a class too small to stratify (tiny or test-sized data sets)
+            return train_test_split(index, test_size=fraction, random_state=seed)
+
+    index = list(range(len(labels)))
+    rest, test = (index, []) if test_fraction == 0 else holdout(index, test_fraction)
+    train, val = holdout(rest, val_fraction / (1 - test_fraction))
+    return sorted(train), sorted(val), sorted(test)
 
 
-def _digits(image_size: int, val_fraction: float, seed: int, train_tf, eval_tf) -> DataSplits:
+def _digits(image_size: int, split: "SplitSpec", train_tf, eval_tf) -> DataSplits:
     from sklearn.datasets import load_digits
     import torch.nn.functional as F
     digits = load_digits()
@@ -265,48 +284,55 @@ def _digits(image_size: int, val_fraction: float, seed: int, train_tf, eval_tf) 
     images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
     labels = torch.tensor(digits.target)
-    train_idx, val_idx = _split(len(labels), labels.tolist(), val_fraction, seed)
-    return DataSplits(_Tensors(images[train_idx], labels[train_idx], train_tf),
-                      _Tensors(images[val_idx], labels[val_idx], eval_tf), [str(c) for c in range(10)])
+    train_idx, val_idx, test_idx = three_way_split(labels.tolist(), *split)
+    part = lambda idx, tf: _Tensors(images[idx], labels[idx], tf)  # noqa: E731
+    return DataSplits(part(train_idx, train_tf), part(val_idx, eval_tf), part(test_idx, eval_tf),
+                      [str(c) for c in range(10)])
 
 
-def _folder(root: Path, val_fraction: float, seed: int, train_tf, eval_tf, verify: bool) -> DataSplits:
-    layout = ("ROOT/train/<class>/*.jpg and ROOT/val/<class>/*.jpg, or ROOT/<class>/*.jpg "
-              "split by val_fraction")
+def _folder(root: Path, split: "SplitSpec", train_tf, eval_tf, verify: bool) -> DataSplits:
+    layout = ("ROOT/train/<class>/*.jpg and ROOT/val/<class>/*.jpg (and optionally ROOT/test/<class>/*.jpg), "
+              "or ROOT/<class>/*.jpg split three ways by val_fraction and test_fraction")
     if (root / "train").is_dir() and (root / "val").is_dir():
         classes = _class_folders(root / "train", layout)
-        val_classes = _class_folders(root / "val", layout)
-        if val_classes != classes:
-            raise DataError(f"{root}/train and {root}/val have different class folders "
-                            f"({len(classes)} vs {len(val_classes)}); expected {layout}")
-        train = _scan(root / "train", classes, layout)
-        val = _scan(root / "val", classes, layout)
-        if verify:
-            train, val = _readable(train, root / "train"), _readable(val, root / "val")
-        return DataSplits(_Samples(train, train_tf), _Samples(val, eval_tf), classes)
+        parts = {}
+        for name in ("train", "val", "test"):
+            if name == "test" and not (root / "test").is_dir():
+                continue
+            if _class_folders(root / name, layout) != classes:
+                raise DataError(f"{root}/train and {root}/{name} have different class folders; expected {layout}")
+            parts[name] = _scan(root / name, classes, layout)
+            if verify:
+                parts[name] = _readable(parts[name], root / name)
+        val = _Samples(parts["val"], eval_tf)
+        test = _Samples(parts["test"], eval_tf) if "test" in parts else val
+        return DataSplits(_Samples(parts["train"], train_tf), val, test, classes, test_is_val="test" not in parts)
     classes = _class_folders(root, layout)
     samples = _scan(root, classes, layout)
     if verify:
         samples = _readable(samples, root)
-    train_idx, val_idx = _split(len(samples), [s[1] for s in samples], val_fraction, seed)
-    return DataSplits(_Samples([samples[i] for i in train_idx], train_tf),
-                      _Samples([samples[i] for i in val_idx], eval_tf), classes)
+    train_idx, val_idx, test_idx = three_way_split([s[1] for s in samples], *split)
+    pick = lambda idx, tf: _Samples([samples[i] for i in idx], tf)  # noqa: E731
+    return DataSplits(pick(train_idx, train_tf), pick(val_idx, eval_tf), pick(test_idx, eval_tf), classes)
 
 
-def _cifar(name: str, root: Path, download: bool, train_tf, eval_tf) -> DataSplits:
+def _cifar(name: str, root: Path, split: "SplitSpec", download: bool, train_tf, eval_tf) -> DataSplits:
     from torchvision import datasets
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
     try:
         train = cls(str(root), train=True, transform=train_tf, download=download)
-        val = cls(str(root), train=False, transform=eval_tf, download=download)
+        train_eval = cls(str(root), train=True, transform=eval_tf, download=False)
+        test = cls(str(root), train=False, transform=eval_tf, download=download)
     except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
         raise DataError(f"{name}: no valid data set under {root} (expected torchvision's {root}/{folder}/ "
                         f"python-pickle batches); pass --download to fetch it") from exc
-    return DataSplits(train, val, list(train.classes))
+    # The official test split is the test set; validation is held out of the training split.
+    train_idx, val_idx, _ = three_way_split(list(train.targets), split.val_fraction, 0.0, split.seed)
+    return DataSplits(Subset(train, train_idx), Subset(train_eval, val_idx), test, list(train.classes))
 
 
-def _tinyimagenet(root: Path, train_tf, eval_tf, verify: bool) -> DataSplits:
+def _tinyimagenet(root: Path, split: "SplitSpec", train_tf, eval_tf, verify: bool) -> DataSplits:
     layout = ("ROOT/wnids.txt, ROOT/train/<wnid>/images/*.JPEG, ROOT/val/images/*.JPEG and "
               "ROOT/val/val_annotations.txt (the released tiny-imagenet-200 layout)")
     wnids_file, annotations = root / "wnids.txt", root / "val" / "val_annotations.txt"
@@ -331,33 +357,48 @@ def _tinyimagenet(root: Path, train_tf, eval_tf, verify: bool) -> DataSplits:
         val.append((str(root / "val" / "images" / fields[0]), index[fields[1]]))
     if verify:
         train, val = _readable(train, root / "train"), _readable(val, root / "val")
-    return DataSplits(_Samples(train, train_tf), _Samples(val, eval_tf), classes)
+    # The official validation split is the test set; validation is held out of training.
+    train_idx, val_idx, _ = three_way_split([label for _, label in train], split.val_fraction, 0.0, split.seed)
+    return DataSplits(_Samples([train[i] for i in train_idx], train_tf), _Samples([train[i] for i in val_idx], eval_tf),
+                      _Samples(val, eval_tf), classes)
+
+
+class SplitSpec(NamedTuple):
+    val_fraction: float
+    test_fraction: float
+    seed: int
 
 
 def build_datasets(name: str, root: Optional[str] = None, *, image_size: int = 224,
-                   val_fraction: float = 0.2, seed: int = 0, download: bool = False,
-                   flip: bool = True, verify: bool = True) -> DataSplits:
-    """Train and validation sets of ``name`` (see :data:`DATASETS`): the training set is an
-    :class:`AugmentedDataset` (replayable random resized crop and, with ``flip``, horizontal
-    flip; draws seeded by ``seed``), validation is resized and centre-cropped."""
+                   val_fraction: float = 0.2, test_fraction: float = 0.2, split_seed: int = 0, seed: int = 0,
+                   download: bool = False, flip: bool = True, verify: bool = True) -> DataSplits:
+    """Train, validation and test sets of ``name`` (see :data:`DATASETS`).
+
+    Single-split sets (digits, a flat class folder) are split three ways, stratified, by
+    ``val_fraction`` and ``test_fraction`` with ``split_seed``; sets with an official held-out
+    split (CIFAR's test, Tiny ImageNet's val) use it as the test set and hold the validation
+    set out of training. The split never depends on ``seed``, the training seed, which draws
+    the training set's augmentation (replayable random resized crop and, with ``flip``,
+    horizontal flip). Validation and test are resized and centre-cropped."""
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
-    splits = _raw_splits(name, root, image_size, val_fraction, seed, download, verify)
+    split = SplitSpec(val_fraction, test_fraction, split_seed)
+    splits = _raw_splits(name, root, image_size, split, download, verify)
     augment = ReplayableAugment(image_size, flip=flip)
-    return DataSplits(AugmentedDataset(splits.train, augment, seed), splits.val, splits.classes)
+    return dataclasses.replace(splits, train=AugmentedDataset(splits.train, augment, seed))
 
 
-def _raw_splits(name, root, image_size, val_fraction, seed, download, verify) -> DataSplits:
-    """Training split without a transform (the caller augments it), validation split with
-    the evaluation transform."""
+def _raw_splits(name, root, image_size, split, download, verify) -> DataSplits:
+    """Training split without a transform (the caller augments it), validation and test
+    splits with the evaluation transform."""
     train_tf, eval_tf = None, eval_transform(image_size)
     if name == "digits":
-        return _digits(image_size, val_fraction, seed, train_tf, eval_tf)
+        return _digits(image_size, split, train_tf, eval_tf)
     if root is None:
         raise DataError(f"data set {name!r} needs a data root")
     root_path = Path(root).expanduser()
     if name == "folder":
-        return _folder(root_path, val_fraction, seed, train_tf, eval_tf, verify)
+        return _folder(root_path, split, train_tf, eval_tf, verify)
     if name in ("cifar10", "cifar100"):
-        return _cifar(name, root_path, download, train_tf, eval_tf)
-    return _tinyimagenet(root_path, train_tf, eval_tf, verify)
+        return _cifar(name, root_path, split, download, train_tf, eval_tf)
+    return _tinyimagenet(root_path, split, train_tf, eval_tf, verify)

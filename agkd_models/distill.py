@@ -101,7 +101,8 @@ class AGKD(Distiller):
       min–max scaled to [0, 1] per sample first (``data_range=1``); the cosine half is
       scale-invariant, so it sees the same scaled maps;
     * ``"perceptual"``: squared distance of the features of a frozen extractor (default:
-      the teacher CNN's first ``perceptual_layers`` modules) applied to the two maps
+      the teacher CNN's first ``perceptual_layers`` modules: of ``.features`` for VGG, else
+      its top-level children) applied to the two maps
       (min–max scaled, repeated to 3 channels, student resized to the teacher's size).
 
     A two-channel ``A_T`` (``combine="concat"``) is compared with the student map
@@ -122,9 +123,8 @@ class AGKD(Distiller):
         self.window_size, self.padding = window_size, padding
         if attention_loss == "perceptual":
             if perceptual_extractor is None:
-                features = getattr(teacher.cnn, "features", None)
-                if features is None:
-                    raise ValueError("AGKD: pass perceptual_extractor= for a teacher CNN without .features")
+                # VGG keeps its layers in .features; ResNets and the like list them as children.
+                features = getattr(teacher.cnn, "features", teacher.cnn)
                 perceptual_extractor = nn.Sequential(*list(features.children())[:perceptual_layers])
             self.perceptual = perceptual_extractor  # shares (frozen) teacher weights by default
             for p in self.perceptual.parameters():

@@ -13,7 +13,7 @@ import torch
 
 import agkd_ops
 from agkd_models.cache import CachedTeacherDataset, TeacherCache, write_teacher_cache
-from agkd_models.cli import build_student, build_task, build_teacher
+from agkd_models.pipeline import build_student, build_task, build_teacher
 from agkd_models.config import load_config
 from agkd_models.data import AugmentedDataset, ReplayableAugment, _Tensors
 

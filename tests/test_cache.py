@@ -10,7 +10,8 @@ import torch
 
 from agkd_models import cache as cache_module
 from agkd_models.cache import CachedTeacherDataset, TeacherCache, TeacherCacheError, cache_identity
-from agkd_models.cli import build_data, build_teacher, cache_teacher, distill, main
+from agkd_models.cli import main
+from agkd_models.pipeline import build_data, build_teacher, cache_teacher, distill
 from agkd_models.config import load_config
 
 TINY = ["data.limit_train=48", "data.limit_val=16", "train.epochs=2", "train.batch_size=16",
@@ -44,7 +45,7 @@ def _teacher(teacher_file):
 
 
 def test_rows_are_the_teacher_on_the_replayed_image(teacher_file, caches):
-    train_set, _, _ = build_data(config())
+    train_set = build_data(config()).train
     cache = TeacherCache.open(caches["float32"])
     teacher = _teacher(teacher_file)
     for epoch in range(2):
@@ -90,8 +91,8 @@ def test_cached_distillation_equals_online(teacher_file, caches, tmp_path, metho
 @pytest.mark.parametrize("method", ["agkd", "logit"])
 def test_float16_cache_gives_the_online_losses_within_rounding(teacher_file, caches, method):
     # Same student, same batch: the online teacher vs the float16 rows of the replayed images.
-    from agkd_models.cli import build_student, build_task
-    train_set, _, _ = build_data(config())
+    from agkd_models.pipeline import build_student, build_task
+    train_set = build_data(config()).train
     data = CachedTeacherDataset(train_set, TeacherCache.open(caches["float16"]))
     data.set_epoch(1)
     images, targets, cached = data.collate_fn([data[i] for i in range(16)])
@@ -107,7 +108,7 @@ def test_float16_cache_gives_the_online_losses_within_rounding(teacher_file, cac
 
 
 def test_more_epochs_than_cached_replay_cyclically(teacher_file, caches):
-    train_set, _, _ = build_data(config())
+    train_set = build_data(config()).train
     data = CachedTeacherDataset(train_set, TeacherCache.open(caches["float32"]))
     data.set_epoch(1)
     image1, _, row1 = data[5]
@@ -117,7 +118,7 @@ def test_more_epochs_than_cached_replay_cyclically(teacher_file, caches):
 
 
 def test_workers_read_the_same_rows(caches):
-    train_set, _, _ = build_data(config())
+    train_set = build_data(config()).train
     data = CachedTeacherDataset(train_set, TeacherCache.open(caches["float16"]))
     data.set_epoch(1)
     batches = [list(torch.utils.data.DataLoader(data, batch_size=16, num_workers=workers,
@@ -146,7 +147,7 @@ def test_topk_keeps_the_largest_logits_and_minus_inf_elsewhere(teacher_file, cac
 
 
 def _expect(teacher_file, *extra):
-    train_set, _, _ = build_data(config(*extra))
+    train_set = build_data(config(*extra)).train
     return cache_identity(train_set, _teacher(teacher_file), config(*extra)["teacher"])
 
 
@@ -235,7 +236,15 @@ def test_cli_cache_errors_are_clear(teacher_file, caches, tmp_path, capsys):
 
 
 def test_cache_identity_needs_replayable_augmentation(teacher_file):
-    _, val_set, _ = build_data(config())
+    val_set = build_data(config()).val
     with pytest.raises(TeacherCacheError, match="AugmentedDataset"):
         cache_identity(val_set, _teacher(teacher_file), config()["teacher"])
     assert cache_module.CACHE_VERSION == 1
+
+
+def test_teacher_fingerprint_covers_batch_norm_counters():
+    from agkd_models.cache import teacher_fingerprint
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))  # num_batches_tracked is 0-d
+    before = teacher_fingerprint(net, {})
+    net[1].num_batches_tracked += 1
+    assert teacher_fingerprint(net, {}) != before

@@ -19,7 +19,7 @@ from agkd_models.config import ConfigError, load_config
 from agkd_models.checkpoint import atomic_save
 from agkd_models.trainer import NonFiniteLossError, TeacherTask, Trainer, TrainConfig
 
-TINY = ["--set", "data.limit_train=64", "--set", "data.limit_val=32", "--set", "train.epochs=1",
+TINY = ["--set", "data.limit_train=64", "--set", "data.limit_val=32", "--set", "data.limit_test=32", "--set", "train.epochs=1",
         "--set", "train.batch_size=32", "--set", "train.progress=false"]
 
 
@@ -52,7 +52,8 @@ def test_distill_then_evaluate(teacher_run, tmp_path, method, capsys):
     assert "relative error" in report and f"student ({method})" in report
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     capsys.readouterr()
-    assert main(["evaluate", "--checkpoint", str(out / "student.pt"), "--model", "student"] + TINY) == 0
+    assert main(["evaluate", "--checkpoint", str(out / "student.pt"), "--model", "student", "--split", "val"]
+                + TINY) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["samples"] == 32
     assert result["val_acc"] == pytest.approx(records[-1]["val_acc"])
@@ -151,15 +152,78 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["task"].values())
 
 
-def test_demo_compares_attention_losses(tmp_path, capsys):
+def test_demo_compares_attention_losses_and_reuses_its_teacher(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--teacher-epochs", "1", "--student-epochs", "1",
-                 "--attention-losses", "mse,hybrid"] + TINY) == 0
+    args = ["demo", "--out", str(out), "--teacher-epochs", "1", "--student-epochs", "1",
+            "--attention-losses", "mse,hybrid"] + TINY
+    assert main(args) == 0
     report = (out / "report.md").read_text()
     for row in ("| teacher |", "| student, no KD |", "| student, logit KD |",
-                "| student, AGKD (mse attention) |", "| student, AGKD (hybrid attention) |"):
+                "| student, AGKD (mse) |", "| student, AGKD (hybrid) |"):
         assert row in report
     assert (out / "curves.png").stat().st_size > 0 and "Table I" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert not summary["teacher"]["reused"] and summary["test_samples"] == 32
+    assert set(summary["students"]) == {"student, no KD", "student, logit KD", "student, AGKD (mse)",
+                                        "student, AGKD (hybrid)"}
+    assert all(0 <= acc <= 1 for acc in summary["students"].values())
+    teacher_mtime = (out / "teacher" / "teacher.pt").stat().st_mtime_ns
+    assert main(args) == 0  # again over the same folder: nothing is retrained
+    printed = capsys.readouterr().out
+    assert "reusing the teacher trained in" in printed and "done before" in printed
+    assert (out / "teacher" / "teacher.pt").stat().st_mtime_ns == teacher_mtime
+    assert json.loads((out / "summary.json").read_text())["teacher"]["reused"]
+
+
+def test_trained_teacher_is_reused_only_for_the_same_configuration_and_data(teacher_run):
+    from agkd_models.pipeline import build_data, reusable_teacher
+    cfg = load_config(str(teacher_run / "config.yaml"))
+    assert reusable_teacher(teacher_run, cfg, build_data(cfg)) == (True, "")
+    for override, named in (("train.lr=0.5", "train.lr"), ("teacher.vit_attention=rollout", "teacher.vit_attention"),
+                            ("data.split_seed=3", "data.split_seed"), ("train.seed=5", "train.seed")):
+        changed = load_config(str(teacher_run / "config.yaml"), [override])
+        ok, why = reusable_teacher(teacher_run, changed, build_data(changed))
+        assert not ok and named in why, (override, why)
+    # Same settings, different samples: the data fingerprint refuses it.
+    cfg = load_config(str(teacher_run / "config.yaml"))
+    data = build_data(cfg)
+    samples = data.train.base
+    while isinstance(samples, torch.utils.data.Subset):
+        samples = samples.dataset
+    samples.labels[0] = (samples.labels[0] + 1) % 10
+    ok, why = reusable_teacher(teacher_run, cfg, data)
+    assert not ok and "train_set fingerprint" in why
+
+
+def test_compare_two_methods_two_seeds(teacher_run, tmp_path, capsys):
+    out = tmp_path / "compare"
+    args = ["compare", "--teacher", str(teacher_run / "teacher.pt"), "--methods", "none,agkd-hybrid",
+            "--seeds", "2", "--out", str(out)] + TINY
+    assert main(args) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    assert result["seeds"] == [0, 1] and list(result["methods"]) == ["none", "agkd-hybrid"]
+    for name, m in result["methods"].items():
+        per_seed = [m["test_acc"]["0"], m["test_acc"]["1"]]
+        for seed, acc in zip((0, 1), per_seed):  # each seed's value is that run's own test accuracy
+            saved = json.loads((out / name / f"seed{seed}" / "result.json").read_text())
+            assert saved["test_acc"] == acc and saved["identity"]["config"]["train"]["seed"] == seed
+        assert m["test_acc_mean"] == pytest.approx(sum(per_seed) / 2)
+        assert m["test_acc_std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2 ** 0.5)
+        assert {"relative_error_mean", "kl_mean", "correlation_mean"} <= set(m)
+    assert (out / "cache" / "seed0").is_dir() and (out / "cache" / "seed1").is_dir()  # AGKD replayed a cache
+    assert not (out / "teacher").exists()  # the given teacher was used
+    table = (out / "comparison.md").read_text()
+    assert "| student, no KD |" in table and "| student, AGKD (hybrid) |" in table and "±" in table
+    assert (out / "comparison.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("done before") == 4
+
+
+def test_compare_rejects_unknown_methods_in_one_line(tmp_path, capsys):
+    assert main(["compare", "--methods", "none,agkd-foo", "--out", str(tmp_path / "c")] + TINY) == 2
+    err = capsys.readouterr().err
+    assert "agkd-foo" in err and "agkd-hybrid" in err and not (tmp_path / "c").exists()
 
 
 def test_latency_is_a_median_of_enough_warm_repeats():

@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from agkd_models import checkpoint as ckpt
-from agkd_models.cli import build_student, build_task, build_teacher, main
+from agkd_models.cli import main
+from agkd_models.pipeline import build_student, build_task, build_teacher
 from agkd_models.config import SECTIONS, ConfigError, PRESETS, default_config, load_config, validate_config
 
 TINY = ["--set", "data.limit_train=32", "--set", "data.limit_val=16", "--set", "train.batch_size=16",

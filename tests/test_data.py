@@ -15,13 +15,21 @@ def write_image(path, seed):
     Image.fromarray(pixels).save(path)
 
 
+def _digit_rows(dataset):
+    """Each sample's image bytes, to compare splits by content rather than by index."""
+    base = dataset.base if hasattr(dataset, "base") else dataset
+    return {bytes(img.numpy().tobytes()) + bytes([int(y)]) for img, y in zip(base.images, base.labels)}
+
+
 def test_digits_split_is_stratified_fixed_and_normalised():
     splits = build_datasets("digits", image_size=24, val_fraction=0.2, seed=0)
     again = build_datasets("digits", image_size=24, val_fraction=0.2, seed=0)
-    assert splits.num_classes == 10 and len(splits.train) + len(splits.val) == 1797
-    assert torch.equal(splits.val.labels, again.val.labels)
-    counts = torch.bincount(splits.val.labels, minlength=10).float()
-    assert counts.min() / counts.max() > 0.9  # stratified
+    assert splits.num_classes == 10 and len(splits.train) + len(splits.val) + len(splits.test) == 1797
+    assert (len(splits.val), len(splits.test)) == (360, 360) and not splits.test_is_val
+    assert torch.equal(splits.val.labels, again.val.labels) and torch.equal(splits.test.labels, again.test.labels)
+    for part in (splits.val, splits.test):
+        counts = torch.bincount(part.labels, minlength=10).float()
+        assert counts.min() / counts.max() > 0.9  # stratified
     image, label = splits.val[0]
     assert image.shape == (3, 24, 24) and image.dtype == torch.float32 and 0 <= label < 10
     torch.manual_seed(0)
@@ -46,8 +54,8 @@ def test_folder_split_by_fraction_and_corrupt_images_skipped(tmp_path):
     (tmp_path / "b" / "broken.jpg").write_bytes(b"not an image")
     with pytest.warns(UserWarning, match=r"1 unreadable image\(s\)"):
         splits = build_datasets("folder", str(tmp_path), image_size=16, val_fraction=0.4)
-    assert len(splits.train) + len(splits.val) == 15
-    for dataset in (splits.train, splits.val):
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (6, 6, 3)
+    for dataset in (splits.train, splits.val, splits.test):
         for i in range(len(dataset)):
             assert dataset[i][0].shape == (3, 16, 16)
 
@@ -76,8 +84,8 @@ def test_tinyimagenet_layout(tmp_path):
         write_image(tmp_path / "val" / "images" / f"val_{i}.JPEG", i)
     (tmp_path / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn02\t0\t0\t1\t1\nval_1.JPEG\tn01\t0\t0\t1\t1\n")
     splits = build_datasets("tinyimagenet", str(tmp_path), image_size=16)
-    assert splits.classes == ["n01", "n02"] and len(splits.train) == 4
-    assert [splits.val[i][1] for i in range(2)] == [1, 0]
+    assert splits.classes == ["n01", "n02"] and len(splits.train) + len(splits.val) == 4
+    assert [splits.test[i][1] for i in range(2)] == [1, 0]  # the official val split is the test set
     (tmp_path / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn99\n")
     with pytest.raises(DataError, match="val_annotations.txt:1"):
         build_datasets("tinyimagenet", str(tmp_path))
@@ -142,8 +150,40 @@ def test_fingerprint_tracks_samples_labels_and_subsets():
     from agkd_models.data import fingerprint, limit
     a = build_datasets("digits", image_size=24, seed=0)
     b = build_datasets("digits", image_size=24, seed=0)
-    c = build_datasets("digits", image_size=24, seed=1)
+    c = build_datasets("digits", image_size=24, seed=0, split_seed=1)
     assert fingerprint(a.train) == fingerprint(b.train) != fingerprint(c.train)
     assert fingerprint(limit(a.train, 10, 0)) != fingerprint(limit(a.train, 10, 1))
     b.train.base.labels[0] = (b.train.base.labels[0] + 1) % 10
     assert fingerprint(a.train) != fingerprint(b.train)
+
+
+def test_three_way_split_is_disjoint_complete_and_depends_only_on_split_seed():
+    a = build_datasets("digits", image_size=16, split_seed=0, seed=0)
+    b = build_datasets("digits", image_size=16, split_seed=0, seed=7)  # another training seed
+    c = build_datasets("digits", image_size=16, split_seed=1, seed=0)
+    assert len(a.train) + len(a.val) + len(a.test) == 1797  # disjointness: test_three_way_split_indices...
+    for x, y in ((a.train, b.train), (a.val, b.val), (a.test, b.test)):
+        assert _digit_rows(x) == _digit_rows(y)  # train.seed does not move samples between splits
+    assert _digit_rows(a.test) != _digit_rows(c.test)
+
+
+def test_three_way_split_indices_are_disjoint_and_cover_everything():
+    from agkd_models.data import three_way_split
+    labels = [i % 4 for i in range(103)]
+    train, val, test = three_way_split(labels, 0.2, 0.25, seed=3)
+    assert sorted(train + val + test) == list(range(103))
+    assert len(set(train) | set(val) | set(test)) == 103
+    assert (len(val), len(test)) == (21, 26)
+    assert three_way_split(labels, 0.2, 0.25, seed=3) == (train, val, test)
+    assert three_way_split(labels, 0.2, 0.25, seed=4) != (train, val, test)
+    with pytest.raises(DataError, match="val_fraction \\+ data.test_fraction must be < 1"):
+        three_way_split(labels, 0.6, 0.4, seed=0)
+
+
+def test_folder_with_train_and_val_only_uses_val_as_test(tmp_path):
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            write_image(tmp_path / split / c / "0.jpg", 1)
+    splits = build_datasets("folder", str(tmp_path), image_size=16)
+    assert splits.test_is_val and splits.test is splits.val
+

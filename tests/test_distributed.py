@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from agkd_models.cli import build_student, build_task, build_teacher, cache_teacher, main
+from agkd_models.cli import main
+from agkd_models.pipeline import build_student, build_task, build_teacher, cache_teacher
 from agkd_models.config import load_config
 from agkd_models.data import build_datasets, limit
 from agkd_models.trainer import TeacherTask, Trainer, TrainConfig

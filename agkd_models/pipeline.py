@@ -1,0 +1,215 @@
+"""What the commands do, as functions: build the data, models and distillers from a
+resolved configuration, train a teacher, distil a student, write a teacher cache, and
+evaluate on the test set. ``agkd_models.cli`` parses arguments and calls these;
+``agkd_models.compare`` runs them over methods and seeds."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, NamedTuple, Optional
+
+import torch
+
+from . import distributed
+from .cache import CachedTeacherDataset, TeacherCache, cache_identity, write_teacher_cache
+from .checkpoint import load_model_weights
+from .cakd import CAKD
+from .config import METHODS, ConfigError
+from .data import build_datasets, fingerprint, limit
+from .distill import AGKD, LogitKD
+from .report import comparison_metrics, model_costs, plot_curves, write_report
+from .student import Student
+from .teacher import HybridTeacher
+from .trainer import TeacherTask, Trainer, TrainConfig, evaluate_logits
+
+class Data(NamedTuple):
+    train: Any
+    val: Any
+    test: Any
+    num_classes: int
+    test_is_val: bool
+
+
+def build_data(cfg: Dict[str, Any]) -> Data:
+    d, seed = cfg["data"], cfg["train"]["seed"]
+    splits = build_datasets(d["name"], d.get("root"), image_size=d["image_size"],
+                            val_fraction=d["val_fraction"], test_fraction=d["test_fraction"],
+                            split_seed=d["split_seed"], seed=seed, download=d.get("download", False),
+                            flip=d.get("flip", True))
+    # Subsets of a fixed draw (split_seed), so that train.seed changes only the training run.
+    pick = d["split_seed"]
+    return Data(limit(splits.train, d.get("limit_train"), pick), limit(splits.val, d.get("limit_val"), pick),
+                limit(splits.test, d.get("limit_test"), pick), splits.num_classes, splits.test_is_val)
+
+
+def build_teacher(cfg: Dict[str, Any], num_classes: int) -> HybridTeacher:
+    t = cfg["teacher"]
+    return HybridTeacher(num_classes, cnn=t["cnn"], vit=t["vit"], cnn_weights=t.get("cnn_weights"),
+                         vit_weights=t.get("vit_weights"), pretrained=t.get("pretrained", False),
+                         vit_kwargs=t.get("vit_kwargs") or {}, cnn_kwargs=t.get("cnn_kwargs") or {},
+                         vit_attention=t.get("vit_attention", "cls"),
+                         combine=t.get("combine", "add"))
+
+
+def build_student(cfg: Dict[str, Any], num_classes: int) -> Student:
+    s = cfg["student"]
+    return Student(num_classes, name=s["name"], stages=s["stages"], weights=s.get("weights"),
+                   pretrained=s.get("pretrained", False))
+
+
+def build_task(method: str, cfg: Dict[str, Any], teacher: HybridTeacher, student: Student):
+    d = cfg["distill"]
+    if method == "none":
+        return TeacherTask(student)
+    if method == "logit":
+        return LogitKD(teacher, student, temperature=d["temperature"], alpha=d["kd_alpha"])
+    if method == "cakd":
+        return CAKD(teacher, student, replace_prob=d["replace_prob"], lam=d["lam"], ce_weight=d["ce_weight"],
+                    discriminator_every=d["discriminator_every"], discriminator_lr=d["discriminator_lr"],
+                    dropout=d["dropout"], view_prob=d["view_prob"])
+    return AGKD(teacher, student, attention_loss=d["attention_loss"], alpha=d["alpha"], beta=d["beta"],
+                temperature=d["temperature"], kd_alpha=d["kd_alpha"], hybrid_alpha=d["hybrid_alpha"],
+                hybrid_beta=d["hybrid_beta"], window_size=d["window_size"], padding=d["padding"],
+                perceptual_layers=d["perceptual_layers"])
+
+
+def load_teacher_weights(teacher: HybridTeacher, path: str, cfg: Dict[str, Any], num_classes: int) -> None:
+    t = cfg["teacher"]
+    load_model_weights(teacher, path, "teacher file",
+                       f"a hybrid teacher {t['cnn']} + {t['vit']} for {num_classes} classes")
+
+
+def load_student_weights(student: Student, path: str, cfg: Dict[str, Any], num_classes: int) -> None:
+    load_model_weights(student, path, "student file",
+                       f"student weights ({cfg['student']['name']}, {num_classes} classes)")
+
+
+def _seeded(cfg):
+    torch.manual_seed(cfg["train"]["seed"])
+
+
+# Settings that do not change what a teacher learns (where and how visibly it runs).
+_RUN_ONLY = {"data": ("root", "download", "limit_val", "limit_test"),
+             "train": ("device", "progress", "num_workers", "compile")}
+
+
+def teacher_identity(cfg: Dict[str, Any], data: Data) -> Dict[str, Any]:
+    """What a trained teacher was made from: its architecture, the data and training
+    settings, and fingerprints of the training and validation samples."""
+    section = lambda name: {k: v for k, v in cfg[name].items() if k not in _RUN_ONLY.get(name, ())}  # noqa: E731
+    return {"teacher": section("teacher"), "data": section("data"), "train": section("train"),
+            "train_set": fingerprint(data.train), "val_set": fingerprint(data.val)}
+
+
+def write_teacher_identity(out: Path, cfg: Dict[str, Any], data: Data) -> None:
+    (out / "teacher_identity.json").write_text(json.dumps(teacher_identity(cfg, data), indent=1, sort_keys=True))
+
+
+def reusable_teacher(out: Path, cfg: Dict[str, Any], data: Data) -> tuple:
+    """``(True, "")`` when ``out`` holds a teacher trained from the same configuration and
+    data; else ``(False, why)``."""
+    if not (out / "teacher.pt").is_file() or not (out / "teacher_identity.json").is_file():
+        return False, f"no trained teacher in {out}"
+    try:
+        saved = json.loads((out / "teacher_identity.json").read_text())
+    except (OSError, ValueError) as exc:
+        return False, f"{out}/teacher_identity.json is unreadable ({exc})"
+    now = json.loads(json.dumps(teacher_identity(cfg, data)))  # same JSON types as the saved one
+    differ = []
+    for key in sorted(set(saved) | set(now)):
+        if isinstance(now.get(key), dict) and isinstance(saved.get(key), dict):
+            differ += [f"{key}.{k}" for k in sorted(set(saved[key]) | set(now[key]))
+                       if saved[key].get(k) != now[key].get(k)]
+        elif saved.get(key) != now.get(key):
+            differ.append(f"{key} fingerprint" if key.endswith("_set") else key)
+    if differ:
+        return False, f"the teacher in {out} was trained with a different {', '.join(differ)}"
+    return True, ""
+
+
+def train_teacher(cfg: Dict[str, Any], out: Path, resume: bool = False) -> Dict[str, Any]:
+    data = build_data(cfg)
+    _seeded(cfg)
+    teacher = build_teacher(cfg, data.num_classes)
+    trainer = Trainer(TeacherTask(teacher), TrainConfig.from_dict(cfg["train"]), out, evaluate_model=teacher)
+    history = trainer.fit(data.train, data.val, resume=resume)
+    if trainer.world.is_main:
+        torch.save(teacher.state_dict(), out / "teacher.pt")
+        write_teacher_identity(out, cfg, data)
+    return {"history": history, "model": teacher, "data": data}
+
+
+# Methods that need only the teacher's logits and attention map, which a cache holds.
+CACHEABLE = ("agkd", "logit")
+
+
+def open_teacher_cache(path: str, cfg: Dict[str, Any], train_set, teacher) -> TeacherCache:
+    return TeacherCache.open(path, expect=cache_identity(train_set, teacher, cfg["teacher"]))
+
+
+def distill(cfg: Dict[str, Any], teacher_path: str, method: str, out: Path, resume: bool = False,
+            teacher_cache: Optional[str] = None) -> Dict[str, Any]:
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if teacher_cache and method not in CACHEABLE:
+        raise ConfigError(f"--teacher-cache serves the methods that read only the teacher's logits and attention "
+                          f"({', '.join(CACHEABLE)}); {method!r} needs the online teacher")
+    data = build_data(cfg)
+    train_set, num_classes = data.train, data.num_classes
+    _seeded(cfg)
+    teacher = build_teacher(cfg, num_classes)
+    load_teacher_weights(teacher, teacher_path, cfg, num_classes)
+    if teacher_cache:
+        cache = open_teacher_cache(teacher_cache, cfg, train_set, teacher)
+        if cfg["train"]["epochs"] > cache.epochs and distributed.world().is_main:
+            print(f"note: {cfg['train']['epochs']} epochs from a cache of {cache.epochs}: epoch n replays cached "
+                  f"epoch n mod {cache.epochs}", flush=True)
+        train_set = CachedTeacherDataset(train_set, cache)
+    student = build_student(cfg, num_classes)
+    task = build_task(method, cfg, teacher, student)
+    trainer = Trainer(task, TrainConfig.from_dict(cfg["train"]), out, evaluate_model=student)
+    history = trainer.fit(train_set, data.val, resume=resume)
+    if trainer.world.is_main:
+        torch.save(student.state_dict(), out / "student.pt")  # the student alone, for inference
+    return {"history": history, "model": student, "teacher": teacher, "data": data}
+
+
+def cache_teacher(cfg: Dict[str, Any], teacher_path: str, out: Path, *, epochs: int, dtype: str = "float16",
+                  topk: Optional[int] = None, overwrite: bool = False) -> Path:
+    _world, device = distributed.setup(cfg["train"]["device"])
+    data = build_data(cfg)
+    teacher = build_teacher(cfg, data.num_classes)
+    load_teacher_weights(teacher, teacher_path, cfg, data.num_classes)
+    t = cfg["train"]
+    return write_teacher_cache(teacher, data.train, out, epochs=epochs, teacher_config=cfg["teacher"], dtype=dtype,
+                               topk=topk, batch_size=t["batch_size"], num_workers=t["num_workers"], device=device,
+                               overwrite=overwrite, progress=t.get("progress", False))
+
+
+def write_run_report(out: Path, title: str, runs: Dict[str, Dict]) -> None:
+    write_report(out / "report.md", title, runs)
+    plot_curves(out / "curves.png", {name: run["history"] for name, run in runs.items()})
+
+
+def evaluate_model(model, dataset, cfg, device):
+    model.to(device).eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg["train"]["batch_size"])
+    return evaluate_logits(model, loader, device)
+
+
+def test_accuracy(model, data: Data, cfg, device) -> float:
+    logits, targets = evaluate_model(model, data.test, cfg, device)
+    return (logits.argmax(1) == targets).float().mean().item()
+
+
+def student_report(cfg, run, device, costs: bool = True) -> Dict[str, Any]:
+    """The student's test accuracy and the review's metrics against the teacher, on the test set."""
+    s_logits, targets = evaluate_model(run["model"], run["data"].test, cfg, device)
+    t_logits, _ = evaluate_model(run["teacher"], run["data"].test, cfg, device)
+    compare = comparison_metrics(s_logits, t_logits, targets, sum(p.numel() for p in run["teacher"].parameters()),
+                                 sum(p.numel() for p in run["model"].parameters()))
+    result = {"history": run["history"], "compare": compare,
+              "test_acc": (s_logits.argmax(1) == targets).float().mean().item()}
+    if costs:
+        result["costs"] = model_costs(run["model"], cfg["data"]["image_size"], device)
+    return result
