@@ -81,7 +81,7 @@ def write_report(path: Path, title: str, runs: Dict[str, Dict], notes: Optional[
                      f"{_fmt(last['train_acc'])} | {_fmt(last['val_acc'])} | {len(run['history'])} |")
     students = {n: r for n, r in runs.items() if r.get("compare")}
     if students:
-        lines += ["", "## Students against the teacher (validation set)", "",
+        lines += ["", "## Students against the teacher (test set)", "",
                   "| student | relative error E_s/E_t | distillation factor P_t/P_s | KL(teacher ‖ student) | correlation |",
                   "|---|---:|---:|---:|---:|"]
         for name, run in students.items():

@@ -1,5 +1,5 @@
 """Input checks shared by the public functions. Every message starts with the public
-function's name and names the argument as written in its signature (DESIGN.md §3)."""
+function's name and names the argument as written in its signature (docs/design.md, section 3)."""
 from __future__ import annotations
 
 import math

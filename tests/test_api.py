@@ -1,4 +1,4 @@
-"""Public API contract (DESIGN.md §3): reductions, dtypes, modules, backend controls and
+"""Public API contract (docs/design.md, section 3): reductions, dtypes, modules, backend controls and
 every bad input, with messages that name the function and the argument."""
 import importlib
 import os

@@ -238,9 +238,8 @@ void allow_shared_memory(Kernel kernel, size_t bytes, int64_t window) {
   int device = 0, optin = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  // The message is built with std::to_string rather than by streaming the integers: on a
-  // GPU machine whose toolchain linked libstdc++ into the extension statically, streaming
-  // an integer here segfaulted inside the stream's locale code instead of raising.
+  // Numbers go through std::to_string, not the stream: streaming an integer here segfaulted
+  // on a GPU build that linked libstdc++ statically (docs/design.md, section 7).
   TORCH_CHECK(bytes <= static_cast<size_t>(optin),
               "agkd::hybrid (CUDA): window_size " + std::to_string(window) + " needs " +
                   std::to_string(bytes) + " bytes of shared memory per block, the device allows " +

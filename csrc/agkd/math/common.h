@@ -16,7 +16,7 @@
 
 namespace agkd {
 
-// How the window sees pixels outside the map (DESIGN.md §3, `padding`).
+// How the window sees pixels outside the map (docs/design.md, section 3).
 enum class Padding : int32_t {
   kValid = 0,    // no padding: output is (H - w + 1) x (W - w + 1)
   kReflect = 1,  // torch "reflect" (mirror without repeating the edge), output H x W
