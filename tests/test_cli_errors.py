@@ -238,6 +238,7 @@ def test_saved_config_has_every_setting(tmp_path):
      {"hybrid_alpha": 0.3, "hybrid_beta": 0.7, "attention_loss": "ssim", "window_size": 5, "padding": "reflect",
       "temperature": 2.5, "kd_alpha": 0.4, "alpha": 0.6, "beta": 2.0}),
     ("logit", ["distill.temperature=3.0", "distill.kd_alpha=0.25"], {"temperature": 3.0, "alpha": 0.25}),
+    ("agkd", ["distill.attention_loss=perceptual", "distill.perceptual_layers=2"], {"attention_loss": "perceptual"}),
     ("cakd", ["distill.lam=0.2", "distill.ce_weight=0.5", "distill.discriminator_every=3"],
      {"lam": 0.2, "ce_weight": 0.5, "discriminator_every": 3}),
 ])
@@ -247,6 +248,14 @@ def test_distiller_settings_reach_the_distiller(method, overrides, attributes):
     task = build_task(method, cfg, build_teacher(cfg, 10), build_student(cfg, 10))
     for name, value in attributes.items():
         assert getattr(task, name) == value, name
+    if "distill.perceptual_layers=2" in overrides:  # the teacher CNN's first two modules
+        first_two = list(task.teacher.cnn.children())[:2]
+        assert len(task.perceptual) == 2 and all(a is b for a, b in zip(task.perceptual, first_two))
     if method == "cakd":
         assert task.pca.replace_prob == 0.25 and task.gl.dropout.p == 0.3 and task.generator.p == 0.8
         assert task.discriminator_optimizer.param_groups[0]["lr"] == 0.002
+
+
+def test_student_stages_reach_the_student():
+    cfg = load_config("digits", ["student.stages=[1,3]"])
+    assert tuple(build_student(cfg, 10).stages) == (1, 3)
