@@ -219,6 +219,19 @@ class Trainer:
         ramp = lr_sched.LinearLR(self.optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup)
         return lr_sched.SequentialLR(self.optimizer, [ramp, main], milestones=[warmup])
 
+    def _replay_schedule(self, epochs_done: int) -> None:
+        """This run's schedule advanced past ``epochs_done`` epochs. Rebuilt and replayed
+        rather than loaded from the checkpoint, so that a run resumed with more epochs or
+        another warm-up follows its new schedule (a loaded one would keep the old cosine
+        length, or not fit at all) and an unchanged run takes the very same steps."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"]
+        self.scheduler = self._scheduler(self.config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+            for _ in range(epochs_done):
+                self.scheduler.step()
+
     # ------------------------------------------------------------------ checkpoints
     @property
     def checkpoint_path(self) -> Path:
@@ -278,7 +291,7 @@ class Trainer:
                                   f"({len(missing)} weights missing, e.g. {missing[:2]}, {len(unexpected)} "
                                   f"unexpected, e.g. {unexpected[:2]}); use another --out to start a new run")
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self._replay_schedule(int(state["epoch"]) + 1)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         for opt, opt_state in zip(self._extra_optimizers(), state["extra_optimizers"]):

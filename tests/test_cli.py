@@ -152,6 +152,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["task"].values())
 
 
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_resuming_with_more_epochs_follows_the_new_schedule(tmp_path, warmup):
+    data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+
+    def run(out, epochs, resume=False):
+        torch.manual_seed(0)
+        task = _Exploding(bad_epoch=100)  # a linear classifier that stays finite here
+        config = TrainConfig(epochs=epochs, warmup_epochs=warmup, batch_size=4, lr=0.1, progress=False, device="cpu")
+        trainer = Trainer(task, config, out, evaluate_model=task.linear)
+        return [r["lr"] for r in trainer.fit(data, data, resume=resume)]
+
+    uninterrupted = run(tmp_path / "full", 5)
+    run(tmp_path / "extended", 2)  # a 2-epoch schedule (its warm-up clipped to 1 epoch) ...
+    extended = run(tmp_path / "extended", 5, resume=True)  # ... continued as a 5-epoch run
+    assert extended[2:] == pytest.approx(uninterrupted[2:], rel=1e-12)
+    assert len(set(uninterrupted)) == 5  # the schedule does change the rate every epoch
+
+
 def test_demo_compares_attention_losses_and_reuses_its_teacher(tmp_path, capsys):
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--teacher-epochs", "1", "--student-epochs", "1",
