@@ -158,7 +158,8 @@ def test_matching_identity_opens(teacher_file, caches):
 @pytest.mark.parametrize("extra,words", [
     (["data.limit_train=40"], "number of training samples differs"),
     (["data.val_fraction=0.3"], "training data"),
-    (["train.seed=1"], "training data"),     # another split, another subset
+    (["data.split_seed=1"], "training data"),  # another split, another subset
+    (["train.seed=1"], "augmentation settings differ"),  # same samples, other draws
     (["data.flip=true"], "augmentation settings differ"),
     (["teacher.combine=concat"], "teacher differs"),
 ])
