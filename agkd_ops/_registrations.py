@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import torch
 
-# Numbers agkd::kd_fwd keeps per row (csrc/agkd/math/kd.h, KdStat).
-_KD_STATS = 6
+from ._backend import _C
+from ._defaults import accumulate_dtype as _accumulate_dtype
 
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# Widths of the saved stats, owned by the C++ side (csrc/agkd/math/hybrid.h and kd.h).
+_HYBRID_STATS: int = _C.hybrid_stats
+_KD_STATS: int = _C.kd_stats
 
 
 def _grad_or_empty(like: torch.Tensor, needed: bool) -> torch.Tensor:
@@ -63,7 +63,7 @@ def _forbid_double_backward(op: str) -> None:
 def _hybrid_fwd_fake(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps):
     acc = _accumulate_dtype(x.dtype)
     n = x.shape[0]
-    return x.new_empty((n,), dtype=acc), x.new_empty((n, 3), dtype=acc)
+    return x.new_empty((n,), dtype=acc), x.new_empty((n, _HYBRID_STATS), dtype=acc)
 
 
 @torch.library.register_fake("agkd::hybrid_bwd")
@@ -100,7 +100,7 @@ def _align_fwd_fake(student, teacher, alpha, beta, gamma, window_size, sigma, c1
                     align_corners):
     acc = _accumulate_dtype(student.dtype)
     n = student.shape[0]
-    return student.new_empty((n,), dtype=acc), student.new_empty((n, 3), dtype=acc)
+    return student.new_empty((n,), dtype=acc), student.new_empty((n, _HYBRID_STATS), dtype=acc)
 
 
 @torch.library.register_fake("agkd::align_bwd")

@@ -17,9 +17,11 @@ import functools
 import torch
 
 from . import _backend, reference
+from ._defaults import (ATTENTION_P, COSINE_EPS, HYBRID_ALPHA, HYBRID_BETA, KD_ALPHA,
+                        KD_TEMPERATURE, NORMALIZE_EPS, SSIM)
+from ._defaults import reduce_per_sample as _reduce
 from ._validation import (LOGITS, REDUCTIONS, check_choice, check_fraction, check_kl_reduction,
                           check_number, check_pair, check_ssim_args, check_target, check_tensor)
-from .reference import _reduce  # per-sample values in the accumulate dtype -> reduced, cast
 
 __all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "attention_map",
            "attention_align_loss", "kd_kl_div", "kd_loss"]
@@ -55,8 +57,10 @@ def _native_hybrid(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps):
 
 
 @_float32_under_autocast
-def ssim(x, y, *, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03,
-         padding="valid", reduction="mean"):
+def ssim(x: torch.Tensor, y: torch.Tensor, *, window_size: int = SSIM.window_size,
+         sigma: float = SSIM.sigma, data_range: float = SSIM.data_range, k1: float = SSIM.k1,
+         k2: float = SSIM.k2, padding: str = SSIM.padding, reduction: str = "mean"
+) -> torch.Tensor:
     r"""Structural similarity with a Gaussian window (Wang et al. 2004).
 
     .. math::
@@ -89,15 +93,17 @@ def ssim(x, y, *, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03,
     window_size, sigma, c1, c2 = check_ssim_args(fn, x, window_size, sigma, data_range, k1, k2, padding)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
     if _backend.use_native(fn, "hybrid_fwd", x):
-        per_sample = 1 - _native_hybrid(x, y, 1.0, 0.0, window_size, sigma, c1, c2, padding, 1e-8)
+        per_sample = 1 - _native_hybrid(x, y, 1.0, 0.0, window_size, sigma, c1, c2, padding, COSINE_EPS)
         return _reduce(per_sample, reduction, x.dtype)
     return reference.ssim(x, y, window_size=window_size, sigma=sigma, data_range=data_range,
                           k1=k1, k2=k2, padding=padding, reduction=reduction)
 
 
 @_float32_under_autocast
-def ssim_loss(x, y, *, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03,
-              padding="valid", reduction="mean"):
+def ssim_loss(x: torch.Tensor, y: torch.Tensor, *, window_size: int = SSIM.window_size,
+              sigma: float = SSIM.sigma, data_range: float = SSIM.data_range, k1: float = SSIM.k1,
+              k2: float = SSIM.k2, padding: str = SSIM.padding, reduction: str = "mean"
+) -> torch.Tensor:
     """``1 - ssim(x, y, ...)`` per sample, then reduced. Same arguments as :func:`ssim`.
 
     Example:
@@ -110,14 +116,15 @@ def ssim_loss(x, y, *, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.
     window_size, sigma, c1, c2 = check_ssim_args(fn, x, window_size, sigma, data_range, k1, k2, padding)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
     if _backend.use_native(fn, "hybrid_fwd", x):
-        per_sample = _native_hybrid(x, y, 1.0, 0.0, window_size, sigma, c1, c2, padding, 1e-8)
+        per_sample = _native_hybrid(x, y, 1.0, 0.0, window_size, sigma, c1, c2, padding, COSINE_EPS)
         return _reduce(per_sample, reduction, x.dtype)
     return reference.ssim_loss(x, y, window_size=window_size, sigma=sigma, data_range=data_range,
                                k1=k1, k2=k2, padding=padding, reduction=reduction)
 
 
 @_float32_under_autocast
-def cosine_loss(x, y, *, eps=1e-8, reduction="mean"):
+def cosine_loss(x: torch.Tensor, y: torch.Tensor, *, eps: float = COSINE_EPS,
+                reduction: str = "mean") -> torch.Tensor:
     r"""Per sample ``1 - cos(flatten(x), flatten(y))``, each norm clamped to ``eps``:
 
     .. math:: 1 - \frac{x \cdot y}{\max(\lVert x\rVert, \epsilon)\,\max(\lVert y\rVert, \epsilon)}
@@ -148,8 +155,11 @@ def cosine_loss(x, y, *, eps=1e-8, reduction="mean"):
 
 
 @_float32_under_autocast
-def hybrid_loss(x, y, *, alpha=0.5, beta=0.5, window_size=11, sigma=1.5, data_range=1.0,
-                k1=0.01, k2=0.03, padding="valid", eps=1e-8, reduction="mean"):
+def hybrid_loss(x: torch.Tensor, y: torch.Tensor, *, alpha: float = HYBRID_ALPHA,
+                beta: float = HYBRID_BETA, window_size: int = SSIM.window_size,
+                sigma: float = SSIM.sigma, data_range: float = SSIM.data_range,
+                k1: float = SSIM.k1, k2: float = SSIM.k2, padding: str = SSIM.padding,
+                eps: float = COSINE_EPS, reduction: str = "mean") -> torch.Tensor:
     r"""The AGKD hybrid attention loss, fused: per sample
 
     .. math:: \alpha\,(1 - \mathrm{SSIM}(x, y)) + \beta\,(1 - \cos(x, y))
@@ -190,7 +200,8 @@ _KD_NAMES = ("student_logits", "teacher_logits")
 
 
 @_float32_under_autocast
-def kd_kl_div(student_logits, teacher_logits, *, temperature=4.0, reduction="batchmean"):
+def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+              temperature: float = KD_TEMPERATURE, reduction: str = "batchmean") -> torch.Tensor:
     r"""Temperature-scaled KL divergence of the student from the teacher (Hinton et al.):
 
     .. math:: \tau^2\,\mathrm{KL}\big(\mathrm{softmax}(t/\tau)\,\big\|\,\mathrm{softmax}(s/\tau)\big)
@@ -232,8 +243,9 @@ def kd_kl_div(student_logits, teacher_logits, *, temperature=4.0, reduction="bat
 
 
 @_float32_under_autocast
-def kd_loss(student_logits, teacher_logits, target, *, temperature=4.0, alpha=0.9,
-            reduction="mean"):
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
+            temperature: float = KD_TEMPERATURE, alpha: float = KD_ALPHA, reduction: str = "mean"
+) -> torch.Tensor:
     r"""Hinton's knowledge-distillation loss, fused: per row
 
     .. math:: (1 - \alpha)\,\mathrm{CE}(s, y) + \alpha\,\tau^2\,
@@ -269,11 +281,10 @@ def kd_loss(student_logits, teacher_logits, target, *, temperature=4.0, alpha=0.
                              alpha=alpha, reduction=reduction)
 
 
-_NORMALIZE_EPS = 1e-12  # F.normalize's default floor for the map's norm
-
 
 @_float32_under_autocast
-def attention_map(features, *, p=2.0, normalize=True):
+def attention_map(features: torch.Tensor, *, p: float = ATTENTION_P, normalize: bool = True
+) -> torch.Tensor:
     r"""Attention-transfer map of a feature tensor (Zagoruyko & Komodakis):
 
     .. math:: A = \frac{1}{C}\sum_c |F_c|^p, \qquad A \leftarrow \frac{A}{\max(\lVert A\rVert_2, 10^{-12})}
@@ -302,24 +313,26 @@ def attention_map(features, *, p=2.0, normalize=True):
     if not isinstance(normalize, bool):
         raise TypeError(f"agkd_ops.{fn}: normalize must be a bool, got {type(normalize).__name__}")
     if _backend.use_native(fn, "attention_map_fwd", features):
-        amap, _norm = torch.ops.agkd.attention_map_fwd(features, p, normalize, _NORMALIZE_EPS)
+        amap, _norm = torch.ops.agkd.attention_map_fwd(features, p, normalize, NORMALIZE_EPS)
         return amap
-    return reference.attention_map(features, p=p, normalize=normalize, eps=_NORMALIZE_EPS)
+    return reference.attention_map(features, p=p, normalize=normalize, eps=NORMALIZE_EPS)
 
 
 ALIGN_LOSSES = ("mse", "cosine", "ssim", "hybrid")
-_SSIM_DEFAULTS = dict(window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03, padding="valid")
+# The keyword arguments each comparison takes, with their defaults: those of cosine_loss,
+# ssim_loss and hybrid_loss.
 _ALIGN_DEFAULTS = {
     "mse": {},
-    "cosine": dict(eps=1e-8),
-    "ssim": _SSIM_DEFAULTS,
-    "hybrid": dict(alpha=0.5, beta=0.5, **_SSIM_DEFAULTS, eps=1e-8),
+    "cosine": dict(eps=COSINE_EPS),
+    "ssim": SSIM._asdict(),
+    "hybrid": dict(alpha=HYBRID_ALPHA, beta=HYBRID_BETA, **SSIM._asdict(), eps=COSINE_EPS),
 }
 
 
 @_float32_under_autocast
-def attention_align_loss(student, teacher, *, loss="mse", align_corners=False, reduction="mean",
-                         **loss_kwargs):
+def attention_align_loss(student: torch.Tensor, teacher: torch.Tensor, *, loss: str = "mse",
+                         align_corners: bool = False, reduction: str = "mean", **loss_kwargs
+) -> torch.Tensor:
     r"""Compare a student attention map with the teacher's after resizing the student
     bilinearly to the teacher's size, fused: the resized map is sampled on the fly and
     never stored, and the backward gathers its gradient back onto the student's pixels.
@@ -381,7 +394,7 @@ def attention_align_loss(student, teacher, *, loss="mse", align_corners=False, r
         window_size, sigma, c1, c2 = check_ssim_args(fn, teacher, kw["window_size"], kw["sigma"],
                                                      kw["data_range"], kw["k1"], kw["k2"], padding,
                                                      names=("teacher",))
-    eps = check_number(fn, "eps", kw["eps"], positive=True) if "eps" in kw else 1e-8
+    eps = check_number(fn, "eps", kw["eps"], positive=True) if "eps" in kw else COSINE_EPS
     if _backend.use_native(fn, "align_fwd", student):
         per_sample, _stats = torch.ops.agkd.align_fwd(student, teacher, alpha, beta, gamma, window_size,
                                                       sigma, c1, c2, padding, eps, align_corners)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from ._defaults import COSINE_EPS, HYBRID_ALPHA, HYBRID_BETA, KD_ALPHA, KD_TEMPERATURE, SSIM
 
 __all__ = ["SSIMLoss", "CosineLoss", "HybridLoss", "AttentionAlignLoss", "KDKLDivLoss", "KDLoss"]
 
@@ -20,8 +21,9 @@ class SSIMLoss(nn.Module):
         torch.Size([])
     """
 
-    def __init__(self, *, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03,
-                 padding="valid", reduction="mean"):
+    def __init__(self, *, window_size: int = SSIM.window_size, sigma: float = SSIM.sigma,
+                 data_range: float = SSIM.data_range, k1: float = SSIM.k1, k2: float = SSIM.k2,
+                 padding: str = SSIM.padding, reduction: str = "mean") -> None:
         super().__init__()
         self.window_size, self.sigma, self.data_range = window_size, sigma, data_range
         self.k1, self.k2, self.padding, self.reduction = k1, k2, padding, reduction
@@ -45,7 +47,7 @@ class CosineLoss(nn.Module):
         2.0
     """
 
-    def __init__(self, *, eps=1e-8, reduction="mean"):
+    def __init__(self, *, eps: float = COSINE_EPS, reduction: str = "mean") -> None:
         super().__init__()
         self.eps, self.reduction = eps, reduction
 
@@ -67,8 +69,11 @@ class HybridLoss(nn.Module):
         >>> criterion(student, torch.rand(8, 1, 28, 28)).backward()
     """
 
-    def __init__(self, *, alpha=0.5, beta=0.5, window_size=11, sigma=1.5, data_range=1.0,
-                 k1=0.01, k2=0.03, padding="valid", eps=1e-8, reduction="mean"):
+    def __init__(self, *, alpha: float = HYBRID_ALPHA, beta: float = HYBRID_BETA,
+                 window_size: int = SSIM.window_size, sigma: float = SSIM.sigma,
+                 data_range: float = SSIM.data_range, k1: float = SSIM.k1, k2: float = SSIM.k2,
+                 padding: str = SSIM.padding, eps: float = COSINE_EPS, reduction: str = "mean"
+    ) -> None:
         super().__init__()
         self.alpha, self.beta = alpha, beta
         self.window_size, self.sigma, self.data_range = window_size, sigma, data_range
@@ -97,7 +102,8 @@ class AttentionAlignLoss(nn.Module):
         >>> criterion(student, torch.rand(8, 1, 56, 56)).backward()
     """
 
-    def __init__(self, *, loss="mse", align_corners=False, reduction="mean", **loss_kwargs):
+    def __init__(self, *, loss: str = "mse", align_corners: bool = False, reduction: str = "mean",
+                 **loss_kwargs) -> None:
         super().__init__()
         self.loss, self.align_corners, self.reduction = loss, align_corners, reduction
         self.loss_kwargs = dict(loss_kwargs)
@@ -121,7 +127,8 @@ class KDKLDivLoss(nn.Module):
         torch.Size([])
     """
 
-    def __init__(self, *, temperature=4.0, reduction="batchmean"):
+    def __init__(self, *, temperature: float = KD_TEMPERATURE, reduction: str = "batchmean"
+    ) -> None:
         super().__init__()
         self.temperature, self.reduction = temperature, reduction
 
@@ -143,7 +150,8 @@ class KDLoss(nn.Module):
         >>> criterion(student, torch.randn(8, 10), torch.randint(0, 10, (8,))).backward()
     """
 
-    def __init__(self, *, temperature=4.0, alpha=0.9, reduction="mean"):
+    def __init__(self, *, temperature: float = KD_TEMPERATURE, alpha: float = KD_ALPHA,
+                 reduction: str = "mean") -> None:
         super().__init__()
         self.temperature, self.alpha, self.reduction = temperature, alpha, reduction
 

@@ -10,26 +10,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._defaults import (ATTENTION_P, COSINE_EPS, HYBRID_ALPHA, HYBRID_BETA, KD_ALPHA,
+                        KD_TEMPERATURE, NORMALIZE_EPS, SSIM, accumulate_dtype)
+from ._defaults import reduce_per_sample as _reduce
+
 __all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "attention_map",
            "attention_align_loss", "kd_kl_div", "kd_loss", "gaussian_window"]
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _reduce(per_sample: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
-    """Per-sample values (in the compute dtype) reduced as asked, then cast to ``dtype``."""
-    if reduction in ("mean", "batchmean"):
-        out = per_sample.mean()
-    elif reduction == "sum":
-        out = per_sample.sum()
-    else:
-        out = per_sample
-    return out.to(dtype)
-
-
-def gaussian_window(window_size: int, sigma: float, dtype=torch.float64, device=None) -> torch.Tensor:
+def gaussian_window(window_size: int, sigma: float, dtype=torch.float64, device=None
+) -> torch.Tensor:
     """Normalised 1-D Gaussian of odd length ``window_size`` centred on its middle tap."""
     coords = torch.arange(window_size, dtype=torch.float64) - (window_size // 2)
     taps = torch.exp(-(coords**2) / (2.0 * float(sigma) ** 2))
@@ -51,7 +41,7 @@ def _blur(t: torch.Tensor, taps: torch.Tensor, padding: str) -> torch.Tensor:
 
 
 def _ssim_per_sample(x, y, window_size, sigma, data_range, k1, k2, padding):
-    dtype = _compute_dtype(x.dtype)
+    dtype = accumulate_dtype(x.dtype)
     x, y = x.to(dtype), y.to(dtype)
     taps = gaussian_window(window_size, sigma, dtype=dtype, device=x.device)
     c1 = (k1 * data_range) ** 2
@@ -67,34 +57,42 @@ def _ssim_per_sample(x, y, window_size, sigma, data_range, k1, k2, padding):
 
 
 def _cosine_per_sample(x, y, eps):
-    dtype = _compute_dtype(x.dtype)
+    dtype = accumulate_dtype(x.dtype)
     x, y = x.to(dtype).flatten(1), y.to(dtype).flatten(1)
     norm_x = torch.linalg.vector_norm(x, dim=1).clamp_min(eps)
     norm_y = torch.linalg.vector_norm(y, dim=1).clamp_min(eps)
     return (x * y).sum(1) / (norm_x * norm_y)
 
 
-def ssim(x, y, *, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03,
-         padding="valid", reduction="mean"):
+def ssim(x: torch.Tensor, y: torch.Tensor, *, window_size: int = SSIM.window_size,
+         sigma: float = SSIM.sigma, data_range: float = SSIM.data_range, k1: float = SSIM.k1,
+         k2: float = SSIM.k2, padding: str = SSIM.padding, reduction: str = "mean"
+) -> torch.Tensor:
     """Gaussian-window SSIM; see :func:`agkd_ops.ssim`."""
     per_sample = _ssim_per_sample(x, y, window_size, sigma, data_range, k1, k2, padding)
     return _reduce(per_sample, reduction, x.dtype)
 
 
-def ssim_loss(x, y, *, window_size=11, sigma=1.5, data_range=1.0, k1=0.01, k2=0.03,
-              padding="valid", reduction="mean"):
+def ssim_loss(x: torch.Tensor, y: torch.Tensor, *, window_size: int = SSIM.window_size,
+              sigma: float = SSIM.sigma, data_range: float = SSIM.data_range, k1: float = SSIM.k1,
+              k2: float = SSIM.k2, padding: str = SSIM.padding, reduction: str = "mean"
+) -> torch.Tensor:
     """``1 - ssim``; see :func:`agkd_ops.ssim_loss`."""
     per_sample = 1 - _ssim_per_sample(x, y, window_size, sigma, data_range, k1, k2, padding)
     return _reduce(per_sample, reduction, x.dtype)
 
 
-def cosine_loss(x, y, *, eps=1e-8, reduction="mean"):
+def cosine_loss(x: torch.Tensor, y: torch.Tensor, *, eps: float = COSINE_EPS,
+                reduction: str = "mean") -> torch.Tensor:
     """``1 - cos(flatten(x), flatten(y))`` per sample; see :func:`agkd_ops.cosine_loss`."""
     return _reduce(1 - _cosine_per_sample(x, y, eps), reduction, x.dtype)
 
 
-def hybrid_loss(x, y, *, alpha=0.5, beta=0.5, window_size=11, sigma=1.5, data_range=1.0,
-                k1=0.01, k2=0.03, padding="valid", eps=1e-8, reduction="mean"):
+def hybrid_loss(x: torch.Tensor, y: torch.Tensor, *, alpha: float = HYBRID_ALPHA,
+                beta: float = HYBRID_BETA, window_size: int = SSIM.window_size,
+                sigma: float = SSIM.sigma, data_range: float = SSIM.data_range,
+                k1: float = SSIM.k1, k2: float = SSIM.k2, padding: str = SSIM.padding,
+                eps: float = COSINE_EPS, reduction: str = "mean") -> torch.Tensor:
     """``alpha * ssim_loss + beta * cosine_loss``; see :func:`agkd_ops.hybrid_loss`."""
     per_sample = 0
     if alpha != 0:
@@ -104,7 +102,7 @@ def hybrid_loss(x, y, *, alpha=0.5, beta=0.5, window_size=11, sigma=1.5, data_ra
     if beta != 0:
         per_sample = per_sample + beta * (1 - _cosine_per_sample(x, y, eps))
     if not torch.is_tensor(per_sample):  # alpha == beta == 0
-        per_sample = torch.zeros(x.shape[0], dtype=_compute_dtype(x.dtype), device=x.device)
+        per_sample = torch.zeros(x.shape[0], dtype=accumulate_dtype(x.dtype), device=x.device)
         per_sample = per_sample + 0 * (x.sum() + y.sum())  # keep both inputs in the graph
     return _reduce(per_sample, reduction, x.dtype)
 
@@ -114,7 +112,7 @@ def hybrid_loss(x, y, *, alpha=0.5, beta=0.5, window_size=11, sigma=1.5, data_ra
 
 def _kl_per_sample(student_logits, teacher_logits, temperature):
     """KL(softmax(t/τ) ‖ softmax(s/τ)) per row, in the compute dtype."""
-    dtype = _compute_dtype(student_logits.dtype)
+    dtype = accumulate_dtype(student_logits.dtype)
     log_p_s = torch.log_softmax(student_logits.to(dtype) / temperature, dim=1)
     log_p_t = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=1)
     p_t = log_p_t.exp()
@@ -124,16 +122,18 @@ def _kl_per_sample(student_logits, teacher_logits, temperature):
     return (p_t * log_ratio).sum(dim=1)
 
 
-def kd_kl_div(student_logits, teacher_logits, *, temperature=4.0, reduction="batchmean"):
+def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+              temperature: float = KD_TEMPERATURE, reduction: str = "batchmean") -> torch.Tensor:
     """``τ²·KL(softmax(t/τ) ‖ softmax(s/τ))`` per row; ``"batchmean"`` averages the rows."""
     per_sample = temperature**2 * _kl_per_sample(student_logits, teacher_logits, temperature)
     return _reduce(per_sample, reduction, student_logits.dtype)
 
 
-def kd_loss(student_logits, teacher_logits, target, *, temperature=4.0, alpha=0.9,
-            reduction="mean"):
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
+            temperature: float = KD_TEMPERATURE, alpha: float = KD_ALPHA, reduction: str = "mean"
+) -> torch.Tensor:
     """Hinton's ``(1-α)·CE(s, target) + α·τ²·KL`` per row; CE at temperature 1."""
-    dtype = _compute_dtype(student_logits.dtype)
+    dtype = accumulate_dtype(student_logits.dtype)
     log_q = torch.log_softmax(student_logits.to(dtype), dim=1)
     ce = -log_q.gather(1, target.long().unsqueeze(1)).squeeze(1)
     kl = _kl_per_sample(student_logits, teacher_logits, temperature)
@@ -144,12 +144,13 @@ def kd_loss(student_logits, teacher_logits, target, *, temperature=4.0, alpha=0.
 # ---------------------------------------------------------------------- attention
 
 
-def attention_map(features, *, p=2.0, normalize=True, eps=1e-12):
+def attention_map(features: torch.Tensor, *, p: float = ATTENTION_P, normalize: bool = True,
+                  eps: float = NORMALIZE_EPS) -> torch.Tensor:
     """``mean_c |F|^p`` per pixel, ``(N, C, H, W) -> (N, 1, H, W)``, then divided by
     ``max(‖·‖₂, eps)`` per sample (as ``F.normalize``). The gradient of ``|F|^p`` at
     ``F = 0`` is taken as 0 for every ``p`` (autograd of ``abs().pow(p)`` gives NaN there
     for ``p < 1``)."""
-    dtype = _compute_dtype(features.dtype)
+    dtype = accumulate_dtype(features.dtype)
     magnitude = features.to(dtype).abs()
     zero = magnitude == 0
     safe = torch.where(zero, torch.ones_like(magnitude), magnitude)
@@ -161,15 +162,16 @@ def attention_map(features, *, p=2.0, normalize=True, eps=1e-12):
     return amap.to(features.dtype)
 
 
-def attention_align_loss(student, teacher, *, loss="mse", align_corners=False, reduction="mean",
-                         **loss_kwargs):
+def attention_align_loss(student: torch.Tensor, teacher: torch.Tensor, *, loss: str = "mse",
+                         align_corners: bool = False, reduction: str = "mean", **loss_kwargs
+) -> torch.Tensor:
     """Resize ``student`` bilinearly to the teacher's ``(H, W)`` (``F.interpolate``) and
     compare with ``loss``: ``"mse"`` (mean of squared differences over C·H·W per sample),
     ``"cosine"``, ``"ssim"`` (``1 - SSIM``) or ``"hybrid"``, with that loss's keywords."""
     resized = F.interpolate(student, size=tuple(teacher.shape[-2:]), mode="bilinear",
                             align_corners=align_corners)
     if loss == "mse":
-        dtype = _compute_dtype(student.dtype)
+        dtype = accumulate_dtype(student.dtype)
         per_sample = (resized.to(dtype) - teacher.to(dtype)).pow(2).flatten(1).mean(dim=1)
         return _reduce(per_sample, reduction, student.dtype)
     compare = {"cosine": cosine_loss, "ssim": ssim_loss, "hybrid": hybrid_loss}[loss]

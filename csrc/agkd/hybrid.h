@@ -3,13 +3,14 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
 #include <string>
 
+#include "agkd/host.h"
 #include "agkd/math/common.h"
+#include "agkd/math/hybrid.h"
 
 namespace agkd {
 
@@ -40,13 +41,13 @@ inline Padding parse_padding(const std::string& name) {
 }
 
 inline HybridParams make_params(double alpha, double beta, int64_t window_size, double sigma,
-                                double c1, double c2, const std::string& padding, double eps) {
+                                double c1, double c2, c10::string_view padding, double eps) {
   // The Python API validates with friendlier messages; these guard direct torch.ops calls.
   TORCH_CHECK(window_size >= 1 && window_size % 2 == 1,
               "agkd::hybrid: window_size must be odd and >= 1, got ", window_size);
   TORCH_CHECK(sigma > 0 && c1 > 0 && c2 > 0 && eps > 0,
               "agkd::hybrid: sigma, c1, c2 and eps must be > 0");
-  return {alpha, beta, window_size, sigma, c1, c2, eps, parse_padding(padding)};
+  return {alpha, beta, window_size, sigma, c1, c2, eps, parse_padding(std::string(padding))};
 }
 
 inline PlaneGeometry make_geometry(const at::Tensor& x, const at::Tensor& y,
@@ -81,59 +82,17 @@ inline PlaneGeometry make_geometry(const at::Tensor& x, const at::Tensor& y,
   return g;
 }
 
-// float32 for half/bfloat16/float32, float64 for float64: the dtype that kernels
-// accumulate in and that the per-sample outputs carry.
-inline at::ScalarType accumulate_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // What agkd::hybrid_bwd receives besides the maps, as hybrid_fwd produced it.
-inline void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& stats,
+inline void check_hybrid_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& stats,
                                   const at::Tensor& x, const PlaneGeometry& g) {
   const auto acc = accumulate_dtype(x.scalar_type());
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == g.N && grad_loss.scalar_type() == acc,
               "agkd::hybrid_bwd: grad_loss must be (N,) of the accumulate dtype");
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == g.N && stats.size(1) == 3 &&
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == g.N && stats.size(1) == kHybridStats &&
                   stats.scalar_type() == acc,
-              "agkd::hybrid_bwd: stats must be (N, 3) of the accumulate dtype");
+              "agkd::hybrid_bwd: stats must be (N, ", int(kHybridStats), ") of the accumulate dtype");
   TORCH_CHECK(grad_loss.device() == x.device() && stats.device() == x.device(),
               "agkd::hybrid_bwd: grad_loss and stats must be on x's device");
-}
-
-// A contiguous gradient for an input that needs one, an empty tensor (no work) otherwise.
-inline at::Tensor input_grad_or_empty(const at::Tensor& like, bool needed) {
-  return needed ? at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous))
-                : at::empty({0}, like.options());
-}
-
-// agkd::align_fwd/bwd (attention alignment): the hybrid terms plus an MSE term, with the
-// student resized bilinearly to the teacher's size.
-struct AlignParams {
-  HybridParams hybrid;
-  double gamma;  // weight of the mean squared difference
-  bool align_corners;
-};
-
-inline AlignParams make_align_params(double alpha, double beta, double gamma, int64_t window_size,
-                                     double sigma, double c1, double c2, c10::string_view padding,
-                                     double eps, bool align_corners) {
-  return {make_params(alpha, beta, window_size, sigma, c1, c2, std::string(padding), eps), gamma,
-          align_corners};
-}
-
-// Checks shared by align_fwd/bwd; returns the teacher's geometry.
-inline PlaneGeometry align_geometry(const at::Tensor& student, const at::Tensor& teacher,
-                             const HybridParams& p) {
-  TORCH_CHECK(student.dim() == 4 && teacher.dim() == 4,
-              "agkd::align: student and teacher must be (N, C, H, W)");
-  TORCH_CHECK(student.size(0) == teacher.size(0) && student.size(1) == teacher.size(1),
-              "agkd::align: student and teacher batch/channels differ: ", student.sizes(), " vs ",
-              teacher.sizes());
-  TORCH_CHECK(student.numel() > 0, "agkd::align: empty student ", student.sizes());
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type() &&
-                  student.device() == teacher.device(),
-              "agkd::align: student and teacher dtypes or devices differ");
-  return make_geometry(teacher, teacher, p);
 }
 
 }  // namespace agkd

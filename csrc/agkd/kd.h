@@ -7,7 +7,7 @@
 
 #include <optional>
 
-#include "agkd/hybrid.h"  // accumulate_dtype, input_grad_or_empty
+#include "agkd/host.h"
 #include "agkd/math/kd.h"
 
 namespace agkd {
@@ -58,19 +58,6 @@ inline void check_kd_backward_inputs(const at::Tensor& grad_loss, const at::Tens
               "agkd::kd_bwd: stats must be (N, ", int(kKdStats), ") of the accumulate dtype");
   TORCH_CHECK(grad_loss.device() == student.device() && stats.device() == student.device(),
               "agkd::kd_bwd: grad_loss and stats must be on the logits' device");
-}
-
-// Calls body.template operator()<kCE, kKL>() for the combination of terms the weights
-// switch on, so each kernel is compiled without the work of a zero-weight term.
-template <typename Body>
-void dispatch_kd_terms(const KdParams& p, const Body& body) {
-  if (p.with_ce() && p.with_kl()) {
-    body.template operator()<true, true>();
-  } else if (p.with_ce()) {
-    body.template operator()<true, false>();
-  } else {
-    body.template operator()<false, true>();
-  }
 }
 
 // What agkd::kd_bwd hands its kernel, with the cases that need no kernel settled: an

@@ -4,6 +4,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "agkd/math/hybrid.h"  // kHybridStats
+#include "agkd/math/kd.h"      // kKdStats
+
 // The extension module's name: _C, or _C_cuda_emu for the build that runs the CUDA
 // kernels on the CPU emulator (setup.py, AGKD_CUDA_EMULATION).
 #ifndef AGKD_EXTENSION_NAME
@@ -15,7 +18,7 @@
 #define AGKD_STRINGIFY(a) AGKD_STRINGIFY_(a)
 
 // Importing agkd_ops._C runs the static TORCH_LIBRARY registrations below; the module
-// itself only carries build facts for agkd_ops.build_info().
+// itself carries build facts for agkd_ops.build_info() and the numbers Python must not copy.
 PyMODINIT_FUNC AGKD_CONCAT(PyInit_, AGKD_EXTENSION_NAME)(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT,
                                           AGKD_STRINGIFY(AGKD_EXTENSION_NAME), nullptr, -1,
@@ -32,6 +35,9 @@ PyMODINIT_FUNC AGKD_CONCAT(PyInit_, AGKD_EXTENSION_NAME)(void) {
 #else
   PyModule_AddIntConstant(m, "with_cuda", 0);
 #endif
+  // The stats widths the fake kernels (agkd_ops/_registrations.py) need, from their owner.
+  PyModule_AddIntConstant(m, "hybrid_stats", agkd::kHybridStats);
+  PyModule_AddIntConstant(m, "kd_stats", agkd::kKdStats);
   PyModule_AddStringConstant(m, "cuda_archs", AGKD_CUDA_ARCHS);
   PyModule_AddStringConstant(m, "torch_version", AGKD_TORCH_VERSION);
 #ifdef _OPENMP

@@ -126,9 +126,7 @@ AGKD_CPU_MULTIVERSION void kd_fwd_rows(const LogitRows<scalar_t>& student,
         kCE ? kd_target_logit<acc_t>(target[n], student.K, [&](int64_t k) { return s[k]; })
             : acc_t(0);
     loss[n] = kd_row_loss(st, s_target, tau, ce_weight, kl_weight);
-    acc_t* out = stats + n * kKdStats;
-    out[kStatMaxS] = st.max_s, out[kStatMaxT] = st.max_t, out[kStatLogZS] = st.log_z_s;
-    out[kStatLogZT] = st.log_z_t, out[kStatLogZCE] = st.log_z_ce, out[kStatKL] = st.kl;
+    store_kd_stats(st, stats + n * kKdStats);
   }
 }
 
@@ -139,9 +137,7 @@ std::tuple<at::Tensor, at::Tensor> kd_fwd_cpu(const at::Tensor& student,
                                               double kl_weight) {
   const KdParams p{temperature, ce_weight, kl_weight};
   const KdGeometry g = check_kd_inputs(student, teacher, target, p);
-  const auto acc = accumulate_dtype(student.scalar_type());
-  at::Tensor loss = at::empty({g.N}, student.options().dtype(acc));
-  at::Tensor stats = at::empty({g.N, kKdStats}, student.options().dtype(acc));
+  auto [loss, stats] = per_sample_outputs(student, g.N, kKdStats);
   const at::Tensor target_c = p.with_ce() ? target->contiguous() : at::Tensor();
   const int64_t* tgt = p.with_ce() ? target_c.const_data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_fwd_cpu", [&] {
@@ -149,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> kd_fwd_cpu(const at::Tensor& student,
     const LogitRows<scalar_t> s(student), t(teacher);
     acc_t* loss_out = loss.mutable_data_ptr<acc_t>();
     acc_t* stats_out = stats.mutable_data_ptr<acc_t>();
-    dispatch_kd_terms(p, [&]<bool kCE, bool kKL>() {
+    dispatch_terms(p.with_ce(), p.with_kl(), [&]<bool kCE, bool kKL>() {
       at::parallel_for(0, g.N, rows_per_task(g.K), [&](int64_t begin, int64_t end) {
         kd_fwd_rows<scalar_t, kCE, kKL>(s, t, tgt, p, begin, end, loss_out, stats_out);
       });
@@ -191,9 +187,7 @@ AGKD_CPU_MULTIVERSION void kd_bwd_rows(const LogitRows<scalar_t>& student,
   const acc_t tau = static_cast<acc_t>(p.temperature), inv_tau = acc_t(1) / tau;
   std::vector<acc_t> s_buffer, t_buffer;
   for (int64_t n = begin; n < end; ++n) {
-    const acc_t* in = stats + n * kKdStats;
-    const KdRowStats<acc_t> st{in[kStatMaxS],  in[kStatMaxT],    in[kStatLogZS],
-                               in[kStatLogZT], in[kStatLogZCE], in[kStatKL]};
+    const KdRowStats<acc_t> st = load_kd_stats(stats + n * kKdStats);
     const KdGradCoeffs<acc_t> c =
         kd_grad_coeffs(grad_loss[n], tau, static_cast<acc_t>(p.ce_weight),
                        static_cast<acc_t>(p.kl_weight));
@@ -223,19 +217,13 @@ std::tuple<at::Tensor, at::Tensor> kd_bwd_cpu(
     const acc_t* st = b.stats.const_data_ptr<acc_t>();
     scalar_t* gs = b.student ? b.grad_student.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gt = b.teacher ? b.grad_teacher.mutable_data_ptr<scalar_t>() : nullptr;
-    dispatch_kd_terms(p, [&]<bool kCE, bool kKL>() {
+    dispatch_terms(p.with_ce(), p.with_kl(), [&]<bool kCE, bool kKL>() {
       at::parallel_for(0, N, rows_per_task(K), [&](int64_t begin, int64_t end) {
         // The outputs are template flags too, so the lane loop never branches on them.
-        if (gs && gt) {
-          kd_bwd_rows<scalar_t, kCE, kKL, true, true>(s, t, b.target_data(), p, gl, st, begin,
-                                                      end, gs, gt);
-        } else if (gs) {
-          kd_bwd_rows<scalar_t, kCE, kKL, true, false>(s, t, b.target_data(), p, gl, st, begin,
-                                                       end, gs, gt);
-        } else {
-          kd_bwd_rows<scalar_t, kCE, kKL, false, true>(s, t, b.target_data(), p, gl, st, begin,
-                                                       end, gs, gt);
-        }
+        dispatch_terms(gs != nullptr, gt != nullptr, [&]<bool kGradS, bool kGradT>() {
+          kd_bwd_rows<scalar_t, kCE, kKL, kGradS, kGradT>(s, t, b.target_data(), p, gl, st, begin,
+                                                          end, gs, gt);
+        });
       });
     });
   });

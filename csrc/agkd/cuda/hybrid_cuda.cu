@@ -19,11 +19,15 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "agkd/cuda/block_reduce.cuh"
 #include "agkd/cuda/hybrid_cuda.h"
 #include "agkd/cuda/launch.cuh"
 #include "agkd/hybrid.h"
 #include "agkd/math/cosine.h"
+#include "agkd/math/hybrid.h"
 #include "agkd/math/ssim.h"
 
 namespace agkd {
@@ -56,8 +60,8 @@ Args<acc_t> make_args(const at::Tensor& x, const at::Tensor& y, const PlaneGeome
   a.padding = g.padding;
   for (int d = 0; d < 4; ++d) a.x_strides[d] = x.stride(d), a.y_strides[d] = y.stride(d);
   a.c1 = static_cast<acc_t>(p.c1), a.c2 = static_cast<acc_t>(p.c2);
-  const auto taps = gaussian_window(g.window, p.sigma);
-  for (int64_t k = 0; k < g.window; ++k) a.taps[k] = static_cast<acc_t>(taps[k]);
+  const std::vector<acc_t> taps = gaussian_taps<acc_t>(g.window, p.sigma);
+  std::copy(taps.begin(), taps.end(), a.taps);
   return a;
 }
 
@@ -203,20 +207,16 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ double scratch[kThreads];
   const int64_t n = blockIdx.x;
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  double sums[4] = {0, 0, 0, 0};
+  HybridSums part;
   for (int64_t i = tid; i < slots_per_sample; i += kThreads) {
     const acc_t* slot = partials + (n * slots_per_sample + i) * 4;
-    for (int k = 0; k < 4; ++k) sums[k] += static_cast<double>(slot[k]);
+    part += HybridSums{slot[0], slot[1], slot[2], slot[3]};
   }
-  for (int k = 0; k < 4; ++k) sums[k] = block_sum(sums[k], scratch);
+  const HybridSums total{block_sum(part.ssim, scratch), block_sum(part.dot, scratch),
+                         block_sum(part.xx, scratch), block_sum(part.yy, scratch)};
   if (tid == 0) {
-    double value = 0;
-    if (alpha != 0) value += alpha * (1.0 - sums[0] / ssim_count);
-    if (beta != 0) value += beta * (1.0 - cosine_from_sums(sums[1], sums[2], sums[3], eps));
-    loss[n] = static_cast<acc_t>(value);
-    stats[3 * n] = static_cast<acc_t>(sums[1]);
-    stats[3 * n + 1] = static_cast<acc_t>(sums[2]);
-    stats[3 * n + 2] = static_cast<acc_t>(sums[3]);
+    finish_hybrid_sample(total, alpha, beta, eps, ssim_count, 0.0, loss + n,
+                         stats + n * kHybridStats);
   }
 }
 
@@ -259,26 +259,27 @@ void hybrid_fwd_launch(const at::Tensor& x, const at::Tensor& y, const PlaneGeom
   const dim3 block(kTile, kTile);
   int64_t slots = 0;
   at::Tensor partials;
-  if (p.alpha != 0) {
-    const TileGrid grid{(g.H + kTile - 1) / kTile, (g.W + kTile - 1) / kTile};
-    const int64_t blocks = g.N * g.C * grid.per_plane();
-    TORCH_CHECK(blocks < (int64_t{1} << 31), "agkd::hybrid (CUDA): input too large");
-    slots = g.C * grid.per_plane();
-    partials = at::empty({blocks * 4}, x.options().dtype(loss.scalar_type()));
-    const size_t bytes = forward_smem_bytes<acc_t>(a.window);
-    auto kernel = p.beta != 0 ? hybrid_fwd_tiles_kernel<scalar_t, acc_t, true>
-                              : hybrid_fwd_tiles_kernel<scalar_t, acc_t, false>;
-    allow_shared_memory(kernel, bytes, g.window);
-    launch_kernel(kernel, blocks, block, bytes, stream, x.const_data_ptr<scalar_t>(),
-                  y.const_data_ptr<scalar_t>(), a, grid, partials.mutable_data_ptr<acc_t>());
-  } else {
-    TORCH_CHECK(g.N < 65536, "agkd::hybrid (CUDA): cosine-only supports N < 65536");
-    slots = kCosineBlocksPerSample;
-    partials = at::empty({g.N * slots * 4}, x.options().dtype(loss.scalar_type()));
-    launch_kernel(cosine_fwd_kernel<scalar_t, acc_t>, dim3(kCosineBlocksPerSample, g.N), block, 0,
-                  stream, x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), a,
-                  partials.mutable_data_ptr<acc_t>());
-  }
+  dispatch_terms</*kAllowNone=*/true>(p.alpha != 0, p.beta != 0, [&]<bool kSSIM, bool kCos>() {
+    if constexpr (kSSIM) {
+      const TileGrid grid{(g.H + kTile - 1) / kTile, (g.W + kTile - 1) / kTile};
+      const int64_t blocks = g.N * g.C * grid.per_plane();
+      TORCH_CHECK(blocks < (int64_t{1} << 31), "agkd::hybrid (CUDA): input too large");
+      slots = g.C * grid.per_plane();
+      partials = at::empty({blocks * 4}, x.options().dtype(loss.scalar_type()));
+      const size_t bytes = forward_smem_bytes<acc_t>(a.window);
+      auto kernel = hybrid_fwd_tiles_kernel<scalar_t, acc_t, kCos>;
+      allow_shared_memory(kernel, bytes, g.window);
+      launch_kernel(kernel, blocks, block, bytes, stream, x.const_data_ptr<scalar_t>(),
+                    y.const_data_ptr<scalar_t>(), a, grid, partials.mutable_data_ptr<acc_t>());
+    } else {  // cosine only (or nothing: the finish then skips the zero-weight sums)
+      TORCH_CHECK(g.N < 65536, "agkd::hybrid (CUDA): cosine-only supports N < 65536");
+      slots = kCosineBlocksPerSample;
+      partials = at::empty({g.N * slots * 4}, x.options().dtype(loss.scalar_type()));
+      launch_kernel(cosine_fwd_kernel<scalar_t, acc_t>, dim3(kCosineBlocksPerSample, g.N), block,
+                    0, stream, x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), a,
+                    partials.mutable_data_ptr<acc_t>());
+    }
+  });
   launch_kernel(hybrid_finalize_kernel<acc_t>, g.N, block, 0, stream,
                 partials.const_data_ptr<acc_t>(), slots, p.alpha, p.beta, p.eps,
                 static_cast<double>(g.ssim_count()), loss.mutable_data_ptr<acc_t>(),
@@ -287,19 +288,17 @@ void hybrid_fwd_launch(const at::Tensor& x, const at::Tensor& y, const PlaneGeom
 
 }  // namespace
 
-// Entry points, also called by the attention-alignment kernels (cuda/attention_cuda.cu).
+// Entry points, also called by the attention-alignment kernels (align_cuda.cu).
 std::tuple<at::Tensor, at::Tensor> hybrid_fwd_cuda(const at::Tensor& x, const at::Tensor& y,
                                                    double alpha, double beta,
                                                    int64_t window_size, double sigma,
                                                    double c1, double c2,
                                                    c10::string_view padding, double eps) {
   const HybridParams p =
-      make_params(alpha, beta, window_size, sigma, c1, c2, std::string(padding), eps);
+      make_params(alpha, beta, window_size, sigma, c1, c2, padding, eps);
   const PlaneGeometry g = make_geometry(x, y, p);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto acc = accumulate_dtype(x.scalar_type());
-  at::Tensor loss = at::empty({g.N}, x.options().dtype(acc));
-  at::Tensor stats = at::empty({g.N, 3}, x.options().dtype(acc));
+  auto [loss, stats] = per_sample_outputs(x, g.N, kHybridStats);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hybrid_fwd_cuda",
                                   [&] { hybrid_fwd_launch<scalar_t>(x, y, g, p, loss, stats); });
   return {loss, stats};
@@ -401,9 +400,7 @@ __global__ void __launch_bounds__(kThreads)
     dv = ssim_pixel_grad(f[1], f[2], f[3], v, u);
   }
   if constexpr (kCos) {
-    const CosineGrad<acc_t> cg =
-        cosine_grad(stats[3 * n], stats[3 * n + 1], stats[3 * n + 2], static_cast<acc_t>(eps),
-                    static_cast<acc_t>(-beta) * grad_loss[n]);
+    const CosineGrad<acc_t> cg = hybrid_cosine_grad(stats + kHybridStats * n, beta, eps, grad_loss[n]);
     du += cg.coupling * v - cg.self_x * u;
     dv += cg.coupling * u - cg.self_y * v;
   }
@@ -427,27 +424,26 @@ void hybrid_bwd_launch(const at::Tensor& grad_loss, const at::Tensor& x, const a
   scalar_t* gy = grad_y.numel() ? grad_y.mutable_data_ptr<scalar_t>() : nullptr;
   const acc_t* gl = grad_loss.const_data_ptr<acc_t>();
   const acc_t* st = stats.const_data_ptr<acc_t>();
-  if (p.alpha != 0) {
-    at::Tensor coeffs = at::empty({g.N * g.C * 4 * g.Ho * g.Wo}, grad_loss.options());
-    const double ssim_scale = -p.alpha / static_cast<double>(g.ssim_count());
-    auto coeff_kernel = ssim_coeffs_kernel<scalar_t, acc_t>;
-    const size_t fwd_bytes = forward_smem_bytes<acc_t>(a.window);
-    allow_shared_memory(coeff_kernel, fwd_bytes, g.window);
-    launch_kernel(coeff_kernel, blocks, block, fwd_bytes, stream, x.const_data_ptr<scalar_t>(),
-                  y.const_data_ptr<scalar_t>(), a, grid, gl, ssim_scale,
-                  coeffs.mutable_data_ptr<acc_t>());
-    const size_t bytes = backward_smem_bytes<acc_t>(a.window);
-    auto kernel = p.beta != 0 ? hybrid_grad_kernel<scalar_t, acc_t, true, true>
-                              : hybrid_grad_kernel<scalar_t, acc_t, true, false>;
-    allow_shared_memory(kernel, bytes, g.window);
+  dispatch_terms</*kAllowNone=*/true>(p.alpha != 0, p.beta != 0, [&]<bool kSSIM, bool kCos>() {
+    auto kernel = hybrid_grad_kernel<scalar_t, acc_t, kSSIM, kCos>;
+    at::Tensor coeffs;
+    size_t bytes = 0;
+    if constexpr (kSSIM) {
+      coeffs = at::empty({g.N * g.C * 4 * g.Ho * g.Wo}, grad_loss.options());
+      const double ssim_scale = -p.alpha / static_cast<double>(g.ssim_count());
+      auto coeff_kernel = ssim_coeffs_kernel<scalar_t, acc_t>;
+      const size_t fwd_bytes = forward_smem_bytes<acc_t>(a.window);
+      allow_shared_memory(coeff_kernel, fwd_bytes, g.window);
+      launch_kernel(coeff_kernel, blocks, block, fwd_bytes, stream, x.const_data_ptr<scalar_t>(),
+                    y.const_data_ptr<scalar_t>(), a, grid, gl, ssim_scale,
+                    coeffs.mutable_data_ptr<acc_t>());
+      bytes = backward_smem_bytes<acc_t>(a.window);
+      allow_shared_memory(kernel, bytes, g.window);
+    }
     launch_kernel(kernel, blocks, block, bytes, stream, x.const_data_ptr<scalar_t>(),
-                  y.const_data_ptr<scalar_t>(), a, grid, coeffs.const_data_ptr<acc_t>(), gl, st,
-                  p.beta, p.eps, gx, gy);
-  } else {
-    launch_kernel(hybrid_grad_kernel<scalar_t, acc_t, false, true>, blocks, block, 0, stream,
-                  x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), a, grid, nullptr,
-                  gl, st, p.beta, p.eps, gx, gy);
-  }
+                  y.const_data_ptr<scalar_t>(), a, grid,
+                  kSSIM ? coeffs.const_data_ptr<acc_t>() : nullptr, gl, st, p.beta, p.eps, gx, gy);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> hybrid_bwd_cuda(
@@ -456,10 +452,10 @@ std::tuple<at::Tensor, at::Tensor> hybrid_bwd_cuda(
     double c1, double c2, c10::string_view padding, double eps, bool needs_grad_x,
     bool needs_grad_y) {
   const HybridParams p =
-      make_params(alpha, beta, window_size, sigma, c1, c2, std::string(padding), eps);
+      make_params(alpha, beta, window_size, sigma, c1, c2, padding, eps);
   const PlaneGeometry g = make_geometry(x, y, p);
   const c10::cuda::CUDAGuard guard(x.device());
-  check_backward_inputs(grad_loss, stats, x, g);
+  check_hybrid_backward_inputs(grad_loss, stats, x, g);
   const at::Tensor gl = grad_loss.contiguous(), st = stats.contiguous();
   at::Tensor grad_x = input_grad_or_empty(x, needs_grad_x);
   at::Tensor grad_y = input_grad_or_empty(x, needs_grad_y);

@@ -103,9 +103,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         kCE ? kd_target_logit<acc_t>(target[n], K, [&](int64_t k) { return s.at(n, k); })
             : acc_t(0);
     loss[n] = kd_row_loss(st, s_target, temperature, ce_weight, kl_weight);
-    acc_t* out = stats + n * kKdStats;
-    out[kStatMaxS] = st.max_s, out[kStatMaxT] = st.max_t, out[kStatLogZS] = st.log_z_s;
-    out[kStatLogZT] = st.log_z_t, out[kStatLogZCE] = st.log_z_ce, out[kStatKL] = st.kl;
+    store_kd_stats(st, stats + n * kKdStats);
   }
 }
 
@@ -120,9 +118,7 @@ __global__ void __launch_bounds__(kGradThreads)
                   scalar_t* __restrict__ grad_t) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = blockIdx.x;
-  const acc_t* in = stats + n * kKdStats;
-  const KdRowStats<acc_t> st{in[kStatMaxS],  in[kStatMaxT],    in[kStatLogZS],
-                             in[kStatLogZT], in[kStatLogZCE], in[kStatKL]};
+  const KdRowStats<acc_t> st = load_kd_stats(stats + n * kKdStats);
   const KdGradCoeffs<acc_t> c = kd_grad_coeffs(grad_loss[n], temperature, ce_weight, kl_weight);
   const acc_t inv_tau = acc_t(1) / temperature;
   const int64_t y = kCE ? target[n] : -1;  // out of range: matches no class (loss is NaN)
@@ -144,9 +140,7 @@ std::tuple<at::Tensor, at::Tensor> kd_fwd_cuda(const at::Tensor& student,
   const KdGeometry g = check_kd_inputs(student, teacher, target, p);
   TORCH_CHECK(g.N < (int64_t{1} << 31), "agkd::kd (CUDA): too many rows");
   const c10::cuda::CUDAGuard guard(student.device());
-  const auto acc = accumulate_dtype(student.scalar_type());
-  at::Tensor loss = at::empty({g.N}, student.options().dtype(acc));
-  at::Tensor stats = at::empty({g.N, kKdStats}, student.options().dtype(acc));
+  auto [loss, stats] = per_sample_outputs(student, g.N, kKdStats);
   const at::Tensor target_c = p.with_ce() ? target->contiguous() : at::Tensor();
   const int64_t* tgt = p.with_ce() ? target_c.const_data_ptr<int64_t>() : nullptr;
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -154,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> kd_fwd_cuda(const at::Tensor& student,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Logits<scalar_t> s = logits_of<scalar_t>(student), t = logits_of<scalar_t>(teacher);
-    dispatch_kd_terms(p, [&]<bool kCE, bool kKL>() {
+    dispatch_terms(p.with_ce(), p.with_kl(), [&]<bool kCE, bool kKL>() {
       launch_kernel(kd_fwd_kernel<scalar_t, kCE, kKL>, g.N, threads, 0, stream, s, t, tgt, g.K,
                     static_cast<acc_t>(temperature), static_cast<acc_t>(ce_weight),
                     static_cast<acc_t>(kl_weight), loss.mutable_data_ptr<acc_t>(),
@@ -184,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor> kd_bwd_cuda(
     const Logits<scalar_t> s = logits_of<scalar_t>(student), t = logits_of<scalar_t>(teacher);
     scalar_t* gs = b.student ? b.grad_student.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gt = b.teacher ? b.grad_teacher.mutable_data_ptr<scalar_t>() : nullptr;
-    dispatch_kd_terms(p, [&]<bool kCE, bool kKL>() {
+    dispatch_terms(p.with_ce(), p.with_kl(), [&]<bool kCE, bool kKL>() {
       launch_kernel(kd_bwd_kernel<scalar_t, kCE, kKL>, grid, kGradThreads, 0, stream, s, t,
                     b.target_data(), K, b.grad_loss.const_data_ptr<acc_t>(),
                     b.stats.const_data_ptr<acc_t>(), static_cast<acc_t>(temperature),

@@ -6,7 +6,9 @@
 
 #include <c10/cuda/CUDAException.h>
 
+#include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <utility>
 
 #if defined(AGKD_CUDA_EMULATION)
@@ -26,6 +28,20 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shar
 #endif
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+// Flat (one thread per element) kernels: their block size, and a grid that a grid-stride
+// loop (AGKD_GRID_STRIDE) stretches over any count.
+constexpr int kFlatThreads = 256;
+
+inline unsigned flat_blocks(int64_t count) {
+  constexpr int64_t kMaxBlocks = 65535;
+  return static_cast<unsigned>(
+      std::max<int64_t>(1, std::min(kMaxBlocks, (count + kFlatThreads - 1) / kFlatThreads)));
+}
+
+#define AGKD_GRID_STRIDE(i, count)                                             \
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (count); \
+       i += int64_t(gridDim.x) * blockDim.x)
 
 // The block's dynamic shared memory (the launch's shared_bytes), 16-byte aligned.
 template <typename T>

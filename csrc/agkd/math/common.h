@@ -30,7 +30,7 @@ AGKD_HOST_DEVICE int64_t pad_width(Padding padding, int64_t window_size) {
 
 // Maps a padded-domain index p (source coordinates, p in [-pad, n - 1 + pad]) to the
 // source index it reads, or -1 where zero padding supplies a 0. Reflect padding needs
-// pad < n (checked in Python), so a single reflection always lands inside.
+// pad < n (make_geometry in hybrid.h checks it), so a single reflection always lands inside.
 AGKD_HOST_DEVICE int64_t source_index(int64_t p, int64_t n, Padding padding) {
   if (p >= 0 && p < n) return p;
   if (padding != Padding::kReflect) return -1;

@@ -28,6 +28,18 @@ struct KdRowStats {
   T kl;               // KL(p_t ‖ p_s) at temperature τ, before the τ² factor
 };
 
+// The stats row of one sample, written by the forward and read back by the backward.
+template <typename T>
+AGKD_HOST_DEVICE void store_kd_stats(const KdRowStats<T>& st, T* out) {
+  out[kStatMaxS] = st.max_s, out[kStatMaxT] = st.max_t, out[kStatLogZS] = st.log_z_s;
+  out[kStatLogZT] = st.log_z_t, out[kStatLogZCE] = st.log_z_ce, out[kStatKL] = st.kl;
+}
+
+template <typename T>
+AGKD_HOST_DEVICE KdRowStats<T> load_kd_stats(const T* in) {
+  return {in[kStatMaxS], in[kStatMaxT], in[kStatLogZS], in[kStatLogZT], in[kStatLogZCE], in[kStatKL]};
+}
+
 // The sums of one row's second pass, taken with the row maxima as shifts.
 template <typename T>
 struct KdRowSums {

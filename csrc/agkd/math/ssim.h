@@ -11,8 +11,9 @@
 namespace agkd {
 
 // Normalised 1-D Gaussian of odd length `window_size`, computed in double on the host so
-// that every device and dtype starts from the same taps.
-inline std::vector<double> gaussian_window(int64_t window_size, double sigma) {
+// that every device and dtype starts from the same taps, then rounded once to acc_t.
+template <typename acc_t>
+std::vector<acc_t> gaussian_taps(int64_t window_size, double sigma) {
   std::vector<double> taps(window_size);
   const double center = static_cast<double>(window_size / 2);
   double total = 0.0;
@@ -21,8 +22,9 @@ inline std::vector<double> gaussian_window(int64_t window_size, double sigma) {
     taps[i] = std::exp(-(d * d) / (2.0 * sigma * sigma));
     total += taps[i];
   }
-  for (auto& t : taps) t /= total;
-  return taps;
+  std::vector<acc_t> out(window_size);
+  for (int64_t i = 0; i < window_size; ++i) out[i] = static_cast<acc_t>(taps[i] / total);
+  return out;
 }
 
 // The five windowed raw moments at one output pixel: E[x], E[y], E[x²], E[y²], E[xy].

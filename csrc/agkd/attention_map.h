@@ -6,7 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include "agkd/hybrid.h"  // accumulate_dtype, input_grad_or_empty
+#include "agkd/host.h"
+#include "agkd/math/attention.h"
 
 namespace agkd {
 
@@ -40,6 +41,16 @@ inline FeatureGeometry check_attention_backward_inputs(const at::Tensor& grad_ma
                   norms.device() == features.device(),
               "agkd::attention_map_bwd: all inputs must be on the features' device");
   return g;
+}
+
+// Calls body.template operator()<kKind>() with the PowKind of exponent p (math/attention.h).
+template <typename Body>
+void dispatch_pow(double p, const Body& body) {
+  switch (pow_kind(p)) {
+    case PowKind::kSquare: body.template operator()<PowKind::kSquare>(); break;
+    case PowKind::kAbs: body.template operator()<PowKind::kAbs>(); break;
+    default: body.template operator()<PowKind::kGeneral>();
+  }
 }
 
 }  // namespace agkd

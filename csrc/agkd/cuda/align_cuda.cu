@@ -1,14 +1,11 @@
-// CUDA kernels of agkd::attention_map_fwd/bwd and agkd::align_fwd/bwd.
+// CUDA kernels of agkd::align_fwd / agkd::align_bwd (attention alignment).
 //
-// attention_map: one thread per pixel sums mean_c |F|^p; one block per sample takes the
-// norm (fixed-order block tree) and normalises. Backward: one block per sample forms
-// ∂L/∂(mean_c |F|^p), then one thread per feature element writes the gradient.
-//
-// align: unlike the CPU kernels, which resample one plane at a time into a cache-resident
-// buffer, the CUDA path resamples the student into a teacher-sized scratch tensor and runs
-// the hybrid kernels (cuda/hybrid_cuda.cu) on it; the backward gathers the resampled
-// gradient back onto the student's pixels (each student pixel sums the teacher pixels that
-// read it, in a fixed order: deterministic, no atomics). The interpolation weights are
+// Unlike the CPU kernels, which resample one plane at a time into a cache-resident buffer
+// and never store the resized map, the CUDA path resamples the student into a
+// teacher-sized scratch tensor and runs the hybrid kernels (hybrid_cuda.cu) on it; the
+// backward gathers the resampled gradient back onto the student's pixels (each student
+// pixel sums the teacher pixels that read it, in a fixed order: deterministic, no
+// atomics). Why materialise here: docs/design.md, section 5. The interpolation weights are
 // math/bilinear.h's, the same as the CPU's and F.interpolate's.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -24,164 +21,15 @@
 #include <cstring>
 #include <vector>
 
-#include "agkd/attention.h"
+#include "agkd/align.h"
 #include "agkd/cuda/block_reduce.cuh"
 #include "agkd/cuda/hybrid_cuda.h"
 #include "agkd/cuda/launch.cuh"
-#include "agkd/hybrid.h"
-#include "agkd/math/attention.h"
 #include "agkd/math/bilinear.h"
+#include "agkd/math/hybrid.h"
 
 namespace agkd {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535;  // grid-stride loops cover the rest
-
-unsigned blocks_for(int64_t count) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min(kMaxBlocks, (count + kThreads - 1) / kThreads)));
-}
-
-#define AGKD_GRID_STRIDE(i, count)                                                   \
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (count); \
-       i += int64_t(gridDim.x) * blockDim.x)
-
-template <typename Body>
-void dispatch_pow(double p, const Body& body) {
-  switch (pow_kind(p)) {
-    case PowKind::kSquare: body.template operator()<PowKind::kSquare>(); break;
-    case PowKind::kAbs: body.template operator()<PowKind::kAbs>(); break;
-    default: body.template operator()<PowKind::kGeneral>();
-  }
-}
-
-// ------------------------------------------------------------------ attention map
-
-template <PowKind kKind, typename scalar_t>
-__global__ void attention_sum_kernel(const scalar_t* __restrict__ f, const FeatureGeometry g,
-                                     at::opmath_type<scalar_t> p,
-                                     at::opmath_type<scalar_t>* __restrict__ a) {
-  using acc_t = at::opmath_type<scalar_t>;
-  AGKD_GRID_STRIDE(i, g.N * g.pixels()) {
-    const int64_t n = i / g.pixels(), h = (i / g.W) % g.H, w = i % g.W;
-    const scalar_t* px = f + n * g.sN + h * g.sH + w * g.sW;
-    acc_t sum = 0;
-    for (int64_t c = 0; c < g.C; ++c) sum += abs_pow<kKind>(static_cast<acc_t>(px[c * g.sC]), p);
-    a[i] = sum / static_cast<acc_t>(g.C);
-  }
-}
-
-template <typename scalar_t>
-__global__ void attention_normalize_kernel(const at::opmath_type<scalar_t>* __restrict__ a,
-                                           int64_t pixels, bool normalize,
-                                           at::opmath_type<scalar_t> eps,
-                                           scalar_t* __restrict__ out,
-                                           at::opmath_type<scalar_t>* __restrict__ norms) {
-  using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t scratch[kThreads];
-  const int64_t n = blockIdx.x;
-  const acc_t* an = a + n * pixels;
-  acc_t sum_sq = 0;
-  for (int64_t k = threadIdx.x; k < pixels; k += blockDim.x) sum_sq += an[k] * an[k];
-  const acc_t norm = sqrt(block_reduce(sum_sq, scratch, SumOp{}));
-  if (threadIdx.x == 0) norms[n] = norm;
-  const acc_t scale = norm < eps ? eps : norm;
-  for (int64_t k = threadIdx.x; k < pixels; k += blockDim.x) {
-    out[n * pixels + k] = static_cast<scalar_t>(normalize ? an[k] / scale : an[k]);
-  }
-}
-
-template <typename scalar_t>
-__global__ void attention_grad_map_kernel(const scalar_t* __restrict__ grad_map,
-                                          const scalar_t* __restrict__ map,
-                                          const at::opmath_type<scalar_t>* __restrict__ norms,
-                                          int64_t pixels, int64_t channels, bool normalize,
-                                          at::opmath_type<scalar_t> eps,
-                                          at::opmath_type<scalar_t>* __restrict__ grad_a) {
-  using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t scratch[kThreads];
-  const int64_t n = blockIdx.x;
-  const scalar_t* gm = grad_map + n * pixels;
-  const scalar_t* m = map + n * pixels;
-  acc_t dot = 0;
-  if (normalize) {
-    for (int64_t k = threadIdx.x; k < pixels; k += blockDim.x) {
-      dot += static_cast<acc_t>(m[k]) * static_cast<acc_t>(gm[k]);
-    }
-    dot = block_reduce(dot, scratch, SumOp{});
-  }
-  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(channels);
-  for (int64_t k = threadIdx.x; k < pixels; k += blockDim.x) {
-    const acc_t g = static_cast<acc_t>(gm[k]);
-    grad_a[n * pixels + k] =
-        inv_c * (normalize ? normalize_grad(g, static_cast<acc_t>(m[k]), dot, norms[n], eps) : g);
-  }
-}
-
-template <PowKind kKind, typename scalar_t>
-__global__ void attention_grad_features_kernel(const scalar_t* __restrict__ f, const FeatureGeometry g,
-                                               const at::opmath_type<scalar_t>* __restrict__ grad_a,
-                                               at::opmath_type<scalar_t> p,
-                                               scalar_t* __restrict__ grad_f) {
-  using acc_t = at::opmath_type<scalar_t>;
-  AGKD_GRID_STRIDE(i, g.N * g.C * g.pixels()) {  // i: contiguous index of grad_f
-    const int64_t w = i % g.W, h = (i / g.W) % g.H, c = (i / g.pixels()) % g.C;
-    const int64_t n = i / (g.C * g.pixels());
-    const acc_t x = static_cast<acc_t>(f[n * g.sN + c * g.sC + h * g.sH + w * g.sW]);
-    grad_f[i] = static_cast<scalar_t>(grad_a[n * g.pixels() + h * g.W + w] * abs_pow_grad<kKind>(x, p));
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor> attention_map_fwd_cuda(const at::Tensor& features, double p,
-                                                          bool normalize, double eps) {
-  const FeatureGeometry g = feature_geometry(features, p, eps);
-  const c10::cuda::CUDAGuard guard(features.device());
-  const auto acc = accumulate_dtype(features.scalar_type());
-  at::Tensor out = at::empty({g.N, 1, g.H, g.W}, features.options());
-  at::Tensor norms = at::empty({g.N}, features.options().dtype(acc));
-  at::Tensor a = at::empty({g.N, g.pixels()}, features.options().dtype(acc));
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "attention_map_fwd_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    dispatch_pow(p, [&]<PowKind kKind>() {
-      launch_kernel(attention_sum_kernel<kKind, scalar_t>, blocks_for(g.N * g.pixels()), kThreads,
-                    0, stream, features.const_data_ptr<scalar_t>(), g, static_cast<acc_t>(p),
-                    a.mutable_data_ptr<acc_t>());
-    });
-    launch_kernel(attention_normalize_kernel<scalar_t>, g.N, kThreads, 0, stream,
-                  a.const_data_ptr<acc_t>(), g.pixels(), normalize, static_cast<acc_t>(eps),
-                  out.mutable_data_ptr<scalar_t>(), norms.mutable_data_ptr<acc_t>());
-  });
-  return {out, norms};
-}
-
-at::Tensor attention_map_bwd_cuda(const at::Tensor& grad_map, const at::Tensor& features,
-                                  const at::Tensor& map, const at::Tensor& norms, double p,
-                                  bool normalize, double eps) {
-  const FeatureGeometry g = check_attention_backward_inputs(grad_map, features, map, norms, p, eps);
-  const c10::cuda::CUDAGuard guard(features.device());
-  const at::Tensor gm = grad_map.contiguous().to(features.scalar_type());
-  const at::Tensor m = map.contiguous(), nr = norms.contiguous();
-  at::Tensor grad_f = input_grad_or_empty(features, true);
-  at::Tensor grad_a = at::empty({g.N, g.pixels()}, nr.options());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "attention_map_bwd_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    launch_kernel(attention_grad_map_kernel<scalar_t>, g.N, kThreads, 0, stream,
-                  gm.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(),
-                  nr.const_data_ptr<acc_t>(), g.pixels(), g.C, normalize, static_cast<acc_t>(eps),
-                  grad_a.mutable_data_ptr<acc_t>());
-    dispatch_pow(p, [&]<PowKind kKind>() {
-      launch_kernel(attention_grad_features_kernel<kKind, scalar_t>,
-                    blocks_for(g.N * g.C * g.pixels()), kThreads, 0, stream,
-                    features.const_data_ptr<scalar_t>(), g, grad_a.const_data_ptr<acc_t>(),
-                    static_cast<acc_t>(p), grad_f.mutable_data_ptr<scalar_t>());
-    });
-  });
-  return grad_f;
-}
-
-// ------------------------------------------------------------------------ align
 
 // Interpolation taps along one axis, for the device: per destination index (i0, i1, w0,
 // w1), and per source index the first and last destination that reads it (the gather).
@@ -280,7 +128,7 @@ __global__ void squared_distance_kernel(const scalar_t* __restrict__ up,
                                         const scalar_t* __restrict__ teacher, const Dims d,
                                         at::opmath_type<scalar_t>* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t scratch[kThreads];
+  __shared__ acc_t scratch[kFlatThreads];
   const int64_t n = blockIdx.x, per = d.C * d.H * d.W;
   acc_t sum = 0;
   for (int64_t k = threadIdx.x; k < per; k += blockDim.x) {
@@ -334,7 +182,7 @@ Resampled resample(const at::Tensor& student, const at::Tensor& teacher, const D
     using acc_t = at::opmath_type<scalar_t>;
     r.row_table = axis_table<acc_t>(d.h, d.H, align_corners, student);
     r.col_table = axis_table<acc_t>(d.w, d.W, align_corners, student);
-    launch_kernel(resample_kernel<scalar_t>, blocks_for(d.N * d.C * d.H * d.W), kThreads, 0, stream,
+    launch_kernel(resample_kernel<scalar_t>, flat_blocks(d.N * d.C * d.H * d.W), kFlatThreads, 0, stream,
                   student.const_data_ptr<scalar_t>(), d, axis_taps<acc_t>(r.row_table, d.h, d.H),
                   axis_taps<acc_t>(r.col_table, d.w, d.W), r.up.mutable_data_ptr<scalar_t>());
   });
@@ -359,14 +207,14 @@ std::tuple<at::Tensor, at::Tensor> align_fwd_cuda(const at::Tensor& student, con
                                             c2, padding, eps);
   } else {
     loss = at::zeros({g.N}, student.options().dtype(acc));
-    stats = at::zeros({g.N, 3}, student.options().dtype(acc));
+    stats = at::zeros({g.N, kHybridStats}, student.options().dtype(acc));
   }
   if (gamma != 0) {
     at::Tensor sq = at::empty({g.N}, student.options().dtype(acc));
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "align_mse_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      launch_kernel(squared_distance_kernel<scalar_t>, g.N, kThreads, 0, stream,
+      launch_kernel(squared_distance_kernel<scalar_t>, g.N, kFlatThreads, 0, stream,
                     r.up.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(), d,
                     sq.mutable_data_ptr<acc_t>());
     });
@@ -383,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor> align_bwd_cuda(
   const AlignParams a =
       make_align_params(alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps, align_corners);
   const PlaneGeometry g = align_geometry(student, teacher, a.hybrid);
-  check_backward_inputs(grad_loss, stats, teacher, g);
+  check_hybrid_backward_inputs(grad_loss, stats, teacher, g);
   const c10::cuda::CUDAGuard guard(student.device());
   at::Tensor grad_s = input_grad_or_empty(student, needs_grad_student);
   if (!needs_grad_student && !needs_grad_teacher) {
@@ -405,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor> align_bwd_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "align_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (gamma != 0) {
-      launch_kernel(mse_grad_kernel<scalar_t>, blocks_for(d.N * d.C * d.H * d.W), kThreads, 0,
+      launch_kernel(mse_grad_kernel<scalar_t>, flat_blocks(d.N * d.C * d.H * d.W), kFlatThreads, 0,
                     stream, r.up.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(), d,
                     gl.const_data_ptr<acc_t>(),
                     static_cast<acc_t>(2.0 * gamma / static_cast<double>(g.C * g.H * g.W)),
@@ -413,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor> align_bwd_cuda(
                     needs_grad_teacher ? grad_t.mutable_data_ptr<scalar_t>() : nullptr);
     }
     if (needs_grad_student) {
-      launch_kernel(gather_to_student_kernel<scalar_t>, blocks_for(grad_s.numel()), kThreads, 0,
+      launch_kernel(gather_to_student_kernel<scalar_t>, flat_blocks(grad_s.numel()), kFlatThreads, 0,
                     stream, grad_up.const_data_ptr<scalar_t>(), d,
                     axis_taps<acc_t>(r.row_table, d.h, d.H),
                     axis_taps<acc_t>(r.col_table, d.w, d.W), grad_s.mutable_data_ptr<scalar_t>());
@@ -425,8 +273,6 @@ std::tuple<at::Tensor, at::Tensor> align_bwd_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(agkd, CUDA, m) {
-  m.impl("attention_map_fwd", &attention_map_fwd_cuda);
-  m.impl("attention_map_bwd", &attention_map_bwd_cuda);
   m.impl("align_fwd", &align_fwd_cuda);
   m.impl("align_bwd", &align_bwd_cuda);
 }

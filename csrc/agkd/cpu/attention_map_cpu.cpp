@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "agkd/cpu/vectorize.h"
-#include "agkd/attention.h"
+#include "agkd/attention_map.h"
 #include "agkd/math/attention.h"
 
 namespace agkd {
@@ -68,12 +68,10 @@ std::tuple<at::Tensor, at::Tensor> attention_map_fwd_cpu(const at::Tensor& featu
     const scalar_t* f = features.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     acc_t* nr = norms.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
-      switch (pow_kind(p)) {
-        case PowKind::kSquare: attention_fwd_samples<PowKind::kSquare>(f, g, p, normalize, eps, begin, end, o, nr); break;
-        case PowKind::kAbs: attention_fwd_samples<PowKind::kAbs>(f, g, p, normalize, eps, begin, end, o, nr); break;
-        default: attention_fwd_samples<PowKind::kGeneral>(f, g, p, normalize, eps, begin, end, o, nr);
-      }
+    dispatch_pow(p, [&]<PowKind kKind>() {
+      at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
+        attention_fwd_samples<kKind>(f, g, p, normalize, eps, begin, end, o, nr);
+      });
     });
   });
   return {out, norms};
@@ -131,12 +129,10 @@ at::Tensor attention_map_bwd_cpu(const at::Tensor& grad_map, const at::Tensor& f
     const acc_t* np = nr.const_data_ptr<acc_t>();
     const scalar_t* f = features.const_data_ptr<scalar_t>();
     scalar_t* gf = grad_f.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
-      switch (pow_kind(p)) {
-        case PowKind::kSquare: attention_bwd_samples<PowKind::kSquare>(gmp, mp, np, f, g, p, normalize, eps, begin, end, gf); break;
-        case PowKind::kAbs: attention_bwd_samples<PowKind::kAbs>(gmp, mp, np, f, g, p, normalize, eps, begin, end, gf); break;
-        default: attention_bwd_samples<PowKind::kGeneral>(gmp, mp, np, f, g, p, normalize, eps, begin, end, gf);
-      }
+    dispatch_pow(p, [&]<PowKind kKind>() {
+      at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
+        attention_bwd_samples<kKind>(gmp, mp, np, f, g, p, normalize, eps, begin, end, gf);
+      });
     });
   });
   return grad_f;

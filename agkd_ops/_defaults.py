@@ -1,0 +1,51 @@
+"""What every backend of agkd_ops agrees on, declared once: the loss functions' defaults,
+the dtype the losses accumulate in, and how per-sample values are reduced.
+
+The functions, the modules and the reference take their defaults from here; the native
+kernels receive every value as an argument, so no number below is repeated in C++. The
+numbers C++ owns (the widths of the saved ``stats``) are read from the compiled library
+in :mod:`agkd_ops._registrations`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class SSIMDefaults(NamedTuple):
+    """The SSIM arguments of Wang et al. (2004): an 11-tap Gaussian window with σ = 1.5,
+    ``C1 = (k1·L)²``, ``C2 = (k2·L)²`` for data in ``[0, L]``, no padding."""
+    window_size: int = 11
+    sigma: float = 1.5
+    data_range: float = 1.0
+    k1: float = 0.01
+    k2: float = 0.03
+    padding: str = "valid"
+
+
+SSIM = SSIMDefaults()
+COSINE_EPS = 1e-8        # norm floor of the cosine term, as F.cosine_similarity
+NORMALIZE_EPS = 1e-12    # floor of an attention map's norm, as F.normalize
+HYBRID_ALPHA = 0.5       # weight of 1 - SSIM in the hybrid loss
+HYBRID_BETA = 0.5        # weight of 1 - cos
+ATTENTION_P = 2.0        # exponent of the attention map, mean_c |F|^p
+KD_TEMPERATURE = 4.0
+KD_ALPHA = 0.9           # weight of the KL term in Hinton's loss
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for every other floating dtype: what the losses
+    compute and accumulate in, and the dtype of the native ops' per-sample outputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduce_per_sample(per_sample: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    """Per-sample values (in the accumulate dtype) reduced as asked, then cast to ``dtype``."""
+    if reduction in ("mean", "batchmean"):
+        out = per_sample.mean()
+    elif reduction == "sum":
+        out = per_sample.sum()
+    else:
+        out = per_sample
+    return out.to(dtype)

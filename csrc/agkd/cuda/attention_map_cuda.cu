@@ -1,0 +1,154 @@
+// CUDA kernels of agkd::attention_map_fwd / agkd::attention_map_bwd.
+//
+// Forward: one thread per pixel sums mean_c |F|^p; one block per sample takes the norm
+// (fixed-order block tree) and normalises. Backward: one block per sample forms
+// ∂L/∂(mean_c |F|^p), then one thread per feature element writes the gradient.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "agkd/attention_map.h"
+#include "agkd/cuda/block_reduce.cuh"
+#include "agkd/cuda/launch.cuh"
+#include "agkd/math/attention.h"
+
+namespace agkd {
+namespace {
+
+template <PowKind kKind, typename scalar_t>
+__global__ void attention_sum_kernel(const scalar_t* __restrict__ f, const FeatureGeometry g,
+                                     at::opmath_type<scalar_t> p,
+                                     at::opmath_type<scalar_t>* __restrict__ a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  AGKD_GRID_STRIDE(i, g.N * g.pixels()) {
+    const int64_t n = i / g.pixels(), h = (i / g.W) % g.H, w = i % g.W;
+    const scalar_t* px = f + n * g.sN + h * g.sH + w * g.sW;
+    acc_t sum = 0;
+    for (int64_t c = 0; c < g.C; ++c) sum += abs_pow<kKind>(static_cast<acc_t>(px[c * g.sC]), p);
+    a[i] = sum / static_cast<acc_t>(g.C);
+  }
+}
+
+template <typename scalar_t>
+__global__ void attention_normalize_kernel(const at::opmath_type<scalar_t>* __restrict__ a,
+                                           int64_t pixels, bool normalize,
+                                           at::opmath_type<scalar_t> eps,
+                                           scalar_t* __restrict__ out,
+                                           at::opmath_type<scalar_t>* __restrict__ norms) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t scratch[kFlatThreads];
+  const int64_t n = blockIdx.x;
+  const acc_t* an = a + n * pixels;
+  acc_t sum_sq = 0;
+  for (int64_t k = threadIdx.x; k < pixels; k += blockDim.x) sum_sq += an[k] * an[k];
+  const acc_t norm = sqrt(block_reduce(sum_sq, scratch, SumOp{}));
+  if (threadIdx.x == 0) norms[n] = norm;
+  const acc_t scale = norm < eps ? eps : norm;
+  for (int64_t k = threadIdx.x; k < pixels; k += blockDim.x) {
+    out[n * pixels + k] = static_cast<scalar_t>(normalize ? an[k] / scale : an[k]);
+  }
+}
+
+template <typename scalar_t>
+__global__ void attention_grad_map_kernel(const scalar_t* __restrict__ grad_map,
+                                          const scalar_t* __restrict__ map,
+                                          const at::opmath_type<scalar_t>* __restrict__ norms,
+                                          int64_t pixels, int64_t channels, bool normalize,
+                                          at::opmath_type<scalar_t> eps,
+                                          at::opmath_type<scalar_t>* __restrict__ grad_a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t scratch[kFlatThreads];
+  const int64_t n = blockIdx.x;
+  const scalar_t* gm = grad_map + n * pixels;
+  const scalar_t* m = map + n * pixels;
+  acc_t dot = 0;
+  if (normalize) {
+    for (int64_t k = threadIdx.x; k < pixels; k += blockDim.x) {
+      dot += static_cast<acc_t>(m[k]) * static_cast<acc_t>(gm[k]);
+    }
+    dot = block_reduce(dot, scratch, SumOp{});
+  }
+  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(channels);
+  for (int64_t k = threadIdx.x; k < pixels; k += blockDim.x) {
+    const acc_t g = static_cast<acc_t>(gm[k]);
+    grad_a[n * pixels + k] =
+        inv_c * (normalize ? normalize_grad(g, static_cast<acc_t>(m[k]), dot, norms[n], eps) : g);
+  }
+}
+
+template <PowKind kKind, typename scalar_t>
+__global__ void attention_grad_features_kernel(const scalar_t* __restrict__ f, const FeatureGeometry g,
+                                               const at::opmath_type<scalar_t>* __restrict__ grad_a,
+                                               at::opmath_type<scalar_t> p,
+                                               scalar_t* __restrict__ grad_f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  AGKD_GRID_STRIDE(i, g.N * g.C * g.pixels()) {  // i: contiguous index of grad_f
+    const int64_t w = i % g.W, h = (i / g.W) % g.H, c = (i / g.pixels()) % g.C;
+    const int64_t n = i / (g.C * g.pixels());
+    const acc_t x = static_cast<acc_t>(f[n * g.sN + c * g.sC + h * g.sH + w * g.sW]);
+    grad_f[i] = static_cast<scalar_t>(grad_a[n * g.pixels() + h * g.W + w] * abs_pow_grad<kKind>(x, p));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_map_fwd_cuda(const at::Tensor& features, double p,
+                                                          bool normalize, double eps) {
+  const FeatureGeometry g = feature_geometry(features, p, eps);
+  const c10::cuda::CUDAGuard guard(features.device());
+  const auto acc = accumulate_dtype(features.scalar_type());
+  at::Tensor out = at::empty({g.N, 1, g.H, g.W}, features.options());
+  at::Tensor norms = at::empty({g.N}, features.options().dtype(acc));
+  at::Tensor a = at::empty({g.N, g.pixels()}, features.options().dtype(acc));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "attention_map_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_pow(p, [&]<PowKind kKind>() {
+      launch_kernel(attention_sum_kernel<kKind, scalar_t>, flat_blocks(g.N * g.pixels()), kFlatThreads,
+                    0, stream, features.const_data_ptr<scalar_t>(), g, static_cast<acc_t>(p),
+                    a.mutable_data_ptr<acc_t>());
+    });
+    launch_kernel(attention_normalize_kernel<scalar_t>, g.N, kFlatThreads, 0, stream,
+                  a.const_data_ptr<acc_t>(), g.pixels(), normalize, static_cast<acc_t>(eps),
+                  out.mutable_data_ptr<scalar_t>(), norms.mutable_data_ptr<acc_t>());
+  });
+  return {out, norms};
+}
+
+at::Tensor attention_map_bwd_cuda(const at::Tensor& grad_map, const at::Tensor& features,
+                                  const at::Tensor& map, const at::Tensor& norms, double p,
+                                  bool normalize, double eps) {
+  const FeatureGeometry g = check_attention_backward_inputs(grad_map, features, map, norms, p, eps);
+  const c10::cuda::CUDAGuard guard(features.device());
+  const at::Tensor gm = grad_map.contiguous().to(features.scalar_type());
+  const at::Tensor m = map.contiguous(), nr = norms.contiguous();
+  at::Tensor grad_f = input_grad_or_empty(features, true);
+  at::Tensor grad_a = at::empty({g.N, g.pixels()}, nr.options());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "attention_map_bwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_kernel(attention_grad_map_kernel<scalar_t>, g.N, kFlatThreads, 0, stream,
+                  gm.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(),
+                  nr.const_data_ptr<acc_t>(), g.pixels(), g.C, normalize, static_cast<acc_t>(eps),
+                  grad_a.mutable_data_ptr<acc_t>());
+    dispatch_pow(p, [&]<PowKind kKind>() {
+      launch_kernel(attention_grad_features_kernel<kKind, scalar_t>,
+                    flat_blocks(g.N * g.C * g.pixels()), kFlatThreads, 0, stream,
+                    features.const_data_ptr<scalar_t>(), g, grad_a.const_data_ptr<acc_t>(),
+                    static_cast<acc_t>(p), grad_f.mutable_data_ptr<scalar_t>());
+    });
+  });
+  return grad_f;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(agkd, CUDA, m) {
+  m.impl("attention_map_fwd", &attention_map_fwd_cuda);
+  m.impl("attention_map_bwd", &attention_map_bwd_cuda);
+}
+
+}  // namespace agkd
