@@ -1,23 +1,29 @@
 """agkd_models: the hybrid VGG + ViT teacher, the EfficientNet student, attention-map
 extraction, the distillers (logit KD, attention-guided KD, cross-architecture KD) and the
-review's metrics, built on :mod:`agkd_ops`; replayable augmentation and the teacher cache
-(:mod:`.data`, :mod:`.cache`); the trainer runs on one process or many (:mod:`.trainer`). Models come from timm by name with
-``pretrained=False`` by default; nothing downloads unless asked to."""
-from .attention import (ViTAttentionRecorder, attention_rollout, cls_attention, combine_attention,
-                        minmax_normalize)
-from .cache import CachedTeacherDataset, CachedTeacherOutput, TeacherCache, TeacherCacheError, write_teacher_cache
-from .cakd import CAKD, GLProjector, MultiViewDiscriminator, MultiViewGenerator, PCAProjector, pca_loss
-from .data import AugmentedDataset, ReplayableAugment
-from .distill import AGKD, ATTENTION_LOSSES, Distiller, LogitKD
-from .metrics import (count_parameters, distillation_factor, probability_correlation, relative_error,
-                      teacher_student_kl, topk_accuracy, transferability)
-from .student import Student, StudentOutput
-from .teacher import HybridTeacher, TeacherOutput, create_timm_model
+review's metrics, built on :mod:`agkd_ops`; the data sets and the teacher cache; the
+training engine, on one process or many. Models come from timm by name with
+``pretrained=False`` by default; nothing downloads unless asked to.
+
+The subpackages, lowest layer first (a layer imports only from those before it):
+``models`` (networks), ``engine`` (task interface, trainer, checkpoints, DDP), ``distillers``
+(methods and their registry), ``data`` (data sets, teacher cache), ``config`` (every
+setting), ``experiments`` (pipeline, comparisons, reports), ``cli``.
+"""
+from .data import AugmentedDataset, CachedTeacherDataset, CachedTeacherOutput, ReplayableAugment, TeacherCache
+from .data import TeacherCacheError, write_teacher_cache
+from .distillers import (AGKD, ATTENTION_LOSSES, CAKD, METHODS, Distiller, GLProjector, LogitKD,
+                         MultiViewDiscriminator, MultiViewGenerator, PCAProjector, build_task, pca_loss)
+from .engine import SupervisedTask, Task, TaskOutput, Trainer
+from .experiments.metrics import (count_parameters, distillation_factor, probability_correlation, relative_error,
+                                  teacher_student_kl, topk_accuracy, transferability)
+from .models import (HybridTeacher, Student, StudentOutput, TeacherOutput, ViTAttentionRecorder, attention_rollout,
+                     cls_attention, combine_attention, create_timm_model, minmax_normalize)
 
 __all__ = [
     "HybridTeacher", "TeacherOutput", "Student", "StudentOutput", "create_timm_model",
-    "Distiller", "LogitKD", "AGKD", "CAKD", "ATTENTION_LOSSES",
+    "Distiller", "LogitKD", "AGKD", "CAKD", "ATTENTION_LOSSES", "METHODS", "build_task",
     "PCAProjector", "GLProjector", "MultiViewGenerator", "MultiViewDiscriminator", "pca_loss",
+    "Task", "TaskOutput", "SupervisedTask", "Trainer",
     "ViTAttentionRecorder", "cls_attention", "attention_rollout", "combine_attention", "minmax_normalize",
     "topk_accuracy", "relative_error", "distillation_factor", "count_parameters",
     "teacher_student_kl", "probability_correlation", "transferability",

@@ -23,18 +23,20 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from . import distributed
-from .cache import TeacherCache, TeacherCacheError
-from .checkpoint import CheckpointError, check_readable
 from .config import AMP_MODES, METHODS, PRESETS, ConfigError, load_config, save_config
-from .compare import COMPARE_METHODS, LABELS, parse_methods, prepare_teacher, run_comparison
-from .data import DataError
-from .distill import ATTENTION_LOSSES
-from .pipeline import (build_data, build_student, build_teacher, cache_teacher, distill,
+from .data.cache import TeacherCache, TeacherCacheError
+from .data.datasets import DataError
+from .distillers import ATTENTION_LOSSES
+from .engine import distributed
+from .engine.checkpoint import CheckpointError, check_readable
+from .engine.evaluation import classification_metrics
+from .engine.distributed import resolve_device
+from .engine.trainer import NonFiniteLossError
+from .experiments.compare import COMPARE_METHODS, LABELS, parse_methods, prepare_teacher, run_comparison
+from .experiments.pipeline import (build_data, build_student, build_teacher, cache_teacher, distill,
                        load_student_weights, load_teacher_weights,
                        student_report, test_accuracy, train_teacher, evaluate_model, write_run_report)
-from .report import model_costs, plot_curves, write_report
-from .trainer import NonFiniteLossError, classification_metrics, resolve_device
+from .experiments.report import model_costs, plot_curves, write_report
 
 # Errors about the user's input (configuration, files, data), reported in one line; any
 # other exception is a bug in agkd and keeps its traceback.

@@ -20,9 +20,11 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import yaml
 
-from .checkpoint import unreadable
-from .data import DATASETS
-from .distill import ATTENTION_LOSSES
+from .data.datasets import DATASETS
+from .distillers import ATTENTION_LOSSES
+from .distillers import METHODS as _METHOD_REGISTRY
+from .engine.amp import AMP_MODES
+from .engine.checkpoint import unreadable
 
 __all__ = ["PRESETS", "SECTIONS", "METHODS", "AMP_MODES", "DataConfig", "TeacherConfig", "StudentConfig",
            "DistillConfig", "TrainConfig", "load_config", "apply_overrides", "validate_config", "default_config",
@@ -30,8 +32,7 @@ __all__ = ["PRESETS", "SECTIONS", "METHODS", "AMP_MODES", "DataConfig", "Teacher
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-METHODS = ("agkd", "logit", "cakd", "none")
-AMP_MODES = ("off", "bf16", "fp16")
+METHODS = tuple(_METHOD_REGISTRY)  # the distillers' registry (agkd_models.distillers)
 PADDINGS = ("valid", "reflect", "zeros")
 
 

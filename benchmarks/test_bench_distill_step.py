@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import agkd_ops
-from agkd_models.cache import CachedTeacherDataset, TeacherCache, write_teacher_cache
-from agkd_models.pipeline import build_student, build_task, build_teacher
+from agkd_models.data.cache import CachedTeacherDataset, TeacherCache, write_teacher_cache
+from agkd_models.distillers import build_task
+from agkd_models.experiments.pipeline import build_student, build_teacher
 from agkd_models.config import load_config
-from agkd_models.data import AugmentedDataset, ReplayableAugment, _Tensors
+from agkd_models.data.datasets import AugmentedDataset, ReplayableAugment, _Tensors
 
 BATCH, NUM_CLASSES = 4, 100
 SOURCES, BACKENDS = ("online", "cached"), ("native", "reference")
@@ -26,7 +27,7 @@ def setup(tmp_path_factory):
     cfg = load_config("cifar100", ["distill.attention_loss=hybrid"])
     torch.manual_seed(0)
     teacher = build_teacher(cfg, NUM_CLASSES)
-    task = build_task("agkd", cfg, teacher, build_student(cfg, NUM_CLASSES)).train()
+    task = build_task("agkd", teacher, build_student(cfg, NUM_CLASSES), cfg["distill"]).train()
     g = torch.Generator().manual_seed(0)
     raw = _Tensors(torch.randint(0, 256, (BATCH, 3, 256, 256), dtype=torch.uint8, generator=g),
                    torch.randint(0, NUM_CLASSES, (BATCH,), generator=g), None)
@@ -44,7 +45,7 @@ def distill_step(task, optimizer, dataset):
         images, targets, teacher_out = dataset.collate_fn(items)
     else:
         images, targets, teacher_out = *torch.utils.data.default_collate(items), None
-    terms = task(images, targets, teacher_out=teacher_out)
+    terms = task(images, targets, teacher_out=teacher_out).terms
     optimizer.zero_grad(set_to_none=True)
     terms["total"].backward()
     optimizer.step()

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from agkd_models import cache as cache_module
-from agkd_models.cache import CachedTeacherDataset, TeacherCache, TeacherCacheError, cache_identity
+from agkd_models.data import cache as cache_module
+from agkd_models.data.cache import CachedTeacherDataset, TeacherCache, TeacherCacheError, cache_identity
 from agkd_models.cli import main
-from agkd_models.pipeline import build_data, build_teacher, cache_teacher, distill
+from agkd_models.experiments.pipeline import build_data, build_teacher, cache_teacher, distill
 from agkd_models.config import load_config
 
 TINY = ["data.limit_train=48", "data.limit_val=16", "train.epochs=2", "train.batch_size=16",
@@ -91,17 +91,18 @@ def test_cached_distillation_equals_online(teacher_file, caches, tmp_path, metho
 @pytest.mark.parametrize("method", ["agkd", "logit"])
 def test_float16_cache_gives_the_online_losses_within_rounding(teacher_file, caches, method):
     # Same student, same batch: the online teacher vs the float16 rows of the replayed images.
-    from agkd_models.pipeline import build_student, build_task
+    from agkd_models.distillers import build_task
+    from agkd_models.experiments.pipeline import build_student
     train_set = build_data(config()).train
     data = CachedTeacherDataset(train_set, TeacherCache.open(caches["float16"]))
     data.set_epoch(1)
     images, targets, cached = data.collate_fn([data[i] for i in range(16)])
     torch.manual_seed(0)
-    task = build_task(method, config(), _teacher(teacher_file), build_student(config(), 10)).train()
+    task = build_task(method, _teacher(teacher_file), build_student(config(), 10), config()["distill"]).train()
     torch.manual_seed(1)
-    online = task(images, targets)
+    online = task(images, targets).terms
     torch.manual_seed(1)
-    replayed = task(images, targets, teacher_out=cached)
+    replayed = task(images, targets, teacher_out=cached).terms
     for key, value in online.items():
         # float16 keeps 11 significant bits: a relative error of at most 2**-11 per value.
         assert float(replayed[key]) == pytest.approx(float(value), rel=2e-3, abs=1e-4), key
@@ -244,7 +245,7 @@ def test_cache_identity_needs_replayable_augmentation(teacher_file):
 
 
 def test_teacher_fingerprint_covers_batch_norm_counters():
-    from agkd_models.cache import teacher_fingerprint
+    from agkd_models.data.cache import teacher_fingerprint
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))  # num_batches_tracked is 0-d
     before = teacher_fingerprint(net, {})
     net[1].num_batches_tracked += 1

@@ -16,8 +16,9 @@ import yaml
 
 from agkd_models.cli import main
 from agkd_models.config import ConfigError, load_config
-from agkd_models.checkpoint import atomic_save
-from agkd_models.trainer import NonFiniteLossError, TeacherTask, Trainer, TrainConfig
+from agkd_models.config import TrainConfig
+from agkd_models.engine import NonFiniteLossError, SupervisedTask, Task, TaskOutput, Trainer
+from agkd_models.engine.checkpoint import atomic_save
 
 TINY = ["--set", "data.limit_train=64", "--set", "data.limit_val=32", "--set", "data.limit_test=32", "--set", "train.epochs=1",
         "--set", "train.batch_size=32", "--set", "train.progress=false"]
@@ -121,24 +122,22 @@ def test_atomic_checkpoint_never_leaves_a_truncated_file(tmp_path, monkeypatch):
     assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
 
 
-class _Exploding(torch.nn.Module):
+class _Exploding(Task):
     def __init__(self, bad_epoch):
         super().__init__()
         self.linear = torch.nn.Linear(4, 3)
         self.bad_epoch, self.epoch_calls = bad_epoch, 0
-        self.last_logits = None
 
     def trainable_parameters(self):
         return self.parameters()
 
     def forward(self, x, y):
         logits = self.linear(x)
-        self.last_logits = logits.detach()
         loss = torch.nn.functional.cross_entropy(logits, y)
         self.epoch_calls += 1
         if self.epoch_calls > self.bad_epoch * 2:  # two batches per epoch
             loss = loss * float("nan")
-        return {"ce": loss, "total": loss}
+        return TaskOutput({"ce": loss, "total": loss}, logits.detach())
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -194,7 +193,7 @@ def test_demo_compares_attention_losses_and_reuses_its_teacher(tmp_path, capsys)
 
 
 def test_trained_teacher_is_reused_only_for_the_same_configuration_and_data(teacher_run):
-    from agkd_models.pipeline import build_data, reusable_teacher
+    from agkd_models.experiments.pipeline import build_data, reusable_teacher
     cfg = load_config(str(teacher_run / "config.yaml"))
     assert reusable_teacher(teacher_run, cfg, build_data(cfg)) == (True, "")
     for override, named in (("train.lr=0.5", "train.lr"), ("teacher.vit_attention=rollout", "teacher.vit_attention"),
@@ -245,7 +244,7 @@ def test_compare_rejects_unknown_methods_in_one_line(tmp_path, capsys):
 
 
 def test_latency_is_a_median_of_enough_warm_repeats():
-    from agkd_models.report import model_costs
+    from agkd_models.experiments.report import model_costs
 
     class Counting(torch.nn.Module):
         def __init__(self):
@@ -270,7 +269,7 @@ def test_curves_put_each_training_objective_on_its_own_panel(tmp_path):
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from agkd_models import report
+    from agkd_models.experiments import report
 
     history = [{"epoch": e, "train_loss": 3.0 - e, "val_loss": 2.0 - e / 2, "train_acc": 0.3 * e,
                 "val_acc": 0.25 * e} for e in range(3)]
@@ -297,7 +296,7 @@ def test_curves_put_each_training_objective_on_its_own_panel(tmp_path):
 def test_warmup_then_cosine_learning_rates(tmp_path):
     data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,)))
     model = torch.nn.Linear(4, 3)
-    trainer = Trainer(TeacherTask(model), TrainConfig(epochs=6, batch_size=8, lr=0.1, warmup_epochs=2,
+    trainer = Trainer(SupervisedTask(model), TrainConfig(epochs=6, batch_size=8, lr=0.1, warmup_epochs=2,
                                                       progress=False, device="cpu"), tmp_path, evaluate_model=model)
     lrs = [r["lr"] for r in trainer.fit(data, data)]
     # 0.1/3, 0.2/3 while warming up, then cosine over the 4 remaining epochs from 0.1

@@ -11,9 +11,10 @@ import pytest
 import torch
 import yaml
 
-from agkd_models import checkpoint as ckpt
+from agkd_models.engine import checkpoint as ckpt
 from agkd_models.cli import main
-from agkd_models.pipeline import build_student, build_task, build_teacher
+from agkd_models.distillers import build_task
+from agkd_models.experiments.pipeline import build_student, build_teacher
 from agkd_models.config import SECTIONS, ConfigError, PRESETS, default_config, load_config, validate_config
 
 TINY = ["--set", "data.limit_train=32", "--set", "data.limit_val=16", "--set", "train.batch_size=16",
@@ -245,7 +246,7 @@ def test_saved_config_has_every_setting(tmp_path):
 def test_distiller_settings_reach_the_distiller(method, overrides, attributes):
     cfg = load_config("digits", overrides + ["distill.replace_prob=0.25", "distill.dropout=0.3",
                                              "distill.view_prob=0.8", "distill.discriminator_lr=0.002"])
-    task = build_task(method, cfg, build_teacher(cfg, 10), build_student(cfg, 10))
+    task = build_task(method, build_teacher(cfg, 10), build_student(cfg, 10), cfg["distill"])
     for name, value in attributes.items():
         assert getattr(task, name) == value, name
     if "distill.perceptual_layers=2" in overrides:  # the teacher CNN's first two modules

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from agkd_models.data import DataError, build_datasets
+from agkd_models.data.datasets import DataError, build_datasets
 
 
 def write_image(path, seed):
@@ -106,7 +106,7 @@ def test_unknown_dataset():
 
 
 def test_augmentation_draws_are_fixed_per_sample_and_epoch():
-    from agkd_models.data import AugmentedDataset, limit
+    from agkd_models.data.datasets import AugmentedDataset, limit
     splits = build_datasets("digits", image_size=24, seed=0, flip=True)
     train = splits.train
     assert isinstance(train, AugmentedDataset)
@@ -135,7 +135,7 @@ def test_augmentation_draws_are_fixed_per_sample_and_epoch():
 
 def test_replayed_crop_matches_torchvision():
     from torchvision.transforms.v2 import functional as TF
-    from agkd_models.data import IMAGENET_MEAN, IMAGENET_STD, ReplayableAugment
+    from agkd_models.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ReplayableAugment
     image = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8)
     out = ReplayableAugment(16).apply(image, [5, 3, 20, 25, 1])
     want = TF.horizontal_flip(TF.resized_crop(image, 5, 3, 20, 25, [16, 16], antialias=True))
@@ -147,7 +147,7 @@ def test_replayed_crop_matches_torchvision():
 
 
 def test_fingerprint_tracks_samples_labels_and_subsets():
-    from agkd_models.data import fingerprint, limit
+    from agkd_models.data.datasets import fingerprint, limit
     a = build_datasets("digits", image_size=24, seed=0)
     b = build_datasets("digits", image_size=24, seed=0)
     c = build_datasets("digits", image_size=24, seed=0, split_seed=1)
@@ -168,7 +168,7 @@ def test_three_way_split_is_disjoint_complete_and_depends_only_on_split_seed():
 
 
 def test_three_way_split_indices_are_disjoint_and_cover_everything():
-    from agkd_models.data import three_way_split
+    from agkd_models.data.datasets import three_way_split
     labels = [i % 4 for i in range(103)]
     train, val, test = three_way_split(labels, 0.2, 0.25, seed=3)
     assert sorted(train + val + test) == list(range(103))

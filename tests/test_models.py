@@ -101,7 +101,7 @@ def test_a_step_changes_only_trainable_parameters(batch, kind):
     teacher_state = copy.deepcopy(distiller.teacher.state_dict())  # parameters and BN buffers
     student_before = copy.deepcopy(distiller.student.state_dict())
     optimizer = torch.optim.Adam(distiller.trainable_parameters(), lr=1e-3)
-    terms = distiller(*batch)
+    terms = distiller(*batch).terms
     assert set(terms) >= {"total"} and all(v.dim() == 0 for v in terms.values())
     optimizer.zero_grad()
     terms["total"].backward()
@@ -122,12 +122,12 @@ def test_every_distiller_can_learn(batch, kind):
     def total():
         torch.manual_seed(123)  # the same views, replacements and dropout each time
         with torch.no_grad():
-            return distiller(*batch)["total"].item()
+            return distiller(*batch).terms["total"].item()
 
     before = total()
     for step in range(30):
         torch.manual_seed(step)
-        loss = distiller(*batch)["total"]
+        loss = distiller(*batch).terms["total"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -153,22 +153,32 @@ def test_pca_replacement_rate_and_never_at_eval():
 
 
 def test_discriminator_steps_once_every_five_iterations(batch):
+    # As the trainer drives it: forward, the main step's backward, then the task's own step.
     distiller = make_distiller("cakd", discriminator_every=5).train()
     weights = [p.detach().clone() for p in distiller.discriminator.parameters()]
     for i in range(1, 13):
-        terms = distiller(*batch)
+        output = distiller(*batch)
+        output.terms["total"].backward()
+        terms = distiller.extra_step(output)
         assert ("mad" in terms) == (i % 5 == 0)
         assert distiller.discriminator_steps == i // 5
     assert any(not torch.equal(a, b) for a, b in zip(weights, distiller.discriminator.parameters()))
-    distiller.eval()
-    with torch.no_grad():
-        distiller(*batch)
-    assert distiller.discriminator_steps == 2
+    assert distiller.extra_optimizers() == [distiller.discriminator_optimizer]
+
+
+def test_cakd_forward_never_steps_an_optimizer(batch):
+    distiller = make_distiller("cakd", discriminator_every=1).train()
+    weights = [p.detach().clone() for p in distiller.discriminator.parameters()]
+    for _ in range(3):
+        output = distiller(*batch)
+    assert distiller.discriminator_steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(weights, distiller.discriminator.parameters()))
+    assert set(output.extra) == {"fake", "real"} and not output.extra["fake"].requires_grad
 
 
 def test_cakd_saves_the_student_alone(batch, tmp_path):
     distiller = make_distiller("cakd").train()
-    distiller(*batch)["total"].backward()
+    distiller(*batch).terms["total"].backward()
     path = tmp_path / "student.pt"
     torch.save(distiller.student_state_dict(), path)
     state = torch.load(path, weights_only=True)

@@ -5,16 +5,17 @@ is what is kept for inference (:meth:`CAKD.student_state_dict`)."""
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distill import Distiller
-from .distributed import average_gradients
-from .student import Student, StudentOutput
-from .teacher import HybridTeacher, TeacherOutput
+from ..engine.distributed import average_gradients
+from ..engine.task import TaskOutput
+from ..models.student import Student, StudentOutput
+from ..models.teacher import HybridTeacher, TeacherOutput
+from .base import Distiller
 
 __all__ = ["PCAProjector", "GLProjector", "MultiViewGenerator", "MultiViewDiscriminator", "CAKD",
            "pca_loss"]
@@ -149,7 +150,9 @@ class MultiViewDiscriminator(nn.Module):
 class CAKD(Distiller):
     """``L_proj1 + L_proj2 + λ·L_MVG + ce_weight·CE`` for the student (and projectors);
     the discriminator minimises ``L_MAD`` with its own optimizer, once every
-    ``discriminator_every`` training iterations.
+    ``discriminator_every`` training iterations: an extra step the task declares
+    (:meth:`extra_optimizers`, :meth:`extra_step`), taken by the trainer after the main
+    step, from the detached tokens the forward returns.
 
     ``L_proj1``: :func:`pca_loss` between the PCA projector's Q/K/V and the teacher ViT's
     last-block Q/K/V (patch tokens). ``L_proj2``: mean squared distance between the GL
@@ -182,8 +185,9 @@ class CAKD(Distiller):
     ddp_self_synced = ("discriminator",)
     ddp_find_unused_parameters = True
 
-    def enable_compile(self, student: bool = True) -> None:
-        # The loss path steps the discriminator's optimizer: only the student is compiled.
+    def enable_compile(self, student: bool = True) -> None:  # type: ignore[override]
+        # The loss path is the whole forward (multi-view generator, projectors): only the
+        # student is compiled.
         if student:
             self.student.compile()
 
@@ -200,24 +204,32 @@ class CAKD(Distiller):
         for module in (self.student, self.pca, self.gl):
             yield from module.parameters()
 
-    def _discriminator_step(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    def extra_optimizers(self) -> List[torch.optim.Optimizer]:
+        return [self.discriminator_optimizer]
+
+    def extra_step(self, output: TaskOutput) -> Dict[str, torch.Tensor]:
+        """Every ``discriminator_every`` training iterations, one step of the discriminator
+        on ``L_MAD``: teacher tokens real, the student's projections (of this step) fake."""
+        self.iterations += 1
+        if self.iterations % self.discriminator_every:
+            return {}
+        fake, real = output.extra["fake"], output.extra["real"]
         with torch.enable_grad():
             d_real, d_fake = self.discriminator(real), self.discriminator(fake)
             mad = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
                    + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
-            self.discriminator_optimizer.zero_grad(set_to_none=True)
+            self.discriminator_optimizer.zero_grad(set_to_none=True)  # drops L_MVG's gradients too
             mad.backward()
             average_gradients(self.discriminator.parameters())
             self.discriminator_optimizer.step()
         self.discriminator_steps += 1
-        return mad.detach()
+        return {"mad": mad.detach()}
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor,
-                teacher_out: Optional[TeacherOutput] = None) -> Dict[str, torch.Tensor]:
+                teacher_out: Optional[TeacherOutput] = None) -> TaskOutput:
         t = teacher_out if teacher_out is not None else self.teacher_outputs(images)
         views = self.generator(images) if self.training else images
         s: StudentOutput = self.student(views)
-        self.last_logits = s.logits.detach()
         features = s.features[self.student.feature_stage].float()
         prefix = t.num_prefix_tokens
         teacher_qkv = tuple(x[:, :, prefix:].float() for x in t.qkv)
@@ -226,17 +238,10 @@ class CAKD(Distiller):
         proj1 = pca_loss(self.pca(features, teacher_qkv), teacher_qkv)
         student_tokens = self.gl(features)
         proj2 = F.mse_loss(student_tokens, teacher_tokens)
-        terms: Dict[str, torch.Tensor] = {}
-        if self.training:
-            self.iterations += 1
-            if self.iterations % self.discriminator_every == 0:
-                # Before the generator term, so that term sees the updated discriminator
-                # and autograd never meets weights changed under it.
-                terms["mad"] = self._discriminator_step(student_tokens.detach().mean(1),
-                                                        teacher_tokens.mean(1))
         d_fake = self.discriminator(student_tokens.mean(1))
         mvg = F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
         ce = F.cross_entropy(s.logits, targets)
         total = proj1 + proj2 + self.lam * mvg + self.ce_weight * ce
-        terms.update(proj1=proj1, proj2=proj2, mvg=mvg, ce=ce, total=total)
-        return terms
+        terms = {"proj1": proj1, "proj2": proj2, "mvg": mvg, "ce": ce, "total": total}
+        extra = {"fake": student_tokens.detach().mean(1), "real": teacher_tokens.mean(1)}
+        return TaskOutput(terms, s.logits.detach(), extra)

@@ -1,11 +1,4 @@
-"""Distillers: ``nn.Module``s that take a batch and return a dict of named loss terms plus
-``"total"``, so a trainer can log every term.
-
-The teacher is frozen: no parameter requires grad, and it stays in ``eval()`` even when
-the distiller is put in ``train()`` (no BatchNorm statistics drift, no dropout). Every
-loss goes through the public ``agkd_ops`` API, so the native kernels serve where they are
-compiled and the reference elsewhere.
-"""
+"""Attention-guided knowledge distillation (AGKD)."""
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -16,76 +9,14 @@ from torch import nn
 
 import agkd_ops
 
-from .attention import minmax_normalize
-from .student import Student, StudentOutput
-from .teacher import HybridTeacher, TeacherOutput
+from ..models.attention import minmax_normalize
+from ..models.student import Student, StudentOutput
+from ..models.teacher import HybridTeacher
+from .base import Distiller
 
-__all__ = ["Distiller", "LogitKD", "AGKD", "ATTENTION_LOSSES"]
+__all__ = ["AGKD", "ATTENTION_LOSSES"]
 
 ATTENTION_LOSSES = ("mse", "cosine", "ssim", "hybrid", "perceptual")
-
-
-class Distiller(nn.Module):
-    """Holds a frozen teacher and a trainable student. ``forward(images, targets)`` returns
-    the loss terms; the student's logits of that call are kept in ``last_logits``
-    (detached) for accuracy bookkeeping."""
-
-    def __init__(self, teacher: nn.Module, student: nn.Module):
-        super().__init__()
-        self.teacher, self.student = teacher, student
-        self.last_logits: Optional[torch.Tensor] = None
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.teacher.eval()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()  # frozen: BatchNorm statistics and dropout stay as they are
-        return self
-
-    @torch.no_grad()
-    def teacher_outputs(self, images: torch.Tensor) -> TeacherOutput:
-        return self.teacher(images)
-
-    def loss_terms(self, s: StudentOutput, t, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """The loss path: named terms from the student's and teacher's outputs (``t`` is a
-        :class:`TeacherOutput` or a cached one with ``logits`` and ``attention``)."""
-        raise NotImplementedError
-
-    def enable_compile(self, student: bool = True) -> None:
-        """``torch.compile`` the student (unless ``student=False``), and the loss path with
-        ``fullgraph=True`` (the agkd_ops kernels trace without graph breaks)."""
-        if student:
-            self.student.compile()
-        self._compiled_loss_terms = torch.compile(self.loss_terms, fullgraph=True)
-
-    def forward(self, images: torch.Tensor, targets: torch.Tensor,
-                teacher_out: Optional[TeacherOutput] = None) -> Dict[str, torch.Tensor]:
-        t = teacher_out if teacher_out is not None else self.teacher_outputs(images)
-        s: StudentOutput = self.student(images)
-        self.last_logits = s.logits.detach()
-        return getattr(self, "_compiled_loss_terms", self.loss_terms)(s, t, targets)
-
-    def trainable_parameters(self):
-        """What the main optimizer updates."""
-        return self.student.parameters()
-
-    def student_state_dict(self) -> Dict[str, torch.Tensor]:
-        """What is saved for inference: the student alone."""
-        return self.student.state_dict()
-
-
-class LogitKD(Distiller):
-    """Hinton KD: ``(1-α)·CE + α·τ²·KL`` through ``agkd_ops.kd_loss``."""
-
-    def __init__(self, teacher: nn.Module, student: nn.Module, *, temperature: float = 4.0,
-                 alpha: float = 0.9):
-        super().__init__(teacher, student)
-        self.temperature, self.alpha = temperature, alpha
-
-    def loss_terms(self, s: StudentOutput, t, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        kd = agkd_ops.kd_loss(s.logits, t.logits, targets, temperature=self.temperature, alpha=self.alpha)
-        return {"kd": kd, "total": kd}
 
 
 class AGKD(Distiller):

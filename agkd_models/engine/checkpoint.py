@@ -10,6 +10,7 @@ least one complete checkpoint, so a run never loses more than the epoch in progr
 from __future__ import annotations
 
 import os
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 __all__ = ["CheckpointError", "unreadable", "check_readable", "atomic_save", "previous_path", "save_rotating", "read_checkpoint",
+           "read_newest_checkpoint",
            "read_weights", "load_model_weights", "describe_weights"]
 
 # What every training checkpoint holds (written by Trainer.save_checkpoint).
@@ -168,3 +170,26 @@ def _strip_task_prefix(state: Dict[str, torch.Tensor], own: Dict[str, Any]):
         if sub and set(sub) == set(own):
             return sub
     return None
+
+
+def read_newest_checkpoint(path: Path, *, warn: bool = True) -> Optional[Dict[str, Any]]:
+    """The newest training checkpoint at ``path`` that loads, or None where there is none;
+    the previous one (``<name>.prev.pt``) where the newest is damaged (a crash or a full
+    disk while writing), said on standard error when ``warn``."""
+    newest, previous = Path(path), previous_path(path)
+    if not newest.exists() and not previous.exists():
+        return None
+    try:
+        return read_checkpoint(newest)
+    except CheckpointError as damaged:
+        if not previous.exists():
+            raise CheckpointError(f"cannot resume: {damaged}; there is no previous checkpoint "
+                                  f"({previous.name}); remove {newest} to start over") from None
+        try:
+            state = read_checkpoint(previous)
+        except CheckpointError as also:
+            raise CheckpointError(f"cannot resume: {damaged}; {also}; remove both to start over") from None
+        if warn:
+            print(f"warning: {damaged}; resuming from the previous checkpoint {previous} "
+                  f"(epoch {state['epoch'] + 1})", file=sys.stderr, flush=True)
+        return state

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from .cache import TeacherCache, TeacherCacheError, cache_identity
-from .config import ConfigError
+from ..config import ConfigError
+from ..data.cache import TeacherCache, TeacherCacheError, cache_identity
+from ..engine.distributed import resolve_device
 from .pipeline import (CACHEABLE, build_data, build_teacher, cache_teacher, distill, evaluate_model,
                        load_teacher_weights, reusable_teacher, student_report, train_teacher)
-from .trainer import resolve_device
 
 __all__ = ["COMPARE_METHODS", "parse_methods", "prepare_teacher", "run_comparison", "write_comparison"]
 

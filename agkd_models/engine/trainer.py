@@ -1,8 +1,8 @@
 """One training loop for teacher training and distillation, on one process or many.
 
-A *task* is a module whose ``forward(images, targets)`` returns named loss terms with
-``"total"`` and leaves the logits it produced in ``last_logits``; the trainer optimises
-``task.trainable_parameters()``. Every epoch ends with validation, a line in
+What it trains is a :class:`~.task.Task`: ``forward`` returns the loss terms and the
+logits, ``trainable_parameters()`` is what the main optimizer updates, and a task with
+optimisation steps of its own declares them (``extra_optimizers``, ``extra_step``). Every epoch ends with validation, a line in
 ``metrics.jsonl`` / ``metrics.csv`` and an atomic checkpoint (see :mod:`.checkpoint`: the
 one it replaces is kept as ``checkpoint.prev.pt`` and used when the newest is damaged) holding
 the task's trainable state, optimizer, scheduler, gradient scaler, every rank's RNG
@@ -24,30 +24,30 @@ loss path with ``fullgraph=True``) and ``sync_bn`` (``SyncBatchNorm`` across GPU
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
-import random
-import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from . import distributed
-from .checkpoint import CheckpointError, previous_path, read_checkpoint, save_rotating
-from .config import AMP_MODES, TrainConfig
-from .distributed import resolve_device
+from .amp import autocast
+from .checkpoint import (CheckpointError, previous_path, read_checkpoint, read_newest_checkpoint,
+                         save_rotating)
+from .evaluation import classification_metrics, evaluate_logits
+from .rng import rng_state, seed_everything, set_rng_state
+from .task import Task, TaskOutput
 
-__all__ = ["Trainer", "TeacherTask", "TrainConfig", "NonFiniteLossError", "seed_everything",
-           "evaluate_logits", "classification_metrics", "resolve_device", "autocast", "AMP_MODES"]
+if TYPE_CHECKING:  # the settings are declared with the others in agkd_models.config
+    from ..config import TrainConfig
+
+__all__ = ["Trainer", "NonFiniteLossError"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -56,89 +56,9 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def autocast(device: torch.device, amp: str):
-    """The autocast context of ``amp`` (``"off"``, ``"bf16"``, ``"fp16"``) on ``device``."""
-    if amp not in AMP_MODES:
-        raise ValueError(f"train.amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
-    if amp == "off":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-class TeacherTask(nn.Module):
-    """Supervised training of a model whose output has ``.logits`` (or is the logits)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.last_logits: Optional[torch.Tensor] = None
-
-    def trainable_parameters(self):
-        return self.model.parameters()
-
-    def enable_compile(self) -> None:
-        self.model.compile()
-
-    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        out = self.model(images)
-        logits = getattr(out, "logits", out)
-        self.last_logits = logits.detach()
-        ce = F.cross_entropy(logits.float(), targets)
-        return {"ce": ce, "total": ce}
-
-
-def _rng_state() -> Dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
-             "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
-             "numpy_has_gauss": int(np_state[3]), "numpy_gauss": float(np_state[4])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
-                         state["numpy_has_gauss"], state["numpy_gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _trainable_state(task: nn.Module) -> Dict[str, torch.Tensor]:
     # A frozen teacher is rebuilt from its own checkpoint, not stored in every one.
     return {k: v for k, v in task.state_dict().items() if not k.startswith("teacher.")}
-
-
-@torch.no_grad()
-def evaluate_logits(model_fn, loader: DataLoader, device: torch.device, *, amp: str = "off",
-                    channels_last: bool = False):
-    """All logits (float32, CPU) and targets of a loader under ``model_fn`` (eval mode is
-    the caller's)."""
-    logits, targets = [], []
-    for images, labels in loader:
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            out = model_fn(images)
-        logits.append(getattr(out, "logits", out).float().cpu())
-        targets.append(labels)
-    return torch.cat(logits), torch.cat(targets)
-
-
-def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> Dict[str, float]:
-    """Summed cross-entropy (float64), correct predictions and count: what ranks add up."""
-    return {"loss_sum": F.cross_entropy(logits.double(), targets, reduction="sum").item(),
-            "correct": int((logits.argmax(1) == targets).sum()), "count": len(targets)}
 
 
 def _set_epoch(dataset: Dataset, epoch: int) -> None:
@@ -148,22 +68,12 @@ def _set_epoch(dataset: Dataset, epoch: int) -> None:
         dataset.set_epoch(epoch)
 
 
-def _ddp_ignored_names(task: nn.Module) -> List[str]:
-    """Parameters and buffers DDP must not touch: frozen ones (the teacher, loaded alike on
-    every rank) and those a task steps itself (``task.ddp_self_synced``, e.g. CAKD's
-    discriminator, which averages its own gradients)."""
-    self_synced = tuple(f"{prefix}." for prefix in getattr(task, "ddp_self_synced", ()))
-    names = [name for name, p in task.named_parameters(remove_duplicate=False)
-             if not p.requires_grad or name.startswith(self_synced)]
-    frozen = tuple(f"{name}." for name, module in task.named_children()
-                   if not any(p.requires_grad for p in module.parameters()))
-    names += [name for name, _ in task.named_buffers(remove_duplicate=False)
-              if name.startswith(frozen + self_synced)]
-    return names
-
-
 class Trainer:
-    def __init__(self, task: nn.Module, config: TrainConfig, out_dir: Path, *,
+    """Trains ``task`` with ``config`` (``agkd_models.config.TrainConfig``), writing logs
+    and checkpoints to ``out_dir``; validation runs ``evaluate_model`` (the task itself
+    unless given: the student when distilling)."""
+
+    def __init__(self, task: Task, config: "TrainConfig", out_dir: Path, *,
                  evaluate_model: Optional[nn.Module] = None):
         self.task, self.config, self.out_dir = task, config, Path(out_dir)
         self.world, self.device = distributed.setup(config.device)
@@ -194,18 +104,18 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.model: nn.Module = task
         if self.world.distributed:
-            ignored = _ddp_ignored_names(task)
+            ignored = distributed.ddp_ignored_names(task)
             for name, tensor in task.state_dict(keep_vars=True).items():
                 if name in ignored and getattr(tensor, "requires_grad", False):
                     torch.distributed.broadcast(tensor.data, 0)  # self-synced modules start alike
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(task, ignored)
             self.model = DistributedDataParallel(
                 task, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=getattr(task, "ddp_find_unused_parameters", False))
+                find_unused_parameters=task.ddp_find_unused_parameters)
         self.history: List[Dict[str, float]] = []
         self.start_epoch = 0
 
-    def _scheduler(self, config: TrainConfig):
+    def _scheduler(self, config: "TrainConfig"):
         """Per-epoch schedule: ``warmup_epochs`` of linear warm-up (from lr/(w+1) up to lr),
         then cosine annealing over the remaining epochs, or step decay."""
         lr_sched = torch.optim.lr_scheduler
@@ -238,12 +148,13 @@ class Trainer:
         return self.out_dir / CHECKPOINT
 
     def save_checkpoint(self, epoch: int) -> None:
-        rng = distributed.gather_objects(_rng_state())  # every rank's, so resume is exact per rank
+        rng = distributed.gather_objects(rng_state())  # every rank's, so resume is exact per rank
         if not self.world.is_main:
             return
         state = {"epoch": epoch, "task": _trainable_state(self.task),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict(), "extra_optimizers": self._extra_optimizer_states(),
+                 "scaler": self.scaler.state_dict(),
+                 "extra_optimizers": [opt.state_dict() for opt in self.task.extra_optimizers()],
                  "rng": rng, "world_size": self.world.size, "history": self.history}
         try:
             save_rotating(state, self.checkpoint_path)
@@ -252,34 +163,6 @@ class Trainer:
             raise CheckpointError(f"could not write the checkpoint of epoch {epoch + 1} to {self.out_dir} "
                                   f"({exc.strerror or exc}); {' and '.join(kept) or 'no checkpoint'} kept, "
                                   f"--resume continues from there") from None
-
-    def _extra_optimizers(self):
-        opt = getattr(self.task, "discriminator_optimizer", None)
-        return [opt] if opt is not None else []
-
-    def _extra_optimizer_states(self):
-        return [opt.state_dict() for opt in self._extra_optimizers()]
-
-    def _newest_readable_checkpoint(self) -> Optional[Dict[str, Any]]:
-        """The newest checkpoint that loads; the previous one where the newest is damaged
-        (a crash or a full disk while writing), said on standard error."""
-        newest, previous = self.checkpoint_path, previous_path(self.checkpoint_path)
-        if not newest.exists() and not previous.exists():
-            return None
-        try:
-            return read_checkpoint(newest)
-        except CheckpointError as damaged:
-            if not previous.exists():
-                raise CheckpointError(f"cannot resume: {damaged}; there is no previous checkpoint "
-                                      f"({previous.name}); remove {newest} to start over") from None
-            try:
-                state = read_checkpoint(previous)
-            except CheckpointError as also:
-                raise CheckpointError(f"cannot resume: {damaged}; {also}; remove both to start over") from None
-            if self.world.is_main:
-                print(f"warning: {damaged}; resuming from the previous checkpoint {previous} "
-                      f"(epoch {state['epoch'] + 1})", file=sys.stderr, flush=True)
-            return state
 
     def load_checkpoint(self, state: Optional[Dict[str, Any]] = None) -> None:
         if state is None:
@@ -294,12 +177,12 @@ class Trainer:
         self._replay_schedule(int(state["epoch"]) + 1)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        for opt, opt_state in zip(self._extra_optimizers(), state["extra_optimizers"]):
+        for opt, opt_state in zip(self.task.extra_optimizers(), state["extra_optimizers"]):
             opt.load_state_dict(opt_state)
         rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         self.start_epoch = int(state["epoch"]) + 1
         if len(rng) == self.world.size:
-            _set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in rng[self.world.rank].items()})
+            set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in rng[self.world.rank].items()})
         else:
             if self.world.is_main:
                 warnings.warn(f"{self.checkpoint_path} was written by {len(rng)} process(es), this run has "
@@ -336,7 +219,7 @@ class Trainer:
     def fit(self, train_set: Dataset, val_set: Dataset, *, resume: bool = False) -> List[Dict[str, float]]:
         if self.world.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        state = self._newest_readable_checkpoint() if resume else None
+        state = read_newest_checkpoint(self.checkpoint_path, warn=self.world.is_main) if resume else None
         if state is not None:
             self.load_checkpoint(state)
         else:
@@ -351,7 +234,7 @@ class Trainer:
             self.save_checkpoint(epoch)
         return self.history
 
-    def _step(self, batch, epoch: int) -> Dict[str, torch.Tensor]:
+    def _step(self, batch, epoch: int) -> TaskOutput:
         images, targets, *extra = batch
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
@@ -359,7 +242,8 @@ class Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         kwargs = {"teacher_out": extra[0].to(self.device)} if extra else {}
         with autocast(self.device, self.config.amp):
-            terms = self.model(images, targets, **kwargs)
+            output: TaskOutput = self.model(images, targets, **kwargs)
+        terms = output.terms
         total = terms["total"]
         finite = torch.isfinite(total.detach()).to(torch.float64)
         if self.world.distributed:  # every rank stops together, none waits forever
@@ -378,7 +262,8 @@ class Trainer:
                                      self.config.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return terms
+        extra = self.task.extra_step(output)  # the task's own steps, outside DDP and autocast
+        return output._replace(terms={**terms, **extra}) if extra else output
 
     def _train_epoch(self, train_set: Dataset, epoch: int) -> Dict[str, float]:
         self.task.train()
@@ -392,13 +277,13 @@ class Trainer:
             from tqdm import tqdm
             batches = tqdm(batches, desc=f"epoch {epoch + 1}/{self.config.epochs}", leave=False)
         for batch in batches:
-            terms = self._step(batch, epoch)
+            output = self._step(batch, epoch)
             targets = batch[1]
             n = len(targets)
             seen += n
-            for k, v in terms.items():
+            for k, v in output.terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
-            correct += int((self.task.last_logits.argmax(1).cpu() == targets).sum())
+            correct += int((output.logits.argmax(1).cpu() == targets).sum())
             if show:
                 batches.set_postfix(loss=f"{sums['total'] / seen:.4f}", acc=f"{correct / seen:.3f}")
         keys = sorted(sums)

@@ -49,8 +49,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
-from . import distributed
-from .data import AugmentedDataset, fingerprint
+from ..engine import distributed
+from .datasets import AugmentedDataset, fingerprint
 
 __all__ = ["CACHE_VERSION", "TeacherCacheError", "CachedTeacherOutput", "TeacherCache", "CachedTeacherDataset",
            "write_teacher_cache", "teacher_fingerprint", "cache_identity"]

@@ -10,17 +10,19 @@ from typing import Any, Dict, NamedTuple, Optional
 
 import torch
 
-from . import distributed
-from .cache import CachedTeacherDataset, TeacherCache, cache_identity, write_teacher_cache
-from .checkpoint import load_model_weights
-from .cakd import CAKD
-from .config import METHODS, ConfigError
-from .data import build_datasets, fingerprint, limit
-from .distill import AGKD, LogitKD
+from ..config import ConfigError, TrainConfig
+from ..data.cache import CachedTeacherDataset, TeacherCache, cache_identity, write_teacher_cache
+from ..data.datasets import build_datasets, fingerprint, limit
+from ..distillers import METHODS, build_task
+from ..engine import distributed
+from ..engine.checkpoint import load_model_weights
+from ..engine.evaluation import evaluate_logits
+from ..engine.task import SupervisedTask
+from ..engine.trainer import Trainer
+from ..models.student import Student
+from ..models.teacher import HybridTeacher
 from .report import comparison_metrics, model_costs, plot_curves, write_report
-from .student import Student
-from .teacher import HybridTeacher
-from .trainer import TeacherTask, Trainer, TrainConfig, evaluate_logits
+
 
 class Data(NamedTuple):
     train: Any
@@ -55,22 +57,6 @@ def build_student(cfg: Dict[str, Any], num_classes: int) -> Student:
     s = cfg["student"]
     return Student(num_classes, name=s["name"], stages=s["stages"], weights=s.get("weights"),
                    pretrained=s.get("pretrained", False))
-
-
-def build_task(method: str, cfg: Dict[str, Any], teacher: HybridTeacher, student: Student):
-    d = cfg["distill"]
-    if method == "none":
-        return TeacherTask(student)
-    if method == "logit":
-        return LogitKD(teacher, student, temperature=d["temperature"], alpha=d["kd_alpha"])
-    if method == "cakd":
-        return CAKD(teacher, student, replace_prob=d["replace_prob"], lam=d["lam"], ce_weight=d["ce_weight"],
-                    discriminator_every=d["discriminator_every"], discriminator_lr=d["discriminator_lr"],
-                    dropout=d["dropout"], view_prob=d["view_prob"])
-    return AGKD(teacher, student, attention_loss=d["attention_loss"], alpha=d["alpha"], beta=d["beta"],
-                temperature=d["temperature"], kd_alpha=d["kd_alpha"], hybrid_alpha=d["hybrid_alpha"],
-                hybrid_beta=d["hybrid_beta"], window_size=d["window_size"], padding=d["padding"],
-                perceptual_layers=d["perceptual_layers"])
 
 
 def load_teacher_weights(teacher: HybridTeacher, path: str, cfg: Dict[str, Any], num_classes: int) -> None:
@@ -131,7 +117,7 @@ def train_teacher(cfg: Dict[str, Any], out: Path, resume: bool = False) -> Dict[
     data = build_data(cfg)
     _seeded(cfg)
     teacher = build_teacher(cfg, data.num_classes)
-    trainer = Trainer(TeacherTask(teacher), TrainConfig.from_dict(cfg["train"]), out, evaluate_model=teacher)
+    trainer = Trainer(SupervisedTask(teacher), TrainConfig.from_dict(cfg["train"]), out, evaluate_model=teacher)
     history = trainer.fit(data.train, data.val, resume=resume)
     if trainer.world.is_main:
         torch.save(teacher.state_dict(), out / "teacher.pt")
@@ -140,7 +126,7 @@ def train_teacher(cfg: Dict[str, Any], out: Path, resume: bool = False) -> Dict[
 
 
 # Methods that need only the teacher's logits and attention map, which a cache holds.
-CACHEABLE = ("agkd", "logit")
+CACHEABLE = tuple(name for name, method in METHODS.items() if method.cacheable)
 
 
 def open_teacher_cache(path: str, cfg: Dict[str, Any], train_set, teacher) -> TeacherCache:
@@ -166,7 +152,7 @@ def distill(cfg: Dict[str, Any], teacher_path: str, method: str, out: Path, resu
                   f"epoch n mod {cache.epochs}", flush=True)
         train_set = CachedTeacherDataset(train_set, cache)
     student = build_student(cfg, num_classes)
-    task = build_task(method, cfg, teacher, student)
+    task = build_task(method, teacher, student, cfg["distill"])
     trainer = Trainer(task, TrainConfig.from_dict(cfg["train"]), out, evaluate_model=student)
     history = trainer.fit(train_set, data.val, resume=resume)
     if trainer.world.is_main:

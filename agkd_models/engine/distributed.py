@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["World", "setup", "world", "resolve_device", "shutdown", "all_reduce_sums", "gather_objects", "average_gradients",
-           "average_buffers", "barrier"]
+           "average_buffers", "barrier", "ddp_ignored_names"]
 
 
 @dataclass(frozen=True)
@@ -119,3 +119,17 @@ def average_buffers(module: torch.nn.Module) -> None:
             buffer.div_(here.size)
         else:
             dist.broadcast(buffer, 0)
+
+
+def ddp_ignored_names(task: torch.nn.Module) -> List[str]:
+    """Parameters and buffers DistributedDataParallel must not touch: frozen ones (the
+    teacher, loaded alike on every rank) and those of the submodules a task syncs itself
+    (``task.ddp_self_synced``, e.g. CAKD's discriminator, which averages its own gradients)."""
+    self_synced = tuple(f"{prefix}." for prefix in task.ddp_self_synced)
+    names = [name for name, p in task.named_parameters(remove_duplicate=False)
+             if not p.requires_grad or name.startswith(self_synced)]
+    frozen = tuple(f"{name}." for name, module in task.named_children()
+                   if not any(p.requires_grad for p in module.parameters()))
+    names += [name for name, _ in task.named_buffers(remove_duplicate=False)
+              if name.startswith(frozen + self_synced)]
+    return names
