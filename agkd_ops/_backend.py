@@ -81,19 +81,17 @@ def get_backend() -> str:
     return _backend
 
 
-_OPS = ("hybrid_fwd", "hybrid_bwd", "kd_fwd", "kd_bwd", "attention_map_fwd", "attention_map_bwd",
-        "align_fwd", "align_bwd")
-
-
 def _kernel_table():
-    """(op, device type) pairs with a compiled kernel. Read once at import: the kernels
-    register when _C loads, and a plain set lookup stays traceable by torch.compile."""
+    """(op, device type) pairs with a compiled kernel, for every op the library declares
+    (csrc/agkd/ops.cpp). Read once at import: the kernels register when _C loads, and a
+    plain set lookup stays traceable by torch.compile."""
     if _C is None:
         return frozenset()
+    ops = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("agkd::")]
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     return frozenset(
-        (op, device) for op in _OPS for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-        if has(f"agkd::{op}", key)
+        (op.removeprefix("agkd::"), device) for op in ops for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if has(op, key)
     )
 
 

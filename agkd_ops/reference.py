@@ -117,8 +117,9 @@ def _kl_per_sample(student_logits, teacher_logits, temperature):
     log_p_t = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=1)
     p_t = log_p_t.exp()
     # 0·log 0 = 0: a class the teacher rules out (logit -inf) contributes nothing. Masking
-    # the log-ratio rather than the product keeps its gradient finite too.
-    log_ratio = torch.where(p_t > 0, log_p_t - log_p_s, torch.zeros_like(p_t))
+    # the log-ratio rather than the product keeps its gradient finite too; only an exact 0
+    # is masked, so a NaN teacher row stays NaN in the loss and in the gradient.
+    log_ratio = torch.where(p_t == 0, torch.zeros_like(p_t), log_p_t - log_p_s)
     return (p_t * log_ratio).sum(dim=1)
 
 

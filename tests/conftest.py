@@ -2,20 +2,20 @@ import os
 
 import pytest
 import torch
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
 import agkd_ops
 
+from .backends import backend_params
+
 # Property tests are sized for a 2-core CI machine; AGKD_HYPOTHESIS_PROFILE=thorough
 # runs more examples.
-settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
-settings.register_profile("thorough", max_examples=400, deadline=None)
+# The backend fixtures only choose where a test runs, so they may outlive one example.
+_fixtures_ok = [HealthCheck.function_scoped_fixture]
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
+                          suppress_health_check=_fixtures_ok)
+settings.register_profile("thorough", max_examples=400, deadline=None, suppress_health_check=_fixtures_ok)
 settings.load_profile(os.environ.get("AGKD_HYPOTHESIS_PROFILE", "ci"))
-
-requires_native_cpu = pytest.mark.skipif(
-    not agkd_ops.native_available("cpu"),
-    reason="agkd_ops._C not built (AGKD_NO_EXT=1 install)",
-)
 
 
 def _cuda_kernel_device():
@@ -51,10 +51,24 @@ def kernel_device():
     return torch.device(device)
 
 
-@pytest.fixture
-def native_backend():
-    """Run the test under set_backend('native'), so a silent fallback cannot pass."""
+def _use(backend):
     previous = agkd_ops.get_backend()
-    agkd_ops.set_backend("native")
-    yield
+    agkd_ops.set_backend(backend.mode)
+    return previous
+
+
+@pytest.fixture(params=backend_params())
+def backend(request):
+    """Each backend this session has (tests/backends.py), selected with set_backend, so a
+    silent fallback from native to the reference cannot pass."""
+    previous = _use(request.param)
+    yield request.param
+    agkd_ops.set_backend(previous)
+
+
+@pytest.fixture(params=backend_params(native_only=True))
+def native(request):
+    """Each compiled backend: native CPU (or the CUDA emulator) and a GPU."""
+    previous = _use(request.param)
+    yield request.param
     agkd_ops.set_backend(previous)

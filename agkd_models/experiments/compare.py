@@ -75,12 +75,10 @@ def _read_history(folder: Path) -> List[Dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def _teacher_cache(cfg: Dict[str, Any], teacher_path: Path, folder: Path, epochs: int, log) -> str:
-    """A float32 cache of the teacher over the seed's ``epochs`` augmentation draws (float32, so
-    that replaying it gives the same numbers as running the teacher)."""
-    data = build_data(cfg)
-    teacher = build_teacher(cfg, data.num_classes)
-    load_teacher_weights(teacher, str(teacher_path), cfg, data.num_classes)
+def _teacher_cache(cfg: Dict[str, Any], teacher, teacher_path: Path, folder: Path, epochs: int, log) -> str:
+    """A float32 cache of ``teacher`` over the seed's ``epochs`` augmentation draws (float32,
+    so that replaying it gives the same numbers as running the teacher)."""
+    data = build_data(cfg)  # this seed's augmentation
     if folder.is_dir():
         try:
             cache = TeacherCache.open(folder, expect=cache_identity(data.train, teacher, cfg["teacher"]))
@@ -89,7 +87,8 @@ def _teacher_cache(cfg: Dict[str, Any], teacher_path: Path, folder: Path, epochs
         except TeacherCacheError:
             pass
     log(f"caching the teacher over {epochs} epochs of seed {cfg['train']['seed']}'s augmentation")
-    cache_teacher(cfg, str(teacher_path), folder, epochs=epochs, dtype="float32", overwrite=True)
+    cache_teacher(cfg, str(teacher_path), folder, epochs=epochs, dtype="float32", overwrite=True, teacher=teacher,
+                  data=data)
     return str(folder)
 
 
@@ -126,7 +125,8 @@ def run_comparison(cfg: Dict[str, Any], out: Path, *, methods: Sequence[str], se
                     runs[name][seed] = saved
                     continue
             if method in CACHEABLE and cache is None:
-                cache = _teacher_cache(run_cfg, teacher_path, out / "cache" / f"seed{seed}", student_epochs, log)
+                cache = _teacher_cache(run_cfg, teacher, teacher_path, out / "cache" / f"seed{seed}", student_epochs,
+                                       log)
             log(f"{LABELS[name]}, seed {seed}")
             run = distill(run_cfg, str(teacher_path), method, folder,
                           teacher_cache=cache if method in CACHEABLE else None)

@@ -161,11 +161,15 @@ def distill(cfg: Dict[str, Any], teacher_path: str, method: str, out: Path, resu
 
 
 def cache_teacher(cfg: Dict[str, Any], teacher_path: str, out: Path, *, epochs: int, dtype: str = "float16",
-                  topk: Optional[int] = None, overwrite: bool = False) -> Path:
+                  topk: Optional[int] = None, overwrite: bool = False, teacher: Optional[HybridTeacher] = None,
+                  data: Optional[Data] = None) -> Path:
+    """Writes the teacher cache of ``cfg``'s training set; ``teacher`` and ``data``, where
+    the caller has them already, save loading them again."""
     _world, device = distributed.setup(cfg["train"]["device"])
-    data = build_data(cfg)
-    teacher = build_teacher(cfg, data.num_classes)
-    load_teacher_weights(teacher, teacher_path, cfg, data.num_classes)
+    data = data if data is not None else build_data(cfg)
+    if teacher is None:
+        teacher = build_teacher(cfg, data.num_classes)
+        load_teacher_weights(teacher, teacher_path, cfg, data.num_classes)
     t = cfg["train"]
     return write_teacher_cache(teacher, data.train, out, epochs=epochs, teacher_config=cfg["teacher"], dtype=dtype,
                                topk=topk, batch_size=t["batch_size"], num_workers=t["num_workers"], device=device,

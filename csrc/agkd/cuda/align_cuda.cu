@@ -5,7 +5,7 @@
 // teacher-sized scratch tensor and runs the hybrid kernels (hybrid_cuda.cu) on it; the
 // backward gathers the resampled gradient back onto the student's pixels (each student
 // pixel sums the teacher pixels that read it, in a fixed order: deterministic, no
-// atomics). Why materialise here: docs/design.md, section 5. The interpolation weights are
+// atomics). Why materialise here: docs/design.md, section 1 (align). The interpolation weights are
 // math/bilinear.h's, the same as the CPU's and F.interpolate's.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -1,0 +1,379 @@
+"""agkd::kd_fwd/bwd and the functions on it: kd_kl_div and kd_loss.
+
+The same checks run on every backend (tests/backends.py): values against a NumPy oracle
+and the torch.nn.functional compositions users know, values and the gradients of both
+logit tensors against the float64 reference over random shapes, temperatures, weights,
+strides and every dtype, extreme logits, a teacher logit of -inf, gradcheck, NaN
+isolation, determinism. Checks of the compiled op itself (opcheck, torch.compile, which
+gradients are computed, direct op calls, double backward) run on the native backends."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+
+import agkd_ops
+from agkd_ops import reference as R
+
+from . import oracle
+from .backends import FLOAT_DTYPES, close, grads, rounded
+
+# Row sums run in double on every backend; what is left is the output's own rounding.
+KD_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def make_logits(n, k, layout, generator, scale=3.0):
+    """float64 logits laid out as asked (same values for every layout)."""
+    if layout == "transposed":
+        return scale * torch.randn(k, n, generator=generator, dtype=torch.float64).t()
+    if layout == "sliced":
+        return scale * torch.randn(n, 2 * k, generator=generator, dtype=torch.float64)[:, ::2]
+    if layout == "expanded":  # stride-0 batch: every row the same
+        return scale * torch.randn(1, k, generator=generator, dtype=torch.float64).expand(n, k)
+    return scale * torch.randn(n, k, generator=generator, dtype=torch.float64)
+
+
+# ---------------------------------------------------------- against independent oracles
+
+
+@given(n=st.integers(1, 6), k=st.integers(1, 40), temperature=st.floats(0.1, 20),
+       alpha=st.floats(0, 1), scale=st.sampled_from([0.1, 3.0, 50.0]), seed=st.integers(0, 2**31 - 1))
+def test_matches_numpy_oracle(backend, n, k, temperature, alpha, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = scale * torch.randn(n, k, generator=g, dtype=torch.float64)
+    t = scale * torch.randn(n, k, generator=g, dtype=torch.float64)
+    y = torch.randint(0, k, (n,), generator=g)
+    kl = oracle.kd_kl_per_sample(s.numpy(), t.numpy(), temperature)
+    ce = oracle.cross_entropy_per_sample(s.numpy(), y.numpy())
+    ds, dt, dy = s.to(backend.device), t.to(backend.device), y.to(backend.device)
+    np.testing.assert_allclose(agkd_ops.kd_kl_div(ds, dt, temperature=temperature, reduction="none").cpu().numpy(),
+                               kl, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(
+        agkd_ops.kd_loss(ds, dt, dy, temperature=temperature, alpha=alpha, reduction="none").cpu().numpy(),
+        (1 - alpha) * ce + alpha * kl, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_kl_div_matches_the_torch_composition_in_float64(backend, reduction):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(16, 30, generator=g, dtype=torch.float64)
+    t = torch.randn(16, 30, generator=g, dtype=torch.float64)
+    tau = 3.0
+
+    def composition(a, b):
+        out = tau**2 * F.kl_div(F.log_softmax(a / tau, 1), F.log_softmax(b / tau, 1), log_target=True,
+                                reduction=reduction)
+        return out.sum(1) if reduction == "none" else out
+
+    got = grads(lambda a, b: agkd_ops.kd_kl_div(a, b, temperature=tau, reduction=reduction),
+                s.to(backend.device), t.to(backend.device))
+    want = grads(composition, s, t)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu(), b)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_float32_kl_div_matches_the_torch_composition(backend, reduction):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(64, 100, generator=g)
+    t = torch.randn(64, 100, generator=g)
+    tau = 4.0
+    got = grads(lambda a, b: agkd_ops.kd_kl_div(a, b, temperature=tau, reduction=reduction),
+                s.to(backend.device), t.to(backend.device))
+    want = grads(lambda a, b: (lambda o: o.sum(1) if reduction == "none" else o)(
+        tau**2 * F.kl_div(F.log_softmax(a / tau, 1), F.log_softmax(b / tau, 1), log_target=True,
+                          reduction=reduction)), s, t)
+    # The composition's error, not ours (we sum in double): its float32 log-probabilities
+    # are each off by a few ulp of log K, and a row's KL at τ=4 is small (~0.05), so a
+    # row's value carries ~1e-5 relative error (9.99e-6 seen), which depends on the CPU's
+    # vector width; sums over rows average it out.
+    torch.testing.assert_close(got[0].cpu(), want[0], rtol=1e-4 if reduction == "none" else 1e-5, atol=1e-6)
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-7)
+
+
+def test_kd_loss_matches_cross_entropy_and_the_composition(backend):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(64, 100, generator=g)
+    t = torch.randn(64, 100, generator=g)
+    y = torch.randint(0, 100, (64,), generator=g)
+    ds, dt, dy = s.to(backend.device), t.to(backend.device), y.to(backend.device)
+    ce = grads(lambda a: agkd_ops.kd_loss(a, dt, dy, alpha=0.0), ds)  # alpha = 0: the cross-entropy alone
+    want = grads(lambda a: F.cross_entropy(a, y), s)
+    for a, b in zip(ce, want):
+        torch.testing.assert_close(a.cpu(), b)
+    tau, alpha = 2.0, 0.3
+    s64, t64 = s.double(), t.double()
+    composition = (1 - alpha) * F.cross_entropy(s64, y) + alpha * tau**2 * F.kl_div(
+        F.log_softmax(s64 / tau, 1), F.log_softmax(t64 / tau, 1), log_target=True, reduction="batchmean")
+    got = agkd_ops.kd_loss(s64.to(backend.device), t64.to(backend.device), dy, temperature=tau, alpha=alpha)
+    torch.testing.assert_close(got.cpu(), composition)
+
+
+def test_teacher_minus_infinity_contributes_nothing(backend):
+    s = torch.tensor([[1.0, 2.0, 0.5]], dtype=torch.float64)
+    t = torch.tensor([[0.3, float("-inf"), 1.2]], dtype=torch.float64)
+    out, gs, gt = grads(lambda a, b: agkd_ops.kd_kl_div(a, b, temperature=1.0), s.to(backend.device),
+                        t.to(backend.device))
+    # The class the teacher rules out (p_t = 0) drops from the sum; p_s keeps all classes.
+    kept = [0, 2]
+    log_p_s = torch.log_softmax(s, 1)[:, kept]
+    p_t = torch.softmax(t[:, kept], 1)
+    torch.testing.assert_close(out.cpu(), (p_t * (p_t.log() - log_p_s)).sum())
+    assert torch.isfinite(gs).all() and torch.isfinite(gt).all()
+
+
+# ------------------------------------------------- against the float64 reference, swept
+
+
+@st.composite
+def kd_case(draw):
+    return dict(
+        n=draw(st.integers(1, 9)),
+        k=draw(st.one_of(st.integers(1, 40), st.integers(1000, 3000))),
+        temperature=draw(st.floats(0.05, 50)),
+        alpha=draw(st.floats(0, 1)),
+        scale=draw(st.sampled_from([0.01, 3.0, 100.0])),
+        layout=draw(st.sampled_from(["contiguous", "transposed", "sliced", "expanded"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@given(case=kd_case(), dtype=st.sampled_from([torch.float64, torch.float32]), with_ce=st.booleans())
+def test_matches_reference_on_random_logits(backend, case, dtype, with_ce):
+    g = torch.Generator().manual_seed(case["seed"])
+    n, k = case["n"], case["k"]
+    s = make_logits(n, k, case["layout"], g, case["scale"]).to(dtype)
+    t = make_logits(n, k, "contiguous", g, case["scale"]).to(dtype)
+    y = torch.randint(0, k, (n,), generator=g)
+    weights = torch.rand(n, generator=g, dtype=torch.float64)
+    tau, alpha = case["temperature"], case["alpha"]
+    dy = y.to(backend.device)
+    if with_ce:
+        fn = lambda a, b: agkd_ops.kd_loss(a, b, dy, temperature=tau, alpha=alpha, reduction="none")
+        ref = lambda a, b: R.kd_loss(a, b, y, temperature=tau, alpha=alpha, reduction="none")
+    else:
+        fn = lambda a, b: agkd_ops.kd_kl_div(a, b, temperature=tau, reduction="none")
+        ref = lambda a, b: R.kd_kl_div(a, b, temperature=tau, reduction="none")
+    out, gs, gt = grads(fn, s.to(backend.device), t.to(backend.device), weights=weights)
+    want, wgs, wgt = grads(ref, s.double(), t.double(), weights=weights)
+    assert out.dtype == dtype and out.shape == (n,)
+    assert gs.dtype == dtype and gs.shape == (n, k) and gt.shape == (n, k)
+    rtol, atol = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 2e-6)}[dtype]
+    # Losses scale with τ² and the logits' spread; compare relative to that size.
+    size = max(1.0, tau**2, want.abs().max().item())
+    torch.testing.assert_close(out.double().cpu(), want, rtol=rtol, atol=atol * size)
+    grad_size = max(1.0, tau, case["scale"])
+    torch.testing.assert_close(gs.double().cpu(), wgs, rtol=rtol, atol=atol * grad_size)
+    torch.testing.assert_close(gt.double().cpu(), wgt, rtol=rtol, atol=atol * grad_size)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+# K = 2 (one partial stride), 100, 1000 (several strides), 100000 (backward grid.y chunks)
+@pytest.mark.parametrize("n,k", [(5, 2), (33, 100), (4, 1000), (3, 100_000)])
+@pytest.mark.parametrize("alpha", [None, 0.0, 0.7])
+def test_matches_reference_in_every_dtype(backend, dtype, n, k, alpha):
+    g = torch.Generator().manual_seed(0)
+    s, t = rounded((n, k), dtype, g, 3.0, randn=True), rounded((n, k), dtype, g, 3.0, randn=True)
+    y = torch.randint(0, k, (n,), generator=g)
+    if alpha is None:
+        fn = lambda a, b: agkd_ops.kd_kl_div(a, b, temperature=2.0, reduction="none")
+        ref = lambda a, b: R.kd_kl_div(a, b, temperature=2.0, reduction="none")
+    else:
+        fn = lambda a, b: agkd_ops.kd_loss(a, b, y.to(backend.device), temperature=2.0, alpha=alpha,
+                                           reduction="none")
+        ref = lambda a, b: R.kd_loss(a, b, y, temperature=2.0, alpha=alpha, reduction="none")
+    want = grads(ref, s, t)
+    got_t = t.t().contiguous().t().to(backend.device, dtype)  # column-major: strided rows
+    got = grads(fn, s.to(backend.device, dtype), got_t)
+    for a, b in zip(got, want):
+        close(a, b, KD_TOL[dtype])
+
+
+def test_kernel_row_values_keep_float32_accuracy_at_high_temperature(native):
+    # KL = w/z_t - log z_t + log z_s cancels terms of the size of log K, and τ² = 16 then
+    # scales what is left of the rounding: the kernels sum row totals in double. (The
+    # reference is plain float32 log_softmax arithmetic: 1.1e-5 relative here, like the
+    # F.kl_div composition.) Seen: CUDA kernels 2.0e-6, CPU kernels 2.8e-6.
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(64, 100, generator=g), torch.randn(64, 100, generator=g)
+    got = agkd_ops.kd_kl_div(s.to(native.device), t.to(native.device), temperature=4.0, reduction="none")
+    want = R.kd_kl_div(s.double(), t.double(), temperature=4.0, reduction="none")
+    torch.testing.assert_close(got.double().cpu(), want, rtol=4e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_accumulate_in_float32(backend, dtype):
+    g = torch.Generator().manual_seed(0)
+    s = (4 * torch.randn(32, 500, generator=g)).to(dtype)
+    t = (4 * torch.randn(32, 500, generator=g)).to(dtype)
+    y = torch.randint(0, 500, (32,), generator=g)
+    dy = y.to(backend.device)
+    out, gs, gt = grads(lambda a, b: agkd_ops.kd_loss(a, b, dy, reduction="none"), s.to(backend.device),
+                        t.to(backend.device))
+    want, wgs, wgt = grads(lambda a, b: R.kd_loss(a, b, y, reduction="none"), s.double(), t.double())
+    assert out.dtype == dtype and gs.dtype == dtype
+    # Only the output's own rounding is left: the sums ran in float32 on the exact inputs.
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.double().cpu(), want, rtol=eps, atol=0)
+    torch.testing.assert_close(gs.double().cpu(), wgs, rtol=eps, atol=1e-6)
+    torch.testing.assert_close(gt.double().cpu(), wgt, rtol=eps, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_logits_are_finite_and_right(backend, dtype):
+    s = torch.tensor([[1e4, -1e4, 0.0, 5e3], [-1e4, -1e4, -1e4, -1e4 + 1]], dtype=dtype)
+    t = torch.tensor([[-1e4, 1e4, 3.0, 0.0], [1e4, 1e4 - 2, 1e4, 1e4]], dtype=dtype)
+    y = torch.tensor([1, 3])
+    for tau in (1.0, 4.0):
+        out, gs, gt = grads(
+            lambda a, b: agkd_ops.kd_loss(a, b, y.to(backend.device), temperature=tau, alpha=0.5, reduction="none"),
+            s.to(backend.device), t.to(backend.device))
+        want, wgs, wgt = grads(lambda a, b: R.kd_loss(a, b, y, temperature=tau, alpha=0.5, reduction="none"),
+                               s.double(), t.double())
+        assert torch.isfinite(out).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all()
+        # Losses of order 1e4·τ: float32 keeps about 7 digits of them.
+        rtol = 1e-6 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(out.double().cpu(), want, rtol=rtol, atol=0)
+        torch.testing.assert_close(gs.double().cpu(), wgs, rtol=rtol, atol=rtol)
+        torch.testing.assert_close(gt.double().cpu(), wgt, rtol=rtol, atol=rtol * tau)
+
+
+def test_int32_targets_equal_int64(backend):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(8, 5, generator=g).to(backend.device), torch.randn(8, 5, generator=g).to(backend.device)
+    y = torch.randint(0, 5, (8,), generator=g).to(backend.device)
+    assert torch.equal(agkd_ops.kd_loss(s, t, y), agkd_ops.kd_loss(s, t, y.int()))
+
+
+def test_out_of_range_target_is_an_error(backend):
+    s = torch.randn(4, 30, device=backend.device)
+    with pytest.raises(ValueError, match="target"):
+        agkd_ops.kd_loss(s, s, torch.full((4,), 30, device=backend.device))
+
+
+# ------------------------------------------------------------ gradients, NaN, determinism
+
+
+@pytest.mark.parametrize("with_ce", [False, True])
+def test_gradcheck_float64(backend, with_ce):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 7, generator=g, dtype=torch.float64).to(backend.device).requires_grad_(True)
+    t = torch.randn(3, 7, generator=g, dtype=torch.float64).to(backend.device).requires_grad_(True)
+    y = torch.tensor([0, 6, 3], device=backend.device)
+    if with_ce:
+        fn = lambda a, b: agkd_ops.kd_loss(a, b, y, temperature=2.5, alpha=0.4, reduction="none")
+    else:
+        fn = lambda a, b: agkd_ops.kd_kl_div(a, b, temperature=2.5, reduction="none")
+    assert torch.autograd.gradcheck(fn, (s, t))
+
+
+def test_nan_in_one_row_leaves_others_bitwise_unchanged(backend):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(4, 50, generator=g).to(backend.device)
+    t = torch.randn(4, 50, generator=g).to(backend.device)
+    y = torch.randint(0, 50, (4,), generator=g).to(backend.device)
+    bad = t.clone()
+    bad[2, 7] = float("nan")
+    clean = grads(lambda a: agkd_ops.kd_loss(a, t, y, reduction="none"), s)
+    dirty = grads(lambda a: agkd_ops.kd_loss(a, bad, y, reduction="none"), s)
+    assert torch.isnan(dirty[0][2]) and torch.isnan(dirty[1][2]).all()
+    keep = [0, 1, 3]
+    assert torch.equal(dirty[0][keep], clean[0][keep])
+    assert torch.equal(dirty[1][keep], clean[1][keep])
+
+
+def test_bitwise_deterministic_and_thread_count_independent(backend):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(300, 700, generator=g).to(backend.device)
+    t = torch.randn(300, 700, generator=g).to(backend.device)
+    y = torch.randint(0, 700, (300,), generator=g).to(backend.device)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n_threads in (threads, threads, 1):
+            torch.set_num_threads(n_threads)
+            runs.append(grads(lambda a, b: agkd_ops.kd_loss(a, b, y, reduction="none"), s, t))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ the compiled op
+
+
+@pytest.mark.parametrize("ce_weight,kl_weight", [(0.0, 1.0), (0.1, 0.9), (1.0, 0.0)])
+def test_opcheck(native, ce_weight, kl_weight):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(5, 11, generator=g).to(native.device).requires_grad_(True)
+    t = torch.randn(5, 11, generator=g).to(native.device).requires_grad_(True)
+    y = torch.randint(0, 11, (5,), generator=g).to(native.device) if ce_weight else None
+    args = (s, t, y, 2.0, ce_weight, kl_weight)
+    torch.library.opcheck(torch.ops.agkd.kd_fwd, args)
+    _loss, stats = torch.ops.agkd.kd_fwd(*args)
+    bwd_args = (torch.rand(5, device=native.device), s.detach(), t.detach(), y, stats) + args[3:] + (True, True)
+    torch.library.opcheck(torch.ops.agkd.kd_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_no_term_is_a_clear_error_in_a_direct_op_call(native):
+    s = torch.randn(2, 5, device=native.device)
+    with pytest.raises(RuntimeError, match="non-zero weight"):
+        torch.ops.agkd.kd_fwd(s, s, None, 1.0, 0.0, 0.0)
+
+
+def test_torch_compile_fullgraph(native):
+    criterion = agkd_ops.KDLoss(temperature=4.0, alpha=0.9)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(s, t, y):
+        return criterion(s, t, y)
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(8, 10, generator=g).to(native.device).requires_grad_(True)
+    t = torch.randn(8, 10, generator=g).to(native.device)
+    y = torch.randint(0, 10, (8,), generator=g).to(native.device)
+    loss = step(s, t, y)
+    loss.backward()
+    s2 = s.detach().clone().requires_grad_(True)
+    want = criterion(s2, t, y)
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(s.grad, s2.grad)
+
+
+def test_only_requested_gradients_are_computed(native):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(4, 9, generator=g).to(native.device).requires_grad_(True)
+    t = torch.randn(4, 9, generator=g).to(native.device)
+    agkd_ops.kd_kl_div(s, t).backward()
+    assert s.grad is not None and t.grad is None
+    # The teacher alone may train too.
+    s2, t2 = s.detach(), t.clone().requires_grad_(True)
+    agkd_ops.kd_kl_div(s2, t2).backward()
+    t3 = t.cpu().clone().requires_grad_(True)
+    R.kd_kl_div(s2.cpu(), t3).backward()
+    torch.testing.assert_close(t2.grad.cpu(), t3.grad)
+
+
+def test_cross_entropy_only_gives_teacher_a_zero_gradient(native):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(4, 9, generator=g).to(native.device).requires_grad_(True)
+    t = torch.randn(4, 9, generator=g).to(native.device).requires_grad_(True)
+    agkd_ops.kd_loss(s, t, torch.tensor([1, 2, 3, 4], device=native.device), alpha=0.0).backward()
+    assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+def test_out_of_range_target_in_a_direct_op_call_is_nan_not_a_crash(native):
+    s, t = torch.randn(2, 5, device=native.device), torch.randn(2, 5, device=native.device)
+    loss, _ = torch.ops.agkd.kd_fwd(s, t, torch.tensor([1, 7], device=native.device), 1.0, 0.5, 0.5)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1])
+
+
+def test_double_backward_raises_clearly(native):
+    s = torch.randn(2, 5, dtype=torch.float64, device=native.device, requires_grad=True)
+    t = torch.randn(2, 5, dtype=torch.float64, device=native.device)
+    (gs,) = torch.autograd.grad(agkd_ops.kd_kl_div(s, t), s, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        gs.sum().backward()
