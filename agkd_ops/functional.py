@@ -1,14 +1,29 @@
 """The public loss functions: validate the arguments, then run the native kernel
-(``torch.ops.agkd.*``, see csrc/agkd/ops.cpp) or the reference in
-:mod:`agkd_ops.reference`, as the backend decides (:mod:`agkd_ops._backend`).
+(``torch.ops.agkd.*``) or the reference in :mod:`agkd_ops.reference`, as the backend
+decides (:mod:`agkd_ops._backend`).
+
+Each function's path, by the name of its op (docs/design.md, section 1, has the table);
+C++ files are under csrc/agkd:
+
+* ``ssim``, ``ssim_loss``, ``cosine_loss``, ``hybrid_loss`` -> ``agkd::hybrid_fwd/bwd``:
+  ``hybrid.h``, ``cpu/hybrid_cpu.cpp``, ``cuda/hybrid_cuda.cu``, ``math/hybrid.h``;
+* ``attention_align_loss`` -> ``agkd::align_fwd/bwd``: ``align.h``, ``cpu/align_cpu.cpp``,
+  ``cuda/align_cuda.cu``;
+* ``attention_map`` -> ``agkd::attention_map_fwd/bwd``: ``attention_map.h``,
+  ``cpu/attention_map_cpu.cpp``, ``cuda/attention_map_cuda.cu``, ``math/attention.h``;
+* ``kd_kl_div``, ``kd_loss`` -> ``agkd::kd_fwd/bwd``: ``kd.h``, ``cpu/kd_cpu.cpp``,
+  ``cuda/kd_cuda.cu``, ``math/kd.h``.
+
+Every schema is in csrc/agkd/ops.cpp; fake kernels and autograd in :mod:`._registrations`
+(a section per op); the reference of each function in :mod:`.reference` under the same name;
+the module in :mod:`.losses`; defaults in :mod:`._defaults`.
 
 Shapes: maps are ``(N, C, H, W)``; ``reduction="none"`` gives ``(N,)``, ``"mean"`` (over
 samples) and ``"sum"`` give a 0-dim tensor, always in the input's dtype. Inside an
 autocast region the floating-point inputs are cast to float32 first (as autocast does for
 torch's own losses), so bf16/fp16 activations meet float32 loss math and mixed input
-dtypes are accepted there. NaN or Inf in a
-sample makes that sample's value (and its gradient) non-finite and leaves the other
-samples untouched.
+dtypes are accepted there. NaN or Inf in a sample makes that sample's value (and its
+gradient) non-finite and leaves the other samples untouched.
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -43,9 +43,6 @@ from .checkpoint import (CheckpointError, previous_path, read_checkpoint, read_n
 from .evaluation import classification_metrics, evaluate_logits
 from .rng import rng_state, seed_everything, set_rng_state
 from .task import Task, TaskOutput
-
-if TYPE_CHECKING:  # the settings are declared with the others in agkd_models.config
-    from ..config import TrainConfig
 
 __all__ = ["Trainer", "NonFiniteLossError"]
 
@@ -69,11 +66,12 @@ def _set_epoch(dataset: Dataset, epoch: int) -> None:
 
 
 class Trainer:
-    """Trains ``task`` with ``config`` (``agkd_models.config.TrainConfig``), writing logs
-    and checkpoints to ``out_dir``; validation runs ``evaluate_model`` (the task itself
-    unless given: the student when distilling)."""
+    """Trains ``task`` with ``config``, writing logs and checkpoints to ``out_dir``;
+    validation runs ``evaluate_model`` (the task itself unless given: the student when
+    distilling). ``config`` is an ``agkd_models.config.TrainConfig``: the settings are
+    declared there with all the others; the engine reads them and imports nothing above it."""
 
-    def __init__(self, task: Task, config: "TrainConfig", out_dir: Path, *,
+    def __init__(self, task: Task, config: Any, out_dir: Path, *,
                  evaluate_model: Optional[nn.Module] = None):
         self.task, self.config, self.out_dir = task, config, Path(out_dir)
         self.world, self.device = distributed.setup(config.device)
@@ -115,7 +113,7 @@ class Trainer:
         self.history: List[Dict[str, float]] = []
         self.start_epoch = 0
 
-    def _scheduler(self, config: "TrainConfig"):
+    def _scheduler(self, config: Any):
         """Per-epoch schedule: ``warmup_epochs`` of linear warm-up (from lr/(w+1) up to lr),
         then cosine annealing over the remaining epochs, or step decay."""
         lr_sched = torch.optim.lr_scheduler
