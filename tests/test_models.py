@@ -205,3 +205,20 @@ def test_metrics():
     projection = torch.nn.Identity()
     features = torch.randn(4, 6)
     assert transferability(features, 2 * features, projection) == pytest.approx(1.0)
+
+
+def test_every_distill_setting_reaches_a_method():
+    # The registry is the one bridge from `distill` settings to constructors: a setting no
+    # method reads, or a keyword a constructor does not take, is a setting silently dropped.
+    import dataclasses
+    import inspect
+
+    from agkd_models.config import METHODS as CONFIG_METHODS, DistillConfig
+    from agkd_models.distillers import METHODS
+
+    assert set(CONFIG_METHODS) == set(METHODS)
+    settings = {f.name for f in dataclasses.fields(DistillConfig)} - {"method"}
+    assert {key for m in METHODS.values() for key in m.settings.values()} == settings
+    for name, method in METHODS.items():
+        accepted = inspect.signature(method.build).parameters
+        assert set(method.settings) <= set(accepted), name
