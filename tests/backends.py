@@ -70,6 +70,22 @@ def grads(fn, *inputs, weights=None):
     return (out.detach(), *torch.autograd.grad((out.double() * w).sum(), inputs))
 
 
+def assert_nan_stays_in_its_sample(fn, inputs, k, where):
+    """``fn`` (per-sample values) of ``inputs`` with a NaN written into ``inputs[k]`` at
+    ``where``: that sample's value is NaN, and every other sample's value and gradients are
+    bitwise what they were. Returns the values and gradients with the NaN."""
+    bad = list(inputs)
+    bad[k] = inputs[k].clone()
+    bad[k][where] = float("nan")
+    clean, dirty = grads(fn, *inputs), grads(fn, *bad)
+    n = where[0]
+    others = [i for i in range(inputs[0].shape[0]) if i != n]
+    assert torch.isnan(dirty[0][n])
+    for a, b in zip(dirty, clean):
+        assert torch.equal(a[others], b[others])
+    return dirty
+
+
 def close(got, want, tol, scale=None) -> None:
     """``got`` (any device and dtype) against float64 ``want``: relative ``tol``, absolute
     ``tol`` (times ``scale`` for gradients, whose size varies)."""

@@ -95,4 +95,22 @@ inline void check_hybrid_backward_inputs(const at::Tensor& grad_loss, const at::
               "agkd::hybrid_bwd: grad_loss and stats must be on x's device");
 }
 
+// What a backward of the hybrid terms (agkd::hybrid_bwd, agkd::align_bwd) works with once
+// its inputs are checked: contiguous grad_loss and stats, and its two outputs.
+struct HybridBackward {
+  at::Tensor grad_loss, stats;  // contiguous
+  at::Tensor grad_a, grad_b;    // contiguous gradients, or empty tensors where not needed
+  bool needed;                  // whether either gradient is
+};
+
+// `g` is the geometry of `b` (y, or the teacher for align), whose device and dtype the
+// outputs of the forward share.
+inline HybridBackward prepare_hybrid_backward(const at::Tensor& grad_loss, const at::Tensor& stats,
+                                              const at::Tensor& a, const at::Tensor& b,
+                                              const PlaneGeometry& g, bool needs_a, bool needs_b) {
+  check_hybrid_backward_inputs(grad_loss, stats, b, g);
+  return {grad_loss.contiguous(), stats.contiguous(), input_grad_or_empty(a, needs_a),
+          input_grad_or_empty(b, needs_b), needs_a || needs_b};
+}
+
 }  // namespace agkd

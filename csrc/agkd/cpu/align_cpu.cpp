@@ -227,18 +227,16 @@ std::tuple<at::Tensor, at::Tensor> align_bwd_cpu(
   const AlignParams a =
       make_align_params(alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps, align_corners);
   const PlaneGeometry g = align_geometry(student, teacher, a.hybrid);
-  check_hybrid_backward_inputs(grad_loss, stats, teacher, g);
-  const at::Tensor gl = grad_loss.contiguous(), st = stats.contiguous();
-  at::Tensor grad_s = input_grad_or_empty(student, needs_grad_student);
-  at::Tensor grad_t = input_grad_or_empty(teacher, needs_grad_teacher);
-  if (!needs_grad_student && !needs_grad_teacher) return {grad_s, grad_t};
+  HybridBackward b = prepare_hybrid_backward(grad_loss, stats, student, teacher, g, needs_grad_student,
+                                             needs_grad_teacher);
+  if (!b.needed) return {b.grad_a, b.grad_b};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "align_bwd_cpu", [&] {
     dispatch_terms</*kAllowNone=*/true>(alpha != 0, beta != 0, [&]<bool kSSIM, bool kCos>() {
-      align_bwd_typed<scalar_t, kSSIM, kCos>(gl, student, teacher, st, g, a, grad_s, grad_t,
+      align_bwd_typed<scalar_t, kSSIM, kCos>(b.grad_loss, student, teacher, b.stats, g, a, b.grad_a, b.grad_b,
                                              needs_grad_student, needs_grad_teacher);
     });
   });
-  return {grad_s, grad_t};
+  return {b.grad_a, b.grad_b};
 }
 
 }  // namespace

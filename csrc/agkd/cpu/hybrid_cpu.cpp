@@ -84,17 +84,14 @@ std::tuple<at::Tensor, at::Tensor> hybrid_bwd_cpu(
     bool needs_grad_y) {
   const HybridParams p = make_params(alpha, beta, window_size, sigma, c1, c2, padding, eps);
   const PlaneGeometry g = make_geometry(x, y, p);
-  check_hybrid_backward_inputs(grad_loss, stats, x, g);
-  const at::Tensor gl = grad_loss.contiguous(), st = stats.contiguous();
-  at::Tensor grad_x = input_grad_or_empty(x, needs_grad_x);
-  at::Tensor grad_y = input_grad_or_empty(x, needs_grad_y);
-  if (!needs_grad_x && !needs_grad_y) return {grad_x, grad_y};
+  HybridBackward b = prepare_hybrid_backward(grad_loss, stats, x, y, g, needs_grad_x, needs_grad_y);
+  if (!b.needed) return {b.grad_a, b.grad_b};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hybrid_bwd_cpu", [&] {
     dispatch_terms</*kAllowNone=*/true>(alpha != 0, beta != 0, [&]<bool kSSIM, bool kCos>() {
-      hybrid_bwd_typed<scalar_t, kSSIM, kCos>(gl, x, y, st, g, p, grad_x, grad_y);
+      hybrid_bwd_typed<scalar_t, kSSIM, kCos>(b.grad_loss, x, y, b.stats, g, p, b.grad_a, b.grad_b);
     });
   });
-  return {grad_x, grad_y};
+  return {b.grad_a, b.grad_b};
 }
 
 }  // namespace

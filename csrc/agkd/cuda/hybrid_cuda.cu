@@ -137,6 +137,18 @@ struct TileGrid {
   __host__ __device__ int64_t per_plane() const { return rows * cols; }
 };
 
+// The tile this block works on: one block per (plane, tile), planes n-major.
+struct BlockTile {
+  int64_t plane, n, c;  // plane = n * C + c
+  int64_t row0, col0;   // the tile's first row and column
+};
+
+__device__ __forceinline__ BlockTile block_tile(const TileGrid& grid, int64_t channels) {
+  const int64_t item = blockIdx.x;
+  const int64_t plane = item / grid.per_plane(), tile = item % grid.per_plane();
+  return {plane, plane / channels, plane % channels, (tile / grid.cols) * kTile, (tile % grid.cols) * kTile};
+}
+
 // ---------------------------------------------------------------------------- forward
 
 template <typename scalar_t, typename acc_t, bool kCos>
@@ -145,10 +157,7 @@ __global__ void __launch_bounds__(kThreads)
                             const Args<acc_t> a, const TileGrid grid,
                             acc_t* __restrict__ partials) {
   acc_t* smem = dynamic_shared_memory<acc_t>();
-  const int64_t item = blockIdx.x;
-  const int64_t plane = item / grid.per_plane(), tile = item % grid.per_plane();
-  const int64_t n = plane / a.C, c = plane % a.C;
-  const int64_t row0 = (tile / grid.cols) * kTile, col0 = (tile % grid.cols) * kTile;
+  const auto [plane, n, c, row0, col0] = block_tile(grid, a.C);
   const int64_t row = row0 + threadIdx.y, col = col0 + threadIdx.x;
 
   const Moments<acc_t> m = tile_moments(x, y, a, n, c, row0, col0, smem);
@@ -162,7 +171,7 @@ __global__ void __launch_bounds__(kThreads)
     dot = u * v, xx = u * u, yy = v * v;
   }
   __syncthreads();  // the staged tile is reused as reduction scratch below
-  acc_t* out = partials + item * 4;
+  acc_t* out = partials + int64_t(blockIdx.x) * 4;
   const acc_t s0 = block_sum(ssim, smem);
   const acc_t s1 = kCos ? block_sum(dot, smem) : acc_t(0);
   const acc_t s2 = kCos ? block_sum(xx, smem) : acc_t(0);
@@ -286,24 +295,6 @@ void hybrid_fwd_launch(const at::Tensor& x, const at::Tensor& y, const PlaneGeom
                 stats.mutable_data_ptr<acc_t>());
 }
 
-}  // namespace
-
-// Entry points, also called by the attention-alignment kernels (align_cuda.cu).
-std::tuple<at::Tensor, at::Tensor> hybrid_fwd_cuda(const at::Tensor& x, const at::Tensor& y,
-                                                   double alpha, double beta,
-                                                   int64_t window_size, double sigma,
-                                                   double c1, double c2,
-                                                   c10::string_view padding, double eps) {
-  const HybridParams p =
-      make_params(alpha, beta, window_size, sigma, c1, c2, padding, eps);
-  const PlaneGeometry g = make_geometry(x, y, p);
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto [loss, stats] = per_sample_outputs(x, g.N, kHybridStats);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hybrid_fwd_cuda",
-                                  [&] { hybrid_fwd_launch<scalar_t>(x, y, g, p, loss, stats); });
-  return {loss, stats};
-}
-
 // --------------------------------------------------------------------------- backward
 
 // Kernel 1: scale_n * dS/dmoment at every output pixel -> coeffs[plane][4][Ho][Wo].
@@ -314,10 +305,7 @@ __global__ void __launch_bounds__(kThreads)
                        const acc_t* __restrict__ grad_loss, double ssim_scale,
                        acc_t* __restrict__ coeffs) {
   acc_t* smem = dynamic_shared_memory<acc_t>();
-  const int64_t item = blockIdx.x;
-  const int64_t plane = item / grid.per_plane(), tile = item % grid.per_plane();
-  const int64_t n = plane / a.C, c = plane % a.C;
-  const int64_t row0 = (tile / grid.cols) * kTile, col0 = (tile % grid.cols) * kTile;
+  const auto [plane, n, c, row0, col0] = block_tile(grid, a.C);
   const int64_t row = row0 + threadIdx.y, col = col0 + threadIdx.x;
   const Moments<acc_t> m = tile_moments(x, y, a, n, c, row0, col0, smem);
   if (row >= a.Ho || col >= a.Wo) return;
@@ -338,10 +326,7 @@ __global__ void __launch_bounds__(kThreads)
                        const acc_t* __restrict__ stats, double beta, double eps,
                        scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_y) {
   acc_t* smem = dynamic_shared_memory<acc_t>();
-  const int64_t item = blockIdx.x;
-  const int64_t plane = item / grid.per_plane(), tile = item % grid.per_plane();
-  const int64_t n = plane / a.C, c = plane % a.C;
-  const int64_t row0 = (tile / grid.cols) * kTile, col0 = (tile % grid.cols) * kTile;
+  const auto [plane, n, c, row0, col0] = block_tile(grid, a.C);
   const int64_t q_row = row0 + threadIdx.y, q_col = col0 + threadIdx.x;
   const int tid = threadIdx.y * kTile + threadIdx.x;
 
@@ -446,24 +431,37 @@ void hybrid_bwd_launch(const at::Tensor& grad_loss, const at::Tensor& x, const a
   });
 }
 
+}  // namespace
+
+// Entry points, also called by the attention-alignment kernels (align_cuda.cu).
+std::tuple<at::Tensor, at::Tensor> hybrid_fwd_cuda(const at::Tensor& x, const at::Tensor& y,
+                                                   double alpha, double beta,
+                                                   int64_t window_size, double sigma,
+                                                   double c1, double c2,
+                                                   c10::string_view padding, double eps) {
+  const HybridParams p = make_params(alpha, beta, window_size, sigma, c1, c2, padding, eps);
+  const PlaneGeometry g = make_geometry(x, y, p);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto [loss, stats] = per_sample_outputs(x, g.N, kHybridStats);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hybrid_fwd_cuda",
+                                  [&] { hybrid_fwd_launch<scalar_t>(x, y, g, p, loss, stats); });
+  return {loss, stats};
+}
+
 std::tuple<at::Tensor, at::Tensor> hybrid_bwd_cuda(
     const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y,
     const at::Tensor& stats, double alpha, double beta, int64_t window_size, double sigma,
     double c1, double c2, c10::string_view padding, double eps, bool needs_grad_x,
     bool needs_grad_y) {
-  const HybridParams p =
-      make_params(alpha, beta, window_size, sigma, c1, c2, padding, eps);
+  const HybridParams p = make_params(alpha, beta, window_size, sigma, c1, c2, padding, eps);
   const PlaneGeometry g = make_geometry(x, y, p);
   const c10::cuda::CUDAGuard guard(x.device());
-  check_hybrid_backward_inputs(grad_loss, stats, x, g);
-  const at::Tensor gl = grad_loss.contiguous(), st = stats.contiguous();
-  at::Tensor grad_x = input_grad_or_empty(x, needs_grad_x);
-  at::Tensor grad_y = input_grad_or_empty(x, needs_grad_y);
-  if (!needs_grad_x && !needs_grad_y) return {grad_x, grad_y};
+  HybridBackward b = prepare_hybrid_backward(grad_loss, stats, x, y, g, needs_grad_x, needs_grad_y);
+  if (!b.needed) return {b.grad_a, b.grad_b};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hybrid_bwd_cuda", [&] {
-    hybrid_bwd_launch<scalar_t>(gl, x, y, st, g, p, grad_x, grad_y);
+    hybrid_bwd_launch<scalar_t>(b.grad_loss, x, y, b.stats, g, p, b.grad_a, b.grad_b);
   });
-  return {grad_x, grad_y};
+  return {b.grad_a, b.grad_b};
 }
 
 TORCH_LIBRARY_IMPL(agkd, CUDA, m) {
