@@ -1,9 +1,9 @@
 """Pure-PyTorch reference implementations: the fallback backend and the test oracle.
 
-Written plainly from the definitions (docs/design.md, section 3), with PyTorch ops only, so they run on
-any device and dtype, differentiate through autograd, and need no compiled code. Inputs
-are assumed valid: :mod:`agkd_ops.functional` validates before calling them. Half and
-bfloat16 inputs are computed in float32 and the result is cast back.
+Written plainly from the definitions (docs/design.md, section 3), with PyTorch ops only,
+so they run on any device and dtype, differentiate through autograd, and need no compiled
+code. Inputs are assumed valid: :mod:`agkd_ops.functional` validates before calling them.
+Half and bfloat16 inputs are computed in float32 and the result is cast back.
 """
 from __future__ import annotations
 

@@ -31,9 +31,11 @@ inline std::tuple<at::Tensor, at::Tensor> per_sample_outputs(const at::Tensor& l
 }
 
 // Calls body.template operator()<kFirst, kSecond>() with the flags equal to `first` and
-// `second` (a loss term's weight != 0), so each kernel is compiled without the work of a
-// switched-off term. Ops whose terms cannot all be off (kAllowNone = false: hybrid, kd)
-// do not instantiate the empty combination; asking for it is an error.
+// `second` (a loss term's weight != 0, or an output being needed), so each kernel is
+// compiled without the work of a switched-off term. Callers where both may be off (hybrid
+// and align: a zero loss) pass kAllowNone = true; elsewhere (kd, whose Python API never
+// sets both weights to 0) the empty combination is not instantiated and asking for it is
+// an error.
 template <bool kAllowNone = false, typename Body>
 void dispatch_terms(bool first, bool second, const Body& body) {
   if (first && second) {

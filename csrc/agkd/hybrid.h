@@ -84,7 +84,7 @@ inline PlaneGeometry make_geometry(const at::Tensor& x, const at::Tensor& y,
 
 // What agkd::hybrid_bwd receives besides the maps, as hybrid_fwd produced it.
 inline void check_hybrid_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& stats,
-                                  const at::Tensor& x, const PlaneGeometry& g) {
+                                         const at::Tensor& x, const PlaneGeometry& g) {
   const auto acc = accumulate_dtype(x.scalar_type());
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == g.N && grad_loss.scalar_type() == acc,
               "agkd::hybrid_bwd: grad_loss must be (N,) of the accumulate dtype");

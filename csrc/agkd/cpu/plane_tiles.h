@@ -404,7 +404,7 @@ AGKD_CPU_MULTIVERSION void hybrid_bwd_tiles(
   }
 }
 
-// Items of one plane's row tiles, and of all planes of a map.
+// Row tiles (work items) per plane.
 inline int64_t row_tiles(const PlaneGeometry& g) { return (g.H + kRowTile - 1) / kRowTile; }
 
 }  // namespace
