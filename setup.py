@@ -45,6 +45,11 @@ def _resolve_cuda_home():
             return
 
 
+def _autograd_sources():
+    """Each op's C++ autograd (csrc/agkd/autograd): device-independent, in every build."""
+    return sorted(glob.glob("csrc/agkd/autograd/*.cpp"))
+
+
 def _extensions():
     if os.environ.get("AGKD_NO_EXT", "0") == "1":
         _log("AGKD_NO_EXT=1: pure-Python install, no native kernels")
@@ -68,7 +73,7 @@ def _extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "detected") if use_cuda else ""
 
-    sources = ["csrc/agkd/ops.cpp"] + sorted(glob.glob("csrc/agkd/cpu/*.cpp"))
+    sources = ["csrc/agkd/ops.cpp"] + _autograd_sources() + sorted(glob.glob("csrc/agkd/cpu/*.cpp"))
     # -fno-trapping-math: the kernels never read FP exception flags, and without it GCC
     # will not if-convert float compares (clamps, NaN masks) in lane loops, so they stay
     # scalar. It changes no rounding.
@@ -115,7 +120,8 @@ def _cuda_emulation_extension(CppExtension, cxx, defines, link, asan):
     c10/cuda headers) and registered for CPU tensors. Test-only: wheels never build it."""
     wrappers = os.path.join("build", "agkd_cuda_emu")
     os.makedirs(os.path.join(ROOT, wrappers), exist_ok=True)
-    sources = ["csrc/agkd/ops.cpp", "csrc/agkd/cuda_emu/emulation.cpp", "csrc/agkd/cuda_emu/selftest.cpp"]
+    sources = (["csrc/agkd/ops.cpp", "csrc/agkd/cuda_emu/emulation.cpp", "csrc/agkd/cuda_emu/selftest.cpp"]
+               + _autograd_sources())
     for cu in sorted(glob.glob("csrc/agkd/cuda/*.cu")):
         # A .cu file would be handed to nvcc; a one-line C++ wrapper includes it instead.
         name = os.path.splitext(os.path.basename(cu))[0]
@@ -130,7 +136,7 @@ def _cuda_emulation_extension(CppExtension, cxx, defines, link, asan):
     if asan:
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
         link = link + ["-fsanitize=address"]
-    _log(f"CUDA emulation extension: yes ({len(sources) - 3} .cu files{', AddressSanitizer' if asan else ''})")
+    _log(f"CUDA emulation extension: yes ({len(glob.glob('csrc/agkd/cuda/*.cu'))} .cu files{', AddressSanitizer' if asan else ''})")
     return CppExtension(
         name="agkd_ops._C_cuda_emu",
         sources=sources,

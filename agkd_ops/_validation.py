@@ -84,7 +84,8 @@ def check_kl_reduction(fn: str, reduction) -> str:
 
 
 def check_target(fn: str, target, logits: torch.Tensor, name: str = "target") -> torch.Tensor:
-    """Class indices (N,) in [0, K) for (N, K) logits; returned as int64."""
+    """Class indices (N,) for (N, K) logits, returned as int64. Their range is checked by
+    :func:`check_target_range` (reference path) or by the native kernels."""
     if not torch.is_tensor(target):
         raise TypeError(f"agkd_ops.{fn}: {name} must be a torch.Tensor of class indices, "
                         f"got {type(target).__name__}")
@@ -93,23 +94,29 @@ def check_target(fn: str, target, logits: torch.Tensor, name: str = "target") ->
             f"agkd_ops.{fn}: {name} must hold integer class indices (int64 or int32), got "
             f"{target.dtype}; probability (soft) targets are not supported"
         )
-    n, k = logits.shape
+    n = logits.shape[0]
     if target.shape != (n,):
         raise ValueError(f"agkd_ops.{fn}: {name} must have shape ({n},) to match the logits' "
                          f"batch, got {_shape(target)}")
     if target.device != logits.device:
         raise ValueError(f"agkd_ops.{fn}: {name} must be on the logits' device {logits.device}, "
                          f"got {target.device}")
-    # A data-dependent check cannot be traced; under torch.compile the kernel turns an
-    # out-of-range target into a NaN loss for that row instead (never an out-of-bounds read).
-    if not torch.compiler.is_compiling():
-        lo, hi = (int(v) for v in torch.aminmax(target))  # one pass, one sync
-        if lo < 0 or hi >= k:
-            raise ValueError(
-                f"agkd_ops.{fn}: {name} must hold class indices in [0, {k}) for K={k} classes, "
-                f"got values from {lo} to {hi} (there is no ignore_index)"
-            )
     return target.long()
+
+
+def check_target_range(fn: str, target: torch.Tensor, k: int, name: str = "target") -> None:
+    """Class indices in [0, K), for the reference path (torch's cross-entropy would assert
+    on the device). It reads the values on the host: a device sync on a GPU, which is why
+    the native kernels check instead (csrc/agkd/kd.h)."""
+    # A data-dependent check cannot be traced; compiled code runs without it.
+    if torch.compiler.is_compiling():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(target))  # one pass, one sync
+    if lo < 0 or hi >= k:
+        raise ValueError(
+            f"agkd_ops.{fn}: {name} must hold class indices in [0, {k}) for K={k} classes, "
+            f"got values from {lo} to {hi} (there is no ignore_index)"
+        )
 
 
 def check_choice(fn: str, name: str, value, choices) -> str:

@@ -36,7 +36,8 @@ from ._defaults import (ATTENTION_P, COSINE_EPS, HYBRID_ALPHA, HYBRID_BETA, KD_A
                         KD_TEMPERATURE, NORMALIZE_EPS, SSIM)
 from ._defaults import reduce_per_sample as _reduce
 from ._validation import (LOGITS, REDUCTIONS, check_choice, check_fraction, check_kl_reduction,
-                          check_number, check_pair, check_ssim_args, check_target, check_tensor)
+                          check_number, check_pair, check_ssim_args, check_target,
+                          check_target_range, check_tensor)
 
 __all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "attention_map",
            "attention_align_loss", "kd_kl_div", "kd_loss"]
@@ -63,10 +64,16 @@ def _float32_under_autocast(fn):
     return wrapper
 
 
-def _native_hybrid(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps):
-    """Per-sample ``alpha*(1-SSIM) + beta*(1-cos)`` from agkd::hybrid_fwd (accumulate dtype)."""
+def _in_dtype(loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A native op's loss (accumulate dtype) in the inputs' dtype; no node when they agree."""
+    return loss if loss.dtype == dtype else loss.to(dtype)
+
+
+def _native_hybrid(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps, reduction):
+    """``alpha*(1-SSIM) + beta*(1-cos)`` from agkd::hybrid_fwd, reduced by the op (the
+    accumulate dtype: per sample for ``"none"``)."""
     loss, _stats = torch.ops.agkd.hybrid_fwd(
-        x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps
+        x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps, reduction
     )
     return loss
 
@@ -108,7 +115,10 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, window_size: int = SSIM.window_siz
     window_size, sigma, c1, c2 = check_ssim_args(fn, x, window_size, sigma, data_range, k1, k2, padding)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
     if _backend.use_native(fn, "hybrid_fwd", x):
-        per_sample = 1 - _native_hybrid(x, y, 1.0, 0.0, window_size, sigma, c1, c2, padding, COSINE_EPS)
+        # SSIM itself, not a loss: 1 - loss per sample, then reduced (an op reduction would
+        # round 1 - mean(loss) differently from mean(1 - loss)).
+        per_sample = 1 - _native_hybrid(x, y, 1.0, 0.0, window_size, sigma, c1, c2, padding,
+                                        COSINE_EPS, "none")
         return _reduce(per_sample, reduction, x.dtype)
     return reference.ssim(x, y, window_size=window_size, sigma=sigma, data_range=data_range,
                           k1=k1, k2=k2, padding=padding, reduction=reduction)
@@ -131,8 +141,8 @@ def ssim_loss(x: torch.Tensor, y: torch.Tensor, *, window_size: int = SSIM.windo
     window_size, sigma, c1, c2 = check_ssim_args(fn, x, window_size, sigma, data_range, k1, k2, padding)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
     if _backend.use_native(fn, "hybrid_fwd", x):
-        per_sample = _native_hybrid(x, y, 1.0, 0.0, window_size, sigma, c1, c2, padding, COSINE_EPS)
-        return _reduce(per_sample, reduction, x.dtype)
+        return _in_dtype(_native_hybrid(x, y, 1.0, 0.0, window_size, sigma, c1, c2, padding,
+                                        COSINE_EPS, reduction), x.dtype)
     return reference.ssim_loss(x, y, window_size=window_size, sigma=sigma, data_range=data_range,
                                k1=k1, k2=k2, padding=padding, reduction=reduction)
 
@@ -164,8 +174,8 @@ def cosine_loss(x: torch.Tensor, y: torch.Tensor, *, eps: float = COSINE_EPS,
         # The cosine-only kernel reads the sample as one (1, 1, D) map; a view when possible.
         n = x.shape[0]
         x4, y4 = x.reshape(n, 1, 1, -1), y.reshape(n, 1, 1, -1)
-        per_sample = _native_hybrid(x4, y4, 0.0, 1.0, 1, 1.0, 1.0, 1.0, "valid", eps)
-        return _reduce(per_sample, reduction, x.dtype)
+        return _in_dtype(_native_hybrid(x4, y4, 0.0, 1.0, 1, 1.0, 1.0, 1.0, "valid", eps, reduction),
+                         x.dtype)
     return reference.cosine_loss(x, y, eps=eps, reduction=reduction)
 
 
@@ -204,8 +214,8 @@ def hybrid_loss(x: torch.Tensor, y: torch.Tensor, *, alpha: float = HYBRID_ALPHA
     eps = check_number(fn, "eps", eps, positive=True)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
     if _backend.use_native(fn, "hybrid_fwd", x):
-        per_sample = _native_hybrid(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps)
-        return _reduce(per_sample, reduction, x.dtype)
+        return _in_dtype(_native_hybrid(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps,
+                                        reduction), x.dtype)
     return reference.hybrid_loss(x, y, alpha=alpha, beta=beta, window_size=window_size,
                                  sigma=sigma, data_range=data_range, k1=k1, k2=k2,
                                  padding=padding, eps=eps, reduction=reduction)
@@ -250,9 +260,9 @@ def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     temperature = check_number(fn, "temperature", temperature, positive=True)
     check_kl_reduction(fn, reduction)
     if _backend.use_native(fn, "kd_fwd", student_logits):
-        per_sample, _stats = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, None,
-                                                   temperature, 0.0, 1.0)
-        return _reduce(per_sample, reduction, student_logits.dtype)
+        loss, _stats = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, None, temperature,
+                                             0.0, 1.0, "mean" if reduction == "batchmean" else reduction)
+        return _in_dtype(loss, student_logits.dtype)
     return reference.kd_kl_div(student_logits, teacher_logits, temperature=temperature,
                                reduction=reduction)
 
@@ -271,8 +281,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
 
     Args:
         student_logits, teacher_logits: ``(N, K)`` logits of the same shape and dtype.
-        target: ``(N,)`` class indices (int64 or int32) in ``[0, K)``; out-of-range values
-            (``-100`` included: there is no ``ignore_index``) are a ``ValueError``.
+        target: ``(N,)`` class indices (int64 or int32) in ``[0, K)``. An out-of-range
+            value (``-100`` included: there is no ``ignore_index``) is a ``ValueError`` on
+            the CPU and with the reference; the CUDA kernels, which never sync the device to
+            look, give that row a NaN loss instead (never an out-of-bounds read).
         temperature: ``τ > 0``. alpha: weight of the KL term, in ``[0, 1]``.
         reduction: ``"mean"`` over samples, ``"sum"`` or ``"none"`` for ``(N,)``.
 
@@ -289,9 +301,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
     alpha = check_fraction(fn, "alpha", alpha)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
     if _backend.use_native(fn, "kd_fwd", student_logits):
-        per_sample, _stats = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, target,
-                                                   temperature, 1.0 - alpha, alpha)
-        return _reduce(per_sample, reduction, student_logits.dtype)
+        # The target range is checked by the kernels, with no device-to-host sync: a
+        # ValueError before any logit is read on the CPU, a NaN loss for that row on CUDA.
+        loss, _stats = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, target, temperature,
+                                             1.0 - alpha, alpha, reduction)
+        return _in_dtype(loss, student_logits.dtype)
+    check_target_range(fn, target, student_logits.shape[1])
     return reference.kd_loss(student_logits, teacher_logits, target, temperature=temperature,
                              alpha=alpha, reduction=reduction)
 
@@ -411,9 +426,9 @@ def attention_align_loss(student: torch.Tensor, teacher: torch.Tensor, *, loss: 
                                                      names=("teacher",))
     eps = check_number(fn, "eps", kw["eps"], positive=True) if "eps" in kw else COSINE_EPS
     if _backend.use_native(fn, "align_fwd", student):
-        per_sample, _stats = torch.ops.agkd.align_fwd(student, teacher, alpha, beta, gamma, window_size,
-                                                      sigma, c1, c2, padding, eps, align_corners)
-        return _reduce(per_sample, reduction, student.dtype)
+        loss, _stats = torch.ops.agkd.align_fwd(student, teacher, alpha, beta, gamma, window_size,
+                                                sigma, c1, c2, padding, eps, align_corners, reduction)
+        return _in_dtype(loss, student.dtype)
     return reference.attention_align_loss(student, teacher, loss=loss, align_corners=align_corners,
                                           reduction=reduction, **loss_kwargs)
 

@@ -26,6 +26,11 @@ class Backend(NamedTuple):
     def native(self) -> bool:
         return self.mode == "native"
 
+    @property
+    def cuda_kernels(self) -> bool:
+        """Whether calls run the CUDA kernels (on a GPU or on the emulator)."""
+        return self.name in ("cuda", "cuda-emulated")
+
 
 def _emulated() -> bool:
     return bool(agkd_ops.build_info()["cuda_emulation"])

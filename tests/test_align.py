@@ -147,15 +147,16 @@ def test_bitwise_deterministic_and_thread_count_independent(backend):
             assert torch.equal(a, b)
 
 
-def test_opcheck(native):
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_opcheck(native, reduction):
     g = torch.Generator().manual_seed(0)
     s = torch.rand(2, 1, 6, 5, generator=g).to(native.device).requires_grad_(True)
     t = torch.rand(2, 1, 9, 11, generator=g).to(native.device).requires_grad_(True)
-    args = (s, t, 0.5, 0.5, 0.0, 3, 1.5, 1e-4, 9e-4, "reflect", 1e-8, False)
+    args = (s, t, 0.5, 0.5, 0.2, 3, 1.5, 1e-4, 9e-4, "reflect", 1e-8, False, reduction)
     torch.library.opcheck(torch.ops.agkd.align_fwd, args)
     _loss, stats = torch.ops.agkd.align_fwd(*args)
     torch.library.opcheck(torch.ops.agkd.align_bwd,
-                          (torch.rand(2, device=native.device), s.detach(), t.detach(), stats) + args[2:]
+                          (torch.rand(2, device=native.device), s.detach(), t.detach(), stats) + args[2:-1]
                           + (True, True),
                           test_utils=("test_schema", "test_faketensor"))
 

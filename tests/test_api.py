@@ -290,3 +290,30 @@ def test_losses_run_in_float32_under_autocast(backend):
             agkd_ops.kd_loss(s, t, target)
     finally:
         agkd_ops.set_backend(previous)
+
+
+# What a native loss puts on the autograd graph: the op's own C++ Function (with the
+# reduction inside it), nothing in Python, no separate mean or cast node.
+_ONE_NODE = {
+    "ssim_loss": ("HybridFunction", lambda x, y, s, t, k: agkd_ops.ssim_loss(x, y, window_size=3)),
+    "cosine_loss": ("HybridFunction", lambda x, y, s, t, k: agkd_ops.cosine_loss(x, y, reduction="sum")),
+    "hybrid_loss": ("HybridFunction", lambda x, y, s, t, k: agkd_ops.hybrid_loss(x, y, window_size=3)),
+    "attention_align_loss": ("AlignFunction",
+                             lambda x, y, s, t, k: agkd_ops.attention_align_loss(x[..., :4, :4], y)),
+    "attention_map": ("AttentionMapFunction", lambda x, y, s, t, k: agkd_ops.attention_map(x)),
+    "kd_kl_div": ("KdFunction", lambda x, y, s, t, k: agkd_ops.kd_kl_div(s, t)),
+    "kd_loss": ("KdFunction", lambda x, y, s, t, k: agkd_ops.kd_loss(s, t, k, reduction="none")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ONE_NODE))
+def test_a_native_loss_is_one_cpp_autograd_node(native, name):
+    function, call = _ONE_NODE[name]
+    x = torch.rand(2, 1, 6, 6, device=native.device, requires_grad=True)
+    y = torch.rand(2, 1, 6, 6, device=native.device)
+    s = torch.randn(2, 5, device=native.device, requires_grad=True)
+    out = call(x, y, s, torch.randn(2, 5, device=native.device), torch.tensor([1, 4], device=native.device))
+    node = out.grad_fn
+    assert function in node.name(), node.name()  # e.g. torch::autograd::CppNode<agkd::...::KdFunction>
+    inputs = [f for f, _ in node.next_functions if f is not None]
+    assert inputs and all(type(f).__name__ in ("AccumulateGrad", "SliceBackward0") for f in inputs)

@@ -85,3 +85,36 @@ def test_kernels_run_on_the_current_stream():
     loss = agkd_ops.hybrid_loss(x, y, padding="reflect")
     loss.backward()
     assert torch.equal(got[0], loss) and torch.equal(got[1], x.grad)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_no_op_syncs_the_device_on_its_eager_path(reduction):
+    # Forward and backward of every public function with the CUDA runtime told to raise on
+    # any call that waits for the device (a value read on the host, a pageable copy).
+    g = torch.Generator().manual_seed(3)
+    maps, other = torch.rand(2, 4, 1, 16, 16, generator=g).cuda()
+    small = torch.rand(4, 1, 7, 7, generator=g).cuda()
+    s, t = torch.randn(2, 4, 10, generator=g).cuda()
+    y = torch.randint(0, 10, (4,), generator=g).cuda()
+    kl = "batchmean" if reduction == "mean" else reduction
+    calls = {
+        "ssim_loss": (lambda a: agkd_ops.ssim_loss(a, other, window_size=5, reduction=reduction), maps),
+        "hybrid_loss": (lambda a: agkd_ops.hybrid_loss(a, other, window_size=5, reduction=reduction), maps),
+        "cosine_loss": (lambda a: agkd_ops.cosine_loss(a, other, reduction=reduction), maps),
+        "kd_kl_div": (lambda a: agkd_ops.kd_kl_div(a, t, reduction=kl), s),
+        "kd_loss": (lambda a: agkd_ops.kd_loss(a, t, y, reduction=reduction), s),
+        "align hybrid": (lambda a: agkd_ops.attention_align_loss(a, other, loss="hybrid", window_size=5,
+                                                                 reduction=reduction), small),
+        "align mse": (lambda a: agkd_ops.attention_align_loss(a, other, reduction=reduction), small),
+        "attention_map": (lambda a: agkd_ops.attention_map(a).sum((1, 2, 3)), maps),
+    }
+    for name, (fn, x) in calls.items():
+        _run(fn, x)  # warm-up: first-call allocations and device attribute queries
+        x = x.detach().clone().requires_grad_(True)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn(x).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert torch.isfinite(x.grad).all(), name

@@ -257,22 +257,22 @@ def test_bitwise_deterministic(backend):
 # ------------------------------------------------------------------ the compiled op
 
 
-@pytest.mark.parametrize("alpha,beta", [(0.5, 0.5), (1.0, 0.0), (0.0, 1.0)])
-def test_opcheck(native, alpha, beta):
+@pytest.mark.parametrize("alpha,beta,reduction", [(0.5, 0.5, "mean"), (1.0, 0.0, "none"), (0.0, 1.0, "sum")])
+def test_opcheck(native, alpha, beta, reduction):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(3, 2, 12, 11, generator=g).to(native.device).requires_grad_(True)
     y = torch.rand(3, 2, 12, 11, generator=g).to(native.device).requires_grad_(True)
-    args = (x, y, alpha, beta, 5, 1.5, 1e-4, 9e-4, "reflect", 1e-8)
+    args = (x, y, alpha, beta, 5, 1.5, 1e-4, 9e-4, "reflect", 1e-8, reduction)
     torch.library.opcheck(torch.ops.agkd.hybrid_fwd, args)
     loss, stats = torch.ops.agkd.hybrid_fwd(*args)
-    bwd_args = (torch.rand(3, device=native.device), x.detach(), y.detach(), stats) + args[2:] + (True, False)
+    bwd_args = (torch.rand(3, device=native.device), x.detach(), y.detach(), stats) + args[2:-1] + (True, False)
     torch.library.opcheck(torch.ops.agkd.hybrid_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_zero_weights_give_zero_loss_and_gradients(native):
     # Both terms off is a valid direct call: no work, zeros, like the reference.
     x = torch.rand(2, 1, 9, 9, dtype=torch.float64, device=native.device)
-    loss, stats = torch.ops.agkd.hybrid_fwd(x, x.flip(0), 0.0, 0.0, 3, 1.5, 1e-4, 9e-4, "valid", 1e-8)
+    loss, stats = torch.ops.agkd.hybrid_fwd(x, x.flip(0), 0.0, 0.0, 3, 1.5, 1e-4, 9e-4, "valid", 1e-8, "none")
     assert torch.equal(loss, torch.zeros_like(loss)) and stats.shape == (2, 3)
     gx, gy = torch.ops.agkd.hybrid_bwd(torch.ones_like(loss), x, x.flip(0), stats, 0.0, 0.0, 3, 1.5, 1e-4,
                                        9e-4, "valid", 1e-8, True, True)

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
 #include <tuple>
 
@@ -28,6 +29,27 @@ inline std::tuple<at::Tensor, at::Tensor> per_sample_outputs(const at::Tensor& l
                                                              int64_t n_stats) {
   const auto options = like.options().dtype(accumulate_dtype(like.scalar_type()));
   return {at::empty({n}, options), at::empty({n, n_stats}, options)};
+}
+
+// How a loss forward reduces its per-sample values (the schemas' `reduction`).
+enum class Reduction { kNone, kMean, kSum };
+
+inline Reduction parse_reduction(c10::string_view name) {
+  if (name == "none") return Reduction::kNone;
+  if (name == "mean") return Reduction::kMean;
+  if (name == "sum") return Reduction::kSum;
+  TORCH_CHECK_VALUE(false, "agkd: reduction must be 'none', 'mean' or 'sum', got '", name, "'");
+}
+
+// A loss forward's `loss` output: the (N,) per-sample values, or their mean or sum as a
+// 0-dim tensor, in the accumulate dtype. The reduction is ATen's own, so the numbers are
+// those of per_sample.mean() / .sum() in Python, without the extra autograd node.
+inline at::Tensor reduce_loss(const at::Tensor& per_sample, Reduction reduction) {
+  switch (reduction) {
+    case Reduction::kMean: return per_sample.mean();
+    case Reduction::kSum: return per_sample.sum();
+    default: return per_sample;
+  }
 }
 
 // Calls body.template operator()<kFirst, kSecond>() with the flags equal to `first` and

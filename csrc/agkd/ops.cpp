@@ -1,6 +1,6 @@
 // Every agkd operator schema, declared once. Kernels register per device in cpu/ and
-// cuda/; autograd and fake (meta) implementations are registered from Python in
-// agkd_ops/_registrations.py.
+// cuda/, autograd (C++, at the Autograd key) per op in autograd/, and the fake (meta)
+// implementations from Python in agkd_ops/_registrations.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -52,10 +52,12 @@ TORCH_LIBRARY(agkd, m) {
   // Fused SSIM + cosine. Per sample n:
   //   loss[n] = alpha * (1 - mean SSIM map) + beta * (1 - cos(flatten x_n, flatten y_n))
   // stats[n] = (x·y, |x|², |y|²), what the backward needs for the cosine term.
-  // Both outputs are float32 (float64 for float64 inputs); reductions happen in Python.
+  // Both outputs are float32 (float64 for float64 inputs). `reduction` ("none", "mean",
+  // "sum") makes loss (N,) or 0-dim, as in every loss forward below; the backward takes
+  // the per-sample gradient (N,) whatever the reduction was.
   m.def(
       "hybrid_fwd(Tensor x, Tensor y, float alpha, float beta, int window_size, float sigma, "
-      "float c1, float c2, str padding, float eps) -> (Tensor loss, Tensor stats)");
+      "float c1, float c2, str padding, float eps, str reduction) -> (Tensor loss, Tensor stats)");
   // Gradients of sum_n grad_loss[n] * loss[n] for x and y in one pass; an input whose
   // gradient is not needed gets an empty tensor and costs nothing.
   m.def(
@@ -70,7 +72,7 @@ TORCH_LIBRARY(agkd, m) {
   // KdStat) from which the backward recomputes both gradients in one pass.
   m.def(
       "kd_fwd(Tensor student, Tensor teacher, Tensor? target, float temperature, "
-      "float ce_weight, float kl_weight) -> (Tensor loss, Tensor stats)");
+      "float ce_weight, float kl_weight, str reduction) -> (Tensor loss, Tensor stats)");
   m.def(
       "kd_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? target, Tensor stats, "
       "float temperature, float ce_weight, float kl_weight, bool needs_grad_student, "
@@ -91,7 +93,7 @@ TORCH_LIBRARY(agkd, m) {
   m.def(
       "align_fwd(Tensor student, Tensor teacher, float alpha, float beta, float gamma, "
       "int window_size, float sigma, float c1, float c2, str padding, float eps, "
-      "bool align_corners) -> (Tensor loss, Tensor stats)");
+      "bool align_corners, str reduction) -> (Tensor loss, Tensor stats)");
   m.def(
       "align_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, float alpha, "
       "float beta, float gamma, int window_size, float sigma, float c1, float c2, str padding, "

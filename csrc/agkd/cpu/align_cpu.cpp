@@ -206,9 +206,10 @@ std::tuple<at::Tensor, at::Tensor> align_fwd_cpu(const at::Tensor& student, cons
                                                  double alpha, double beta, double gamma,
                                                  int64_t window_size, double sigma, double c1,
                                                  double c2, c10::string_view padding, double eps,
-                                                 bool align_corners) {
+                                                 bool align_corners, c10::string_view reduction) {
   const AlignParams a =
       make_align_params(alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps, align_corners);
+  const Reduction r = parse_reduction(reduction);
   const PlaneGeometry g = align_geometry(student, teacher, a.hybrid);
   auto [loss, stats] = per_sample_outputs(student, g.N, kHybridStats);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "align_fwd_cpu", [&] {
@@ -216,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor> align_fwd_cpu(const at::Tensor& student, cons
       align_fwd_typed<scalar_t, kSSIM, kCos>(student, teacher, g, a, loss, stats);
     });
   });
-  return {loss, stats};
+  return {reduce_loss(loss, r), stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> align_bwd_cpu(

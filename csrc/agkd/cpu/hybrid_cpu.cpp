@@ -47,8 +47,9 @@ std::tuple<at::Tensor, at::Tensor> hybrid_fwd_cpu(const at::Tensor& x, const at:
                                                   double alpha, double beta,
                                                   int64_t window_size, double sigma, double c1,
                                                   double c2, c10::string_view padding,
-                                                  double eps) {
+                                                  double eps, c10::string_view reduction) {
   const HybridParams p = make_params(alpha, beta, window_size, sigma, c1, c2, padding, eps);
+  const Reduction r = parse_reduction(reduction);
   const PlaneGeometry g = make_geometry(x, y, p);
   auto [loss, stats] = per_sample_outputs(x, g.N, kHybridStats);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hybrid_fwd_cpu", [&] {
@@ -56,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> hybrid_fwd_cpu(const at::Tensor& x, const at:
       hybrid_fwd_typed<scalar_t, kSSIM, kCos>(x, y, g, p, loss, stats);
     });
   });
-  return {loss, stats};
+  return {reduce_loss(loss, r), stats};
 }
 
 template <typename scalar_t, bool kSSIM, bool kCos>

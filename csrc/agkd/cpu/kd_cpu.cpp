@@ -130,16 +130,28 @@ AGKD_CPU_MULTIVERSION void kd_fwd_rows(const LogitRows<scalar_t>& student,
   }
 }
 
+// Class targets in [0, K), checked on the host before any logit is read: on the CPU this
+// costs one pass over N integers and gives the user a ValueError, where the CUDA kernels,
+// which must not sync the device, turn such a row's loss into NaN (math/kd.h).
+void check_target_range(const int64_t* target, int64_t N, int64_t K) {
+  const auto [lo, hi] = std::minmax_element(target, target + N);
+  TORCH_CHECK_VALUE(*lo >= 0 && *hi < K, "agkd_ops.kd_loss: target must hold class indices in [0, ", K,
+                    ") for K=", K, " classes, got values from ", *lo, " to ", *hi,
+                    " (there is no ignore_index)");
+}
+
 std::tuple<at::Tensor, at::Tensor> kd_fwd_cpu(const at::Tensor& student,
                                               const at::Tensor& teacher,
                                               const std::optional<at::Tensor>& target,
                                               double temperature, double ce_weight,
-                                              double kl_weight) {
+                                              double kl_weight, c10::string_view reduction) {
   const KdParams p{temperature, ce_weight, kl_weight};
+  const Reduction r = parse_reduction(reduction);
   const KdGeometry g = check_kd_inputs(student, teacher, target, p);
   auto [loss, stats] = per_sample_outputs(student, g.N, kKdStats);
   const at::Tensor target_c = p.with_ce() ? target->contiguous() : at::Tensor();
   const int64_t* tgt = p.with_ce() ? target_c.const_data_ptr<int64_t>() : nullptr;
+  if (tgt != nullptr) check_target_range(tgt, g.N, g.K);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const LogitRows<scalar_t> s(student), t(teacher);
@@ -151,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor> kd_fwd_cpu(const at::Tensor& student,
       });
     });
   });
-  return {loss, stats};
+  return {reduce_loss(loss, r), stats};
 }
 
 // --------------------------------------------------------------------------- backward

@@ -54,12 +54,15 @@ at::Tensor axis_table(int64_t src, int64_t dst, bool align_corners, const at::Te
   }
   const size_t tap_bytes = taps.size() * sizeof(LinearTap<acc_t>);
   const size_t range_bytes = src * sizeof(int64_t);
-  at::Tensor host = at::empty({static_cast<int64_t>(tap_bytes + 2 * range_bytes)}, at::kByte);
+  // Pinned, so the copy below is asynchronous: from pageable memory it would wait for the
+  // stream to drain, a device sync on every call. (The emulator's tensors stay on the CPU.)
+  at::Tensor host = at::empty({static_cast<int64_t>(tap_bytes + 2 * range_bytes)},
+                              at::TensorOptions().dtype(at::kByte).pinned_memory(like.is_cuda()));
   uint8_t* bytes = host.mutable_data_ptr<uint8_t>();
   std::memcpy(bytes, taps.data(), tap_bytes);
   std::memcpy(bytes + tap_bytes, first.data(), range_bytes);
   std::memcpy(bytes + tap_bytes + range_bytes, last.data(), range_bytes);
-  return host.to(like.device());
+  return host.to(at::TensorOptions().dtype(at::kByte).device(like.device()), /*non_blocking=*/true);
 }
 
 template <typename acc_t>
@@ -193,9 +196,10 @@ std::tuple<at::Tensor, at::Tensor> align_fwd_cuda(const at::Tensor& student, con
                                                   double alpha, double beta, double gamma,
                                                   int64_t window_size, double sigma, double c1,
                                                   double c2, c10::string_view padding, double eps,
-                                                  bool align_corners) {
+                                                  bool align_corners, c10::string_view reduction) {
   const AlignParams a =
       make_align_params(alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps, align_corners);
+  const Reduction reduce = parse_reduction(reduction);
   const PlaneGeometry g = align_geometry(student, teacher, a.hybrid);
   const c10::cuda::CUDAGuard guard(student.device());
   const Dims d = dims_of(student, teacher);
@@ -204,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor> align_fwd_cuda(const at::Tensor& student, con
   at::Tensor loss, stats;
   if (alpha != 0 || beta != 0) {
     std::tie(loss, stats) = hybrid_fwd_cuda(r.up, teacher, alpha, beta, window_size, sigma, c1,
-                                            c2, padding, eps);
+                                            c2, padding, eps, "none");
   } else {
     loss = at::zeros({g.N}, student.options().dtype(acc));
     stats = at::zeros({g.N, kHybridStats}, student.options().dtype(acc));
@@ -220,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor> align_fwd_cuda(const at::Tensor& student, con
     });
     loss.add_(sq, gamma / static_cast<double>(g.C * g.H * g.W));
   }
-  return {loss, stats};
+  return {reduce_loss(loss, reduce), stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> align_bwd_cuda(

@@ -438,14 +438,16 @@ std::tuple<at::Tensor, at::Tensor> hybrid_fwd_cuda(const at::Tensor& x, const at
                                                    double alpha, double beta,
                                                    int64_t window_size, double sigma,
                                                    double c1, double c2,
-                                                   c10::string_view padding, double eps) {
+                                                   c10::string_view padding, double eps,
+                                                   c10::string_view reduction) {
   const HybridParams p = make_params(alpha, beta, window_size, sigma, c1, c2, padding, eps);
+  const Reduction r = parse_reduction(reduction);
   const PlaneGeometry g = make_geometry(x, y, p);
   const c10::cuda::CUDAGuard guard(x.device());
   auto [loss, stats] = per_sample_outputs(x, g.N, kHybridStats);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hybrid_fwd_cuda",
                                   [&] { hybrid_fwd_launch<scalar_t>(x, y, g, p, loss, stats); });
-  return {loss, stats};
+  return {reduce_loss(loss, r), stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> hybrid_bwd_cuda(

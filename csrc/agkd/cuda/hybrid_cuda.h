@@ -13,7 +13,8 @@ std::tuple<at::Tensor, at::Tensor> hybrid_fwd_cuda(const at::Tensor& x, const at
                                                    double alpha, double beta,
                                                    int64_t window_size, double sigma,
                                                    double c1, double c2,
-                                                   c10::string_view padding, double eps);
+                                                   c10::string_view padding, double eps,
+                                                   c10::string_view reduction);
 
 std::tuple<at::Tensor, at::Tensor> hybrid_bwd_cuda(
     const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y,

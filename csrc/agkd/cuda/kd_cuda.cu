@@ -135,8 +135,9 @@ std::tuple<at::Tensor, at::Tensor> kd_fwd_cuda(const at::Tensor& student,
                                                const at::Tensor& teacher,
                                                const std::optional<at::Tensor>& target,
                                                double temperature, double ce_weight,
-                                               double kl_weight) {
+                                               double kl_weight, c10::string_view reduction) {
   const KdParams p{temperature, ce_weight, kl_weight};
+  const Reduction r = parse_reduction(reduction);
   const KdGeometry g = check_kd_inputs(student, teacher, target, p);
   TORCH_CHECK(g.N < (int64_t{1} << 31), "agkd::kd (CUDA): too many rows");
   const c10::cuda::CUDAGuard guard(student.device());
@@ -155,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> kd_fwd_cuda(const at::Tensor& student,
                     stats.mutable_data_ptr<acc_t>());
     });
   });
-  return {loss, stats};
+  return {reduce_loss(loss, r), stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_bwd_cuda(

@@ -98,8 +98,9 @@ AGKD_HOST_DEVICE T kd_row_loss(const KdRowStats<T>& st, T s_target, T temperatur
   return loss;
 }
 
-// The student's logit at the target class, or NaN for a target outside [0, K): the
-// Python API rejects those up front; a direct op call gets NaN, never an out-of-bounds read.
+// The student's logit at the target class, or NaN for a target outside [0, K): never an
+// out-of-bounds read. The CPU host rejects such targets before the kernel runs
+// (cpu/kd_cpu.cpp); on CUDA, where checking would sync the device, the row's loss is NaN.
 template <typename T, typename Load>
 AGKD_HOST_DEVICE T kd_target_logit(int64_t target, int64_t K, const Load& load) {
   return (target >= 0 && target < K) ? load(target) : std::numeric_limits<T>::quiet_NaN();

@@ -1,0 +1,106 @@
+// Autograd of agkd::align_fwd / agkd::align_bwd (schemas in ops.cpp; kernels in
+// cpu/align_cpu.cpp and cuda/align_cuda.cu). The forward saves both maps and the cosine
+// sums; the backward is one agkd::align_bwd call for both gradients.
+#include <string>
+
+#include "agkd/autograd/autograd.h"
+
+namespace agkd {
+namespace {
+
+using AlignFwdSignature = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, double, double, double, int64_t, double, double,
+    double, c10::string_view, double, bool, c10::string_view);
+using AlignBwdSignature = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double,
+    double, int64_t, double, double, double, c10::string_view, double, bool, bool, bool);
+
+struct AlignBwdOp {
+  static constexpr const char* kForwardName = "align_fwd";
+  static std::tuple<at::Tensor, at::Tensor> call(
+      const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+      const at::Tensor& stats, double alpha, double beta, double gamma, int64_t window_size,
+      double sigma, double c1, double c2, c10::string_view padding, double eps,
+      bool align_corners, bool needs_grad_student, bool needs_grad_teacher) {
+    static const auto op = find_op<AlignBwdSignature>("agkd::align_bwd");
+    return op.call(grad_loss, student, teacher, stats, alpha, beta, gamma, window_size, sigma, c1,
+                   c2, padding, eps, align_corners, needs_grad_student, needs_grad_teacher);
+  }
+};
+
+class AlignFunction : public torch::autograd::Function<AlignFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& student,
+                               const at::Tensor& teacher, double alpha, double beta, double gamma,
+                               int64_t window_size, double sigma, double c1, double c2,
+                               c10::string_view padding, double eps, bool align_corners,
+                               c10::string_view reduction) {
+    static const auto op = find_op<AlignFwdSignature>("agkd::align_fwd");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, stats] = op.call(student, teacher, alpha, beta, gamma, window_size, sigma, c1, c2,
+                                 padding, eps, align_corners, reduction);
+    ctx->save_for_backward({student, teacher, stats});
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["beta"] = beta;
+    ctx->saved_data["gamma"] = gamma;
+    ctx->saved_data["window_size"] = window_size;
+    ctx->saved_data["sigma"] = sigma;
+    ctx->saved_data["c1"] = c1;
+    ctx->saved_data["c2"] = c2;
+    ctx->saved_data["padding"] = std::string(padding);
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["align_corners"] = align_corners;
+    ctx->saved_data["reduction"] = std::string(reduction);
+    ctx->mark_non_differentiable({stats});
+    ctx->set_materialize_grads(false);  // stats never gets a gradient: allocate none
+    return {loss, stats};
+  }
+
+  static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
+    variable_list out(13);  // one per forward argument; undefined: no gradient
+    if (!grads[0].defined()) return out;
+    const variable_list saved = ctx->get_saved_variables();
+    const bool needs_student = ctx->needs_input_grad(0), needs_teacher = ctx->needs_input_grad(1);
+    const auto& d = ctx->saved_data;
+    std::tie(out[0], out[1]) = needed_only(
+        as_variables(AlignBwdOp::call(
+            per_sample_grad(grads[0], d.at("reduction").toStringView(), saved[0].size(0)),
+            saved[0], saved[1], saved[2], d.at("alpha").toDouble(),
+            d.at("beta").toDouble(), d.at("gamma").toDouble(), d.at("window_size").toInt(),
+            d.at("sigma").toDouble(), d.at("c1").toDouble(), d.at("c2").toDouble(),
+            d.at("padding").toStringView(), d.at("eps").toDouble(), d.at("align_corners").toBool(),
+            needs_student, needs_teacher)),
+        needs_student, needs_teacher);
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> align_fwd_autograd(
+    const at::Tensor& student, const at::Tensor& teacher, double alpha, double beta, double gamma,
+    int64_t window_size, double sigma, double c1, double c2, c10::string_view padding, double eps,
+    bool align_corners, c10::string_view reduction) {
+  const variable_list out = AlignFunction::apply(student, teacher, alpha, beta, gamma, window_size,
+                                                 sigma, c1, c2, padding, eps, align_corners,
+                                                 reduction);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> align_bwd_autograd(
+    const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+    const at::Tensor& stats, double alpha, double beta, double gamma, int64_t window_size,
+    double sigma, double c1, double c2, c10::string_view padding, double eps, bool align_corners,
+    bool needs_grad_student, bool needs_grad_teacher) {
+  const variable_list out = FirstOrderOnly<AlignBwdOp>::apply(
+      grad_loss, student, teacher, stats, alpha, beta, gamma, window_size, sigma, c1, c2, padding,
+      eps, align_corners, needs_grad_student, needs_grad_teacher);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(agkd, Autograd, m) {
+  m.impl("align_fwd", &align_fwd_autograd);
+  m.impl("align_bwd", &align_bwd_autograd);
+}
+
+}  // namespace agkd

@@ -1,0 +1,73 @@
+// Autograd of agkd::attention_map_fwd / agkd::attention_map_bwd (schemas in ops.cpp;
+// kernels in cpu/attention_map_cpu.cpp and cuda/attention_map_cuda.cu). The forward saves
+// the features, the map and its norms; the backward is one agkd::attention_map_bwd call.
+#include "agkd/autograd/autograd.h"
+
+namespace agkd {
+namespace {
+
+using AttentionMapFwdSignature =
+    std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, bool, double);
+using AttentionMapBwdSignature = at::Tensor(const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, const at::Tensor&, double, bool,
+                                            double);
+
+struct AttentionMapBwdOp {
+  static constexpr const char* kForwardName = "attention_map_fwd";
+  static at::Tensor call(const at::Tensor& grad_map, const at::Tensor& features,
+                         const at::Tensor& map, const at::Tensor& norm, double p, bool normalize,
+                         double eps) {
+    static const auto op = find_op<AttentionMapBwdSignature>("agkd::attention_map_bwd");
+    return op.call(grad_map, features, map, norm, p, normalize, eps);
+  }
+};
+
+class AttentionMapFunction : public torch::autograd::Function<AttentionMapFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& features, double p,
+                               bool normalize, double eps) {
+    static const auto op = find_op<AttentionMapFwdSignature>("agkd::attention_map_fwd");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [map, norm] = op.call(features, p, normalize, eps);
+    ctx->save_for_backward({features, map, norm});
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["normalize"] = normalize;
+    ctx->saved_data["eps"] = eps;
+    ctx->mark_non_differentiable({norm});
+    ctx->set_materialize_grads(false);  // norm never gets a gradient: allocate none
+    return {map, norm};
+  }
+
+  static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
+    variable_list out(4);  // one per forward argument; undefined: no gradient
+    if (!grads[0].defined()) return out;
+    const variable_list saved = ctx->get_saved_variables();
+    const auto& d = ctx->saved_data;
+    out[0] = FirstOrderOnly<AttentionMapBwdOp>::apply(
+        grads[0], saved[0], saved[1], saved[2], d.at("p").toDouble(),
+        d.at("normalize").toBool(), d.at("eps").toDouble())[0];
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> attention_map_fwd_autograd(const at::Tensor& features, double p,
+                                                              bool normalize, double eps) {
+  const variable_list out = AttentionMapFunction::apply(features, p, normalize, eps);
+  return {out[0], out[1]};
+}
+
+at::Tensor attention_map_bwd_autograd(const at::Tensor& grad_map, const at::Tensor& features,
+                                      const at::Tensor& map, const at::Tensor& norm, double p,
+                                      bool normalize, double eps) {
+  return FirstOrderOnly<AttentionMapBwdOp>::apply(grad_map, features, map, norm, p, normalize,
+                                                  eps)[0];
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(agkd, Autograd, m) {
+  m.impl("attention_map_fwd", &attention_map_fwd_autograd);
+  m.impl("attention_map_bwd", &attention_map_bwd_autograd);
+}
+
+}  // namespace agkd

@@ -1,0 +1,103 @@
+// Autograd of agkd::hybrid_fwd / agkd::hybrid_bwd (schemas in ops.cpp; kernels in
+// cpu/hybrid_cpu.cpp and cuda/hybrid_cuda.cu). The forward saves both maps and the cosine
+// sums; the backward is one agkd::hybrid_bwd call for both gradients.
+#include <string>
+
+#include "agkd/autograd/autograd.h"
+
+namespace agkd {
+namespace {
+
+using HybridFwdSignature = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, double, double, int64_t, double, double, double,
+    c10::string_view, double, c10::string_view);
+using HybridBwdSignature = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double,
+    int64_t, double, double, double, c10::string_view, double, bool, bool);
+
+struct HybridBwdOp {
+  static constexpr const char* kForwardName = "hybrid_fwd";
+  static std::tuple<at::Tensor, at::Tensor> call(
+      const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y,
+      const at::Tensor& stats, double alpha, double beta, int64_t window_size, double sigma,
+      double c1, double c2, c10::string_view padding, double eps, bool needs_grad_x,
+      bool needs_grad_y) {
+    static const auto op = find_op<HybridBwdSignature>("agkd::hybrid_bwd");
+    return op.call(grad_loss, x, y, stats, alpha, beta, window_size, sigma, c1, c2, padding, eps,
+                   needs_grad_x, needs_grad_y);
+  }
+};
+
+class HybridFunction : public torch::autograd::Function<HybridFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& y,
+                               double alpha, double beta, int64_t window_size, double sigma,
+                               double c1, double c2, c10::string_view padding, double eps,
+                               c10::string_view reduction) {
+    static const auto op = find_op<HybridFwdSignature>("agkd::hybrid_fwd");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, stats] =
+        op.call(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps, reduction);
+    ctx->save_for_backward({x, y, stats});
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["beta"] = beta;
+    ctx->saved_data["window_size"] = window_size;
+    ctx->saved_data["sigma"] = sigma;
+    ctx->saved_data["c1"] = c1;
+    ctx->saved_data["c2"] = c2;
+    ctx->saved_data["padding"] = std::string(padding);
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["reduction"] = std::string(reduction);
+    ctx->mark_non_differentiable({stats});
+    ctx->set_materialize_grads(false);  // stats never gets a gradient: allocate none
+    return {loss, stats};
+  }
+
+  static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
+    variable_list out(11);  // one per forward argument; undefined: no gradient
+    if (!grads[0].defined()) return out;
+    const variable_list saved = ctx->get_saved_variables();
+    const bool needs_x = ctx->needs_input_grad(0), needs_y = ctx->needs_input_grad(1);
+    const auto& d = ctx->saved_data;
+    std::tie(out[0], out[1]) = needed_only(
+        as_variables(HybridBwdOp::call(
+            per_sample_grad(grads[0], d.at("reduction").toStringView(), saved[0].size(0)),
+            saved[0], saved[1], saved[2], d.at("alpha").toDouble(),
+            d.at("beta").toDouble(), d.at("window_size").toInt(), d.at("sigma").toDouble(),
+            d.at("c1").toDouble(), d.at("c2").toDouble(), d.at("padding").toStringView(),
+            d.at("eps").toDouble(), needs_x, needs_y)),
+        needs_x, needs_y);
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> hybrid_fwd_autograd(const at::Tensor& x, const at::Tensor& y,
+                                                       double alpha, double beta,
+                                                       int64_t window_size, double sigma,
+                                                       double c1, double c2,
+                                                       c10::string_view padding, double eps,
+                                                       c10::string_view reduction) {
+  const variable_list out = HybridFunction::apply(x, y, alpha, beta, window_size, sigma, c1, c2,
+                                                  padding, eps, reduction);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> hybrid_bwd_autograd(
+    const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y,
+    const at::Tensor& stats, double alpha, double beta, int64_t window_size, double sigma,
+    double c1, double c2, c10::string_view padding, double eps, bool needs_grad_x,
+    bool needs_grad_y) {
+  const variable_list out = FirstOrderOnly<HybridBwdOp>::apply(
+      grad_loss, x, y, stats, alpha, beta, window_size, sigma, c1, c2, padding, eps,
+      needs_grad_x, needs_grad_y);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(agkd, Autograd, m) {
+  m.impl("hybrid_fwd", &hybrid_fwd_autograd);
+  m.impl("hybrid_bwd", &hybrid_bwd_autograd);
+}
+
+}  // namespace agkd

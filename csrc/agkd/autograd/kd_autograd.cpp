@@ -1,0 +1,97 @@
+// Autograd of agkd::kd_fwd / agkd::kd_bwd (schemas in ops.cpp; kernels in cpu/kd_cpu.cpp
+// and cuda/kd_cuda.cu). The forward saves the logits, the targets and the per-row stats;
+// the backward is one agkd::kd_bwd call for both gradients.
+#include <optional>
+#include <string>
+
+#include "agkd/autograd/autograd.h"
+
+namespace agkd {
+namespace {
+
+using KdFwdSignature = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double, double,
+    c10::string_view);
+using KdBwdSignature = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const at::Tensor&, double, double, double, bool, bool);
+
+struct KdBwdOp {
+  static constexpr const char* kForwardName = "kd_fwd";
+  static std::tuple<at::Tensor, at::Tensor> call(
+      const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+      const std::optional<at::Tensor>& target, const at::Tensor& stats, double temperature,
+      double ce_weight, double kl_weight, bool needs_grad_student, bool needs_grad_teacher) {
+    static const auto op = find_op<KdBwdSignature>("agkd::kd_bwd");
+    return op.call(grad_loss, student, teacher, target, stats, temperature, ce_weight, kl_weight,
+                   needs_grad_student, needs_grad_teacher);
+  }
+};
+
+class KdFunction : public torch::autograd::Function<KdFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& student,
+                               const at::Tensor& teacher, const std::optional<at::Tensor>& target,
+                               double temperature, double ce_weight, double kl_weight,
+                               c10::string_view reduction) {
+    static const auto op = find_op<KdFwdSignature>("agkd::kd_fwd");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, stats] =
+        op.call(student, teacher, target, temperature, ce_weight, kl_weight, reduction);
+    ctx->save_for_backward({student, teacher, target.value_or(at::Tensor()), stats});
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["ce_weight"] = ce_weight;
+    ctx->saved_data["kl_weight"] = kl_weight;
+    ctx->saved_data["reduction"] = std::string(reduction);
+    ctx->mark_non_differentiable({stats});
+    ctx->set_materialize_grads(false);  // stats never gets a gradient: allocate none
+    return {loss, stats};
+  }
+
+  static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
+    variable_list out(7);  // one per forward argument; undefined: no gradient
+    if (!grads[0].defined()) return out;
+    const variable_list saved = ctx->get_saved_variables();
+    const bool needs_student = ctx->needs_input_grad(0), needs_teacher = ctx->needs_input_grad(1);
+    const std::optional<at::Tensor> target =
+        saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
+    const auto& d = ctx->saved_data;
+    std::tie(out[0], out[1]) = needed_only(
+        as_variables(KdBwdOp::call(per_sample_grad(grads[0], d.at("reduction").toStringView(),
+                                                   saved[0].size(0)),
+                                   saved[0], saved[1], target, saved[3],
+                                   d.at("temperature").toDouble(), d.at("ce_weight").toDouble(),
+                                   d.at("kl_weight").toDouble(), needs_student, needs_teacher)),
+        needs_student, needs_teacher);
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> kd_fwd_autograd(const at::Tensor& student,
+                                                   const at::Tensor& teacher,
+                                                   const std::optional<at::Tensor>& target,
+                                                   double temperature, double ce_weight,
+                                                   double kl_weight, c10::string_view reduction) {
+  const variable_list out =
+      KdFunction::apply(student, teacher, target, temperature, ce_weight, kl_weight, reduction);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_bwd_autograd(
+    const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+    const std::optional<at::Tensor>& target, const at::Tensor& stats, double temperature,
+    double ce_weight, double kl_weight, bool needs_grad_student, bool needs_grad_teacher) {
+  const variable_list out = FirstOrderOnly<KdBwdOp>::apply(
+      grad_loss, student, teacher, target, stats, temperature, ce_weight, kl_weight,
+      needs_grad_student, needs_grad_teacher);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(agkd, Autograd, m) {
+  m.impl("kd_fwd", &kd_fwd_autograd);
+  m.impl("kd_bwd", &kd_bwd_autograd);
+}
+
+}  // namespace agkd
