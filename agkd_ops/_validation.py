@@ -18,8 +18,12 @@ def _shape(t: torch.Tensor) -> str:
     return f"({', '.join(map(str, t.shape))})"
 
 
+# These run on every call, before the kernel: plain attribute reads, no tensor op and
+# nothing that reads a device value (benchmarks/test_bench_overhead.py measures the cost).
+
+
 def check_tensor(fn: str, name: str, t, *, ranks=(4,), min_rank=None, layout=MAPS) -> None:
-    if not torch.is_tensor(t):
+    if not isinstance(t, torch.Tensor):
         raise TypeError(f"agkd_ops.{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"agkd_ops.{fn}: {name} must have a floating dtype, got {t.dtype}")
@@ -53,9 +57,10 @@ def check_pair(fn: str, x, y, *, names=("x", "y"), ranks=(4,), min_rank=None,
 
 
 def check_number(fn: str, name: str, value, *, positive=False, nonnegative=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"agkd_ops.{fn}: {name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    if type(value) is not float:  # the common case skips the (slower) ABC check
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"agkd_ops.{fn}: {name} must be a real number, got {type(value).__name__}")
+        value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"agkd_ops.{fn}: {name} must be finite, got {value}")
     if positive and value <= 0:
@@ -86,7 +91,7 @@ def check_kl_reduction(fn: str, reduction) -> str:
 def check_target(fn: str, target, logits: torch.Tensor, name: str = "target") -> torch.Tensor:
     """Class indices (N,) for (N, K) logits, returned as int64. Their range is checked by
     :func:`check_target_range` (reference path) or by the native kernels."""
-    if not torch.is_tensor(target):
+    if not isinstance(target, torch.Tensor):
         raise TypeError(f"agkd_ops.{fn}: {name} must be a torch.Tensor of class indices, "
                         f"got {type(target).__name__}")
     if target.dtype not in (torch.int64, torch.int32):
@@ -101,7 +106,7 @@ def check_target(fn: str, target, logits: torch.Tensor, name: str = "target") ->
     if target.device != logits.device:
         raise ValueError(f"agkd_ops.{fn}: {name} must be on the logits' device {logits.device}, "
                          f"got {target.device}")
-    return target.long()
+    return target if target.dtype == torch.int64 else target.long()
 
 
 def check_target_range(fn: str, target: torch.Tensor, k: int, name: str = "target") -> None:

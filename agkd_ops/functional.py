@@ -54,7 +54,7 @@ def _float32_under_autocast(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         first = args[0] if args else None
-        if not (torch.is_tensor(first) and first.device.type in _AUTOCAST_DEVICES
+        if not (isinstance(first, torch.Tensor) and first.device.type in _AUTOCAST_DEVICES
                 and torch.is_autocast_enabled(first.device.type)):
             return fn(*args, **kwargs)
         args = tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)

@@ -82,8 +82,6 @@ KD_BAD_INPUTS = [
     (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), temperature="4"), TypeError, ["temperature", "real number"]),
     (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), reduction="mean"), ValueError, ["kd_kl_div", "'mean'", "batchmean", "N*K"]),
     (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), reduction="avg"), ValueError, ["reduction", "'avg'"]),
-    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 6)), ValueError, ["kd_loss", "target", "[0, 6)", "6"]),
-    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, -100, 2, 3)), ValueError, ["kd_loss", "target", "-100", "ignore_index"]),
     (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2)), ValueError, ["kd_loss", "target", "(4,)", "(3)"]),
     (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), torch.zeros(4, 6)), TypeError, ["kd_loss", "target", "float32", "soft"]),
     (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), torch.zeros(4, dtype=torch.bool)), TypeError, ["kd_loss", "target", "bool"]),
@@ -122,6 +120,7 @@ MAP_BAD_INPUTS = [
 ]
 
 
+# (Out-of-range class targets depend on the backend: tests/test_kd.py, test_out_of_range_target.)
 @pytest.mark.parametrize("call,exc,words", MAP_BAD_INPUTS + KD_BAD_INPUTS)
 def test_bad_inputs_raise_clear_errors(call, exc, words):
     assert_clear_error(call, exc, words)
@@ -315,5 +314,6 @@ def test_a_native_loss_is_one_cpp_autograd_node(native, name):
     out = call(x, y, s, torch.randn(2, 5, device=native.device), torch.tensor([1, 4], device=native.device))
     node = out.grad_fn
     assert function in node.name(), node.name()  # e.g. torch::autograd::CppNode<agkd::...::KdFunction>
-    inputs = [f for f, _ in node.next_functions if f is not None]
-    assert inputs and all(type(f).__name__ in ("AccumulateGrad", "SliceBackward0") for f in inputs)
+    # Directly the inputs (or views of them: cosine_loss reads (N, 1, 1, D), align a slice).
+    inputs = [type(f).__name__ for f, _ in node.next_functions if f is not None]
+    assert inputs and set(inputs) <= {"AccumulateGrad", "ViewBackward0", "SliceBackward0"}, inputs

@@ -256,8 +256,10 @@ def test_out_of_range_target(backend):
     target = torch.tensor([3, 30, -1, 29], device=backend.device)
     if not backend.cuda_kernels:
         with pytest.raises(ValueError, match=r"agkd_ops.kd_loss: target must hold class indices in \[0, 30\) "
-                                             r"for K=30 classes, got values from -1 to 30"):
+                                             r"for K=30 classes, got values from -1 to 30 \(there is no ignore_index\)"):
             agkd_ops.kd_loss(s, t, target)
+        with pytest.raises(ValueError, match="got values from -100 to 3"):
+            agkd_ops.kd_loss(s, t, torch.tensor([0, -100, 2, 3], device=backend.device))
         return
     loss = agkd_ops.kd_loss(s, t, target, reduction="none")
     loss.sum().backward()
