@@ -245,6 +245,14 @@ class TrainConfig:
     step_size: int = setting(10, "step schedule: epochs between decays", minimum=1)
     gamma: float = setting(0.1, "step schedule: decay factor", above=0)
     grad_clip: Optional[float] = setting(5.0, "gradient-norm clip (null: none)", above=0)
+    label_smoothing: float = setting(0.0, "label smoothing ε of every cross-entropy term, as "
+                                     "F.cross_entropy's (the teacher's, the student's, kd_loss's)",
+                                     minimum=0, maximum=1)
+    mixup: float = setting(0.0, "mixup's Beta(α, α) parameter (timm Mixup); 0: off. Training targets "
+                           "become probabilities and the teacher sees the mixed images", minimum=0)
+    cutmix: float = setting(0.0, "cutmix's Beta(α, α) parameter (timm Mixup); 0: off", minimum=0)
+    mixup_prob: float = setting(1.0, "probability that a batch is mixed (when mixup or cutmix is on; with "
+                                "both on, half the mixed batches use each)", minimum=0, maximum=1)
     num_workers: int = setting(0, "data-loader worker processes", minimum=0)
     seed: int = setting(0, "training seed", minimum=0)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N")

@@ -50,13 +50,14 @@ def _hybrid_bwd_fake(grad_loss, x, y, stats, alpha, beta, window_size, sigma, c1
 # ------------------------------------------------------------------- agkd::kd_fwd/bwd
 
 @torch.library.register_fake("agkd::kd_fwd")
-def _kd_fwd_fake(student, teacher, target, temperature, ce_weight, kl_weight, reduction):
+def _kd_fwd_fake(student, teacher, target, temperature, ce_weight, kl_weight, label_smoothing,
+                 ignore_index, reduction):
     return _loss_and_stats(student, reduction, _KD_STATS)
 
 
 @torch.library.register_fake("agkd::kd_bwd")
 def _kd_bwd_fake(grad_loss, student, teacher, target, stats, temperature, ce_weight, kl_weight,
-                 needs_grad_student, needs_grad_teacher):
+                 label_smoothing, ignore_index, needs_grad_student, needs_grad_teacher):
     return _grad_or_empty(student, needs_grad_student), _grad_or_empty(teacher, needs_grad_teacher)
 
 

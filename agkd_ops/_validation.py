@@ -89,38 +89,72 @@ def check_kl_reduction(fn: str, reduction) -> str:
 
 
 def check_target(fn: str, target, logits: torch.Tensor, name: str = "target") -> torch.Tensor:
-    """Class indices (N,) for (N, K) logits, returned as int64. Their range is checked by
-    :func:`check_target_range` (reference path) or by the native kernels."""
+    """Class indices (N,) (returned as int64) or probabilities (N, K) in the logits' dtype,
+    for (N, K) logits. Their values are checked by :func:`check_target_range` (reference
+    path) or by the native kernels."""
     if not isinstance(target, torch.Tensor):
-        raise TypeError(f"agkd_ops.{fn}: {name} must be a torch.Tensor of class indices, "
-                        f"got {type(target).__name__}")
-    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"agkd_ops.{fn}: {name} must be a torch.Tensor of class indices or "
+                        f"probabilities, got {type(target).__name__}")
+    n, k = logits.shape
+    if target.is_floating_point():
+        if target.shape != logits.shape:
+            raise ValueError(
+                f"agkd_ops.{fn}: probability targets must have the logits' shape ({n}, {k}), got "
+                f"{_shape(target)}; class indices are an integer ({n},) tensor"
+            )
+        if target.dtype != logits.dtype:
+            raise TypeError(f"agkd_ops.{fn}: probability targets must have the logits' dtype "
+                            f"{logits.dtype}, got {target.dtype}")
+    elif target.dtype not in (torch.int64, torch.int32):
         raise TypeError(
-            f"agkd_ops.{fn}: {name} must hold integer class indices (int64 or int32), got "
-            f"{target.dtype}; probability (soft) targets are not supported"
+            f"agkd_ops.{fn}: {name} must hold integer class indices (int64 or int32) or floating "
+            f"probabilities, got {target.dtype}"
         )
-    n = logits.shape[0]
-    if target.shape != (n,):
+    elif target.shape != (n,):
         raise ValueError(f"agkd_ops.{fn}: {name} must have shape ({n},) to match the logits' "
                          f"batch, got {_shape(target)}")
     if target.device != logits.device:
         raise ValueError(f"agkd_ops.{fn}: {name} must be on the logits' device {logits.device}, "
                          f"got {target.device}")
-    return target if target.dtype == torch.int64 else target.long()
+    return target if target.dtype != torch.int32 else target.long()
 
 
-def check_target_range(fn: str, target: torch.Tensor, k: int, name: str = "target") -> None:
-    """Class indices in [0, K), for the reference path (torch's cross-entropy would assert
-    on the device). It reads the values on the host: a device sync on a GPU, which is why
-    the native kernels check instead (csrc/agkd/kd.h)."""
+def check_ignore_index(fn: str, ignore_index, target: torch.Tensor):
+    """None, or an int for class-index targets."""
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"agkd_ops.{fn}: ignore_index must be an int or None, got "
+                        f"{type(ignore_index).__name__}")
+    if target.is_floating_point():
+        raise ValueError(f"agkd_ops.{fn}: ignore_index applies to class-index targets only; "
+                         f"got probability targets (pass ignore_index=None)")
+    return int(ignore_index)
+
+
+def check_target_range(fn: str, target: torch.Tensor, k: int, ignore_index=None,
+                       name: str = "target") -> None:
+    """Class indices in [0, K) (besides ignore_index), or probabilities >= 0, for the
+    reference path (torch's cross-entropy would assert on the device). It reads values on
+    the host: a device sync on a GPU, which is why the native kernels check instead
+    (csrc/agkd/kd.h)."""
     # A data-dependent check cannot be traced; compiled code runs without it.
     if torch.compiler.is_compiling():
         return
-    lo, hi = (int(v) for v in torch.aminmax(target))  # one pass, one sync
+    if target.is_floating_point():
+        low = float(target.min())
+        if low < 0:
+            raise ValueError(f"agkd_ops.{fn}: probability targets must be >= 0, got {low}")
+        return
+    counted = target if ignore_index is None else target[target != ignore_index]
+    if counted.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(counted))  # one pass, one sync
     if lo < 0 or hi >= k:
+        besides = "there is no ignore_index" if ignore_index is None else f"besides ignore_index={ignore_index}"
         raise ValueError(
             f"agkd_ops.{fn}: {name} must hold class indices in [0, {k}) for K={k} classes, "
-            f"got values from {lo} to {hi} (there is no ignore_index)"
+            f"got values from {lo} to {hi} ({besides})"
         )
 
 

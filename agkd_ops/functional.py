@@ -28,6 +28,7 @@ gradient) non-finite and leaves the other samples untouched.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
@@ -36,8 +37,8 @@ from ._defaults import (ATTENTION_P, COSINE_EPS, HYBRID_ALPHA, HYBRID_BETA, KD_A
                         KD_TEMPERATURE, NORMALIZE_EPS, SSIM)
 from ._defaults import reduce_per_sample as _reduce
 from ._validation import (LOGITS, REDUCTIONS, check_choice, check_fraction, check_kl_reduction,
-                          check_number, check_pair, check_ssim_args, check_target,
-                          check_target_range, check_tensor)
+                          check_ignore_index, check_number, check_pair, check_ssim_args,
+                          check_target, check_target_range, check_tensor)
 
 __all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "attention_map",
            "attention_align_loss", "kd_kl_div", "kd_loss"]
@@ -260,8 +261,8 @@ def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     temperature = check_number(fn, "temperature", temperature, positive=True)
     check_kl_reduction(fn, reduction)
     if _backend.use_native(fn, "kd_fwd", student_logits):
-        loss, _stats = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, None, temperature,
-                                             0.0, 1.0, "mean" if reduction == "batchmean" else reduction)
+        loss, _stats = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, None, temperature, 0.0,
+                                             1.0, 0.0, None, "mean" if reduction == "batchmean" else reduction)
         return _in_dtype(loss, student_logits.dtype)
     return reference.kd_kl_div(student_logits, teacher_logits, temperature=temperature,
                                reduction=reduction)
@@ -269,46 +270,72 @@ def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
 
 @_float32_under_autocast
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
-            temperature: float = KD_TEMPERATURE, alpha: float = KD_ALPHA, reduction: str = "mean"
-) -> torch.Tensor:
+            temperature: float = KD_TEMPERATURE, alpha: float = KD_ALPHA,
+            label_smoothing: float = 0.0, ignore_index: Optional[int] = None,
+            reduction: str = "mean") -> torch.Tensor:
     r"""Hinton's knowledge-distillation loss, fused: per row
 
     .. math:: (1 - \alpha)\,\mathrm{CE}(s, y) + \alpha\,\tau^2\,
               \mathrm{KL}\big(\mathrm{softmax}(t/\tau)\,\big\|\,\mathrm{softmax}(s/\tau)\big)
 
-    with the cross-entropy at temperature 1, i.e. ``(1 - α) * F.cross_entropy(s, y) + α *
-    kd_kl_div(s, t, temperature=τ)``, from one pass over the logits.
+    with the cross-entropy at temperature 1 exactly as ``F.cross_entropy(s, y,
+    label_smoothing=ε)`` defines it: ``CE = -Σ_k q'_k log softmax(s)_k`` with the smoothed
+    target ``q' = (1 - ε)·q + ε/K``, where ``q`` is the one-hot row of a class index or a
+    given probability row (mixup / cutmix targets; used as given, as torch does). The loss
+    is ``(1 - α) * F.cross_entropy(s, y, label_smoothing=ε) + α * kd_kl_div(s, t,
+    temperature=τ)``, from one pass over the logits; both gradients come from one backward
+    pass. The per-row state kept for the backward is seven numbers.
+
+    ``ignore_index=i``: rows whose class target is ``i`` contribute nothing to either
+    term, get a zero gradient, and are left out of the ``"mean"`` denominator (as in
+    ``F.cross_entropy``); with ``"none"`` their entry is 0. A batch with every row ignored
+    has loss 0 and zero gradients under ``"mean"``, where ``F.cross_entropy`` gives NaN
+    (0/0): a NaN there would turn every weight into NaN at the next optimiser step, and
+    there is nothing in such a batch to learn from.
 
     Args:
         student_logits, teacher_logits: ``(N, K)`` logits of the same shape and dtype.
         target: ``(N,)`` class indices (int64 or int32) in ``[0, K)``. An out-of-range
             value (``-100`` included: there is no ``ignore_index``) is a ``ValueError`` on
             the CPU and with the reference; the CUDA kernels, which never sync the device to
-            look, give that row a NaN loss instead (never an out-of-bounds read).
+            look, give that row a NaN loss instead (never an out-of-bounds read). Or
+            ``(N, K)`` probabilities in the logits' dtype; a negative entry is a
+            ``ValueError`` on the CPU and a NaN row on CUDA.
         temperature: ``τ > 0``. alpha: weight of the KL term, in ``[0, 1]``.
+        label_smoothing: ``ε`` in ``[0, 1]``, applied to the cross-entropy's target.
+        ignore_index: a class index whose rows are skipped, or ``None`` (every row counts;
+            class-index targets only).
         reduction: ``"mean"`` over samples, ``"sum"`` or ``"none"`` for ``(N,)``.
 
     Example:
         >>> import torch, agkd_ops
         >>> student = torch.randn(8, 10, requires_grad=True)
-        >>> loss = agkd_ops.kd_loss(student, torch.randn(8, 10), torch.randint(0, 10, (8,)))
+        >>> loss = agkd_ops.kd_loss(student, torch.randn(8, 10), torch.randint(0, 10, (8,)),
+        ...                         label_smoothing=0.1)
         >>> loss.backward()
+        >>> mixed = torch.softmax(torch.randn(8, 10), 1)  # e.g. mixup's targets
+        >>> agkd_ops.kd_loss(student, torch.randn(8, 10), mixed).shape
+        torch.Size([])
     """
     fn = "kd_loss"
     check_pair(fn, student_logits, teacher_logits, names=_KD_NAMES, ranks=(2,), layout=LOGITS)
     target = check_target(fn, target, student_logits)
     temperature = check_number(fn, "temperature", temperature, positive=True)
     alpha = check_fraction(fn, "alpha", alpha)
+    label_smoothing = check_fraction(fn, "label_smoothing", label_smoothing)
+    ignore_index = check_ignore_index(fn, ignore_index, target)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
     if _backend.use_native(fn, "kd_fwd", student_logits):
-        # The target range is checked by the kernels, with no device-to-host sync: a
+        # Target values are checked by the kernels, with no device-to-host sync: a
         # ValueError before any logit is read on the CPU, a NaN loss for that row on CUDA.
         loss, _stats = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, target, temperature,
-                                             1.0 - alpha, alpha, reduction)
+                                             1.0 - alpha, alpha, label_smoothing, ignore_index,
+                                             reduction)
         return _in_dtype(loss, student_logits.dtype)
-    check_target_range(fn, target, student_logits.shape[1])
+    check_target_range(fn, target, student_logits.shape[1], ignore_index)
     return reference.kd_loss(student_logits, teacher_logits, target, temperature=temperature,
-                             alpha=alpha, reduction=reduction)
+                             alpha=alpha, label_smoothing=label_smoothing,
+                             ignore_index=ignore_index, reduction=reduction)
 
 
 

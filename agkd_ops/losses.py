@@ -2,6 +2,8 @@
 (same names and defaults as the functions), tensors in ``forward``."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -141,25 +143,31 @@ class KDKLDivLoss(nn.Module):
 
 
 class KDLoss(nn.Module):
-    """Hinton's ``(1-α)·CE + α·τ²·KL``; see :func:`agkd_ops.kd_loss`.
+    """Hinton's ``(1-α)·CE + α·τ²·KL`` with ``F.cross_entropy``'s options; see
+    :func:`agkd_ops.kd_loss`.
 
     Example:
         >>> import torch, agkd_ops
-        >>> criterion = agkd_ops.KDLoss(temperature=4.0, alpha=0.9)
+        >>> criterion = agkd_ops.KDLoss(temperature=4.0, alpha=0.9, label_smoothing=0.1)
         >>> student = torch.randn(8, 10, requires_grad=True)
         >>> criterion(student, torch.randn(8, 10), torch.randint(0, 10, (8,))).backward()
     """
 
     def __init__(self, *, temperature: float = KD_TEMPERATURE, alpha: float = KD_ALPHA,
+                 label_smoothing: float = 0.0, ignore_index: Optional[int] = None,
                  reduction: str = "mean") -> None:
         super().__init__()
         self.temperature, self.alpha, self.reduction = temperature, alpha, reduction
+        self.label_smoothing, self.ignore_index = label_smoothing, ignore_index
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 target: torch.Tensor) -> torch.Tensor:
         return F.kd_loss(student_logits, teacher_logits, target, temperature=self.temperature,
-                         alpha=self.alpha, reduction=self.reduction)
+                         alpha=self.alpha, label_smoothing=self.label_smoothing,
+                         ignore_index=self.ignore_index, reduction=self.reduction)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, alpha={self.alpha}, reduction={self.reduction!r}"
+        return (f"temperature={self.temperature}, alpha={self.alpha}, "
+                f"label_smoothing={self.label_smoothing}, ignore_index={self.ignore_index}, "
+                f"reduction={self.reduction!r}")
 

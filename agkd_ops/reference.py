@@ -7,6 +7,8 @@ Half and bfloat16 inputs are computed in float32 and the result is cast back.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -131,14 +133,29 @@ def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
-            temperature: float = KD_TEMPERATURE, alpha: float = KD_ALPHA, reduction: str = "mean"
-) -> torch.Tensor:
-    """Hinton's ``(1-α)·CE(s, target) + α·τ²·KL`` per row; CE at temperature 1."""
+            temperature: float = KD_TEMPERATURE, alpha: float = KD_ALPHA,
+            label_smoothing: float = 0.0, ignore_index: Optional[int] = None,
+            reduction: str = "mean") -> torch.Tensor:
+    """Hinton's ``(1-α)·CE + α·τ²·KL`` per row; CE at temperature 1 against the smoothed
+    target ``q' = (1-ε)·q + ε/K`` (q: the one-hot of a class index, or the given
+    probabilities). Rows whose class is ``ignore_index`` are 0 and leave the "mean"
+    denominator, which is at least 1."""
     dtype = accumulate_dtype(student_logits.dtype)
-    log_q = torch.log_softmax(student_logits.to(dtype), dim=1)
-    ce = -log_q.gather(1, target.long().unsqueeze(1)).squeeze(1)
+    n, k = student_logits.shape
+    counts = torch.ones(n, dtype=torch.bool, device=student_logits.device)
+    if target.is_floating_point():
+        q = target.to(dtype)
+    else:
+        if ignore_index is not None:
+            counts = target != ignore_index
+        q = F.one_hot(torch.where(counts, target, 0).long(), k).to(dtype)
+    q = (1 - label_smoothing) * q + label_smoothing / k
+    ce = -(q * torch.log_softmax(student_logits.to(dtype), dim=1)).sum(dim=1)
     kl = _kl_per_sample(student_logits, teacher_logits, temperature)
-    per_sample = (1 - alpha) * ce + alpha * temperature**2 * kl
+    per_sample = torch.where(counts, (1 - alpha) * ce + alpha * temperature**2 * kl, 0.0)
+    if reduction == "mean" and ignore_index is not None:
+        mean = per_sample.sum() / counts.sum().clamp_min(1)
+        return mean.to(student_logits.dtype)
     return _reduce(per_sample, reduction, student_logits.dtype)
 
 

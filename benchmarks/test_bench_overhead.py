@@ -94,6 +94,31 @@ for size, n, k in [("tiny", 8, 10), ("paper", 128, 100), ("paper", 256, 1000), (
                   lambda s, t, y: agkd_ops.kd_loss(s, t, y, temperature=TEMPERATURE, alpha=KD_ALPHA), torch_kd))
     CASES.append((size, f"kd_kl_div {n}x{k}", lambda g, n=n, k=k: _logits(n, k, g)[:2],
                   lambda s, t: agkd_ops.kd_kl_div(s, t, temperature=TEMPERATURE), torch_kl))
+# kd_loss with F.cross_entropy's options, against plain kd_loss at the same size (the
+# "large" kd_loss row above) and against torch with the same options.
+OPTION_N, OPTION_K = 4096, 1000
+
+
+def _option_inputs(g, option):
+    s, t, y = _logits(OPTION_N, OPTION_K, g)
+    if option == "probabilities":
+        y = torch.softmax(torch.randn(OPTION_N, OPTION_K, generator=g), 1)
+    elif option == "ignore_index":
+        y[::10] = -100  # a tenth of the rows ignored
+    return [s, t, y]
+
+
+def torch_kd_options(s, t, y, option):
+    ce = F.cross_entropy(s, y, label_smoothing=0.1 if option == "label_smoothing" else 0.0)
+    return (1 - KD_ALPHA) * ce + KD_ALPHA * torch_kl(s, t)
+
+
+_KD_OPTIONS = {"label_smoothing": dict(label_smoothing=0.1), "probabilities": {},
+               "ignore_index": dict(ignore_index=-100)}
+for option, kw in _KD_OPTIONS.items():
+    CASES.append(("large", f"kd_loss {OPTION_N}x{OPTION_K} {option}", lambda g, option=option: _option_inputs(g, option),
+                  lambda s, t, y, kw=kw: agkd_ops.kd_loss(s, t, y, temperature=TEMPERATURE, alpha=KD_ALPHA, **kw),
+                  lambda s, t, y, option=option: torch_kd_options(s, t, y, option)))
 for size, shape in [("tiny", (8, 1, 8, 8)), ("paper", (128, 1, 14, 14)), ("large", (128, 1, 56, 56))]:
     label = "x".join(map(str, shape))
     CASES.append((size, f"ssim_loss {label} w{WINDOW}", lambda g, shape=shape: _maps(shape, g),

@@ -17,6 +17,7 @@ from agkd_ops import reference as R
 
 from . import oracle
 from .backends import FLOAT_DTYPES, assert_nan_stays_in_its_sample, close, grads, rounded
+from .helpers import assert_clear_error
 
 # Row sums run in double on every backend; what is left is the output's own rounding.
 KD_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -320,13 +321,24 @@ def test_bitwise_deterministic_and_thread_count_independent(backend):
 # ------------------------------------------------------------------ the compiled op
 
 
-@pytest.mark.parametrize("ce_weight,kl_weight,reduction", [(0.0, 1.0, "mean"), (0.1, 0.9, "none"), (1.0, 0.0, "sum")])
-def test_opcheck(native, ce_weight, kl_weight, reduction):
+@pytest.mark.parametrize("ce_weight,kl_weight,target,smoothing,ignore_index,reduction", [
+    (0.0, 1.0, None, 0.0, None, "mean"),
+    (0.1, 0.9, "classes", 0.0, None, "none"),
+    (1.0, 0.0, "classes", 0.0, None, "sum"),
+    (0.3, 0.7, "classes", 0.1, 3, "mean"),
+    (0.0, 1.0, "classes", 0.0, 3, "mean"),
+    (0.5, 0.5, "probabilities", 0.2, None, "mean"),
+])
+def test_opcheck(native, ce_weight, kl_weight, target, smoothing, ignore_index, reduction):
     g = torch.Generator().manual_seed(0)
     s = torch.randn(5, 11, generator=g).to(native.device).requires_grad_(True)
     t = torch.randn(5, 11, generator=g).to(native.device).requires_grad_(True)
-    y = torch.randint(0, 11, (5,), generator=g).to(native.device) if ce_weight else None
-    args = (s, t, y, 2.0, ce_weight, kl_weight, reduction)
+    y = None if target is None else make_targets(target, 5, 11, torch.float32, g).to(native.device)
+    if target == "probabilities":
+        y = y.float()
+    elif ignore_index is not None:
+        y[0] = ignore_index
+    args = (s, t, y, 2.0, ce_weight, kl_weight, smoothing, ignore_index, reduction)
     torch.library.opcheck(torch.ops.agkd.kd_fwd, args)
     _loss, stats = torch.ops.agkd.kd_fwd(*args)
     bwd_args = (torch.rand(5, device=native.device), s.detach(), t.detach(), y, stats) + args[3:-1] + (True, True)
@@ -336,7 +348,7 @@ def test_opcheck(native, ce_weight, kl_weight, reduction):
 def test_no_term_is_a_clear_error_in_a_direct_op_call(native):
     s = torch.randn(2, 5, device=native.device)
     with pytest.raises(RuntimeError, match="non-zero weight"):
-        torch.ops.agkd.kd_fwd(s, s, None, 1.0, 0.0, 0.0, "mean")
+        torch.ops.agkd.kd_fwd(s, s, None, 1.0, 0.0, 0.0, 0.0, None, "mean")
 
 
 def test_torch_compile_fullgraph(native):
@@ -385,11 +397,11 @@ def test_out_of_range_target_in_a_direct_op_call_is_never_read(native):
     s, t = torch.randn(2, 5, device=native.device), torch.randn(2, 5, device=native.device)
     target = torch.tensor([1, 7], device=native.device)
     if native.cuda_kernels:
-        loss, _ = torch.ops.agkd.kd_fwd(s, t, target, 1.0, 0.5, 0.5, "none")
+        loss, _ = torch.ops.agkd.kd_fwd(s, t, target, 1.0, 0.5, 0.5, 0.0, None, "none")
         assert torch.isfinite(loss[0]) and torch.isnan(loss[1])
     else:
         with pytest.raises(ValueError, match=r"target must hold class indices in \[0, 5\)"):
-            torch.ops.agkd.kd_fwd(s, t, target, 1.0, 0.5, 0.5, "none")
+            torch.ops.agkd.kd_fwd(s, t, target, 1.0, 0.5, 0.5, 0.0, None, "none")
 
 
 def test_double_backward_raises_clearly(native):
@@ -398,3 +410,153 @@ def test_double_backward_raises_clearly(native):
     (gs,) = torch.autograd.grad(agkd_ops.kd_kl_div(s, t), s, create_graph=True)
     with pytest.raises(NotImplementedError, match="double backward"):
         gs.sum().backward()
+
+
+# ------------------------------------- F.cross_entropy's options: smoothing, soft targets, ignore_index
+
+IGNORE = -100
+# (target kind, label_smoothing, ignore_index): an ignore_index applies to class indices only.
+CE_OPTIONS = ([("classes", eps, ignore) for eps in (0.0, 0.1, 1.0) for ignore in (None, IGNORE)]
+              + [("probabilities", eps, None) for eps in (0.0, 0.1, 1.0)])
+
+
+def make_targets(kind, n, k, dtype, generator, ignore_index=None):
+    """Class indices (rows 1 and 4 set to ignore_index, when given) or probability rows
+    that are representable in ``dtype`` (mixup-like: two classes mixed, plus noise)."""
+    if kind == "classes":
+        y = torch.randint(0, k, (n,), generator=generator)
+        if ignore_index is not None:
+            y[[1, 4]] = ignore_index
+        return y
+    q = torch.rand(n, k, generator=generator, dtype=torch.float64) ** 4
+    return (q / q.sum(1, keepdim=True)).to(dtype).double()
+
+
+def torch_kd_composition(s, t, y, *, temperature, alpha, label_smoothing, ignore_index, reduction):
+    """The loss spelled with torch.nn.functional: F.cross_entropy with the same options,
+    plus τ²·F.kl_div per row, ignored rows masked out of both and of the mean."""
+    ce = F.cross_entropy(s, y, label_smoothing=label_smoothing, reduction="none",
+                         ignore_index=IGNORE if ignore_index is None else ignore_index)
+    kl = temperature**2 * F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1),
+                                   log_target=True, reduction="none").sum(1)
+    counts = (y != ignore_index) if ignore_index is not None else torch.ones_like(ce, dtype=torch.bool)
+    per_row = torch.where(counts, (1 - alpha) * ce + alpha * kl, 0.0)
+    if reduction == "none":
+        return per_row
+    return per_row.sum() / (counts.sum() if reduction == "mean" else 1)
+
+
+@pytest.mark.parametrize("kind,label_smoothing,ignore_index", CE_OPTIONS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_options_match_cross_entropy_and_the_kl_composition(backend, kind, label_smoothing, ignore_index,
+                                                            reduction, dtype):
+    g = torch.Generator().manual_seed(hash((kind, label_smoothing, reduction)) % 2**31)
+    n, k = 7, 13
+    s, t = rounded((n, k), dtype, g, 3.0, randn=True), rounded((n, k), dtype, g, 3.0, randn=True)
+    y = make_targets(kind, n, k, dtype, g, ignore_index)
+    options = dict(temperature=3.0, alpha=0.7, label_smoothing=label_smoothing, ignore_index=ignore_index,
+                   reduction=reduction)
+    want = grads(lambda a, b: torch_kd_composition(a, b, y, **options), s, t)
+    target = y.to(backend.device) if kind == "classes" else y.to(dtype).to(backend.device)
+    got = grads(lambda a, b: agkd_ops.kd_loss(a, b, target, **options),
+                s.to(dtype).to(backend.device), t.to(dtype).to(backend.device))
+    assert got[0].dtype == dtype and got[0].shape == want[0].shape
+    tol = KD_TOL[dtype] * 10
+    close(got[0], want[0], tol, scale=max(1.0, want[0].abs().max().item()))
+    close(got[1], want[1], tol, scale=want[1].abs().max().item())
+    close(got[2], want[2], tol, scale=want[2].abs().max().item())
+    if ignore_index is not None:  # ignored rows: exactly zero, values and gradients
+        assert torch.equal(got[1][[1, 4]].cpu(), torch.zeros(2, k, dtype=dtype))
+        assert torch.equal(got[2][[1, 4]].cpu(), torch.zeros(2, k, dtype=dtype))
+
+
+@pytest.mark.parametrize("kind,label_smoothing,ignore_index", CE_OPTIONS)
+def test_cross_entropy_alone_is_f_cross_entropy(backend, kind, label_smoothing, ignore_index):
+    g = torch.Generator().manual_seed(5)
+    s = rounded((9, 6), torch.float64, g, 3.0, randn=True).to(backend.device)
+    y = make_targets(kind, 9, 6, torch.float64, g, ignore_index).to(backend.device)
+    got = agkd_ops.kd_loss(s, s.flip(0), y, alpha=0.0, label_smoothing=label_smoothing, ignore_index=ignore_index)
+    want = F.cross_entropy(s, y, label_smoothing=label_smoothing,
+                           ignore_index=IGNORE if ignore_index is None else ignore_index)
+    close(got, want, 1e-12)
+
+
+def test_a_batch_with_every_row_ignored_has_loss_zero_not_nan(backend):
+    # F.cross_entropy gives 0/0 = NaN here; kd_loss gives 0 and zero gradients (see its docstring).
+    s = torch.randn(3, 5, device=backend.device, requires_grad=True)
+    t = torch.randn(3, 5, device=backend.device, requires_grad=True)
+    y = torch.full((3,), -1, device=backend.device)
+    assert torch.isnan(F.cross_entropy(s.detach(), y, ignore_index=-1))
+    for reduction in ("mean", "sum"):
+        loss = agkd_ops.kd_loss(s, t, y, ignore_index=-1, label_smoothing=0.2, reduction=reduction)
+        assert loss.item() == 0.0
+        s.grad = t.grad = None
+        loss.backward()
+        assert torch.equal(s.grad, torch.zeros_like(s)) and torch.equal(t.grad, torch.zeros_like(t))
+    assert torch.equal(agkd_ops.kd_loss(s, t, y, ignore_index=-1, reduction="none"), torch.zeros(3, device=backend.device))
+
+
+def test_ignored_rows_leave_the_kl_term_too(backend):
+    # alpha = 1: no cross-entropy at all, yet an ignored row still counts for nothing.
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(6, 8, generator=g).to(backend.device), torch.randn(6, 8, generator=g).to(backend.device)
+    y = torch.tensor([0, IGNORE, 2, 3, IGNORE, 5], device=backend.device)
+    kept = y != IGNORE
+    got = agkd_ops.kd_loss(s, t, y, alpha=1.0, ignore_index=IGNORE)
+    want = agkd_ops.kd_kl_div(s[kept], t[kept])
+    close(got, want.double(), 1e-6)
+
+
+@pytest.mark.parametrize("kind,label_smoothing,ignore_index",
+                         [("classes", 0.1, IGNORE), ("probabilities", 0.25, None), ("probabilities", 0.0, None)])
+def test_gradcheck_options_float64(backend, kind, label_smoothing, ignore_index):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(6, 5, generator=g, dtype=torch.float64).to(backend.device).requires_grad_(True)
+    t = torch.randn(6, 5, generator=g, dtype=torch.float64).to(backend.device).requires_grad_(True)
+    y = make_targets(kind, 6, 5, torch.float64, g, ignore_index).to(backend.device)
+    for reduction in ("mean", "none"):
+        assert torch.autograd.gradcheck(
+            lambda a, b: agkd_ops.kd_loss(a, b, y, temperature=2.0, alpha=0.4, label_smoothing=label_smoothing,
+                                          ignore_index=ignore_index, reduction=reduction), (s, t))
+
+
+def test_negative_probabilities(backend):
+    """A probability target below 0 is a ValueError on the CPU kernels and the reference;
+    the CUDA kernels, which do not read targets on the host, give that row a NaN loss."""
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(3, 4, generator=g).to(backend.device)
+    q = torch.full((3, 4), 0.25, device=backend.device)
+    q[1, 2] = -0.5
+    if not backend.cuda_kernels:
+        with pytest.raises(ValueError, match="agkd_ops.kd_loss: probability targets must be >= 0, got -0.5"):
+            agkd_ops.kd_loss(s, s.flip(0), q)
+        return
+    loss = agkd_ops.kd_loss(s, s.flip(0), q, reduction="none")
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+
+
+def test_ignored_rows_may_hold_any_value(backend):
+    # -100 (the usual padding id) is out of [0, K), but an ignored row is never read.
+    s = torch.randn(4, 6, device=backend.device)
+    y = torch.tensor([1, -100, 2, -100], device=backend.device)
+    want = agkd_ops.kd_loss(s[[0, 2]], s.flip(0)[[0, 2]], y[[0, 2]])
+    close(agkd_ops.kd_loss(s, s.flip(0), y, ignore_index=-100), want.double(), 1e-6)
+    with pytest.raises(ValueError, match="besides ignore_index=-1"):
+        agkd_ops.kd_loss(s, s.flip(0), y, ignore_index=-1)
+
+
+@pytest.mark.parametrize("call,exc,words", [
+    (lambda s, y: agkd_ops.kd_loss(s, s, y, label_smoothing=1.5), ValueError, ["kd_loss", "label_smoothing", "[0, 1]"]),
+    (lambda s, y: agkd_ops.kd_loss(s, s, y, label_smoothing=-0.1), ValueError, ["label_smoothing"]),
+    (lambda s, y: agkd_ops.kd_loss(s, s, y, label_smoothing="0.1"), TypeError, ["label_smoothing", "real number"]),
+    (lambda s, y: agkd_ops.kd_loss(s, s, torch.rand(4, 5)), ValueError, ["kd_loss", "probability targets", "(4, 6)", "(4, 5)"]),
+    (lambda s, y: agkd_ops.kd_loss(s, s, torch.rand(4)), ValueError, ["kd_loss", "probability targets", "(4, 6)"]),
+    (lambda s, y: agkd_ops.kd_loss(s, s, torch.rand(4, 6, dtype=torch.float64)), TypeError, ["kd_loss", "float32", "float64"]),
+    (lambda s, y: agkd_ops.kd_loss(s, s, torch.rand(4, 6), ignore_index=-100), ValueError, ["kd_loss", "ignore_index", "class-index"]),
+    (lambda s, y: agkd_ops.kd_loss(s, s, y, ignore_index=1.0), TypeError, ["kd_loss", "ignore_index", "int"]),
+    (lambda s, y: agkd_ops.kd_loss(s, s, y, ignore_index=True), TypeError, ["kd_loss", "ignore_index"]),
+])
+def test_bad_options_are_clear_errors(call, exc, words):
+    # Checked before any backend is chosen, so one backend covers them all.
+    assert_clear_error(lambda: call(torch.randn(4, 6), torch.tensor([0, 1, 2, 3])), exc, words)

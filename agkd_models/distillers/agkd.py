@@ -81,7 +81,7 @@ class AGKD(Distiller):
 
     def loss_terms(self, s: StudentOutput, t, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         logits = agkd_ops.kd_loss(s.logits, t.logits, targets, temperature=self.temperature,
-                                  alpha=self.kd_alpha)
+                                  alpha=self.kd_alpha, label_smoothing=self.label_smoothing)
         teacher_map = t.attention.to(s.attention[0].dtype)
         attention = torch.stack([self.attention_term(m, teacher_map) for m in s.attention]).mean()
         total = self.alpha * logits + self.beta * attention

@@ -240,7 +240,7 @@ class CAKD(Distiller):
         proj2 = F.mse_loss(student_tokens, teacher_tokens)
         d_fake = self.discriminator(student_tokens.mean(1))
         mvg = F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
-        ce = F.cross_entropy(s.logits, targets)
+        ce = F.cross_entropy(s.logits, targets, label_smoothing=self.label_smoothing)
         total = proj1 + proj2 + self.lam * mvg + self.ce_weight * ce
         terms = {"proj1": proj1, "proj2": proj2, "mvg": mvg, "ce": ce, "total": total}
         extra = {"fake": student_tokens.detach().mean(1), "real": teacher_tokens.mean(1)}

@@ -23,5 +23,6 @@ class LogitKD(Distiller):
         self.temperature, self.alpha = temperature, alpha
 
     def loss_terms(self, s: StudentOutput, t, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        kd = agkd_ops.kd_loss(s.logits, t.logits, targets, temperature=self.temperature, alpha=self.alpha)
+        kd = agkd_ops.kd_loss(s.logits, t.logits, targets, temperature=self.temperature, alpha=self.alpha,
+                              label_smoothing=self.label_smoothing)
         return {"kd": kd, "total": kd}

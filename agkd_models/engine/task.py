@@ -30,6 +30,11 @@ class TaskOutput(NamedTuple):
 class Task(nn.Module):
     """Base class of everything the trainer trains (see the module docstring)."""
 
+    # Label smoothing of the task's cross-entropy terms; the trainer sets it from its
+    # configuration (train.label_smoothing). ``targets`` are class indices (N,), or
+    # probabilities (N, K) when the trainer mixes batches (mixup / cutmix).
+    label_smoothing: float = 0.0
+
     # Submodule names whose gradients the task averages itself (DDP must ignore them), and
     # whether some parameters may go unused in a step (DDP then looks for them).
     ddp_self_synced: Tuple[str, ...] = ()
@@ -72,5 +77,5 @@ class SupervisedTask(Task):
     def forward(self, images: torch.Tensor, targets: torch.Tensor, teacher_out=None) -> TaskOutput:
         out = self.model(images)
         logits = getattr(out, "logits", out)
-        ce = F.cross_entropy(logits.float(), targets)
+        ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
         return TaskOutput({"ce": ce, "total": ce}, logits.detach())

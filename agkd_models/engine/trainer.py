@@ -65,6 +65,19 @@ def _set_epoch(dataset: Dataset, epoch: int) -> None:
         dataset.set_epoch(epoch)
 
 
+def _batch_mixer(config: Any, num_classes: Optional[int]):
+    """timm's Mixup for train.mixup / train.cutmix (None when both are off). Its targets
+    are mixed one-hot rows without smoothing: the losses apply train.label_smoothing to
+    them themselves, as F.cross_entropy does to probability targets."""
+    if not (config.mixup > 0 or config.cutmix > 0):
+        return None
+    if num_classes is None:
+        raise ValueError("train.mixup / train.cutmix need the number of classes (Trainer(num_classes=...))")
+    from timm.data import Mixup
+    return Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, prob=config.mixup_prob,
+                 label_smoothing=0.0, num_classes=num_classes)
+
+
 class Trainer:
     """Trains ``task`` with ``config``, writing logs and checkpoints to ``out_dir``;
     validation runs ``evaluate_model`` (the task itself unless given: the student when
@@ -72,8 +85,10 @@ class Trainer:
     declared there with all the others; the engine reads them and imports nothing above it."""
 
     def __init__(self, task: Task, config: Any, out_dir: Path, *,
-                 evaluate_model: Optional[nn.Module] = None):
+                 evaluate_model: Optional[nn.Module] = None, num_classes: Optional[int] = None):
         self.task, self.config, self.out_dir = task, config, Path(out_dir)
+        task.label_smoothing = config.label_smoothing
+        self.mixup = _batch_mixer(config, num_classes)
         self.world, self.device = distributed.setup(config.device)
         autocast(self.device, config.amp)  # validates the mode early
         if config.batch_size % self.world.size:
@@ -236,6 +251,10 @@ class Trainer:
         images, targets, *extra = batch
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
+        # timm mixes a batch with its reverse, so it needs an even batch; an odd last batch
+        # trains on its class targets.
+        if self.mixup is not None and len(images) % 2 == 0:
+            images, targets = self.mixup(images, targets)
         if self.config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         kwargs = {"teacher_out": extra[0].to(self.device)} if extra else {}

@@ -117,7 +117,8 @@ def train_teacher(cfg: Dict[str, Any], out: Path, resume: bool = False) -> Dict[
     data = build_data(cfg)
     _seeded(cfg)
     teacher = build_teacher(cfg, data.num_classes)
-    trainer = Trainer(SupervisedTask(teacher), TrainConfig.from_dict(cfg["train"]), out, evaluate_model=teacher)
+    trainer = Trainer(SupervisedTask(teacher), TrainConfig.from_dict(cfg["train"]), out, evaluate_model=teacher,
+                      num_classes=data.num_classes)
     history = trainer.fit(data.train, data.val, resume=resume)
     if trainer.world.is_main:
         torch.save(teacher.state_dict(), out / "teacher.pt")
@@ -140,6 +141,9 @@ def distill(cfg: Dict[str, Any], teacher_path: str, method: str, out: Path, resu
     if teacher_cache and method not in CACHEABLE:
         raise ConfigError(f"--teacher-cache serves the methods that read only the teacher's logits and attention "
                           f"({', '.join(CACHEABLE)}); {method!r} needs the online teacher")
+    if teacher_cache and (cfg["train"]["mixup"] > 0 or cfg["train"]["cutmix"] > 0):
+        raise ConfigError("--teacher-cache cannot serve train.mixup / train.cutmix: the cache holds the teacher's "
+                          "outputs for each image, and mixing pairs images per batch; run without the cache")
     data = build_data(cfg)
     train_set, num_classes = data.train, data.num_classes
     _seeded(cfg)
@@ -153,7 +157,8 @@ def distill(cfg: Dict[str, Any], teacher_path: str, method: str, out: Path, resu
         train_set = CachedTeacherDataset(train_set, cache)
     student = build_student(cfg, num_classes)
     task = build_task(method, teacher, student, cfg["distill"])
-    trainer = Trainer(task, TrainConfig.from_dict(cfg["train"]), out, evaluate_model=student)
+    trainer = Trainer(task, TrainConfig.from_dict(cfg["train"]), out, evaluate_model=student,
+                      num_classes=num_classes)
     history = trainer.fit(train_set, data.val, resume=resume)
     if trainer.world.is_main:
         torch.save(student.state_dict(), out / "student.pt")  # the student alone, for inference

@@ -73,4 +73,14 @@ void dispatch_terms(bool first, bool second, const Body& body) {
   }
 }
 
+// Calls body.template operator()<kFlag>() with kFlag equal to `flag`.
+template <typename Body>
+void dispatch_flag(bool flag, const Body& body) {
+  if (flag) {
+    body.template operator()<true>();
+  } else {
+    body.template operator()<false>();
+  }
+}
+
 }  // namespace agkd

@@ -16,12 +16,28 @@ struct KdParams {
   double temperature;
   double ce_weight;  // weight of the cross-entropy with the targets; 0: no targets needed
   double kl_weight;  // weight of τ²·KL(p_t ‖ p_s); 0 skips the teacher entirely
+  double label_smoothing = 0.0;         // ε of the cross-entropy's target
+  std::optional<int64_t> ignore_index;  // rows with this class target count for nothing
   bool with_ce() const { return ce_weight != 0.0; }
   bool with_kl() const { return kl_weight != 0.0; }
 };
 
 struct KdGeometry {
   int64_t N, K;
+  bool probability_target;  // target is (N, K) probabilities, not (N,) class indices
+};
+
+// The target a kernel reads: class indices (int64, contiguous) or probability rows (the
+// logits' dtype, any strides), or none.
+struct KdTarget {
+  at::Tensor tensor;     // undefined: no target read
+  bool probabilities = false;
+  bool ignores = false;  // class indices with an ignore_index: some rows may be skipped
+  int64_t ignore_index = 0;
+  const int64_t* classes() const {
+    return tensor.defined() && !probabilities ? tensor.const_data_ptr<int64_t>() : nullptr;
+  }
+  RowMask mask() const { return {classes(), ignores, ignore_index}; }
 };
 
 // The Python API validates with friendlier messages; these guard direct torch.ops calls.
@@ -38,14 +54,57 @@ inline KdGeometry check_kd_inputs(const at::Tensor& student, const at::Tensor& t
   TORCH_CHECK(student.size(0) > 0 && student.size(1) > 0, "agkd::kd: empty input ",
               student.sizes());
   TORCH_CHECK(p.temperature > 0, "agkd::kd: temperature must be > 0, got ", p.temperature);
-  if (p.with_ce()) {
-    TORCH_CHECK(target.has_value() && target->defined(),
-                "agkd::kd: ce_weight != 0 needs a target");
-    TORCH_CHECK(target->dim() == 1 && target->size(0) == student.size(0) &&
-                    target->scalar_type() == at::kLong && target->device() == student.device(),
-                "agkd::kd: target must be an int64 (N,) tensor on the logits' device");
+  TORCH_CHECK(p.label_smoothing >= 0 && p.label_smoothing <= 1,
+              "agkd::kd: label_smoothing must be in [0, 1], got ", p.label_smoothing);
+  const bool has_target = target.has_value() && target->defined();
+  TORCH_CHECK(has_target || !p.with_ce(), "agkd::kd: ce_weight != 0 needs a target");
+  TORCH_CHECK(has_target || !p.ignore_index.has_value(), "agkd::kd: ignore_index needs a target");
+  bool probabilities = false;
+  if (has_target) {
+    TORCH_CHECK(target->device() == student.device(), "agkd::kd: target must be on the logits' device");
+    probabilities = target->is_floating_point();
+    if (probabilities) {
+      TORCH_CHECK(target->sizes() == student.sizes() && target->scalar_type() == student.scalar_type(),
+                  "agkd::kd: probability targets must be (N, K) of the logits' dtype");
+      TORCH_CHECK(!p.ignore_index.has_value(),
+                  "agkd::kd: ignore_index applies to class-index targets only");
+    } else {
+      TORCH_CHECK(target->dim() == 1 && target->size(0) == student.size(0) &&
+                      target->scalar_type() == at::kLong,
+                  "agkd::kd: class targets must be an int64 (N,) tensor");
+    }
   }
-  return {student.size(0), student.size(1)};
+  return {student.size(0), student.size(1), probabilities};
+}
+
+// The target as the kernels read it (class indices made contiguous). The CE term needs it,
+// and so does an ignore_index, which masks the KL term's rows too.
+inline KdTarget kd_target(const std::optional<at::Tensor>& target, const KdParams& p,
+                          const KdGeometry& g) {
+  KdTarget t;
+  if (!(p.with_ce() || p.ignore_index.has_value())) return t;
+  t.probabilities = g.probability_target;
+  t.tensor = t.probabilities ? *target : target->contiguous();
+  t.ignores = p.ignore_index.has_value();
+  t.ignore_index = p.ignore_index.value_or(0);
+  return t;
+}
+
+// The denominator of reduction "mean": N, or with an ignore_index the rows that count, at
+// least 1 (a batch with every row ignored has loss 0 and zero gradients, not 0/0 = NaN).
+// Counted on the device: no value comes back to the host.
+inline at::Tensor kd_counted_rows(const at::Tensor& classes, int64_t ignore_index,
+                                  at::ScalarType dtype) {
+  return classes.ne(ignore_index).sum().clamp_min(1).to(dtype);
+}
+
+// The forward's loss output: reduce_loss (host.h), except that with an ignore_index a
+// "mean" averages over the rows that count.
+inline at::Tensor reduce_kd_loss(const at::Tensor& per_row, Reduction reduction, const KdTarget& t) {
+  if (reduction == Reduction::kMean && t.ignores) {
+    return per_row.sum().div(kd_counted_rows(t.tensor, t.ignore_index, per_row.scalar_type()));
+  }
+  return reduce_loss(per_row, reduction);
 }
 
 inline void check_kd_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& stats,
@@ -65,11 +124,9 @@ inline void check_kd_backward_inputs(const at::Tensor& grad_loss, const at::Tens
 // alone is zero.
 struct KdBackward {
   at::Tensor grad_student, grad_teacher;  // the op's outputs
-  at::Tensor grad_loss, stats, target;    // contiguous inputs (target undefined without CE)
+  at::Tensor grad_loss, stats;            // contiguous inputs
+  KdTarget target;
   bool student = false, teacher = false;  // which gradients the kernel must write
-  const int64_t* target_data() const {
-    return target.defined() ? target.const_data_ptr<int64_t>() : nullptr;
-  }
 };
 
 inline KdBackward prepare_kd_backward(const at::Tensor& grad_loss, const at::Tensor& student,
@@ -80,6 +137,7 @@ inline KdBackward prepare_kd_backward(const at::Tensor& grad_loss, const at::Ten
   const KdGeometry g = check_kd_inputs(student, teacher, target, p);
   check_kd_backward_inputs(grad_loss, stats, student, g);
   KdBackward b;
+  b.target = kd_target(target, p, g);
   b.grad_student = input_grad_or_empty(student, needs_grad_student);
   b.grad_teacher = input_grad_or_empty(teacher, needs_grad_teacher);
   b.student = needs_grad_student;
@@ -87,7 +145,6 @@ inline KdBackward prepare_kd_backward(const at::Tensor& grad_loss, const at::Ten
   if (needs_grad_teacher && !p.with_kl()) b.grad_teacher.zero_();
   b.grad_loss = grad_loss.contiguous();
   b.stats = stats.contiguous();
-  if (p.with_ce()) b.target = target->contiguous();
   return b;
 }
 

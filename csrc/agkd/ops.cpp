@@ -67,16 +67,21 @@ TORCH_LIBRARY(agkd, m) {
 
   // Temperature-scaled KL and Hinton KD loss of (N, K) logits. Per row n:
   //   loss[n] = ce_weight * CE(student[n], target[n]) + kl_weight * T² * KL(p_t ‖ p_s)
-  // with p = softmax(logits / T) and CE at temperature 1 (target unused, may be None, when
-  // ce_weight == 0). stats[n] holds the row maxima, log-normalisers and KL (math/kd.h,
-  // KdStat) from which the backward recomputes both gradients in one pass.
+  // with p = softmax(logits / T) and CE at temperature 1, as F.cross_entropy with
+  // label_smoothing. target: (N,) int64 class indices or (N, K) probabilities in the
+  // logits' dtype; unused (may be None) when ce_weight == 0 and there is no ignore_index.
+  // A row whose class is ignore_index has loss 0 and gradient 0 and is left out of the
+  // "mean". stats[n] holds the row maxima, log-normalisers, KL and the CE target's mass
+  // (math/kd.h, KdStat), from which the backward recomputes both gradients in one pass.
   m.def(
       "kd_fwd(Tensor student, Tensor teacher, Tensor? target, float temperature, "
-      "float ce_weight, float kl_weight, str reduction) -> (Tensor loss, Tensor stats)");
+      "float ce_weight, float kl_weight, float label_smoothing, int? ignore_index, "
+      "str reduction) -> (Tensor loss, Tensor stats)");
   m.def(
       "kd_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? target, Tensor stats, "
-      "float temperature, float ce_weight, float kl_weight, bool needs_grad_student, "
-      "bool needs_grad_teacher) -> (Tensor grad_student, Tensor grad_teacher)");
+      "float temperature, float ce_weight, float kl_weight, float label_smoothing, "
+      "int? ignore_index, bool needs_grad_student, bool needs_grad_teacher) -> "
+      "(Tensor grad_student, Tensor grad_teacher)");
 
   // Attention transfer map of (N, C, H, W) features: map (N, 1, H, W) = mean_c |F|^p,
   // divided by max(‖·‖₂, eps) per sample when normalize; norm (N,) is ‖mean_c |F|^p‖₂

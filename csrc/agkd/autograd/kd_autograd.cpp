@@ -5,26 +5,28 @@
 #include <string>
 
 #include "agkd/autograd/autograd.h"
+#include "agkd/kd.h"
 
 namespace agkd {
 namespace {
 
 using KdFwdSignature = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double, double,
-    c10::string_view);
+    double, std::optional<int64_t>, c10::string_view);
 using KdBwdSignature = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    const at::Tensor&, double, double, double, bool, bool);
+    const at::Tensor&, double, double, double, double, std::optional<int64_t>, bool, bool);
 
 struct KdBwdOp {
   static constexpr const char* kForwardName = "kd_fwd";
   static std::tuple<at::Tensor, at::Tensor> call(
       const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
       const std::optional<at::Tensor>& target, const at::Tensor& stats, double temperature,
-      double ce_weight, double kl_weight, bool needs_grad_student, bool needs_grad_teacher) {
+      double ce_weight, double kl_weight, double label_smoothing,
+      std::optional<int64_t> ignore_index, bool needs_grad_student, bool needs_grad_teacher) {
     static const auto op = find_op<KdBwdSignature>("agkd::kd_bwd");
     return op.call(grad_loss, student, teacher, target, stats, temperature, ce_weight, kl_weight,
-                   needs_grad_student, needs_grad_teacher);
+                   label_smoothing, ignore_index, needs_grad_student, needs_grad_teacher);
   }
 };
 
@@ -33,15 +35,18 @@ class KdFunction : public torch::autograd::Function<KdFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& student,
                                const at::Tensor& teacher, const std::optional<at::Tensor>& target,
                                double temperature, double ce_weight, double kl_weight,
+                               double label_smoothing, std::optional<int64_t> ignore_index,
                                c10::string_view reduction) {
     static const auto op = find_op<KdFwdSignature>("agkd::kd_fwd");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, stats] =
-        op.call(student, teacher, target, temperature, ce_weight, kl_weight, reduction);
+    auto [loss, stats] = op.call(student, teacher, target, temperature, ce_weight, kl_weight,
+                                 label_smoothing, ignore_index, reduction);
     ctx->save_for_backward({student, teacher, target.value_or(at::Tensor()), stats});
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["ce_weight"] = ce_weight;
     ctx->saved_data["kl_weight"] = kl_weight;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["reduction"] = std::string(reduction);
     ctx->mark_non_differentiable({stats});
     ctx->set_materialize_grads(false);  // stats never gets a gradient: allocate none
@@ -49,19 +54,26 @@ class KdFunction : public torch::autograd::Function<KdFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
-    variable_list out(7);  // one per forward argument; undefined: no gradient
+    variable_list out(9);  // one per forward argument; undefined: no gradient
     if (!grads[0].defined()) return out;
     const variable_list saved = ctx->get_saved_variables();
     const bool needs_student = ctx->needs_input_grad(0), needs_teacher = ctx->needs_input_grad(1);
     const std::optional<at::Tensor> target =
         saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
     const auto& d = ctx->saved_data;
+    const std::optional<int64_t> ignore_index = d.at("ignore_index").toOptional<int64_t>();
+    const c10::string_view reduction = d.at("reduction").toStringView();
+    const int64_t N = saved[0].size(0);
+    // With an ignore_index, "mean" divides by the rows that count (kd.h, reduce_kd_loss).
+    const at::Tensor grad_loss =
+        ignore_index && parse_reduction(reduction) == Reduction::kMean
+            ? grads[0].div(kd_counted_rows(saved[2], *ignore_index, grads[0].scalar_type())).expand({N})
+            : per_sample_grad(grads[0], reduction, N);
     std::tie(out[0], out[1]) = needed_only(
-        as_variables(KdBwdOp::call(per_sample_grad(grads[0], d.at("reduction").toStringView(),
-                                                   saved[0].size(0)),
-                                   saved[0], saved[1], target, saved[3],
+        as_variables(KdBwdOp::call(grad_loss, saved[0], saved[1], target, saved[3],
                                    d.at("temperature").toDouble(), d.at("ce_weight").toDouble(),
-                                   d.at("kl_weight").toDouble(), needs_student, needs_teacher)),
+                                   d.at("kl_weight").toDouble(), d.at("label_smoothing").toDouble(),
+                                   ignore_index, needs_student, needs_teacher)),
         needs_student, needs_teacher);
     return out;
   }
@@ -71,19 +83,22 @@ std::tuple<at::Tensor, at::Tensor> kd_fwd_autograd(const at::Tensor& student,
                                                    const at::Tensor& teacher,
                                                    const std::optional<at::Tensor>& target,
                                                    double temperature, double ce_weight,
-                                                   double kl_weight, c10::string_view reduction) {
-  const variable_list out =
-      KdFunction::apply(student, teacher, target, temperature, ce_weight, kl_weight, reduction);
+                                                   double kl_weight, double label_smoothing,
+                                                   std::optional<int64_t> ignore_index,
+                                                   c10::string_view reduction) {
+  const variable_list out = KdFunction::apply(student, teacher, target, temperature, ce_weight,
+                                              kl_weight, label_smoothing, ignore_index, reduction);
   return {out[0], out[1]};
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_bwd_autograd(
     const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
     const std::optional<at::Tensor>& target, const at::Tensor& stats, double temperature,
-    double ce_weight, double kl_weight, bool needs_grad_student, bool needs_grad_teacher) {
+    double ce_weight, double kl_weight, double label_smoothing, std::optional<int64_t> ignore_index,
+    bool needs_grad_student, bool needs_grad_teacher) {
   const variable_list out = FirstOrderOnly<KdBwdOp>::apply(
       grad_loss, student, teacher, target, stats, temperature, ce_weight, kl_weight,
-      needs_grad_student, needs_grad_teacher);
+      label_smoothing, ignore_index, needs_grad_student, needs_grad_teacher);
   return {out[0], out[1]};
 }
 

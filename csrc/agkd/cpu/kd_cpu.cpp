@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <limits>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -85,156 +86,216 @@ AGKD_CPU_INLINE acc_t row_max(const acc_t* __restrict x, int64_t K) {
   return m;
 }
 
-template <typename acc_t, bool kCE, bool kKL>
-AGKD_CPU_INLINE KdRowStats<acc_t> row_stats(const acc_t* __restrict s,
-                                            const acc_t* __restrict t, int64_t K,
-                                            acc_t inv_tau) {
-  const acc_t max_s = row_max(s, K);
-  const acc_t max_t = kKL ? row_max(t, K) : acc_t(0);
+// One row's sums (math/kd.h, KdRowSums): in acc_t lanes over chunks of kChunk classes,
+// then in double. `q` is the probability target row (kProb) or null.
+template <typename acc_t, bool kCE, bool kKL, bool kProb>
+AGKD_CPU_INLINE KdRowSums<double> row_sums(const acc_t* __restrict s, const acc_t* __restrict t,
+                                           const acc_t* __restrict q, int64_t K, acc_t max_s,
+                                           acc_t max_t, acc_t inv_tau) {
   KdRowSums<double> total;
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
     const int64_t k1 = std::min(K, k0 + kChunk);
-    acc_t z_s = 0, z_t = 0, w = 0, z_ce = 0;
-    AGKD_SIMD_REDUCTION(+ : z_s, z_t, w, z_ce)
+    acc_t z_s = 0, z_t = 0, w = 0, z_ce = 0, s_sum = 0, q_sum = 0, qs = 0;
+    AGKD_SIMD_REDUCTION(+ : z_s, z_t, w, z_ce, s_sum, q_sum, qs)
     for (int64_t k = k0; k < k1; ++k) {
-      const KdRowSums<acc_t> terms =
-          kd_sum_terms<kCE, kKL>(s[k], kKL ? t[k] : acc_t(0), max_s, max_t, inv_tau, SimdExp{});
+      const KdRowSums<acc_t> terms = kd_sum_terms<kCE, kKL, kProb>(
+          s[k], kKL ? t[k] : acc_t(0), kProb ? q[k] : acc_t(0), max_s, max_t, inv_tau, SimdExp{});
       z_s += terms.z_s, z_t += terms.z_t, w += terms.w, z_ce += terms.z_ce;
+      s_sum += terms.s_sum, q_sum += terms.q_sum, qs += terms.qs;
     }
     total.z_s += z_s, total.z_t += z_t, total.w += w, total.z_ce += z_ce;
+    total.s_sum += s_sum, total.q_sum += q_sum, total.qs += qs;
   }
-  return kd_row_stats<acc_t>(max_s, max_t, total, kKL, kCE);
+  return total;
 }
 
-template <typename scalar_t, bool kCE, bool kKL>
-AGKD_CPU_MULTIVERSION void kd_fwd_rows(const LogitRows<scalar_t>& student,
-                                       const LogitRows<scalar_t>& teacher,
-                                       const int64_t* target, const KdParams& p,
-                                       int64_t begin, int64_t end,
+// What a forward or backward pass reads besides the logits: the targets and the options
+// of the cross-entropy.
+template <typename scalar_t>
+struct KdRowInputs {
+  using acc_t = at::opmath_type<scalar_t>;
+  LogitRows<scalar_t> student, teacher, probabilities;  // probabilities: kProb only
+  const int64_t* classes;                               // class targets, or null
+  RowMask mask;
+  Smoothing<acc_t> smoothing;
+  acc_t tau, inv_tau, ce_weight, kl_weight;
+  KdRowInputs(const at::Tensor& s, const at::Tensor& t, const KdTarget& target, const KdParams& p)
+      : student(s), teacher(t), probabilities(target.probabilities ? target.tensor : s),
+        classes(target.classes()), mask(target.mask()),
+        smoothing(make_smoothing<acc_t>(p.label_smoothing, s.size(1))),
+        tau(static_cast<acc_t>(p.temperature)), inv_tau(acc_t(1) / tau),
+        ce_weight(static_cast<acc_t>(p.ce_weight)), kl_weight(static_cast<acc_t>(p.kl_weight)) {}
+};
+
+template <typename scalar_t, bool kCE, bool kKL, bool kProb>
+AGKD_CPU_MULTIVERSION void kd_fwd_rows(const KdRowInputs<scalar_t>& in, int64_t begin, int64_t end,
                                        at::opmath_type<scalar_t>* loss,
                                        at::opmath_type<scalar_t>* stats) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t tau = static_cast<acc_t>(p.temperature), inv_tau = acc_t(1) / tau;
-  const acc_t ce_weight = static_cast<acc_t>(p.ce_weight);
-  const acc_t kl_weight = static_cast<acc_t>(p.kl_weight);
-  std::vector<acc_t> s_buffer, t_buffer;
+  const int64_t K = in.student.K;
+  std::vector<acc_t> s_buffer, t_buffer, q_buffer;
   for (int64_t n = begin; n < end; ++n) {
-    const acc_t* s = student.row(n, s_buffer);
-    const acc_t* t = kKL ? teacher.row(n, t_buffer) : nullptr;
-    const KdRowStats<acc_t> st = row_stats<acc_t, kCE, kKL>(s, t, student.K, inv_tau);
-    const acc_t s_target =
-        kCE ? kd_target_logit<acc_t>(target[n], student.K, [&](int64_t k) { return s[k]; })
-            : acc_t(0);
-    loss[n] = kd_row_loss(st, s_target, tau, ce_weight, kl_weight);
+    if (in.mask.ignored(n)) {  // nothing is read: loss 0, stats 0
+      loss[n] = 0;
+      store_kd_stats(KdRowStats<acc_t>{}, stats + n * kKdStats);
+      continue;
+    }
+    const acc_t* s = in.student.row(n, s_buffer);
+    const acc_t* t = kKL ? in.teacher.row(n, t_buffer) : nullptr;
+    const acc_t* q = kProb ? in.probabilities.row(n, q_buffer) : nullptr;
+    const acc_t max_s = row_max(s, K);
+    const acc_t max_t = kKL ? row_max(t, K) : acc_t(0);
+    const KdRowSums<double> sums = row_sums<acc_t, kCE, kKL, kProb>(s, t, q, K, max_s, max_t, in.inv_tau);
+    KdRowStats<acc_t> st = kd_row_stats<acc_t>(max_s, max_t, sums, kKL, kCE);
+    acc_t ce = 0;
+    if constexpr (kCE) {
+      const CeTargetSums<acc_t> target =
+          kProb ? probability_target_sums(static_cast<acc_t>(sums.q_sum), static_cast<acc_t>(sums.qs),
+                                          in.smoothing)
+                : class_target_sums(kd_target_logit<acc_t>(in.classes[n], K, [&](int64_t k) { return s[k]; }) -
+                                    max_s);
+      ce = kd_row_ce(st, target, static_cast<acc_t>(sums.s_sum), in.smoothing);
+    }
+    loss[n] = kd_row_loss(st, ce, in.tau, in.ce_weight, in.kl_weight);
     store_kd_stats(st, stats + n * kKdStats);
   }
 }
 
-// Class targets in [0, K), checked on the host before any logit is read: on the CPU this
-// costs one pass over N integers and gives the user a ValueError, where the CUDA kernels,
-// which must not sync the device, turn such a row's loss into NaN (math/kd.h).
-void check_target_range(const int64_t* target, int64_t N, int64_t K) {
-  const auto [lo, hi] = std::minmax_element(target, target + N);
-  TORCH_CHECK_VALUE(*lo >= 0 && *hi < K, "agkd_ops.kd_loss: target must hold class indices in [0, ", K,
-                    ") for K=", K, " classes, got values from ", *lo, " to ", *hi,
-                    " (there is no ignore_index)");
+// Targets checked on the host before any logit is read: on the CPU this costs one pass
+// over the targets and gives the user a ValueError, where the CUDA kernels, which must
+// not sync the device, turn such a row's loss into NaN (math/kd.h).
+void check_class_targets(const KdTarget& target, int64_t N, int64_t K) {
+  const int64_t* classes = target.classes();
+  const RowMask mask = target.mask();
+  int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
+  for (int64_t n = 0; n < N; ++n) {  // over the rows that count (there may be none)
+    if (mask.ignored(n)) continue;
+    lo = std::min(lo, classes[n]), hi = std::max(hi, classes[n]);
+  }
+  TORCH_CHECK_VALUE(lo > hi || (lo >= 0 && hi < K), "agkd_ops.kd_loss: target must hold class indices in [0, ",
+                    K, ") for K=", K, " classes, got values from ", lo, " to ", hi,
+                    target.ignores ? " (besides ignore_index=" + std::to_string(target.ignore_index) + ")"
+                                   : std::string(" (there is no ignore_index)"));
+}
+
+template <typename scalar_t>
+void check_probability_targets(const at::Tensor& target) {
+  const LogitRows<scalar_t> rows(target);
+  std::vector<at::opmath_type<scalar_t>> buffer;
+  for (int64_t n = 0; n < target.size(0); ++n) {
+    const auto* q = rows.row(n, buffer);
+    for (int64_t k = 0; k < rows.K; ++k) {
+      TORCH_CHECK_VALUE(!(q[k] < 0), "agkd_ops.kd_loss: probability targets must be >= 0, got ",
+                        static_cast<double>(q[k]), " at row ", n, ", class ", k);
+    }
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_fwd_cpu(const at::Tensor& student,
                                               const at::Tensor& teacher,
                                               const std::optional<at::Tensor>& target,
                                               double temperature, double ce_weight,
-                                              double kl_weight, c10::string_view reduction) {
-  const KdParams p{temperature, ce_weight, kl_weight};
+                                              double kl_weight, double label_smoothing,
+                                              std::optional<int64_t> ignore_index,
+                                              c10::string_view reduction) {
+  const KdParams p{temperature, ce_weight, kl_weight, label_smoothing, ignore_index};
   const Reduction r = parse_reduction(reduction);
   const KdGeometry g = check_kd_inputs(student, teacher, target, p);
+  const KdTarget tgt = kd_target(target, p, g);
   auto [loss, stats] = per_sample_outputs(student, g.N, kKdStats);
-  const at::Tensor target_c = p.with_ce() ? target->contiguous() : at::Tensor();
-  const int64_t* tgt = p.with_ce() ? target_c.const_data_ptr<int64_t>() : nullptr;
-  if (tgt != nullptr) check_target_range(tgt, g.N, g.K);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const LogitRows<scalar_t> s(student), t(teacher);
+    if (tgt.probabilities) check_probability_targets<scalar_t>(tgt.tensor);
+    else if (tgt.tensor.defined()) check_class_targets(tgt, g.N, g.K);
+    const KdRowInputs<scalar_t> in(student, teacher, tgt, p);
     acc_t* loss_out = loss.mutable_data_ptr<acc_t>();
     acc_t* stats_out = stats.mutable_data_ptr<acc_t>();
     dispatch_terms(p.with_ce(), p.with_kl(), [&]<bool kCE, bool kKL>() {
-      at::parallel_for(0, g.N, rows_per_task(g.K), [&](int64_t begin, int64_t end) {
-        kd_fwd_rows<scalar_t, kCE, kKL>(s, t, tgt, p, begin, end, loss_out, stats_out);
+      dispatch_flag(kCE && tgt.probabilities, [&]<bool kProb>() {
+        at::parallel_for(0, g.N, rows_per_task(g.K), [&](int64_t begin, int64_t end) {
+          kd_fwd_rows<scalar_t, kCE, kKL, kProb>(in, begin, end, loss_out, stats_out);
+        });
       });
     });
   });
-  return {reduce_loss(loss, r), stats};
+  return {reduce_kd_loss(loss, r, tgt), stats};
 }
 
 // --------------------------------------------------------------------------- backward
 
 // One row of both gradients. kGradS / kGradT select the outputs, so the lane loop has no
 // per-element branch on them.
-template <typename scalar_t, bool kCE, bool kKL, bool kGradS, bool kGradT>
+template <typename scalar_t, bool kCE, bool kKL, bool kProb, bool kGradS, bool kGradT>
 AGKD_CPU_INLINE void kd_grad_row(const at::opmath_type<scalar_t>* __restrict s,
-                                 const at::opmath_type<scalar_t>* __restrict t, int64_t K,
+                                 const at::opmath_type<scalar_t>* __restrict t,
+                                 const at::opmath_type<scalar_t>* __restrict q, int64_t K,
                                  int64_t target, const KdRowStats<at::opmath_type<scalar_t>>& st,
                                  const KdGradCoeffs<at::opmath_type<scalar_t>>& c,
+                                 const Smoothing<at::opmath_type<scalar_t>>& smoothing,
                                  at::opmath_type<scalar_t> inv_tau,
                                  scalar_t* __restrict grad_s, scalar_t* __restrict grad_t) {
   using acc_t = at::opmath_type<scalar_t>;
   AGKD_SIMD
   for (int64_t k = 0; k < K; ++k) {
-    const KdGradPair<acc_t> grad = kd_grads_at<kCE, kKL>(st, c, s[k], kKL ? t[k] : acc_t(0),
-                                                         k == target, inv_tau, SimdExp{});
+    const acc_t q_k = kProb ? target_probability(q[k]) : (k == target ? acc_t(1) : acc_t(0));
+    const KdGradPair<acc_t> grad = kd_grads_at<kCE, kKL>(st, c, s[k], kKL ? t[k] : acc_t(0), q_k,
+                                                         smoothing, inv_tau, SimdExp{});
     if constexpr (kGradS) grad_s[k] = static_cast<scalar_t>(grad.student);
     if constexpr (kGradT) grad_t[k] = static_cast<scalar_t>(grad.teacher);
   }
 }
 
-template <typename scalar_t, bool kCE, bool kKL, bool kGradS, bool kGradT>
-AGKD_CPU_MULTIVERSION void kd_bwd_rows(const LogitRows<scalar_t>& student,
-                                       const LogitRows<scalar_t>& teacher,
-                                       const int64_t* target, const KdParams& p,
+template <typename scalar_t, bool kCE, bool kKL, bool kProb, bool kGradS, bool kGradT>
+AGKD_CPU_MULTIVERSION void kd_bwd_rows(const KdRowInputs<scalar_t>& in,
                                        const at::opmath_type<scalar_t>* grad_loss,
                                        const at::opmath_type<scalar_t>* stats, int64_t begin,
                                        int64_t end, scalar_t* grad_s, scalar_t* grad_t) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t K = student.K;
-  const acc_t tau = static_cast<acc_t>(p.temperature), inv_tau = acc_t(1) / tau;
-  std::vector<acc_t> s_buffer, t_buffer;
+  const int64_t K = in.student.K;
+  std::vector<acc_t> s_buffer, t_buffer, q_buffer;
   for (int64_t n = begin; n < end; ++n) {
+    if (in.mask.ignored(n)) {  // an ignored row's gradient is exactly zero
+      if constexpr (kGradS) std::fill_n(grad_s + n * K, K, scalar_t(0));
+      if constexpr (kGradT) std::fill_n(grad_t + n * K, K, scalar_t(0));
+      continue;
+    }
     const KdRowStats<acc_t> st = load_kd_stats(stats + n * kKdStats);
-    const KdGradCoeffs<acc_t> c =
-        kd_grad_coeffs(grad_loss[n], tau, static_cast<acc_t>(p.ce_weight),
-                       static_cast<acc_t>(p.kl_weight));
-    const acc_t* s = student.row(n, s_buffer);
-    const acc_t* t = kKL ? teacher.row(n, t_buffer) : nullptr;
-    // An out-of-range target (direct op calls only) matches no class; the forward's loss
+    const KdGradCoeffs<acc_t> c = kd_grad_coeffs(grad_loss[n], in.tau, in.ce_weight, in.kl_weight);
+    const acc_t* s = in.student.row(n, s_buffer);
+    const acc_t* t = kKL ? in.teacher.row(n, t_buffer) : nullptr;
+    const acc_t* q = kProb ? in.probabilities.row(n, q_buffer) : nullptr;
+    // An out-of-range class (direct op calls only) matches no class; the forward's loss
     // for that row is already NaN.
-    kd_grad_row<scalar_t, kCE, kKL, kGradS, kGradT>(s, t, K, kCE ? target[n] : -1, st, c,
-                                                    inv_tau, kGradS ? grad_s + n * K : nullptr,
-                                                    kGradT ? grad_t + n * K : nullptr);
+    kd_grad_row<scalar_t, kCE, kKL, kProb, kGradS, kGradT>(
+        s, t, q, K, kCE && !kProb ? in.classes[n] : -1, st, c, in.smoothing, in.inv_tau,
+        kGradS ? grad_s + n * K : nullptr, kGradT ? grad_t + n * K : nullptr);
   }
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_bwd_cpu(
     const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
     const std::optional<at::Tensor>& target, const at::Tensor& stats, double temperature,
-    double ce_weight, double kl_weight, bool needs_grad_student, bool needs_grad_teacher) {
-  const KdParams p{temperature, ce_weight, kl_weight};
+    double ce_weight, double kl_weight, double label_smoothing,
+    std::optional<int64_t> ignore_index, bool needs_grad_student, bool needs_grad_teacher) {
+  const KdParams p{temperature, ce_weight, kl_weight, label_smoothing, ignore_index};
   KdBackward b = prepare_kd_backward(grad_loss, student, teacher, target, stats, p,
                                      needs_grad_student, needs_grad_teacher);
   if (!b.student && !b.teacher) return {b.grad_student, b.grad_teacher};
   const int64_t N = student.size(0), K = student.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const LogitRows<scalar_t> s(student), t(teacher);
+    const KdRowInputs<scalar_t> in(student, teacher, b.target, p);
     const acc_t* gl = b.grad_loss.const_data_ptr<acc_t>();
     const acc_t* st = b.stats.const_data_ptr<acc_t>();
     scalar_t* gs = b.student ? b.grad_student.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gt = b.teacher ? b.grad_teacher.mutable_data_ptr<scalar_t>() : nullptr;
     dispatch_terms(p.with_ce(), p.with_kl(), [&]<bool kCE, bool kKL>() {
-      at::parallel_for(0, N, rows_per_task(K), [&](int64_t begin, int64_t end) {
-        // The outputs are template flags too, so the lane loop never branches on them.
-        dispatch_terms(gs != nullptr, gt != nullptr, [&]<bool kGradS, bool kGradT>() {
-          kd_bwd_rows<scalar_t, kCE, kKL, kGradS, kGradT>(s, t, b.target_data(), p, gl, st, begin,
-                                                          end, gs, gt);
+      dispatch_flag(kCE && b.target.probabilities, [&]<bool kProb>() {
+        at::parallel_for(0, N, rows_per_task(K), [&](int64_t begin, int64_t end) {
+          // The outputs are template flags too, so the lane loop never branches on them.
+          dispatch_terms(gs != nullptr, gt != nullptr, [&]<bool kGradS, bool kGradT>() {
+            kd_bwd_rows<scalar_t, kCE, kKL, kProb, kGradS, kGradT>(in, gl, st, begin, end, gs, gt);
+          });
         });
       });
     });

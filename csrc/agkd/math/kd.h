@@ -3,8 +3,10 @@
 //
 // For one row, with a = t/τ (teacher) and b = s/τ (student):
 //   KL   = Σ_k p_t,k (log p_t,k − log p_s,k),  p_t = softmax(a), p_s = softmax(b)
-//   CE   = −log softmax(s)[y]                     (temperature 1)
+//   CE   = −Σ_k q'_k log softmax(s)_k            (temperature 1)
 //   loss = ce_weight · CE + kl_weight · τ² · KL
+// where q' is the target smoothed as F.cross_entropy smooths it, q'_k = (1 − ε)·q_k + ε/K,
+// and q is the one-hot row of a class index or a given probability row.
 // Every exponent is taken of a max-shifted logit, (x − max)/τ ≤ 0, so logits of any size
 // give finite sums, and log-probabilities are formed as (x − max)/τ − log Z: differences
 // of numbers of the size of the logits' spread, not of the logits themselves.
@@ -18,7 +20,9 @@
 namespace agkd {
 
 // What the forward keeps per row for the backward (the (N, kKdStats) `stats` tensor).
-enum KdStat : int { kStatMaxS = 0, kStatMaxT, kStatLogZS, kStatLogZT, kStatLogZCE, kStatKL, kKdStats };
+enum KdStat : int {
+  kStatMaxS = 0, kStatMaxT, kStatLogZS, kStatLogZT, kStatLogZCE, kStatKL, kStatCEMass, kKdStats
+};
 
 template <typename T>
 struct KdRowStats {
@@ -26,6 +30,7 @@ struct KdRowStats {
   T log_z_s, log_z_t; // log Σ_k exp((x_k − max)/τ), student and teacher
   T log_z_ce;         // log Σ_k exp(s_k − max_s), the cross-entropy's normaliser
   T kl;               // KL(p_t ‖ p_s) at temperature τ, before the τ² factor
+  T ce_mass;          // Σ_k q'_k = (1 − ε)·Σ_k q_k + ε: softmax(s)'s weight in ∂CE/∂s
 };
 
 // The stats row of one sample, written by the forward and read back by the backward.
@@ -33,11 +38,42 @@ template <typename T>
 AGKD_HOST_DEVICE void store_kd_stats(const KdRowStats<T>& st, T* out) {
   out[kStatMaxS] = st.max_s, out[kStatMaxT] = st.max_t, out[kStatLogZS] = st.log_z_s;
   out[kStatLogZT] = st.log_z_t, out[kStatLogZCE] = st.log_z_ce, out[kStatKL] = st.kl;
+  out[kStatCEMass] = st.ce_mass;
 }
 
 template <typename T>
 AGKD_HOST_DEVICE KdRowStats<T> load_kd_stats(const T* in) {
-  return {in[kStatMaxS], in[kStatMaxT], in[kStatLogZS], in[kStatLogZT], in[kStatLogZCE], in[kStatKL]};
+  return {in[kStatMaxS], in[kStatMaxT],  in[kStatLogZS],    in[kStatLogZT],
+          in[kStatLogZCE], in[kStatKL], in[kStatCEMass]};
+}
+
+// The rows an ignore_index takes out: no loss, no gradient, not in the "mean" denominator.
+struct RowMask {
+  const int64_t* classes;  // the class targets (null when there are none)
+  bool ignores;            // whether an ignore_index was given
+  int64_t ignore_index;
+  AGKD_HOST_DEVICE bool ignored(int64_t n) const { return ignores && classes[n] == ignore_index; }
+};
+
+// Label smoothing ε of the cross-entropy's target, as the kernels use it.
+template <typename T>
+struct Smoothing {
+  T eps;     // ε
+  T keep;    // 1 − ε: the weight of the given target
+  T spread;  // ε / K: what every class receives
+};
+
+template <typename T>
+AGKD_HOST_DEVICE Smoothing<T> make_smoothing(double eps, int64_t K) {
+  return {static_cast<T>(eps), static_cast<T>(1.0 - eps), static_cast<T>(eps / static_cast<double>(K))};
+}
+
+// A probability target as the sums read it: a negative (or NaN) entry is not a
+// probability, so it makes the row's loss NaN rather than a number. (The CPU host rejects
+// such rows up front; the CUDA kernels cannot without syncing the device.)
+template <typename T>
+AGKD_HOST_DEVICE T target_probability(T q) {
+  return q >= T(0) ? q : std::numeric_limits<T>::quiet_NaN();
 }
 
 // The sums of one row's second pass, taken with the row maxima as shifts.
@@ -45,7 +81,9 @@ template <typename T>
 struct KdRowSums {
   T z_s = 0, z_t = 0;  // Σ exp(b̃_k), Σ exp(ã_k), with ã = (t − max_t)/τ, b̃ = (s − max_s)/τ
   T w = 0;             // Σ exp(ã_k) (ã_k − b̃_k)
-  T z_ce = 0;          // Σ exp(s_k − max_s)
+  T z_ce = 0;          // Σ exp(s̃_k), s̃ = s − max_s
+  T s_sum = 0;         // Σ s̃_k (label smoothing)
+  T q_sum = 0, qs = 0; // Σ q_k and Σ q_k s̃_k (probability targets)
 };
 
 // exp(ã)·(ã − b̃) with the convention 0·log 0 = 0: a teacher logit of −∞ contributes
@@ -55,10 +93,11 @@ AGKD_HOST_DEVICE T kl_term(T exp_a, T a, T b) {
   return exp_a == T(0) ? T(0) : exp_a * (a - b);
 }
 
-// One logit pair's contribution to the row sums. `exp_fn` is the device's exp (a
-// vectorisable one on the CPU, the CUDA intrinsic on the GPU).
-template <bool kCE, bool kKL, typename T, typename Exp>
-AGKD_HOST_DEVICE KdRowSums<T> kd_sum_terms(T s, T t, T max_s, T max_t, T inv_temperature,
+// One class's contribution to the row sums: logits s, t and, for probability targets
+// (kProb), the target q. `exp_fn` is the device's exp (a vectorisable one on the CPU, the
+// CUDA intrinsic on the GPU).
+template <bool kCE, bool kKL, bool kProb, typename T, typename Exp>
+AGKD_HOST_DEVICE KdRowSums<T> kd_sum_terms(T s, T t, T q, T max_s, T max_t, T inv_temperature,
                                            Exp exp_fn) {
   KdRowSums<T> terms;
   if (kKL) {
@@ -66,7 +105,15 @@ AGKD_HOST_DEVICE KdRowSums<T> kd_sum_terms(T s, T t, T max_s, T max_t, T inv_tem
     const T exp_a = exp_fn(a);
     terms.z_s = exp_fn(b), terms.z_t = exp_a, terms.w = kl_term(exp_a, a, b);
   }
-  if (kCE) terms.z_ce = exp_fn(s - max_s);
+  if (kCE) {
+    const T shifted = s - max_s;
+    terms.z_ce = exp_fn(shifted);
+    terms.s_sum = shifted;
+    if (kProb) {
+      const T p = target_probability(q);
+      terms.q_sum = p, terms.qs = p * shifted;
+    }
+  }
   return terms;
 }
 
@@ -75,7 +122,7 @@ AGKD_HOST_DEVICE KdRowSums<T> kd_sum_terms(T s, T t, T max_s, T max_t, T inv_tem
 template <typename T, typename Sum>
 AGKD_HOST_DEVICE KdRowStats<T> kd_row_stats(T max_s, T max_t, const KdRowSums<Sum>& sums,
                                             bool with_kl, bool with_ce) {
-  KdRowStats<T> st{max_s, T(0), T(0), T(0), T(0), T(0)};
+  KdRowStats<T> st{max_s, T(0), T(0), T(0), T(0), T(0), T(0)};
   if (with_kl) {
     st.max_t = max_t;
     st.log_z_s = static_cast<T>(std::log(sums.z_s));
@@ -87,14 +134,45 @@ AGKD_HOST_DEVICE KdRowStats<T> kd_row_stats(T max_s, T max_t, const KdRowSums<Su
   return st;
 }
 
-// Loss of one row; `s_target` is the student's logit at the target class (unused when
-// ce_weight is 0). A target outside [0, K) reaches here as NaN (see kd_target_logit).
+// What the cross-entropy needs of one row's target: its total smoothed mass Σ_k q'_k and
+// Σ_k q_k s̃_k.
 template <typename T>
-AGKD_HOST_DEVICE T kd_row_loss(const KdRowStats<T>& st, T s_target, T temperature,
-                               T ce_weight, T kl_weight) {
+struct CeTargetSums {
+  T mass, qs;
+};
+
+// A class index y: mass exactly 1 (as F.cross_entropy has it), and s̃_y (NaN for y outside
+// [0, K): see kd_target_logit).
+template <typename T>
+AGKD_HOST_DEVICE CeTargetSums<T> class_target_sums(T shifted_target_logit) {
+  return {T(1), shifted_target_logit};
+}
+
+// A probability row q, used as given (F.cross_entropy does not normalise it either).
+template <typename T>
+AGKD_HOST_DEVICE CeTargetSums<T> probability_target_sums(T q_sum, T qs, const Smoothing<T>& smoothing) {
+  return {smoothing.keep * q_sum + smoothing.eps, qs};
+}
+
+// The cross-entropy of one row, smoothed:
+//   CE = Σ_k q'_k (log z_ce − s̃_k) = log z_ce · mass − (1 − ε)·Σ q s̃ − ε/K · Σ s̃.
+// Sets st.ce_mass. Without smoothing and with a class index this is log z_ce − s̃_y.
+template <typename T>
+AGKD_HOST_DEVICE T kd_row_ce(KdRowStats<T>& st, const CeTargetSums<T>& target, T s_sum,
+                             const Smoothing<T>& smoothing) {
+  st.ce_mass = target.mass;
+  T ce = st.log_z_ce * target.mass - smoothing.keep * target.qs;
+  if (smoothing.eps != T(0)) ce -= smoothing.spread * s_sum;
+  return ce;
+}
+
+// Loss of one row from its stats and cross-entropy (unused when ce_weight is 0).
+template <typename T>
+AGKD_HOST_DEVICE T kd_row_loss(const KdRowStats<T>& st, T ce, T temperature, T ce_weight,
+                               T kl_weight) {
   T loss = 0;  // a term with weight 0 is not computed at all: skip it, NaN stats included
   if (kl_weight != T(0)) loss += kl_weight * temperature * temperature * st.kl;
-  if (ce_weight != T(0)) loss += ce_weight * (st.log_z_ce - (s_target - st.max_s));
+  if (ce_weight != T(0)) loss += ce_weight * ce;
   return loss;
 }
 
@@ -132,12 +210,13 @@ AGKD_HOST_DEVICE KdLogProbs<T> kd_log_probs(const KdRowStats<T>& st, T s, T t,
           (t - st.max_t) * inv_temperature - st.log_z_t, (s - st.max_s) - st.log_z_ce};
 }
 
-// ∂loss/∂s_k = c.kl (p_s,k − p_t,k) + c.ce (softmax(s)_k − [k = y]),
-// given p_s,k = exp(log_p_s), p_t,k = exp(log_p_t), q_k = exp(log_p_ce).
+// ∂loss/∂s_k = c.kl (p_s,k − p_t,k) + c.ce (ce_mass · softmax(s)_k − (1 − ε) q_k − ε/K),
+// given p_s,k = exp(log_p_s), p_t,k = exp(log_p_t), softmax(s)_k = exp(log_p_ce), and q_k
+// the target's probability of class k ([k = y] for a class index).
 template <typename T>
-AGKD_HOST_DEVICE T kd_student_grad(const KdGradCoeffs<T>& c, T p_s, T p_t, T q,
-                                   bool is_target) {
-  return c.kl * (p_s - p_t) + c.ce * (q - (is_target ? T(1) : T(0)));
+AGKD_HOST_DEVICE T kd_student_grad(const KdGradCoeffs<T>& c, T p_s, T p_t, T softmax, T q,
+                                   T ce_mass, const Smoothing<T>& smoothing) {
+  return c.kl * (p_s - p_t) + c.ce * (ce_mass * softmax - smoothing.keep * q - smoothing.spread);
 }
 
 // ∂loss/∂t_k = c.kl · p_t,k (log p_t,k − log p_s,k − KL), with 0 where p_t,k = 0.
@@ -151,16 +230,17 @@ struct KdGradPair {
   T student, teacher;
 };
 
-// Both gradients at one class k of a row (teacher 0 when the KL term is off).
+// Both gradients at one class k of a row (teacher 0 when the KL term is off); q is the
+// target's probability of class k.
 template <bool kCE, bool kKL, typename T, typename Exp>
 AGKD_HOST_DEVICE KdGradPair<T> kd_grads_at(const KdRowStats<T>& st, const KdGradCoeffs<T>& c,
-                                           T s, T t, bool is_target, T inv_temperature,
-                                           Exp exp_fn) {
+                                           T s, T t, T q, const Smoothing<T>& smoothing,
+                                           T inv_temperature, Exp exp_fn) {
   const KdLogProbs<T> lp = kd_log_probs(st, s, t, inv_temperature);
   const T p_s = kKL ? exp_fn(lp.log_p_s) : T(0);
   const T p_t = kKL ? exp_fn(lp.log_p_t) : T(0);
-  const T q = kCE ? exp_fn(lp.log_p_ce) : T(0);
-  return {kd_student_grad(c, p_s, p_t, q, is_target),
+  const T softmax = kCE ? exp_fn(lp.log_p_ce) : T(0);
+  return {kd_student_grad(c, p_s, p_t, softmax, q, st.ce_mass, smoothing),
           kKL ? kd_teacher_grad(c, st.kl, p_t, lp.log_p_t, lp.log_p_s) : T(0)};
 }
 
