@@ -60,8 +60,10 @@ def check_number(fn: str, name: str, value, *, positive=False, nonnegative=False
     if type(value) is not float:  # the common case skips the (slower) ABC check
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"agkd_ops.{fn}: {name} must be a real number, got {type(value).__name__}")
-        value = float(value)
-    if not math.isfinite(value):
+    value = float(value)
+    # Not math.isfinite: under torch.compile a float that changed between calls becomes
+    # symbolic, which math.isfinite cannot take; a comparison can (and is False for NaN).
+    if not abs(value) < math.inf:
         raise ValueError(f"agkd_ops.{fn}: {name} must be finite, got {value}")
     if positive and value <= 0:
         raise ValueError(f"agkd_ops.{fn}: {name} must be > 0, got {value}")

@@ -234,7 +234,7 @@ def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
               = \tau^2 \sum_k p_{t,k} \log\frac{p_{t,k}}{p_{s,k}}
 
     per row, fused: one pass over both logit rows gives the loss; the backward recomputes
-    both gradients from the logits and six saved numbers per row. ``τ²`` keeps the gradient
+    both gradients from the logits and seven saved numbers per row. ``τ²`` keeps the gradient
     scale independent of ``τ``. Equal to ``τ**2 * F.kl_div(F.log_softmax(s / τ, 1),
     F.log_softmax(t / τ, 1), log_target=True, reduction="batchmean")``, and stable for any
     logits (max-shifted exponents; logits of ±1e4 are fine; a teacher logit of ``-inf``

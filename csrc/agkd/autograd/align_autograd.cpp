@@ -40,15 +40,8 @@ class AlignFunction : public torch::autograd::Function<AlignFunction> {
     auto [loss, stats] = op.call(student, teacher, alpha, beta, gamma, window_size, sigma, c1, c2,
                                  padding, eps, align_corners, reduction);
     ctx->save_for_backward({student, teacher, stats});
-    ctx->saved_data["alpha"] = alpha;
-    ctx->saved_data["beta"] = beta;
+    SavedHybridTerms{alpha, beta, window_size, sigma, c1, c2, std::string(padding), eps}.save(ctx);
     ctx->saved_data["gamma"] = gamma;
-    ctx->saved_data["window_size"] = window_size;
-    ctx->saved_data["sigma"] = sigma;
-    ctx->saved_data["c1"] = c1;
-    ctx->saved_data["c2"] = c2;
-    ctx->saved_data["padding"] = std::string(padding);
-    ctx->saved_data["eps"] = eps;
     ctx->saved_data["align_corners"] = align_corners;
     ctx->saved_data["reduction"] = std::string(reduction);
     ctx->mark_non_differentiable({stats});
@@ -62,14 +55,14 @@ class AlignFunction : public torch::autograd::Function<AlignFunction> {
     const variable_list saved = ctx->get_saved_variables();
     const bool needs_student = ctx->needs_input_grad(0), needs_teacher = ctx->needs_input_grad(1);
     const auto& d = ctx->saved_data;
+    const SavedHybridTerms h = SavedHybridTerms::load(ctx);
+    const at::Tensor grad_loss =
+        per_sample_grad(grads[0], d.at("reduction").toStringView(), saved[0].size(0));
     std::tie(out[0], out[1]) = needed_only(
-        as_variables(AlignBwdOp::call(
-            per_sample_grad(grads[0], d.at("reduction").toStringView(), saved[0].size(0)),
-            saved[0], saved[1], saved[2], d.at("alpha").toDouble(),
-            d.at("beta").toDouble(), d.at("gamma").toDouble(), d.at("window_size").toInt(),
-            d.at("sigma").toDouble(), d.at("c1").toDouble(), d.at("c2").toDouble(),
-            d.at("padding").toStringView(), d.at("eps").toDouble(), d.at("align_corners").toBool(),
-            needs_student, needs_teacher)),
+        as_variables(AlignBwdOp::call(grad_loss, saved[0], saved[1], saved[2], h.alpha, h.beta,
+                                      d.at("gamma").toDouble(), h.window_size, h.sigma, h.c1, h.c2,
+                                      h.padding, h.eps, d.at("align_corners").toBool(),
+                                      needs_student, needs_teacher)),
         needs_student, needs_teacher);
     return out;
   }

@@ -10,6 +10,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 
+#include <string>
 #include <tuple>
 #include <utility>
 
@@ -59,6 +60,29 @@ inline at::Tensor per_sample_grad(const at::Tensor& grad, c10::string_view reduc
     default: return grad;
   }
 }
+
+// The SSIM and cosine terms' parameters, which hybrid_fwd and align_fwd share, kept in the
+// autograd context for the backward.
+struct SavedHybridTerms {
+  double alpha, beta;
+  int64_t window_size;
+  double sigma, c1, c2;
+  std::string padding;
+  double eps;
+
+  void save(AutogradContext* ctx) const {
+    auto& d = ctx->saved_data;
+    d["alpha"] = alpha, d["beta"] = beta, d["window_size"] = window_size, d["sigma"] = sigma;
+    d["c1"] = c1, d["c2"] = c2, d["padding"] = padding, d["eps"] = eps;
+  }
+
+  static SavedHybridTerms load(const AutogradContext* ctx) {
+    const auto& d = ctx->saved_data;
+    return {d.at("alpha").toDouble(), d.at("beta").toDouble(), d.at("window_size").toInt(),
+            d.at("sigma").toDouble(),  d.at("c1").toDouble(),   d.at("c2").toDouble(),
+            d.at("padding").toStringRef(), d.at("eps").toDouble()};
+  }
+};
 
 // The two gradients of a loss backward as the forward's inputs receive them: undefined
 // where an input needs none.

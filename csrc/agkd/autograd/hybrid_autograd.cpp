@@ -39,14 +39,7 @@ class HybridFunction : public torch::autograd::Function<HybridFunction> {
     auto [loss, stats] =
         op.call(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps, reduction);
     ctx->save_for_backward({x, y, stats});
-    ctx->saved_data["alpha"] = alpha;
-    ctx->saved_data["beta"] = beta;
-    ctx->saved_data["window_size"] = window_size;
-    ctx->saved_data["sigma"] = sigma;
-    ctx->saved_data["c1"] = c1;
-    ctx->saved_data["c2"] = c2;
-    ctx->saved_data["padding"] = std::string(padding);
-    ctx->saved_data["eps"] = eps;
+    SavedHybridTerms{alpha, beta, window_size, sigma, c1, c2, std::string(padding), eps}.save(ctx);
     ctx->saved_data["reduction"] = std::string(reduction);
     ctx->mark_non_differentiable({stats});
     ctx->set_materialize_grads(false);  // stats never gets a gradient: allocate none
@@ -58,14 +51,13 @@ class HybridFunction : public torch::autograd::Function<HybridFunction> {
     if (!grads[0].defined()) return out;
     const variable_list saved = ctx->get_saved_variables();
     const bool needs_x = ctx->needs_input_grad(0), needs_y = ctx->needs_input_grad(1);
-    const auto& d = ctx->saved_data;
+    const SavedHybridTerms h = SavedHybridTerms::load(ctx);
+    const at::Tensor grad_loss =
+        per_sample_grad(grads[0], ctx->saved_data.at("reduction").toStringView(), saved[0].size(0));
     std::tie(out[0], out[1]) = needed_only(
-        as_variables(HybridBwdOp::call(
-            per_sample_grad(grads[0], d.at("reduction").toStringView(), saved[0].size(0)),
-            saved[0], saved[1], saved[2], d.at("alpha").toDouble(),
-            d.at("beta").toDouble(), d.at("window_size").toInt(), d.at("sigma").toDouble(),
-            d.at("c1").toDouble(), d.at("c2").toDouble(), d.at("padding").toStringView(),
-            d.at("eps").toDouble(), needs_x, needs_y)),
+        as_variables(HybridBwdOp::call(grad_loss, saved[0], saved[1], saved[2], h.alpha, h.beta,
+                                       h.window_size, h.sigma, h.c1, h.c2, h.padding, h.eps, needs_x,
+                                       needs_y)),
         needs_x, needs_y);
     return out;
   }

@@ -2,7 +2,7 @@
 //
 // Rows are independent, and at::parallel_for hands out whole rows, so every row's sums
 // are taken in one fixed order whatever the thread count. The forward reads a row twice
-// while it is in cache (maxima, then the sums of math/kd.h) and keeps six numbers per row;
+// while it is in cache (maxima, then the sums of math/kd.h) and keeps seven numbers per row;
 // the backward reads the logits once more and writes the gradients in one sweep, with the
 // row's upstream gradient folded into two coefficients.
 //
