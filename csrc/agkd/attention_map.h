@@ -15,6 +15,8 @@ struct FeatureGeometry {
   int64_t N, C, H, W;
   int64_t sN, sC, sH, sW;
   AGKD_HOST_DEVICE int64_t pixels() const { return H * W; }
+  // Whether each channel plane is one dense run of H·W values (NCHW-contiguous planes).
+  AGKD_HOST_DEVICE bool dense_planes() const { return sW == 1 && (sH == W || H == 1); }
 };
 
 inline FeatureGeometry feature_geometry(const at::Tensor& f, double p, double eps) {

@@ -33,15 +33,15 @@ AGKD_CPU_MULTIVERSION void attention_fwd_samples(const scalar_t* f, const Featur
     std::fill(a.begin(), a.end(), acc_t(0));
     for (int64_t c = 0; c < g.C; ++c) {
       const scalar_t* plane = f + n * g.sN + c * g.sC;
+      if (g.dense_planes()) {  // one loop over the plane: 7x7 maps make short rows
+        AGKD_SIMD
+        for (int64_t k = 0; k < g.pixels(); ++k) a[k] += abs_pow<kKind>(static_cast<acc_t>(plane[k]), pw);
+        continue;
+      }
       for (int64_t h = 0; h < g.H; ++h) {
         const scalar_t* row = plane + h * g.sH;
         acc_t* acc = a.data() + h * g.W;
-        if (g.sW == 1) {
-          AGKD_SIMD
-          for (int64_t w = 0; w < g.W; ++w) acc[w] += abs_pow<kKind>(static_cast<acc_t>(row[w]), pw);
-        } else {
-          for (int64_t w = 0; w < g.W; ++w) acc[w] += abs_pow<kKind>(static_cast<acc_t>(row[w * g.sW]), pw);
-        }
+        for (int64_t w = 0; w < g.W; ++w) acc[w] += abs_pow<kKind>(static_cast<acc_t>(row[w * g.sW]), pw);
       }
     }
     double sum_sq = 0;
@@ -102,11 +102,17 @@ AGKD_CPU_MULTIVERSION void attention_bwd_samples(const scalar_t* grad_map, const
     for (int64_t c = 0; c < g.C; ++c) {
       const scalar_t* plane = f + n * g.sN + c * g.sC;
       scalar_t* out = grad_f + (n * g.C + c) * g.pixels();
+      if (g.dense_planes()) {  // one vectorised loop over the plane, as in the forward
+        AGKD_SIMD
+        for (int64_t k = 0; k < g.pixels(); ++k) {
+          out[k] = static_cast<scalar_t>(grad_a[k] * abs_pow_grad<kKind>(static_cast<acc_t>(plane[k]), pw));
+        }
+        continue;
+      }
       for (int64_t h = 0; h < g.H; ++h) {
         const scalar_t* row = plane + h * g.sH;
         const acc_t* ga = grad_a.data() + h * g.W;
         scalar_t* o = out + h * g.W;
-        AGKD_SIMD
         for (int64_t w = 0; w < g.W; ++w) {
           o[w] = static_cast<scalar_t>(ga[w] * abs_pow_grad<kKind>(static_cast<acc_t>(row[w * g.sW]), pw));
         }
