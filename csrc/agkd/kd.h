@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <string>
 
 #include "agkd/host.h"
 #include "agkd/math/kd.h"
@@ -53,9 +54,10 @@ inline KdGeometry check_kd_inputs(const at::Tensor& student, const at::Tensor& t
               "agkd::kd: student and teacher are on different devices");
   TORCH_CHECK(student.size(0) > 0 && student.size(1) > 0, "agkd::kd: empty input ",
               student.sizes());
-  TORCH_CHECK(p.temperature > 0, "agkd::kd: temperature must be > 0, got ", p.temperature);
+  // Numbers go through std::to_string: CUDA host code streams none (docs/design.md, section 7).
+  TORCH_CHECK(p.temperature > 0, "agkd::kd: temperature must be > 0, got ", std::to_string(p.temperature));
   TORCH_CHECK(p.label_smoothing >= 0 && p.label_smoothing <= 1,
-              "agkd::kd: label_smoothing must be in [0, 1], got ", p.label_smoothing);
+              "agkd::kd: label_smoothing must be in [0, 1], got ", std::to_string(p.label_smoothing));
   const bool has_target = target.has_value() && target->defined();
   TORCH_CHECK(has_target || !p.with_ce(), "agkd::kd: ce_weight != 0 needs a target");
   TORCH_CHECK(has_target || !p.ignore_index.has_value(), "agkd::kd: ignore_index needs a target");
