@@ -3,7 +3,7 @@
 decides (:mod:`agkd_ops._backend`).
 
 Each function's path, by the name of its op (docs/design.md, section 1, has the table);
-C++ files are under csrc/agkd:
+C++ files are under csrc/agkd, and each op's autograd is ``autograd/<op>_autograd.cpp``:
 
 * ``ssim``, ``ssim_loss``, ``cosine_loss``, ``hybrid_loss`` -> ``agkd::hybrid_fwd/bwd``:
   ``hybrid.h``, ``cpu/hybrid_cpu.cpp``, ``cuda/hybrid_cuda.cu``, ``math/hybrid.h``;
@@ -14,9 +14,10 @@ C++ files are under csrc/agkd:
 * ``kd_kl_div``, ``kd_loss`` -> ``agkd::kd_fwd/bwd``: ``kd.h``, ``cpu/kd_cpu.cpp``,
   ``cuda/kd_cuda.cu``, ``math/kd.h``.
 
-Every schema is in csrc/agkd/ops.cpp; fake kernels and autograd in :mod:`._registrations`
-(a section per op); the reference of each function in :mod:`.reference` under the same name;
-the module in :mod:`.losses`; defaults in :mod:`._defaults`.
+Every schema is in csrc/agkd/ops.cpp; fake kernels in :mod:`._registrations` (a section
+per op); the reference of each function in :mod:`.reference` under the same name; the
+module in :mod:`.losses`; defaults in :mod:`._defaults`. A native call is one
+``torch.ops.agkd.<op>_fwd`` (reduction included) and, in the backward, one C++ node.
 
 Shapes: maps are ``(N, C, H, W)``; ``reduction="none"`` gives ``(N,)``, ``"mean"`` (over
 samples) and ``"sum"`` give a 0-dim tensor, always in the input's dtype. Inside an
