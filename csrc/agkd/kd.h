@@ -25,7 +25,6 @@ struct KdParams {
 
 struct KdGeometry {
   int64_t N, K;
-  bool probability_target;  // target is (N, K) probabilities, not (N,) class indices
 };
 
 // The target a kernel reads: class indices (int64, contiguous) or probability rows (the
@@ -61,11 +60,9 @@ inline KdGeometry check_kd_inputs(const at::Tensor& student, const at::Tensor& t
   const bool has_target = target.has_value() && target->defined();
   TORCH_CHECK(has_target || !p.with_ce(), "agkd::kd: ce_weight != 0 needs a target");
   TORCH_CHECK(has_target || !p.ignore_index.has_value(), "agkd::kd: ignore_index needs a target");
-  bool probabilities = false;
   if (has_target) {
     TORCH_CHECK(target->device() == student.device(), "agkd::kd: target must be on the logits' device");
-    probabilities = target->is_floating_point();
-    if (probabilities) {
+    if (target->is_floating_point()) {  // probabilities
       TORCH_CHECK(target->sizes() == student.sizes() && target->scalar_type() == student.scalar_type(),
                   "agkd::kd: probability targets must be (N, K) of the logits' dtype");
       TORCH_CHECK(!p.ignore_index.has_value(),
@@ -76,16 +73,15 @@ inline KdGeometry check_kd_inputs(const at::Tensor& student, const at::Tensor& t
                   "agkd::kd: class targets must be an int64 (N,) tensor");
     }
   }
-  return {student.size(0), student.size(1), probabilities};
+  return {student.size(0), student.size(1)};
 }
 
 // The target as the kernels read it (class indices made contiguous). The CE term needs it,
 // and so does an ignore_index, which masks the KL term's rows too.
-inline KdTarget kd_target(const std::optional<at::Tensor>& target, const KdParams& p,
-                          const KdGeometry& g) {
+inline KdTarget kd_target(const std::optional<at::Tensor>& target, const KdParams& p) {
   KdTarget t;
   if (!(p.with_ce() || p.ignore_index.has_value())) return t;
-  t.probabilities = g.probability_target;
+  t.probabilities = target->is_floating_point();
   t.tensor = t.probabilities ? *target : target->contiguous();
   t.ignores = p.ignore_index.has_value();
   t.ignore_index = p.ignore_index.value_or(0);
@@ -139,7 +135,7 @@ inline KdBackward prepare_kd_backward(const at::Tensor& grad_loss, const at::Ten
   const KdGeometry g = check_kd_inputs(student, teacher, target, p);
   check_kd_backward_inputs(grad_loss, stats, student, g);
   KdBackward b;
-  b.target = kd_target(target, p, g);
+  b.target = kd_target(target, p);
   b.grad_student = input_grad_or_empty(student, needs_grad_student);
   b.grad_teacher = input_grad_or_empty(teacher, needs_grad_teacher);
   b.student = needs_grad_student;

@@ -201,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor> kd_fwd_cpu(const at::Tensor& student,
   const KdParams p{temperature, ce_weight, kl_weight, label_smoothing, ignore_index};
   const Reduction r = parse_reduction(reduction);
   const KdGeometry g = check_kd_inputs(student, teacher, target, p);
-  const KdTarget tgt = kd_target(target, p, g);
+  const KdTarget tgt = kd_target(target, p);
   auto [loss, stats] = per_sample_outputs(student, g.N, kKdStats);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -190,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> kd_fwd_cuda(const at::Tensor& student,
   auto [loss, stats] = per_sample_outputs(student, g.N, kKdStats);
   // Targets are not range-checked here: that would read them on the host and sync the
   // device. An out-of-range class or a negative probability makes its row's loss NaN.
-  const KdTarget tgt = kd_target(target, p, g);
+  const KdTarget tgt = kd_target(target, p);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int threads = forward_threads(g.K);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_fwd_cuda", [&] {
