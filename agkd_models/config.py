@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import yaml
 
 from .data.datasets import DATASETS
-from .distillers import ATTENTION_LOSSES
+from .distillers import ATTENTION_LOSSES, PCA_ATTENTION, VIEW_TERMS
 from .distillers import METHODS as _METHOD_REGISTRY
 from .engine.amp import AMP_MODES
 from .engine.checkpoint import unreadable
@@ -221,12 +221,27 @@ class DistillConfig:
     window_size: int = setting(3, "agkd, ssim/hybrid: SSIM window", minimum=1, odd=True)
     padding: str = setting("zeros", "agkd, ssim/hybrid: SSIM padding", choices=PADDINGS)
     perceptual_layers: int = setting(4, "agkd, perceptual loss: feature layers compared", minimum=1)
-    # cakd: total = L_proj1 + L_proj2 + lam·L_MVG (+ ce_weight·CE)
+    # cakd: total = w(t)·(L_proj1 + L_proj2 + lam·L_MVG) + ce_weight·CE (agkd_models.distillers.cakd)
+    projected_stage: Optional[int] = setting(None, "cakd: student stage the projectors read (null: the deepest "
+                                             "whose grid equals the teacher's token grid)", minimum=0)
+    pca_attention: str = setting("logits", "cakd: PCA loss compares attention logits Q·Kᵀ/√d averaged over heads "
+                                 "(authors' code) or per-head softmax probabilities (paper, Eq. 4)",
+                                 choices=PCA_ATTENTION)
+    pca_attention_weight: float = setting(0.2, "cakd: weight of the PCA loss's attention term", minimum=0)
+    pca_value_weight: float = setting(0.05, "cakd: weight of the PCA loss's V·Vᵀ/√d term", minimum=0)
     replace_prob: float = setting(0.5, "cakd: probability of replacing the student's Q/K/V by the teacher's",
                                   minimum=0, maximum=1)
+    replace_elementwise: bool = setting(True, "cakd: replace Q/K/V element by element (paper, Eq. 3), else "
+                                        "whole tensors")
     lam: float = setting(1.0, "cakd: weight of the multi-view adversarial term", minimum=0)
     ce_weight: float = setting(1.0, "cakd: weight of the cross-entropy with the labels", minimum=0)
-    discriminator_every: int = setting(5, "cakd: discriminator update period (iterations)", minimum=1)
+    distill_weight: float = setting(0.2, "cakd: weight w of the distillation terms once ramped in", minimum=0)
+    ce_only_epochs: float = setting(1.0, "cakd: epochs of cross-entropy alone before the distillation terms",
+                                    minimum=0)
+    ramp_epochs: float = setting(2.0, "cakd: epochs over which w rises linearly from 0 (0: at once)", minimum=0)
+    view_terms: str = setting("adversarial", "cakd: which terms see the multi-view samples (adversarial: that "
+                              "term alone, as in Eq. 7; all: every term)", choices=VIEW_TERMS)
+    discriminator_every: int = setting(1, "cakd: discriminator update period (iterations)", minimum=1)
     discriminator_lr: float = setting(1e-4, "cakd: the discriminator's Adam learning rate", above=0)
     dropout: float = setting(0.1, "cakd: dropout of the group-wise linear projector", minimum=0, below=1)
     view_prob: float = setting(0.5, "cakd: probability of each multi-view transform", minimum=0, maximum=1)

@@ -16,11 +16,13 @@ from torch import nn
 from ..engine.task import SupervisedTask, Task
 from .agkd import AGKD, ATTENTION_LOSSES
 from .base import Distiller
-from .cakd import CAKD, GLProjector, MultiViewDiscriminator, MultiViewGenerator, PCAProjector, pca_loss
+from .cakd import (CAKD, PCA_ATTENTION, VIEW_TERMS, GLProjector, MultiViewDiscriminator, MultiViewGenerator,
+                   PCAProjector, match_teacher_grid, pca_loss)
 from .logit import LogitKD
 
 __all__ = ["Distiller", "LogitKD", "AGKD", "CAKD", "ATTENTION_LOSSES", "Method", "METHODS", "build_task",
-           "PCAProjector", "GLProjector", "MultiViewGenerator", "MultiViewDiscriminator", "pca_loss"]
+           "PCAProjector", "GLProjector", "MultiViewGenerator", "MultiViewDiscriminator", "pca_loss",
+           "match_teacher_grid", "PCA_ATTENTION", "VIEW_TERMS"]
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,11 @@ METHODS: Dict[str, Method] = {
                                          "hybrid_alpha", "hybrid_beta", "window_size", "padding",
                                          "perceptual_layers")}, cacheable=True),
     "logit": Method(LogitKD, {"temperature": "temperature", "alpha": "kd_alpha"}, cacheable=True),
-    "cakd": Method(CAKD, {k: k for k in ("replace_prob", "lam", "ce_weight", "discriminator_every",
-                                         "discriminator_lr", "dropout", "view_prob")}, cacheable=False),
+    "cakd": Method(CAKD, {k: k for k in ("projected_stage", "pca_attention", "pca_attention_weight",
+                                         "pca_value_weight", "replace_prob", "replace_elementwise", "lam",
+                                         "ce_weight", "distill_weight", "ce_only_epochs", "ramp_epochs",
+                                         "view_terms", "discriminator_every", "discriminator_lr", "dropout",
+                                         "view_prob")}, cacheable=False),
     "none": Method(_student_alone, {}, cacheable=False),  # the student on the labels alone
 }
 

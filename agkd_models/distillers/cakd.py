@@ -1,16 +1,21 @@
 """Cross-architecture KD (Liu et al., ACCV 2022): a CNN student learns from a ViT teacher
-through two projectors of its stage feature map, with a multi-view adversarial game for
+through two projectors of one stage's feature map, with a multi-view adversarial game for
 robustness. Projectors, generator and discriminator are training-only: the student alone
-is what is kept for inference (:meth:`CAKD.student_state_dict`)."""
+is what is kept for inference (:meth:`CAKD.student_state_dict`).
+
+Where the paper is silent or disagrees with its authors' released code, :class:`CAKD` says
+which it follows and why."""
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from ..engine.distributed import average_gradients
 from ..engine.task import TaskOutput
 from ..models.student import Student, StudentOutput
@@ -18,7 +23,7 @@ from ..models.teacher import HybridTeacher, TeacherOutput
 from .base import Distiller
 
 __all__ = ["PCAProjector", "GLProjector", "MultiViewGenerator", "MultiViewDiscriminator", "CAKD",
-           "pca_loss"]
+           "pca_loss", "match_teacher_grid", "PCA_ATTENTION", "VIEW_TERMS"]
 
 QKV = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -32,41 +37,68 @@ def _to_grid(features: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
 class PCAProjector(nn.Module):
     """Partially cross-attention projector: three 3×3 convolutions map the student's
     feature map, resized to the teacher's patch grid, to Q_S, K_S, V_S of the teacher's
-    token width, split into the teacher's heads (B, heads, N, head_dim). In training, each
-    of Q_S, K_S, V_S is replaced by the teacher's with probability ``replace_prob``."""
+    token width, split into the teacher's heads (B, heads, N, head_dim).
+
+    In training, the teacher's Q/K/V stand in for the student's with probability
+    ``replace_prob`` (Eq. 3): element by element (the paper's M ⊙ Q_T + (1 − M) ⊙ Q_S), or
+    whole tensors at once when ``elementwise=False``."""
 
     def __init__(self, in_channels: int, dim: int, heads: int, grid: Tuple[int, int],
-                 replace_prob: float = 0.5):
+                 replace_prob: float = 0.5, elementwise: bool = True):
         super().__init__()
         if dim % heads:
             raise ValueError(f"PCAProjector: dim {dim} is not divisible by heads {heads}")
         self.q, self.k, self.v = (nn.Conv2d(in_channels, dim, 3, padding=1) for _ in range(3))
-        self.heads, self.grid, self.replace_prob = heads, tuple(grid), replace_prob
-        self.last_replaced = (False, False, False)
+        self.heads, self.grid = heads, tuple(grid)
+        self.replace_prob, self.elementwise = replace_prob, elementwise
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, d = x.shape[:2]
         return x.flatten(2).transpose(1, 2).reshape(b, -1, self.heads, d // self.heads).transpose(1, 2)
 
+    def _replace(self, mine: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        teacher = teacher.to(mine.dtype)
+        if self.elementwise:
+            return torch.where(torch.rand_like(mine) < self.replace_prob, teacher, mine)
+        return teacher if bool(torch.rand(()) < self.replace_prob) else mine
+
     def forward(self, features: torch.Tensor, teacher_qkv: Optional[QKV] = None) -> QKV:
         x = _to_grid(features, self.grid)
-        qkv = [self._split(conv(x)) for conv in (self.q, self.k, self.v)]
-        replaced = [False, False, False]
-        if self.training and teacher_qkv is not None:
-            for i in range(3):
-                if torch.rand(()) < self.replace_prob:
-                    qkv[i], replaced[i] = teacher_qkv[i].to(qkv[i].dtype), True
-        self.last_replaced = tuple(replaced)
-        return tuple(qkv)
+        qkv = tuple(self._split(conv(x)) for conv in (self.q, self.k, self.v))
+        if self.training and teacher_qkv is not None and self.replace_prob > 0:
+            qkv = tuple(self._replace(mine, theirs) for mine, theirs in zip(qkv, teacher_qkv))
+        return qkv
 
 
-def pca_loss(student_qkv: QKV, teacher_qkv: QKV) -> torch.Tensor:
-    """CAKD eq. 4: ``‖Attn_T − PCAttn_S‖² + ‖V_T V_Tᵀ/√d − V_S V_Sᵀ/√d‖²`` (means)."""
+PCA_ATTENTION = ("logits", "probabilities")
+
+
+def pca_loss(student_qkv: QKV, teacher_qkv: QKV, *, attention: str = "logits", attention_weight: float = 0.2,
+             value_weight: float = 0.05) -> torch.Tensor:
+    """The PCA projector's loss, ``attention_weight·‖A_T − A_S‖² + value_weight·‖R_T − R_S‖²``
+    (mean squared errors) with ``R = V·Vᵀ/√d``, per head, and the attention compared as
+
+    - ``"probabilities"``: per head ``softmax(Q·Kᵀ/√d)`` — the paper's Eq. 4 (weights 1, 1);
+    - ``"logits"``: ``Q·Kᵀ/√d`` before the softmax, averaged over heads — the authors'
+      code (weights 0.2, 0.05). Over N tokens a softmax row's entries are about 1/N, so
+      their squared error is tiny at any N worth the name and the term carries no signal;
+      the logits keep it.
+
+    Shapes: each of Q, K, V is (B, heads, N, d)."""
+    if attention not in PCA_ATTENTION:
+        raise ValueError(f"pca_loss: attention must be one of {', '.join(PCA_ATTENTION)}, got {attention!r}")
     (qs, ks, vs), (qt, kt, vt) = student_qkv, teacher_qkv
-    d = qs.shape[-1]
-    attn = lambda q, k: (q @ k.transpose(-2, -1) / math.sqrt(d)).softmax(dim=-1)
-    relation = lambda v: v @ v.transpose(-2, -1) / math.sqrt(d)
-    return F.mse_loss(attn(qs, ks), attn(qt, kt)) + F.mse_loss(relation(vs), relation(vt))
+    scale = 1.0 / math.sqrt(qs.shape[-1])
+
+    def attention_of(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        scores = q @ k.transpose(-2, -1) * scale
+        return scores.mean(dim=1) if attention == "logits" else scores.softmax(dim=-1)
+
+    def relation(v: torch.Tensor) -> torch.Tensor:
+        return v @ v.transpose(-2, -1) * scale
+
+    return (attention_weight * F.mse_loss(attention_of(qs, ks), attention_of(qt, kt))
+            + value_weight * F.mse_loss(relation(vs), relation(vt)))
 
 
 class GLProjector(nn.Module):
@@ -96,43 +128,53 @@ class GLProjector(nn.Module):
 
 
 class MultiViewGenerator(nn.Module):
-    """Views of the student's input for CAKD's adversarial game: colour jitter, random
-    crop (resized back), rotation and patch masking, each applied with probability ``p``
-    (one draw per batch and transformation; parameters drawn per sample where cheap)."""
+    """Views of the student's input for CAKD's adversarial game (Sec. 3.3): colour jitter,
+    random crop (resized back), rotation and patch masking, each applied with probability
+    ``p`` (one draw per batch and transformation; parameters drawn per sample where cheap).
+
+    The images arrive normalised (``(pixel − mean) / std``); the views are made in pixel
+    space and normalised again, so that a rotation's corners and a masked patch are black
+    and jittered colours stay within [0, 1], whatever the normalisation."""
 
     def __init__(self, p: float = 0.5, jitter: float = 0.4, crop_scale: float = 0.7,
-                 degrees: float = 30.0, mask_ratio: float = 0.25, mask_patch: int = 4):
+                 degrees: float = 30.0, mask_ratio: float = 0.25, mask_patch: int = 4,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         super().__init__()
         self.p, self.jitter, self.crop_scale = p, jitter, crop_scale
         self.degrees, self.mask_ratio, self.mask_patch = degrees, mask_ratio, mask_patch
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images
+        if self.p == 0:
+            return images
+        mean, std = self.mean.to(images.dtype), self.std.to(images.dtype)
+        x = images * std + mean  # pixels in [0, 1]
         b, _, h, w = x.shape
         coin = lambda: bool(torch.rand(()) < self.p)
         if coin():  # brightness and contrast per sample
-            gain = 1 + self.jitter * (2 * torch.rand(b, 1, 1, 1, device=x.device) - 1)
-            shift = self.jitter * (2 * torch.rand(b, 1, 1, 1, device=x.device) - 1) * x.std()
-            mean = x.mean(dim=(1, 2, 3), keepdim=True)
-            x = (x - mean) * gain + mean + shift
+            gain = 1 + self.jitter * (2 * torch.rand(b, 1, 1, 1, device=x.device, dtype=x.dtype) - 1)
+            shift = self.jitter * (2 * torch.rand(b, 1, 1, 1, device=x.device, dtype=x.dtype) - 1) * 0.5
+            centre = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = ((x - centre) * gain + centre + shift).clamp(0, 1)
         if coin():  # random crop, resized back
             ch, cw = max(1, int(h * self.crop_scale)), max(1, int(w * self.crop_scale))
             top = int(torch.randint(0, h - ch + 1, ()))
             left = int(torch.randint(0, w - cw + 1, ()))
             x = F.interpolate(x[:, :, top:top + ch, left:left + cw], size=(h, w), mode="bilinear",
                               align_corners=False)
-        if coin():  # rotation per sample
+        if coin():  # rotation per sample; what comes in from outside the image is black
             angle = (2 * torch.rand(b, device=x.device) - 1) * math.radians(self.degrees)
             cos, sin = angle.cos(), angle.sin()
             theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
                                  torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)
             grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-            x = F.grid_sample(x, grid, align_corners=False)
-        if coin():  # patch mask per sample
+            x = F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
+        if coin():  # black patches per sample
             ph, pw = -(-h // self.mask_patch), -(-w // self.mask_patch)
             keep = (torch.rand(b, 1, ph, pw, device=x.device) >= self.mask_ratio).to(x.dtype)
-            x = x * F.interpolate(keep, size=(h, w), mode="nearest")
-        return x
+            x = x * F.interpolate(keep, size=(ph * self.mask_patch, pw * self.mask_patch), mode="nearest")[..., :h, :w]
+        return (x - mean) / std
 
 
 class MultiViewDiscriminator(nn.Module):
@@ -147,38 +189,106 @@ class MultiViewDiscriminator(nn.Module):
         return self.net(features).squeeze(-1)
 
 
+VIEW_TERMS = ("adversarial", "all")
+
+
+def match_teacher_grid(grids: Sequence[Tuple[int, int]], teacher_grid: Tuple[int, int]) -> int:
+    """The student stage CAKD projects by default: the deepest whose feature map has the
+    teacher's token grid (the paper's stride-16 stage for a ViT-B/16 at 224 px), else the
+    deepest at least as fine as the teacher's grid (resized down to it), else the finest."""
+    th, tw = teacher_grid
+    exact = [i for i, g in enumerate(grids) if tuple(g) == (th, tw)]
+    if exact:
+        return exact[-1]
+    finer = [i for i, (h, w) in enumerate(grids) if h >= th and w >= tw]
+    if finer:
+        return finer[-1]
+    return max(range(len(grids)), key=lambda i: (grids[i][0] * grids[i][1], -i))
+
+
+@contextmanager
+def _running_statistics_frozen(module: nn.Module) -> Iterator[None]:
+    """Batch normalisation normalises with the batch's statistics (as in training) but
+    leaves its running statistics alone: the multi-view pass must not teach the student's
+    BatchNorm the statistics of distorted images that evaluation never sees."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
 class CAKD(Distiller):
-    """``L_proj1 + L_proj2 + λ·L_MVG + ce_weight·CE`` for the student (and projectors);
-    the discriminator minimises ``L_MAD`` with its own optimizer, once every
+    """Cross-architecture KD (Liu et al., "Cross-Architecture Knowledge Distillation",
+    ACCV 2022). For the student (and projectors) the loss is
+
+        w(t) · (L_proj1 + L_proj2 + lam · L_MVG) + ce_weight · CE
+
+    and the discriminator minimises ``L_MAD`` with its own optimizer, once every
     ``discriminator_every`` training iterations: an extra step the task declares
     (:meth:`extra_optimizers`, :meth:`extra_step`), taken by the trainer after the main
     step, from the detached tokens the forward returns.
 
-    ``L_proj1``: :func:`pca_loss` between the PCA projector's Q/K/V and the teacher ViT's
-    last-block Q/K/V (patch tokens). ``L_proj2``: mean squared distance between the GL
-    projector's tokens and the teacher's last-block patch tokens. ``L_MVG``: the student's
-    projected features (from a multi-view of the input) should look real to the
-    discriminator; ``L_MAD``: the discriminator tells teacher tokens (real) from student
-    projections (fake).
+    - ``L_proj1`` (Sec. 3.2, Eq. 3–4): :func:`pca_loss` between the PCA projector's Q/K/V
+      and the teacher ViT's last-block Q/K/V (patch tokens), in the form ``pca_attention``
+      with ``pca_attention_weight`` and ``pca_value_weight``. The paper compares softmax
+      attention with weights 1 and 1; its authors' code compares the pre-softmax logits,
+      averaged over heads, with weights 0.2 and 0.05, which is the default here because the
+      softmax form carries no signal over many tokens (see :func:`pca_loss`). The paper's
+      element-wise random replacement (Eq. 3) is kept (``replace_prob``), the code has none.
+    - ``L_proj2`` (Eq. 5–6): mean squared distance between the GL projector's tokens and the
+      teacher's last-block patch tokens.
+    - ``L_MVG`` / ``L_MAD`` (Sec. 3.3, Eq. 7–9): the student's GL projection of a multi-view
+      of the input should look real to the discriminator, which tells teacher tokens (real)
+      from those projections (fake). Eq. 7 feeds the transformed samples to the adversarial
+      term only; with ``view_terms="adversarial"`` (default) the cross-entropy and projector
+      terms see the clean image the teacher sees, and the multi-view pass is a second
+      student forward that leaves BatchNorm's running statistics alone. ``"all"`` feeds the
+      views to every term.
+    - ``CE``: Eq. 10 has no cross-entropy term; the authors' code keeps it at weight 1.
+    - ``w(t)``: the authors' code trains on cross-entropy alone first, then ramps the
+      distillation terms in; the paper is silent. ``w`` is 0 for ``ce_only_epochs``, then
+      rises linearly over ``ramp_epochs`` (per iteration) to ``distill_weight``.
+    - The projected stage (``projected_stage``; default :func:`match_teacher_grid`) is the
+      student stage whose feature grid equals the teacher's token grid, as in the paper
+      (the stride-16 stage against ViT-B/16 at 224 px).
     """
 
-    def __init__(self, teacher: HybridTeacher, student: Student, *, replace_prob: float = 0.5,
-                 lam: float = 1.0, ce_weight: float = 1.0, discriminator_every: int = 5,
+    def __init__(self, teacher: HybridTeacher, student: Student, *, projected_stage: Optional[int] = None,
+                 replace_prob: float = 0.5, replace_elementwise: bool = True, pca_attention: str = "logits",
+                 pca_attention_weight: float = 0.2, pca_value_weight: float = 0.05, lam: float = 1.0,
+                 ce_weight: float = 1.0, distill_weight: float = 0.2, ce_only_epochs: float = 1.0,
+                 ramp_epochs: float = 2.0, view_terms: str = "adversarial", discriminator_every: int = 1,
                  discriminator_lr: float = 1e-4, dropout: float = 0.1, view_prob: float = 0.5):
         super().__init__(teacher, student)
+        if pca_attention not in PCA_ATTENTION:
+            raise ValueError(f"CAKD: pca_attention must be one of {', '.join(PCA_ATTENTION)}, got {pca_attention!r}")
+        if view_terms not in VIEW_TERMS:
+            raise ValueError(f"CAKD: view_terms must be one of {', '.join(VIEW_TERMS)}, got {view_terms!r}")
         vit = teacher.vit
         dim, heads = vit.embed_dim, vit.blocks[-1].attn.num_heads
         grid = tuple(vit.patch_embed.grid_size)
-        channels = student.stage_channels(student.feature_stage)
-        self.pca = PCAProjector(channels, dim, heads, grid, replace_prob)
+        if projected_stage is None:
+            projected_stage = match_teacher_grid(student.stage_grids(tuple(vit.patch_embed.img_size)), grid)
+        student.tap(projected_stage)
+        self.projected_stage = projected_stage
+        channels = student.stage_channels(projected_stage)
+        self.pca = PCAProjector(channels, dim, heads, grid, replace_prob, replace_elementwise)
         self.gl = GLProjector(channels, dim, grid, dropout=dropout)
         self.generator = MultiViewGenerator(view_prob)
         self.discriminator = MultiViewDiscriminator(dim)
         self.discriminator_optimizer = torch.optim.Adam(self.discriminator.parameters(),
                                                         lr=discriminator_lr, betas=(0.5, 0.999))
-        self.lam, self.ce_weight, self.discriminator_every = lam, ce_weight, discriminator_every
+        self.pca_attention, self.pca_attention_weight = pca_attention, pca_attention_weight
+        self.pca_value_weight, self.lam, self.ce_weight = pca_value_weight, lam, ce_weight
+        self.distill_weight, self.ce_only_epochs, self.ramp_epochs = distill_weight, ce_only_epochs, ramp_epochs
+        self.view_terms, self.discriminator_every = view_terms, discriminator_every
         self.iterations = 0
         self.discriminator_steps = 0
+        self._epoch, self._batches, self._batch = 0, 1, 0
 
     # Under DDP: the discriminator steps itself and averages its own gradients over the
     # ranks; the PCA projector's convolutions go unused when the teacher's Q/K/V replace them.
@@ -199,6 +309,18 @@ class CAKD(Distiller):
         self.iterations = int(state["iterations"])
         self.discriminator_steps = int(state["discriminator_steps"])
 
+    def start_epoch(self, epoch: int, batches: int) -> None:
+        self._epoch, self._batches, self._batch = epoch, max(1, batches), 0
+
+    def distillation_weight(self) -> float:
+        """``w(t)`` at the current training iteration, ``t`` in epochs."""
+        t = self._epoch + self._batch / self._batches
+        if t < self.ce_only_epochs:
+            return 0.0
+        if self.ramp_epochs <= 0:
+            return self.distill_weight
+        return self.distill_weight * min(1.0, (t - self.ce_only_epochs) / self.ramp_epochs)
+
     def trainable_parameters(self):
         """Student and projectors: what the main optimizer updates (not the discriminator)."""
         for module in (self.student, self.pca, self.gl):
@@ -208,8 +330,11 @@ class CAKD(Distiller):
         return [self.discriminator_optimizer]
 
     def extra_step(self, output: TaskOutput) -> Dict[str, torch.Tensor]:
-        """Every ``discriminator_every`` training iterations, one step of the discriminator
-        on ``L_MAD``: teacher tokens real, the student's projections (of this step) fake."""
+        """Every ``discriminator_every`` training iterations that had an adversarial term,
+        one step of the discriminator on ``L_MAD``: teacher tokens real, the student's
+        projections (of this step) fake."""
+        if not output.extra or "fake" not in output.extra:
+            return {}  # no adversarial term this step (cross-entropy alone)
         self.iterations += 1
         if self.iterations % self.discriminator_every:
             return {}
@@ -225,23 +350,39 @@ class CAKD(Distiller):
         self.discriminator_steps += 1
         return {"mad": mad.detach()}
 
+    def _adversarial(self, tokens: torch.Tensor) -> torch.Tensor:
+        d_fake = self.discriminator(tokens.mean(1))
+        return F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
+
     def forward(self, images: torch.Tensor, targets: torch.Tensor,
                 teacher_out: Optional[TeacherOutput] = None) -> TaskOutput:
         t = teacher_out if teacher_out is not None else self.teacher_outputs(images)
-        views = self.generator(images) if self.training else images
-        s: StudentOutput = self.student(views)
-        features = s.features[self.student.feature_stage].float()
+        weight = self.distillation_weight() if self.training else self.distill_weight
+        if self.training:
+            self._batch += 1
+        views_everywhere = self.training and self.view_terms == "all"
+        s: StudentOutput = self.student(self.generator(images) if views_everywhere else images)
+        features = s.features[self.projected_stage].float()
         prefix = t.num_prefix_tokens
         teacher_qkv = tuple(x[:, :, prefix:].float() for x in t.qkv)
         teacher_tokens = t.tokens[:, prefix:].float()
 
-        proj1 = pca_loss(self.pca(features, teacher_qkv), teacher_qkv)
+        proj1 = pca_loss(self.pca(features, teacher_qkv), teacher_qkv, attention=self.pca_attention,
+                         attention_weight=self.pca_attention_weight, value_weight=self.pca_value_weight)
         student_tokens = self.gl(features)
         proj2 = F.mse_loss(student_tokens, teacher_tokens)
-        d_fake = self.discriminator(student_tokens.mean(1))
-        mvg = F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
         ce = F.cross_entropy(s.logits, targets, label_smoothing=self.label_smoothing)
-        total = proj1 + proj2 + self.lam * mvg + self.ce_weight * ce
-        terms = {"proj1": proj1, "proj2": proj2, "mvg": mvg, "ce": ce, "total": total}
-        extra = {"fake": student_tokens.detach().mean(1), "real": teacher_tokens.mean(1)}
+        terms = {"proj1": proj1, "proj2": proj2, "ce": ce}
+        extra = None
+        if weight > 0 and self.lam > 0:
+            if self.training and not views_everywhere:
+                with _running_statistics_frozen(self.student):
+                    view_features = self.student(self.generator(images)).features[self.projected_stage].float()
+                view_tokens = self.gl(view_features)
+            else:
+                view_tokens = student_tokens
+            terms["mvg"] = self._adversarial(view_tokens)
+            extra = {"fake": view_tokens.detach().mean(1), "real": teacher_tokens.mean(1)}
+        distillation = proj1 + proj2 + self.lam * terms.get("mvg", 0.0)
+        terms["total"] = weight * distillation + self.ce_weight * ce
         return TaskOutput(terms, s.logits.detach(), extra)

@@ -7,7 +7,8 @@ accuracy. The main optimizer updates ``trainable_parameters()``. A task with opt
 steps of its own (CAKD's discriminator) declares their optimizers in
 ``extra_optimizers()`` (saved in and restored from checkpoints) and takes those steps in
 ``extra_step(output)``, which the trainer calls after each main step, outside the
-forward pass and outside DistributedDataParallel.
+forward pass and outside DistributedDataParallel. A task whose loss follows a schedule
+hears of each training epoch's start in ``start_epoch(epoch, batches)``.
 """
 from __future__ import annotations
 
@@ -50,6 +51,10 @@ class Task(nn.Module):
 
     def enable_compile(self) -> None:
         """``torch.compile`` what is worth compiling (the trainer's ``compile`` option)."""
+
+    def start_epoch(self, epoch: int, batches: int) -> None:
+        """Called by the trainer before each training epoch (``epoch`` from 0, ``batches``
+        steps in it), for tasks whose loss follows a schedule; a resumed run calls it too."""
 
     def extra_optimizers(self) -> List[torch.optim.Optimizer]:
         """Optimizers the task steps itself in :meth:`extra_step`, in a fixed order."""

@@ -289,6 +289,7 @@ class Trainer:
         seen = correct = 0
         start = time.time()
         batches = self._loader(train_set, shuffle=True, epoch=epoch, shard=True)
+        self.task.start_epoch(epoch, len(batches))
         show = self.config.progress and self.world.is_main
         if show:
             from tqdm import tqdm

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..config import ConfigError
 from ..data.cache import TeacherCache, TeacherCacheError, cache_identity
+from ..distillers import METHODS
 from ..engine.distributed import resolve_device
 from .pipeline import (CACHEABLE, build_data, build_teacher, cache_teacher, distill, evaluate_model,
                        load_teacher_weights, reusable_teacher, student_report, train_teacher)
@@ -51,6 +52,15 @@ def _method_config(cfg: Dict[str, Any], name: str, seed: int, epochs: int):
     if loss:
         run_cfg["distill"]["attention_loss"] = loss
     return method, run_cfg
+
+
+def _result_relevant(run_cfg: Dict[str, Any], method: str) -> Dict[str, Any]:
+    """The run's configuration less the ``distill`` settings its method does not read, so
+    that a new or changed setting of one method does not void the finished runs of others."""
+    relevant = copy.deepcopy(run_cfg)
+    read = set(METHODS[method].settings.values()) | {"method"}
+    relevant["distill"] = {k: v for k, v in run_cfg["distill"].items() if k in read}
+    return relevant
 
 
 def prepare_teacher(cfg: Dict[str, Any], folder: Path, epochs: int, log: Callable[[str], None] = print) -> Dict:
@@ -117,7 +127,7 @@ def run_comparison(cfg: Dict[str, Any], out: Path, *, methods: Sequence[str], se
             method, run_cfg = _method_config(cfg, name, seed, student_epochs)
             folder = out / name / f"seed{seed}"
             result_file = folder / "result.json"
-            identity = {"config": run_cfg, "teacher": fingerprint_file(teacher_path)}
+            identity = {"config": _result_relevant(run_cfg, method), "teacher": fingerprint_file(teacher_path)}
             if result_file.is_file():
                 saved = json.loads(result_file.read_text())
                 if saved.get("identity") == json.loads(json.dumps(identity)):

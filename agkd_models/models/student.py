@@ -2,8 +2,9 @@
 of chosen intermediate stages, captured by forward hooks during the one normal forward."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -28,36 +29,64 @@ class Student(nn.Module):
     Args:
         num_classes: output classes.
         name: timm model name with a ``blocks`` stage list (EfficientNet/MobileNet family).
-        stages: indices into ``model.blocks`` whose outputs give attention maps.
-        feature_stage: the stage whose feature map CAKD projects (default: the last of
-            ``stages``); it is recorded even when not in ``stages``.
+        stages: indices into ``model.blocks`` whose outputs give attention maps (their
+            feature maps are in the output too; :meth:`tap` adds feature-only stages).
         weights / pretrained: as for :func:`agkd_models.teacher.create_timm_model`.
         p: exponent of the attention maps.
     """
 
     def __init__(self, num_classes: int, *, name: str = "efficientnet_b0",
-                 stages: Sequence[int] = (3, 4, 5), feature_stage: Optional[int] = None,
+                 stages: Sequence[int] = (3, 4, 5),
                  weights: Optional[str] = None, pretrained: bool = False, p: float = 2.0,
                  **kwargs: Any):
         super().__init__()
         self.model = create_timm_model(name, num_classes, pretrained=pretrained, weights=weights, **kwargs)
         if not hasattr(self.model, "blocks"):
             raise ValueError(f"Student: timm model {name!r} has no 'blocks' stage list to tap")
-        n_blocks = len(self.model.blocks)
+        self.name = name
         self.stages = [int(s) for s in stages]
-        self.feature_stage = int(feature_stage if feature_stage is not None else self.stages[-1])
-        for s in self.stages + [self.feature_stage]:
-            if not 0 <= s < n_blocks:
-                raise ValueError(f"Student: stage {s} out of range for {name!r} with {n_blocks} blocks")
         self.p = p
         self._captured: Dict[int, torch.Tensor] = {}
-        for s in sorted(set(self.stages) | {self.feature_stage}):
-            self.model.blocks[s].register_forward_hook(self._capture(s))
+        self._tapped: Set[int] = set()
+        for s in self.stages:
+            self.tap(s)
 
-    def _capture(self, stage: int):
-        def hook(_module, _inputs, output):
-            self._captured[stage] = output
-        return hook
+    @property
+    def num_stages(self) -> int:
+        return len(self.model.blocks)
+
+    def tap(self, stage: int) -> None:
+        """Record ``stage``'s feature map in :attr:`StudentOutput.features` (a distiller
+        that projects a stage's features, such as CAKD, taps it)."""
+        if not 0 <= stage < self.num_stages:
+            raise ValueError(f"Student: stage {stage} out of range for {self.name!r} with {self.num_stages} "
+                             f"stages (0 to {self.num_stages - 1})")
+        if stage in self._tapped:
+            return
+        self._tapped.add(stage)
+        # A bound method, not a closure: a deep copy of the student then records into its own dict.
+        self.model.blocks[stage].register_forward_hook(functools.partial(self._record, stage))
+
+    def _record(self, stage: int, _module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        self._captured[stage] = output
+
+    @torch.no_grad()
+    def stage_grids(self, image_size: Tuple[int, int]) -> List[Tuple[int, int]]:
+        """The (height, width) of every stage's feature map for an input of ``image_size``,
+        from one forward pass of a blank image in eval mode (no statistics change)."""
+        grids: List[Tuple[int, int]] = [(0, 0)] * self.num_stages
+        handles = [block.register_forward_hook(lambda _m, _i, out, i=i: grids.__setitem__(i, tuple(out.shape[-2:])))
+                   for i, block in enumerate(self.model.blocks)]
+        was_training = self.training
+        try:
+            self.eval()
+            reference = next(self.model.parameters())
+            self.model(reference.new_zeros(1, 3, *image_size))
+        finally:
+            self.train(was_training)
+            for h in handles:
+                h.remove()
+        return grids
 
     def stage_channels(self, stage: int) -> int:
         block = self.model.blocks[stage][-1]
