@@ -18,12 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
-from .config import AMP_MODES, METHODS, PRESETS, ConfigError, load_config, save_config
+from .config import (AMP_MODES, METHODS, PRESETS, ConfigError, load_config, read_saved_config, resume_conflicts,
+                     save_config)
 from .data.cache import TeacherCache, TeacherCacheError
 from .data.datasets import DataError
 from .distillers import ATTENTION_LOSSES
@@ -31,6 +34,7 @@ from .engine import distributed
 from .engine.checkpoint import CheckpointError, check_readable
 from .engine.evaluation import classification_metrics
 from .engine.distributed import resolve_device
+from .engine.run_folder import RunFolder, RunFolderError, check_out_path
 from .engine.trainer import NonFiniteLossError
 from .experiments.compare import COMPARE_METHODS, LABELS, parse_methods, prepare_teacher, run_comparison
 from .experiments.pipeline import (build_data, build_student, build_teacher, cache_teacher, distill,
@@ -40,17 +44,40 @@ from .experiments.report import model_costs, plot_curves, write_report
 
 # Errors about the user's input (configuration, files, data), reported in one line; any
 # other exception is a bug in agkd and keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, TeacherCacheError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, TeacherCacheError, CheckpointError, RunFolderError)
 
 
 def _is_main() -> bool:
     return distributed.world().is_main
 
 
+@contextmanager
+def _own_run_folder(args, cfg, out: Path):
+    """``out`` is this run's while the block runs (:class:`RunFolder`); with ``--resume``
+    the saved configuration must match this one in everything that changes the result.
+    Under torchrun, rank 0 claims the folder and alone writes to it."""
+    if not _is_main():
+        yield
+        return
+    with RunFolder(out, resume=args.resume, overwrite=args.overwrite):
+        saved = out / "config.yaml"
+        if args.resume and saved.is_file():
+            conflicts = resume_conflicts(read_saved_config(saved), cfg)
+            if conflicts:
+                raise ConfigError(f"--resume continues the run in {out} as it was configured; these settings "
+                                  f"differ and would change its result: {'; '.join(conflicts)}. Start a new run "
+                                  f"(another --out, or --overwrite) to train with them")
+        save_config(cfg, saved)
+        yield
+
+
 def cmd_train_teacher(args, cfg):
     out = Path(args.out)
-    if _is_main():
-        save_config(cfg, out / "config.yaml")
+    with _own_run_folder(args, cfg, out):
+        _train_teacher(args, cfg, out)
+
+
+def _train_teacher(args, cfg, out: Path):
     run = train_teacher(cfg, out, args.resume)
     if not _is_main():
         return
@@ -65,9 +92,12 @@ def cmd_train_teacher(args, cfg):
 
 def cmd_distill(args, cfg):
     out = Path(args.out)
-    cfg["distill"]["method"] = args.method or cfg["distill"].get("method", "agkd")
-    if _is_main():
-        save_config(cfg, out / "config.yaml")
+    cfg["distill"]["method"] = args.method or cfg["distill"]["method"]
+    with _own_run_folder(args, cfg, out):
+        _distill(args, cfg, out)
+
+
+def _distill(args, cfg, out: Path):
     run = distill(cfg, args.teacher, cfg["distill"]["method"], out, args.resume, args.teacher_cache)
     if not _is_main():
         return
@@ -111,7 +141,14 @@ def cmd_compare(args, cfg):
     methods = parse_methods(args.methods)
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
-    save_config(cfg, out / "config.yaml")
+    # A comparison folder is meant to be re-entered (finished runs are kept), so it is only
+    # locked, never refused for holding earlier results.
+    with RunFolder(out, run_files=()):
+        save_config(cfg, out / "config.yaml")
+        _compare(args, cfg, out, methods)
+
+
+def _compare(args, cfg, out: Path, methods):
     if args.teacher:
         teacher_path = Path(args.teacher)
     else:
@@ -128,6 +165,11 @@ def _log(command):
 
 
 def cmd_demo(args, cfg):
+    with RunFolder(Path(args.out), run_files=()):  # locked, re-entered like a comparison's
+        _demo(args, cfg)
+
+
+def _demo(args, cfg):
     out = Path(args.out)
     start = time.time()
     save_config(cfg, out / "config.yaml")
@@ -186,17 +228,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the model (and a distiller's loss path, fullgraph)")
 
+    def resumable(p):
+        p.add_argument("--resume", action="store_true",
+                       help="continue the run in OUT from its checkpoint (its settings must match)")
+        p.add_argument("--overwrite", action="store_true", help="replace the run in OUT (its files are deleted)")
+
     p = sub.add_parser("train-teacher", help="train the hybrid teacher")
     common(p, "digits")
     p.add_argument("--out", default="runs/teacher")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    resumable(p)
     speed(p)
     p = sub.add_parser("distill", help="train a student from a trained teacher")
     common(p, "digits")
     p.add_argument("--teacher", required=True, help="teacher.pt written by train-teacher")
     p.add_argument("--method", choices=METHODS, default=None, help="default: the config's distill.method")
     p.add_argument("--out", default="runs/student")
-    p.add_argument("--resume", action="store_true")
+    resumable(p)
     p.add_argument("--teacher-cache", default=None, metavar="DIR",
                    help="read the teacher's outputs from a cache-teacher folder instead of running it")
     speed(p)
@@ -237,7 +284,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                             help="show the full traceback of an error (also: AGKD_DEBUG=1)")
 
     args = parser.parse_args(argv)
+    previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
+        if getattr(args, "out", None):
+            check_out_path(Path(args.out))
         cfg = load_config(args.config, args.set)
         if args.download:
             cfg["data"]["download"] = True
@@ -264,9 +314,44 @@ def main(argv: Optional[List[str]] = None) -> int:
         message = " ".join(str(exc).split())
         print(f"agkd {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Stopped) as exc:
+        # Stopped on purpose: one line on what was kept, and the shell's status for the signal.
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"agkd {args.command}: stopped by {name}; {_what_was_kept(args)}", file=sys.stderr, flush=True)
+        return 128 + int(signum)
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         distributed.shutdown()
     return 0
+
+
+class Stopped(Exception):
+    """SIGTERM, turned into an exception so that ``finally`` blocks run (partial files go)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def _stop_on_sigterm(signum, _frame):
+    raise Stopped(signum)
+
+
+def _what_was_kept(args) -> str:
+    out = Path(getattr(args, "out", None) or ".")
+    if args.command in ("train-teacher", "distill"):
+        metrics = out / "metrics.jsonl"
+        if (out / "checkpoint.pt").is_file() and metrics.is_file():
+            epochs = len(metrics.read_text().splitlines())
+            return (f"{epochs} finished epoch(s) are saved in {out}; continue with the same command and --resume "
+                    f"(the epoch in progress is lost)")
+        return f"no epoch had finished, nothing to resume in {out}"
+    if args.command in ("compare", "demo"):
+        return f"finished students are kept in {out}; the same command again continues with the rest"
+    if args.command == "cache-teacher":
+        return "the unfinished cache was removed; run the command again to write it"
+    return "nothing was written"
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from .engine.checkpoint import unreadable
 
 __all__ = ["PRESETS", "SECTIONS", "METHODS", "AMP_MODES", "DataConfig", "TeacherConfig", "StudentConfig",
            "DistillConfig", "TrainConfig", "load_config", "apply_overrides", "validate_config", "default_config",
-           "save_config", "ConfigError"]
+           "save_config", "read_saved_config", "resume_conflicts", "ConfigError"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
@@ -55,6 +55,9 @@ class Rule:
     odd: bool = False
     model: bool = False                # a timm model name
     file: bool = False                 # an existing, readable file
+    # What a resumed run may change: "same" (anything else changes the result), "any"
+    # (where or how visibly it runs), "more" (only upwards: more epochs extend the run).
+    resume: str = "same"
 
     def describe(self, kind: str) -> str:
         if self.choices is not None:
@@ -170,7 +173,7 @@ def _device(value: str) -> bool:
 @dataclass
 class DataConfig:
     name: str = setting("digits", "data set", choices=DATASETS)
-    root: Optional[str] = setting(None, "data folder (folder, cifar*, tinyimagenet)")
+    root: Optional[str] = setting(None, "data folder (folder, cifar*, tinyimagenet)", resume="any")
     image_size: int = setting(224, "input size in pixels", minimum=8)
     val_fraction: float = setting(0.2, "share held out for validation (of the whole set when it has one split, "
                                   "else of the training split)", above=0, below=1)
@@ -178,7 +181,7 @@ class DataConfig:
                                    below=1)
     split_seed: int = setting(0, "seed of the train/validation/test split, separate from train.seed", minimum=0)
     flip: bool = setting(True, "random horizontal flips in training")
-    download: bool = setting(False, "allow fetching the data set (CIFAR)")
+    download: bool = setting(False, "allow fetching the data set (CIFAR)", resume="any")
     limit_train: Optional[int] = setting(None, "use only this many training samples", minimum=1)
     limit_val: Optional[int] = setting(None, "use only this many validation samples", minimum=1)
     limit_test: Optional[int] = setting(None, "use only this many test samples", minimum=1)
@@ -249,7 +252,7 @@ class DistillConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = setting(20, "training epochs", minimum=1)
+    epochs: int = setting(20, "training epochs (a resumed run may be given more)", minimum=1, resume="more")
     batch_size: int = setting(128, "global batch, split evenly over torchrun's processes", minimum=1)
     optimizer: str = setting("adam", "optimizer", choices=("adam", "sgd"))
     lr: float = setting(0.01, "learning rate", above=0)
@@ -268,10 +271,12 @@ class TrainConfig:
     cutmix: float = setting(0.0, "cutmix's Beta(α, α) parameter (timm Mixup); 0: off", minimum=0)
     mixup_prob: float = setting(1.0, "probability that a batch is mixed (when mixup or cutmix is on; with "
                                 "both on, half the mixed batches use each)", minimum=0, maximum=1)
-    num_workers: int = setting(0, "data-loader worker processes", minimum=0)
+    num_workers: int = setting(0, "data-loader worker processes (augmentation draws do not depend on them)",
+                               minimum=0, resume="any")
     seed: int = setting(0, "training seed", minimum=0)
-    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
-    progress: bool = setting(True, "progress bars and per-epoch lines")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N (a run resumed on another device agrees to float "
+                          "rounding, not bit for bit)", resume="any")
+    progress: bool = setting(True, "progress bars and per-epoch lines", resume="any")
     amp: str = setting("off", "autocast precision", choices=AMP_MODES)
     channels_last: bool = setting(False, "channels_last memory format")
     compile: bool = setting(False, "torch.compile the model and the loss path")
@@ -309,6 +314,22 @@ def validate_section(section: str, values: Dict[str, Any]) -> Dict[str, Any]:
     if section == "train" and not _device(out.get("device", "auto")):
         raise ConfigError(f"train.device: got {out['device']!r}; expected auto, cpu, cuda or cuda:N")
     return out
+
+
+def resume_conflicts(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
+    """The settings in which ``now`` differs from a run's ``saved`` configuration in a way
+    that would change the run's result (each setting's ``resume`` rule), as
+    ``"section.key: saved -> now"``; empty when the run may be continued with ``now``."""
+    saved, now = validate_config(saved), validate_config(now)
+    conflicts = []
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            before, after = saved[section][f.name], now[section][f.name]
+            allowed = f.metadata["rule"].resume
+            if before == after or allowed == "any" or (allowed == "more" and after >= before):
+                continue
+            conflicts.append(f"{section}.{f.name}: {before!r} -> {after!r}")
+    return conflicts
 
 
 def default_config() -> Dict[str, Any]:
@@ -383,6 +404,14 @@ def apply_overrides(config: Dict[str, Any], overrides: Iterable[str]) -> Dict[st
         except yaml.YAMLError:
             raise ConfigError(f"override {item!r}: {raw!r} is not a YAML value") from None
     return config
+
+
+def read_saved_config(path: Path) -> Dict[str, Any]:
+    """A run's saved ``config.yaml``, checked like any other."""
+    try:
+        return validate_config(_read_yaml(path))
+    except ConfigError as exc:
+        raise ConfigError(f"the saved configuration {path} is not one this version reads ({exc})") from None
 
 
 def save_config(config: Dict[str, Any], path: Path) -> None:

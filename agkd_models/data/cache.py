@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,6 +295,28 @@ def _fill(teacher, train_set, work: Path, fields, *, epochs, dtype, topk, batch_
         _fsync(work / file)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Working folders (``.NAME.partial-PID``, ``.NAME.old-PID``) that processes no longer
+    alive left beside ``out``, removed with a note; a live writer's are left alone."""
+    if not out.parent.is_dir():
+        return
+    for path in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = path.name[len(out.name) + 2:].rpartition("-")
+        if kind in ("partial", "old") and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"removed {path}, left by a cache writer that stopped (process {pid})", file=sys.stderr)
+
+
 @torch.no_grad()
 def write_teacher_cache(teacher: nn.Module, train_set: AugmentedDataset, out: Path, *, epochs: int,
                         teacher_config: Dict[str, Any], dtype: str = "float16", topk: Optional[int] = None,
@@ -312,6 +335,8 @@ def write_teacher_cache(teacher: nn.Module, train_set: AugmentedDataset, out: Pa
         raise TeacherCacheError(f"cache epochs must be a positive integer, got {epochs!r}")
     if out.exists() and not overwrite:
         raise TeacherCacheError(f"{out} exists; pass --overwrite to replace it")
+    if here.is_main:
+        _remove_leftovers(out)
     teacher.eval().to(device)
     identity = cache_identity(train_set, teacher, teacher_config)
     num_samples = len(train_set)

@@ -10,10 +10,13 @@ least one complete checkpoint, so a run never loses more than the epoch in progr
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -51,14 +54,35 @@ def previous_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
+@contextmanager
+def signals_deferred(signals=(signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done, then take effect as usual: a
+    checkpoint being written is finished rather than torn (torch.save's zip writer turns an
+    interrupt into an unrelated error). Outside the main thread, signals are not deferred."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: List[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: caught.append(signum)) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in caught[:1]:
+            signal.raise_signal(signum)
+
+
 def save_rotating(obj: Any, path: Path) -> None:
-    """Save ``obj`` as ``path``, keeping the checkpoint it replaces as ``<stem>.prev.pt``."""
+    """Save ``obj`` as ``path``, keeping the checkpoint it replaces as ``<stem>.prev.pt``.
+    A signal that arrives meanwhile takes effect once both files are in place."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.new-{os.getpid()}")
-    atomic_save(obj, tmp)
-    if path.exists():
-        os.replace(path, previous_path(path))
-    os.replace(tmp, path)
+    with signals_deferred():
+        atomic_save(obj, tmp)
+        if path.exists():
+            os.replace(path, previous_path(path))
+        os.replace(tmp, path)
 
 
 def _load(path: Path, what: str) -> Any:

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from . import distributed
 from .amp import autocast
 from .checkpoint import (CheckpointError, previous_path, read_checkpoint, read_newest_checkpoint,
-                         save_rotating)
+                         save_rotating, signals_deferred)
 from .evaluation import classification_metrics, evaluate_logits
 from .rng import rng_state, seed_everything, set_rng_state
 from .task import Task, TaskOutput
@@ -241,10 +241,11 @@ class Trainer:
             record = self._train_epoch(train_set, epoch)
             record.update(self._validate(val_set))
             record.update(epoch=epoch, lr=self.optimizer.param_groups[0]["lr"])
-            self.scheduler.step()
-            self.history.append(record)
-            self._log(record)
-            self.save_checkpoint(epoch)
+            with signals_deferred():  # the epoch's log and checkpoint are written whole, or not at all
+                self.scheduler.step()
+                self.history.append(record)
+                self._log(record)
+                self.save_checkpoint(epoch)
         return self.history
 
     def _step(self, batch, epoch: int) -> TaskOutput:
