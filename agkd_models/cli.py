@@ -37,7 +37,8 @@ from .engine.distributed import resolve_device
 from .engine.run_folder import RunFolder, RunFolderError, check_out_path
 from .engine.trainer import NonFiniteLossError
 from .experiments.compare import COMPARE_METHODS, LABELS, parse_methods, prepare_teacher, run_comparison
-from .experiments.pipeline import (build_data, build_student, build_teacher, cache_teacher, distill,
+from .experiments.pipeline import (build_data, build_student, build_teacher, cache_teacher, check_model_settings,
+                                   distill,
                        load_student_weights, load_teacher_weights,
                        student_report, test_accuracy, train_teacher, evaluate_model, write_run_report)
 from .experiments.report import model_costs, plot_curves, write_report
@@ -218,7 +219,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.add_argument("--config", default=default_config,
                        help=f"preset ({', '.join(PRESETS)}) or YAML file (default: {default_config})")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config entry, e.g. --set train.epochs=3 (repeatable)")
+                       help="override a config entry, e.g. --set train.epochs=3 (repeatable); a mapping such as "
+                            "teacher.vit_kwargs={patch_size: 8} merges into the preset's")
         p.add_argument("--download", action="store_true",
                        help="allow fetching the data set (CIFAR); never done otherwise")
 
@@ -297,6 +299,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             cfg["train"]["channels_last"] = True
         if getattr(args, "compile", False):
             cfg["train"]["compile"] = True
+        check_model_settings(cfg)
         # Files named on the command line, before any work starts.
         for flag, what in (("teacher", "teacher file"), ("checkpoint", "checkpoint")):
             if getattr(args, flag, None):

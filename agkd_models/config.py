@@ -385,7 +385,12 @@ def load_config(preset_or_path: str, overrides: Iterable[str] = ()) -> Dict[str,
 
 
 def apply_overrides(config: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, Any]:
-    """``section.key=value`` (value parsed as YAML: numbers, booleans, lists, null)."""
+    """``section.key=value`` (value parsed as YAML: numbers, booleans, lists, null).
+
+    A mapping setting (``teacher.vit_kwargs``, ...) takes a mapping that is merged into the
+    one it has, so ``teacher.vit_kwargs={patch_size: 8}`` keeps the preset's ``img_size``;
+    ``teacher.vit_kwargs.patch_size=8`` sets one entry. To drop an entry, set the whole
+    mapping in a config file."""
     config = copy.deepcopy(config)
     for item in overrides:
         if "=" not in item:
@@ -393,16 +398,21 @@ def apply_overrides(config: Dict[str, Any], overrides: Iterable[str]) -> Dict[st
         key, raw = item.split("=", 1)
         *parents, leaf = key.strip().split(".")
         node = config
-        for part in parents:
+        for depth, part in enumerate(parents):
             if not isinstance(node.get(part), dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section of the config")
+                what = "a section of the config" if depth == 0 else "a mapping setting"
+                raise ConfigError(f"override {item!r}: {part!r} is not {what}")
             node = node[part]
-        if leaf not in node:
+        inside_a_mapping_setting = len(parents) >= 2  # an entry of e.g. teacher.vit_kwargs: any name
+        if leaf not in node and not inside_a_mapping_setting:
             raise ConfigError(f"override {item!r}: unknown key {key!r} (known: {', '.join(sorted(node))})")
         try:
-            node[leaf] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError:
             raise ConfigError(f"override {item!r}: {raw!r} is not a YAML value") from None
+        if isinstance(node.get(leaf), dict) and isinstance(value, dict) and len(parents) == 1:
+            value = {**node[leaf], **value}
+        node[leaf] = value
     return config
 
 

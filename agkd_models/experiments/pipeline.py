@@ -59,6 +59,52 @@ def build_student(cfg: Dict[str, Any], num_classes: int) -> Student:
                    pretrained=s.get("pretrained", False))
 
 
+def check_model_settings(cfg: Dict[str, Any]) -> None:
+    """The settings that concern more than one section checked together, before any work:
+    the image size against each model (the ViT's image and patch size, a CNN's smallest
+    input), and the student stages (attention stages and CAKD's projected stage) against
+    the chosen student. The models are built on the meta device (no memory, no weights)
+    and run on a blank batch of the configured size; a ConfigError names the settings."""
+    import timm
+
+    size, t, s = cfg["data"]["image_size"], cfg["teacher"], cfg["student"]
+    blank = torch.empty(2, 3, size, size, device="meta")
+
+    def runs(model: torch.nn.Module, what: str, key: str) -> None:
+        try:
+            model.eval()(blank)
+        except Exception as exc:  # timm's shape assertions, "output size is too small", ...
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"data.image_size={size} does not suit {key}={what!r}: {reason}") from None
+
+    with torch.device("meta"):
+        vit = timm.create_model(t["vit"], pretrained=False, num_classes=2, **(t["vit_kwargs"] or {}))
+        cnn = timm.create_model(t["cnn"], pretrained=False, num_classes=2, **(t["cnn_kwargs"] or {}))
+        student = timm.create_model(s["name"], pretrained=False, num_classes=2)
+    vit_size, patch = tuple(vit.patch_embed.img_size), tuple(vit.patch_embed.patch_size)
+    if vit_size != (size, size) and not (t["vit_kwargs"] or {}).get("dynamic_img_size"):
+        raise ConfigError(f"teacher.vit {t['vit']!r} is built for {vit_size[0]} px images (teacher.vit_kwargs: "
+                          f"{t['vit_kwargs'] or {}}), data.image_size is {size}: set teacher.vit_kwargs.img_size="
+                          f"{size}")
+    if size % patch[0] or size % patch[1]:
+        raise ConfigError(f"data.image_size={size} is not a multiple of the ViT's patch size {patch[0]} "
+                          f"(teacher.vit_kwargs: {t['vit_kwargs'] or {}}); its last {size % patch[0]} pixel rows "
+                          f"and columns would never be seen")
+    runs(vit, t["vit"], "teacher.vit")
+    runs(cnn, t["cnn"], "teacher.cnn")
+    if not hasattr(student, "blocks"):
+        raise ConfigError(f"student.name={s['name']!r} has no 'blocks' stage list to tap")
+    stages = len(student.blocks)
+    projected = cfg["distill"].get("projected_stage")
+    for key, values in (("student.stages", s["stages"]), ("distill.projected_stage", [] if projected is None
+                                                            else [projected])):
+        bad = [v for v in values if not 0 <= v < stages]
+        if bad:
+            raise ConfigError(f"{key}: stage {bad[0]} does not exist in {s['name']!r}, which has {stages} stages "
+                              f"(0 to {stages - 1})")
+    runs(student, s["name"], "student.name")
+
+
 def load_teacher_weights(teacher: HybridTeacher, path: str, cfg: Dict[str, Any], num_classes: int) -> None:
     t = cfg["teacher"]
     load_model_weights(teacher, path, "teacher file",
