@@ -67,3 +67,16 @@ def test_student_stages_are_checked_for_every_command(tmp_path, capsys, command)
 def test_the_projected_stage_is_checked(tmp_path, capsys):
     one_line_error(capsys, ["train-teacher", "--out", str(tmp_path / "run"), "--set", "distill.projected_stage=7"]
                    + TINY, "distill.projected_stage: stage 7 does not exist")
+
+
+@pytest.mark.parametrize("free_gib,refused", [(8, True), (1024, False)])
+def test_a_batch_that_cannot_fit_is_refused_up_front(monkeypatch, free_gib, refused):
+    from agkd_models.experiments import pipeline
+    monkeypatch.setattr(pipeline, "_available_memory", lambda device: free_gib * 2**30)
+    cfg = load_config("digits", ["data.image_size=4096", "teacher.vit_kwargs.img_size=4096",
+                                 "teacher.vit_kwargs.patch_size=64"])  # one float32 batch of 64: 12 GiB
+    if refused:
+        with pytest.raises(ConfigError, match=r"one input batch alone takes 12.0 GiB, more than half of the 8.0 GiB"):
+            check_model_settings(cfg)
+    else:
+        check_model_settings(cfg)

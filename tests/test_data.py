@@ -1,6 +1,8 @@
 """Data sets: the embedded digits, ImageFolder trees (train/val folders or a split),
 TinyImageNet's layout, CIFAR roots, clear errors for missing or malformed roots, and
 unreadable images skipped with a counted warning."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -187,3 +189,53 @@ def test_folder_with_train_and_val_only_uses_val_as_test(tmp_path):
     splits = build_datasets("folder", str(tmp_path), image_size=16)
     assert splits.test_is_val and splits.test is splits.val
 
+
+
+def truncated_jpeg(path, seed):
+    write_image(path.with_suffix(".png"), seed)
+    full = path.with_suffix(".full.jpg")
+    Image.open(path.with_suffix(".png")).resize((64, 64)).save(full, quality=95)
+    path.with_suffix(".png").unlink()
+    data = full.read_bytes()
+    full.unlink()
+    path.write_bytes(data[: len(data) // 2])  # the header is intact: Image.verify() passes it
+
+
+def test_a_truncated_jpeg_is_skipped_and_counted_not_a_crash_in_training(tmp_path):
+    for c in ("a", "b"):
+        for i in range(5):
+            write_image(tmp_path / c / f"{i}.png", i)
+    truncated_jpeg(tmp_path / "a" / "cut.jpg", 9)
+    with Image.open(tmp_path / "a" / "cut.jpg") as image:
+        image.verify()  # what the check used to do: the truncated file passed it
+    with pytest.warns(UserWarning, match=r"1 unreadable image\(s\)"):
+        splits = build_datasets("folder", str(tmp_path), image_size=16, val_fraction=0.2, test_fraction=0.2)
+    files = [path for part in (splits.train.base, splits.val, splits.test) for path, _ in part.samples]
+    assert len(files) == 10 and not any(path.endswith("cut.jpg") for path in files)
+
+
+def junk(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"junk")
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda root: [junk(root / c / "x.jpg") for c in ("a", "b")], ["no readable image"]),
+    (lambda root: [write_image(root / "only" / f"{i}.png", i) for i in range(6)], ["1 class (only)", "at least 2"]),
+    (lambda root: ([write_image(root / c / f"{i}.png", i) for c in ("a", "b") for i in range(4)],
+                   junk(root / "c" / "x.png")), ["class folder(s) c under", "no readable image"]),
+])
+def test_data_that_cannot_train_a_classifier_is_refused(tmp_path, make, words):
+    make(tmp_path)
+    with pytest.raises(DataError) as info, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the count of unreadable files; the error is what matters
+        build_datasets("folder", str(tmp_path), image_size=16)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+def test_digits_are_enlarged_when_read_not_up_front():
+    splits = build_datasets("digits", image_size=1024)
+    assert splits.train.base.images.shape[-2:] == (8, 8)  # the stored images stay 8x8
+    image, _ = splits.val[0]
+    assert image.shape == (3, 1024, 1024)

@@ -165,8 +165,9 @@ def fingerprint(dataset: Dataset) -> str:
             feed(ds.dataset)
             digest.update(b"subset")
             digest.update(np.asarray(ds.indices, dtype=np.int64).tobytes())
-        elif isinstance(ds, _Tensors):
-            digest.update(ds.images.contiguous().numpy().tobytes())
+        elif isinstance(ds, _ScaledDigits):  # the enlarged images' bytes, a chunk at a time
+            for start in range(0, len(ds), 64):
+                digest.update(ds.rendered(start, start + 64).numpy().tobytes())
             digest.update(ds.labels.to(torch.int64).numpy().tobytes())
         elif isinstance(ds, _Samples):
             listing = [(path, label, os.path.getsize(path)) for path, label in ds.samples]
@@ -207,34 +208,64 @@ class _Samples(Dataset):
         return (self.transform(image) if self.transform else image), label
 
 
-class _Tensors(Dataset):
-    """(image, label) pairs from in-memory uint8 images (N, 3, H, W)."""
+class _ScaledDigits(Dataset):
+    """(image, label) pairs of small grey images (N, 1, h, w) in [0, 1], each enlarged to
+    ``size`` (bilinear, rounded to uint8 RGB) when it is read: memory stays that of the small
+    images whatever the size, and :meth:`rendered` gives the same bytes in chunks."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Optional[Callable]):
-        self.images, self.labels, self.transform = images, labels, transform
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, size: int, transform: Optional[Callable]):
+        self.images, self.labels, self.size, self.transform = images, labels, int(size), transform
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def rendered(self, start: int, stop: int) -> torch.Tensor:
+        import torch.nn.functional as F
+        images = F.interpolate(self.images[start:stop], size=(self.size, self.size), mode="bilinear",
+                               align_corners=False)
+        return (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+
     def __getitem__(self, index: int):
-        image = self.images[index]
+        image = self.rendered(index, index + 1)[0]
         return (self.transform(image) if self.transform else image), int(self.labels[index])
 
 
-def _readable(samples: List[Tuple[str, int]], root: Path) -> List[Tuple[str, int]]:
-    """Drops files PIL cannot decode, with one warning that counts them."""
+def _decodes(path: str) -> bool:
     from PIL import Image
-    kept, bad = [], []
-    for path, label in samples:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-            kept.append((path, label))
-        except Exception:  # any decoder failure means the file is unusable
-            bad.append(path)
+    try:
+        with Image.open(path) as image:
+            image.load()  # the whole image: a truncated file fails here, not in verify()
+        return True
+    except Exception:  # any decoder failure means the file is unusable
+        return False
+
+
+def _readable(samples: List[Tuple[str, int]], root: Path) -> List[Tuple[str, int]]:
+    """Drops files PIL cannot decode to the end, with one warning that counts them (the
+    files are decoded in a thread pool: PIL's decoders release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        ok = list(pool.map(_decodes, [path for path, _ in samples], chunksize=64))
+    kept = [sample for sample, good in zip(samples, ok) if good]
+    bad = [path for (path, _), good in zip(samples, ok) if not good]
     if bad:
         warnings.warn(f"{len(bad)} unreadable image(s) under {root} skipped (first: {bad[0]})", stacklevel=3)
     return kept
+
+
+def _check_classes(samples: List[Tuple[str, int]], classes: List[str], root: Path, layout: str) -> None:
+    """A DataError when nothing readable is left, or some class has no readable image, or
+    there are fewer than two classes: training would fail, or silently learn a class that
+    never appears."""
+    if not samples:
+        raise DataError(f"no readable image under {root}; expected {layout}")
+    if len(classes) < 2:
+        raise DataError(f"{root} has {len(classes)} class ({', '.join(classes)}); classification needs at least 2")
+    present = {label for _, label in samples}
+    empty = [name for label, name in enumerate(classes) if label not in present]
+    if empty:
+        raise DataError(f"class folder(s) {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''} under {root} "
+                        f"hold no readable image; remove them or add images")
 
 
 def _class_folders(root: Path, layout: str) -> List[str]:
@@ -281,11 +312,9 @@ def _digits(image_size: int, split: "SplitSpec", train_tf, eval_tf) -> DataSplit
     import torch.nn.functional as F
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
-    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    images = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
     labels = torch.tensor(digits.target)
     train_idx, val_idx, test_idx = three_way_split(labels.tolist(), *split)
-    part = lambda idx, tf: _Tensors(images[idx], labels[idx], tf)  # noqa: E731
+    part = lambda idx, tf: _ScaledDigits(images[idx], labels[idx], image_size, tf)  # noqa: E731
     return DataSplits(part(train_idx, train_tf), part(val_idx, eval_tf), part(test_idx, eval_tf),
                       [str(c) for c in range(10)])
 
@@ -304,6 +333,10 @@ def _folder(root: Path, split: "SplitSpec", train_tf, eval_tf, verify: bool) -> 
             parts[name] = _scan(root / name, classes, layout)
             if verify:
                 parts[name] = _readable(parts[name], root / name)
+            if name == "train":
+                _check_classes(parts[name], classes, root / name, layout)
+            elif not parts[name]:
+                raise DataError(f"no readable image under {root / name}; expected {layout}")
         val = _Samples(parts["val"], eval_tf)
         test = _Samples(parts["test"], eval_tf) if "test" in parts else val
         return DataSplits(_Samples(parts["train"], train_tf), val, test, classes, test_is_val="test" not in parts)
@@ -311,6 +344,7 @@ def _folder(root: Path, split: "SplitSpec", train_tf, eval_tf, verify: bool) -> 
     samples = _scan(root, classes, layout)
     if verify:
         samples = _readable(samples, root)
+    _check_classes(samples, classes, root, layout)
     train_idx, val_idx, test_idx = three_way_split([s[1] for s in samples], *split)
     pick = lambda idx, tf: _Samples([samples[i] for i in idx], tf)  # noqa: E731
     return DataSplits(pick(train_idx, train_tf), pick(val_idx, eval_tf), pick(test_idx, eval_tf), classes)
@@ -357,6 +391,9 @@ def _tinyimagenet(root: Path, split: "SplitSpec", train_tf, eval_tf, verify: boo
         val.append((str(root / "val" / "images" / fields[0]), index[fields[1]]))
     if verify:
         train, val = _readable(train, root / "train"), _readable(val, root / "val")
+    _check_classes(train, classes, root / "train", layout)
+    if not val:
+        raise DataError(f"tinyimagenet: no readable image under {root / 'val'}; expected {layout}")
     # The official validation split is the test set; validation is held out of training.
     train_idx, val_idx, _ = three_way_split([label for _, label in train], split.val_fraction, 0.0, split.seed)
     return DataSplits(_Samples([train[i] for i in train_idx], train_tf), _Samples([train[i] for i in val_idx], eval_tf),

@@ -103,6 +103,34 @@ def check_model_settings(cfg: Dict[str, Any]) -> None:
             raise ConfigError(f"{key}: stage {bad[0]} does not exist in {s['name']!r}, which has {stages} stages "
                               f"(0 to {stages - 1})")
     runs(student, s["name"], "student.name")
+    _check_batch_fits(cfg)
+
+
+def _available_memory(device: torch.device) -> Optional[int]:
+    """Bytes free for a run on ``device`` (CPU: MemAvailable of /proc/meminfo), or None
+    where that cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_batch_fits(cfg: Dict[str, Any]) -> None:
+    """A ConfigError when one float32 input batch alone would take more than half the
+    memory free on the device: the run would fail later for certain (the models'
+    activations need many times more). Runs that pass may still run out of memory."""
+    size, batch = cfg["data"]["image_size"], cfg["train"]["batch_size"]
+    need = batch * 3 * size * size * 4
+    free = _available_memory(distributed.resolve_device(cfg["train"]["device"]))
+    if free is not None and need > free // 2:
+        raise ConfigError(f"data.image_size={size} with train.batch_size={batch}: one input batch alone takes "
+                          f"{need / 2**30:.1f} GiB, more than half of the {free / 2**30:.1f} GiB free on this "
+                          f"device; lower the image size or the batch")
 
 
 def load_teacher_weights(teacher: HybridTeacher, path: str, cfg: Dict[str, Any], num_classes: int) -> None:
