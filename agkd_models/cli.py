@@ -144,7 +144,7 @@ def cmd_compare(args, cfg):
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
     # A comparison folder is meant to be re-entered (finished runs are kept), so it is only
     # locked, never refused for holding earlier results.
-    with RunFolder(out, run_files=()):
+    with RunFolder(out, work_files=()):
         save_config(cfg, out / "config.yaml")
         _compare(args, cfg, out, methods)
 
@@ -166,7 +166,7 @@ def _log(command):
 
 
 def cmd_demo(args, cfg):
-    with RunFolder(Path(args.out), run_files=()):  # locked, re-entered like a comparison's
+    with RunFolder(Path(args.out), work_files=()):  # locked, re-entered like a comparison's
         _demo(args, cfg)
 
 

@@ -191,7 +191,7 @@ def test_broken_caches_are_rejected(caches, tmp_path):
     manifest = json.loads((old / "manifest.json").read_text())
     manifest["version"] = 0
     (old / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(TeacherCacheError, match="format version 0; this agkd reads version 1"):
+    with pytest.raises(TeacherCacheError, match="format version 0; this agkd reads versions 1, 2"):
         TeacherCache.open(old)
     short = _copy(caches["float16"], tmp_path / "short")
     data = (short / "logits.npy").read_bytes()
@@ -202,6 +202,49 @@ def test_broken_caches_are_rejected(caches, tmp_path):
     np.save(wrong / "attention.npy", np.zeros((2, 48, 1, 2, 2), np.float16))
     with pytest.raises(TeacherCacheError, match=r"attention.npy holds float16 \[2, 48, 1, 2, 2\]"):
         TeacherCache.open(wrong)
+
+
+def test_changed_values_are_detected_by_their_checksum(caches, tmp_path):
+    zeroed = _copy(caches["float32"], tmp_path / "zeroed")
+    logits = np.load(zeroed / "logits.npy")
+    np.save(zeroed / "logits.npy", np.zeros_like(logits))  # same shape and dtype, manifest untouched
+    with pytest.raises(TeacherCacheError, match=r"field 'logits' \(logits.npy\) changed after the cache was written"):
+        TeacherCache.open(zeroed)
+    TeacherCache.open(zeroed, verify=False)  # the shapes alone still pass: the checksum is what caught it
+
+
+def test_a_version_1_cache_loads_unverified_with_a_warning(caches, tmp_path):
+    old = _copy(caches["float32"], tmp_path / "v1")
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["version"] = 1
+    for spec in manifest["fields"].values():
+        del spec["sha256"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="no checksums: its values cannot be verified. Rebuild it"):
+        cache = TeacherCache.open(old)
+    np.testing.assert_array_equal(cache.arrays["logits"], TeacherCache.open(caches["float32"]).arrays["logits"])
+
+
+def test_an_out_of_range_augmentation_record_is_one_line(teacher_file, caches, tmp_path, capsys):
+    bad = _copy(caches["float32"], tmp_path / "bad")
+    augment = np.load(bad / "augment.npy")
+    augment[0, 5] = [30, 30, 20, 20, 0]  # a 20x20 box at (30, 30) of a 32x32 image
+    np.save(bad / "augment.npy", augment)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["fields"]["augment"]["sha256"] = cache_module._sha256(bad / "augment.npy")  # consistent, but wrong
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    args = ["distill", "--teacher", str(teacher_file), "--teacher-cache", str(bad), "--out", str(tmp_path / "run")]
+    capsys.readouterr()
+    assert main(args + [a for t in TINY for a in ("--set", t)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert "augment.npy, epoch 0" in lines[0] and "(30, 30, 20, 20, 0) does not fit sample 5, a 32x32 image" in lines[0]
+
+
+def test_a_mismatch_names_the_differing_field_in_full(teacher_file, caches):
+    with pytest.raises(TeacherCacheError) as info:
+        TeacherCache.open(caches["float16"], expect=_expect(teacher_file, "train.seed=7"))
+    assert "seed: cache 0, this run 7" in str(info.value)
 
 
 def test_writer_is_atomic_and_refuses_to_overwrite(teacher_file, caches, tmp_path, monkeypatch):
@@ -241,7 +284,7 @@ def test_cache_identity_needs_replayable_augmentation(teacher_file):
     val_set = build_data(config()).val
     with pytest.raises(TeacherCacheError, match="AugmentedDataset"):
         cache_identity(val_set, _teacher(teacher_file), config()["teacher"])
-    assert cache_module.CACHE_VERSION == 1
+    assert cache_module.CACHE_VERSION == 2
 
 
 def test_teacher_fingerprint_covers_batch_norm_counters():

@@ -41,6 +41,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -51,13 +52,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from ..engine import distributed
-from .datasets import AugmentedDataset, fingerprint
+from .datasets import AugmentedDataset, DataError, fingerprint
 
 __all__ = ["CACHE_VERSION", "TeacherCacheError", "CachedTeacherOutput", "TeacherCache", "CachedTeacherDataset",
            "write_teacher_cache", "teacher_fingerprint", "cache_identity"]
 
 CACHE_FORMAT = "agkd-teacher-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a SHA-256 of every field's file in the manifest
+READABLE_VERSIONS = (1, 2)  # version 1 caches load, unverified (a warning says to rebuild them)
 MANIFEST = "manifest.json"
 STORAGE_DTYPES = ("float16", "float32")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -121,9 +123,11 @@ class TeacherCache:
         self._arrays: Optional[Dict[str, np.ndarray]] = None
 
     @classmethod
-    def open(cls, path, expect: Optional[Dict[str, Any]] = None) -> "TeacherCache":
-        """Opens and checks a cache; with ``expect`` (:func:`cache_identity` of the run)
-        also checks it was made from the same data set, augmentation and teacher."""
+    def open(cls, path, expect: Optional[Dict[str, Any]] = None, verify: bool = True) -> "TeacherCache":
+        """Opens and checks a cache: every field's shape and dtype, and with ``verify`` its
+        bytes against the SHA-256 written when the cache was finished (reading every file
+        once); with ``expect`` (:func:`cache_identity` of the run) also that it was made
+        from the same data set, augmentation and teacher."""
         path = Path(path)
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
@@ -135,9 +139,10 @@ class TeacherCache:
             raise TeacherCacheError(f"teacher cache {path}: {MANIFEST} is not valid JSON ({exc})") from None
         if manifest.get("format") != CACHE_FORMAT:
             raise TeacherCacheError(f"teacher cache {path}: {MANIFEST} is not an {CACHE_FORMAT} manifest")
-        if manifest.get("version") != CACHE_VERSION:
+        if manifest.get("version") not in READABLE_VERSIONS:
             raise TeacherCacheError(f"teacher cache {path} has format version {manifest.get('version')}; this agkd "
-                                    f"reads version {CACHE_VERSION}. Rebuild it with `agkd cache-teacher`")
+                                    f"reads versions {', '.join(map(str, READABLE_VERSIONS))}. Rebuild it with "
+                                    f"`agkd cache-teacher`")
         for name, spec in manifest["fields"].items():
             file = path / spec["file"]
             try:
@@ -148,6 +153,14 @@ class TeacherCache:
             if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
                 raise TeacherCacheError(f"teacher cache {path}: {file.name} holds {array.dtype} {list(array.shape)}, "
                                         f"the manifest says {spec['dtype']} {spec['shape']}")
+            if verify and "sha256" in spec and _sha256(file) != spec["sha256"]:
+                raise TeacherCacheError(f"teacher cache {path}: field {name!r} ({file.name}) changed after the cache "
+                                        f"was written (its SHA-256 differs from the manifest's); rebuild it with "
+                                        f"`agkd cache-teacher --overwrite`")
+        if verify and manifest["version"] < 2:
+            warnings.warn(f"teacher cache {path} is of format version {manifest['version']}, which has no "
+                          f"checksums: its values cannot be verified. Rebuild it with `agkd cache-teacher "
+                          f"--overwrite` to have them checked", stacklevel=2)
         cache = cls(path, manifest)
         if expect is not None:
             cache.check_identity(expect)
@@ -162,8 +175,9 @@ class TeacherCache:
         for key, meaning in what.items():
             if made.get(key) != expect[key]:
                 raise TeacherCacheError(
-                    f"teacher cache {self.path} does not match this run: {meaning} (cache: {_short(made.get(key))}, "
-                    f"this run: {_short(expect[key])}). Rebuild it with `agkd cache-teacher`, never reuse it")
+                    f"teacher cache {self.path} does not match this run: {meaning} "
+                    f"({_difference(made.get(key), expect[key])}). Rebuild it with `agkd cache-teacher`, never "
+                    f"reuse it")
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -195,9 +209,18 @@ class TeacherCache:
         return {"logits": logits, "attention": attention}
 
 
-def _short(value) -> str:
-    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
-    return text if len(text) <= 80 else text[:16] + "…"
+def _difference(cached: Any, wanted: Any) -> str:
+    """What differs, in full: for mappings, each entry that differs; else both values."""
+    if isinstance(cached, dict) and isinstance(wanted, dict):
+        keys = sorted(set(cached) | set(wanted))
+        return "; ".join(f"{k}: cache {json.dumps(cached.get(k))}, this run {json.dumps(wanted.get(k))}"
+                         for k in keys if cached.get(k) != wanted.get(k))
+    return f"cache: {json.dumps(cached)}, this run: {json.dumps(wanted)}"
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def collate_cached(batch):
@@ -227,7 +250,13 @@ class CachedTeacherDataset(Dataset):
         return len(self.train_set)
 
     def __getitem__(self, index: int):
-        image, label, _ = self.train_set.sample(index, params=self.cache.augment_params(index, self.epoch))
+        params = self.cache.augment_params(index, self.epoch)
+        try:
+            image, label, _ = self.train_set.sample(index, params=params)
+        except DataError as exc:
+            raise TeacherCacheError(f"teacher cache {self.cache.path}: augment.npy, epoch "
+                                    f"{self.cache.cached_epoch(self.epoch)}: {exc}; the cache is damaged, rebuild it "
+                                    f"with `agkd cache-teacher --overwrite`") from None
         return image, label, self.cache.teacher_row(index, self.epoch)
 
 
@@ -376,7 +405,7 @@ def write_teacher_cache(teacher: nn.Module, train_set: AugmentedDataset, out: Pa
     if here.is_main:
         manifest = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "epochs": epochs, "num_samples": num_samples, "num_classes": num_classes, "topk": topk,
-                    "dtype": dtype, "fields": {name: {"file": f, "dtype": d, "shape": s}
+                    "dtype": dtype, "fields": {name: {"file": f, "dtype": d, "shape": s, "sha256": _sha256(work / f)}
                                                for name, (f, d, s) in fields.items()},
                     "made_from": identity, "teacher_config": teacher_config}
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -131,8 +131,15 @@ class AugmentedDataset(Dataset):
     def sample(self, index: int, epoch: Optional[int] = None, params: Optional[Sequence[int]] = None):
         """``(image, label, params)``: the draw of ``(index, epoch)``, or ``params`` replayed."""
         image, label = self.base[index]
+        height, width = _image_size(image)
         if params is None:
-            params = self.draw(index, self.epoch if epoch is None else epoch, *_image_size(image))
+            params = self.draw(index, self.epoch if epoch is None else epoch, height, width)
+        else:
+            top, left, h, w, flip = (int(v) for v in params)
+            if not (0 <= top and 0 <= left and h >= 1 and w >= 1 and top + h <= height and left + w <= width
+                    and flip in (0, 1)):
+                raise DataError(f"augmentation record (top, left, height, width, flip) = {tuple(int(v) for v in params)} "
+                                f"does not fit sample {index}, a {height}x{width} image")
         return self.augment.apply(image, params), label, np.asarray(params, dtype=np.int32)
 
     def __getitem__(self, index: int):

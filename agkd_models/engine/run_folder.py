@@ -21,11 +21,13 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["RunFolder", "RunFolderError", "RUN_FILES", "check_out_path"]
+__all__ = ["RunFolder", "RunFolderError", "WORK_FILES", "RUN_FILES", "check_out_path"]
 
-# What a training run writes; a folder holding any of these belongs to a run.
-RUN_FILES = ("checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl", "metrics.csv", "teacher.pt", "student.pt",
-             "teacher_identity.json", "report.md", "curves.png", "config.yaml")
+# A folder holding any of these holds a run's work (a finished epoch at least); a folder
+# with only a configuration (a run stopped before its first epoch ended) is free.
+WORK_FILES = ("checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl", "teacher.pt", "student.pt")
+# What --overwrite deletes: everything a training run writes.
+RUN_FILES = WORK_FILES + ("metrics.csv", "teacher_identity.json", "report.md", "curves.png", "config.yaml")
 LOCK_NAME = ".agkd.lock"
 
 
@@ -46,19 +48,19 @@ def check_out_path(out: Path, flag: str = "--out") -> None:
 
 class RunFolder:
     """``with RunFolder(out, resume=..., overwrite=...):`` — the folder is this run's until
-    the block ends (see the module docstring). ``run_files`` are the names that mark a
-    folder as holding a run."""
+    the block ends (see the module docstring). ``work_files`` are the names that mark a
+    folder as holding a run's work (none: the folder is only locked)."""
 
     def __init__(self, out: Path, *, resume: bool = False, overwrite: bool = False, flag: str = "--out",
-                 run_files: Sequence[str] = RUN_FILES):
+                 work_files: Sequence[str] = WORK_FILES):
         if resume and overwrite:
             raise RunFolderError("--resume continues the run in the folder and --overwrite replaces it: give one")
         self.out, self.resume, self.overwrite, self.flag = Path(out), resume, overwrite, flag
-        self.run_files = tuple(run_files)
+        self.work_files = tuple(work_files)
         self._lock_file: Optional[int] = None
 
-    def existing_run_files(self):
-        return [name for name in self.run_files if (self.out / name).exists()]
+    def existing(self, names: Sequence[str]):
+        return [name for name in names if (self.out / name).exists()]
 
     def __enter__(self) -> "RunFolder":
         check_out_path(self.out, self.flag)
@@ -68,9 +70,9 @@ class RunFolder:
             raise RunFolderError(f"{self.flag} {self.out}: cannot create the folder ({exc.strerror})") from None
         self._lock()
         try:
-            found = self.existing_run_files()
-            if found and self.overwrite:
-                for name in found:
+            found = self.existing(self.work_files)
+            if self.overwrite and self.work_files:
+                for name in self.existing(RUN_FILES):
                     (self.out / name).unlink()
             elif found and not self.resume:
                 raise RunFolderError(
