@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -86,12 +85,14 @@ def summarise(folders: Dict[str, Path]) -> Dict[str, object]:
                      for s in seeds]
         first = [_terms(h[0]) for h in histories]
         last = [_terms(h[-1]) for h in histories]
-        mean = lambda records, key: sum(r.get(key, math.nan) for r in records) / len(records)
+        keys = list(dict.fromkeys([k for r in first + last for k in r]))
+        mean = lambda records, key: (sum(r[key] for r in records) / len(records)  # noqa: E731
+                                     if all(key in r for r in records) else None)
         rows[name] = {"test_acc_mean": result["test_acc_mean"], "test_acc_std": result["test_acc_std"],
                       "test_acc": result["test_acc"], "epochs": summary["student_epochs"],
                       "settings": _settings(VARIANTS[name][0]) if name in VARIANTS else {},
-                      "terms_first_epoch": {k: mean(first, k) for k in first[0]},
-                      "terms_last_epoch": {k: mean(last, k) for k in last[0]},
+                      "terms_first_epoch": {k: mean(first, k) for k in keys},
+                      "terms_last_epoch": {k: mean(last, k) for k in keys},
                       "teacher_test_acc": summary["teacher"]["test_acc"], "seconds": summary["seconds"]}
     return rows
 
@@ -104,11 +105,12 @@ def write_table(out: Path, rows: Dict[str, Dict[str, object]]) -> None:
              f"{teacher:.4f}). Each row changes one factor from `before` (CAKD's settings before this ablation), "
              "except the last, which is every change together (the defaults now). Loss terms: the training "
              "mean of each term in the first → last epoch, averaged over seeds (unweighted; `total` is the "
-             "weighted sum).", "",
+             "weighted sum; – where a term was off in that epoch).", "",
              "| variant | epochs | test acc (mean ± std) | per seed | terms, first → last epoch |",
              "|---|---:|---:|---|---|"]
     for name, row in rows.items():
-        terms = ", ".join(f"{k} {row['terms_first_epoch'][k]:.3g} → {row['terms_last_epoch'].get(k, math.nan):.3g}"
+        show = lambda v: "–" if v is None else f"{v:.3g}"  # noqa: E731 (–: the term was off that epoch)
+        terms = ", ".join(f"{k} {show(row['terms_first_epoch'][k])} → {show(row['terms_last_epoch'][k])}"
                           for k in row["terms_first_epoch"])
         per_seed = ", ".join(f"{v:.4f}" for v in row["test_acc"].values())
         lines.append(f"| {name} | {row['epochs']} | {row['test_acc_mean']:.4f} ± {row['test_acc_std']:.4f} | "
