@@ -165,8 +165,9 @@ def cosine_loss(x: torch.Tensor, y: torch.Tensor, *, eps: float = COSINE_EPS,
 
     Example:
         >>> import torch, agkd_ops
-        >>> agkd_ops.cosine_loss(torch.ones(2, 8), torch.ones(2, 8)).item()
-        0.0
+        >>> x = torch.randn(2, 8)
+        >>> round(agkd_ops.cosine_loss(x, 3 * x).item(), 6), round(agkd_ops.cosine_loss(x, -x).item(), 6)
+        (0.0, 2.0)
     """
     fn = "cosine_loss"
     check_pair(fn, x, y, min_rank=2)

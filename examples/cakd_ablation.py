@@ -143,8 +143,9 @@ def main(argv=None) -> int:
     todo = [n for n in todo if not (n == "before" and args.before)]
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_variant, n, folders[n], args.teacher, args.seeds, "none,cakd" if n == ALL else "cakd",
-                               threads, _settings(VARIANTS[n][0]), VARIANTS[n][1]) for n in todo]
+        futures = [pool.submit(run_variant, n, folders[n], args.teacher, args.seeds,
+                               "none,cakd" if n == ALL else "cakd", threads, _settings(VARIANTS[n][0]),
+                               VARIANTS[n][1]) for n in todo]
         for f in futures:
             f.result()
     if not all((folder / "comparison.json").is_file() for folder in folders.values()):

@@ -1,4 +1,4 @@
-"""The backends every op's tests run on, and the helpers those tests share.
+"""The backends every op's tests run on, and the helpers and assertions those tests share.
 
 A backend is a way to compute an op: ``reference`` (agkd_ops.set_backend("reference"),
 plain PyTorch on the CPU), ``native-cpu`` (the C++ kernels), ``cuda-emulated`` (the CUDA
@@ -53,6 +53,14 @@ def backend_params(*, native_only: bool = False):
     params.append(pytest.param(Backend("cuda", "native", torch.device("cuda")), id="cuda",
                                marks=pytest.mark.skipif(not gpu, reason="needs a CUDA device and the CUDA kernels")))
     return params
+
+
+def against_the_reference(backend: Backend, dtype: torch.dtype) -> None:
+    """For sweeps that compare ``backend`` in ``dtype`` with the float64 reference: on the
+    reference backend the float64 case would compare the reference with itself, so it is
+    skipped there (its low-precision cases check the reference's own dtype handling)."""
+    if not backend.native and dtype == torch.float64:
+        pytest.skip("the float64 reference against itself")
 
 
 # Inputs are rounded to the tested dtype first, so these bound the kernels' float32 (or
@@ -110,3 +118,14 @@ def layout(t: torch.Tensor, name: str) -> torch.Tensor:
         wide[..., ::2] = t
         return wide[..., ::2]
     return t.contiguous()
+
+
+def assert_clear_error(call, exc, words):
+    """``call()`` raises ``exc`` with a message that starts with the public function
+    (``agkd_ops.<fn>``) and contains every one of ``words``."""
+    with pytest.raises(exc) as info:
+        call()
+    message = str(info.value)
+    assert message.startswith("agkd_ops."), message
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"

@@ -1,12 +1,13 @@
 """agkd::align_fwd/bwd and attention_align_loss: the student map resized bilinearly to the
 teacher's size and compared (mse, cosine, ssim, hybrid).
 
-The same checks run on every backend (tests/backends.py): F.interpolate followed by the
-reference losses, values and both gradients against the float64 reference over sizes from
-1x1 to 64x64 on either side (up, down, non-integer ratios, equal), both align_corners,
-all four losses, 1..4 channels, layouts and every dtype, gradcheck, NaN isolation,
-determinism. Checks of the compiled op itself (opcheck, torch.compile) run on the native
-backends."""
+On every backend (tests/backends.py): F.interpolate followed by the NumPy oracles' losses,
+every dtype against the float64 reference (on the reference backend: its low-precision
+paths), gradcheck, NaN isolation, determinism. On the native backends: values and both
+gradients against the float64 reference over sizes from 1x1 to 64x64 on either side (up,
+down, non-integer ratios, equal), both align_corners, all four losses, 1..4 channels and
+layouts, and checks of the compiled op itself (opcheck, torch.compile)."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,8 +16,25 @@ from hypothesis import given, strategies as st
 import agkd_ops
 from agkd_ops import reference as R
 
-from .backends import FLOAT_DTYPES, assert_nan_stays_in_its_sample, close, grads, layout, rounded
-from .helpers import assert_clear_error
+from . import oracle
+from .backends import (FLOAT_DTYPES, against_the_reference, assert_clear_error, assert_nan_stays_in_its_sample,
+                       close, grads, layout, rounded)
+
+
+def oracle_loss(up, t, loss, kw):
+    """The per-sample loss between the resized student ``up`` and ``t`` from the NumPy
+    oracles (tests/oracle.py), which share no code with agkd_ops."""
+    a, b = up.numpy(), t.numpy()
+    if loss == "mse":
+        return ((a - b) ** 2).reshape(len(a), -1).mean(1)
+    cos = lambda: oracle.cosine_per_sample(a, b, eps=kw.get("eps", 1e-8))  # noqa: E731
+    ssim = lambda: oracle.ssim_per_sample(a, b, window_size=kw["window_size"],  # noqa: E731
+                                          padding=kw.get("padding", "valid"))
+    if loss == "cosine":
+        return 1 - cos()
+    if loss == "ssim":
+        return 1 - ssim()
+    return kw["alpha"] * (1 - ssim()) + kw["beta"] * (1 - cos())
 
 
 @pytest.mark.parametrize("loss,kw", [("mse", {}), ("cosine", {"eps": 1e-6}),
@@ -30,12 +48,7 @@ def test_is_interpolate_then_loss(backend, loss, kw, align_corners):
     up = F.interpolate(s, size=(14, 17), mode="bilinear", align_corners=align_corners)
     got = agkd_ops.attention_align_loss(s.to(backend.device), t.to(backend.device), loss=loss,
                                         align_corners=align_corners, reduction="none", **kw)
-    if loss == "mse":
-        want = F.mse_loss(up, t, reduction="none").flatten(1).mean(1)
-    else:
-        want = {"cosine": R.cosine_loss, "ssim": R.ssim_loss, "hybrid": R.hybrid_loss}[loss](
-            up, t, reduction="none", **kw)
-    torch.testing.assert_close(got.cpu(), want)
+    np.testing.assert_allclose(got.cpu().numpy(), oracle_loss(up, t, loss, kw), rtol=1e-10, atol=1e-12)
 
 
 side = st.integers(1, 64)
@@ -65,7 +78,8 @@ def align_case(draw):
 
 
 @given(case=align_case(), dtype=st.sampled_from([torch.float64, torch.float32]))
-def test_matches_reference_on_random_maps(backend, case, dtype):
+def test_matches_reference_on_random_maps(native, case, dtype):
+    backend = native
     g = torch.Generator().manual_seed(case["seed"])
     n, c = case["n"], case["c"]
     s = torch.rand(n, c, *case["student"], generator=g, dtype=torch.float64)
@@ -89,6 +103,7 @@ def test_matches_reference_on_random_maps(backend, case, dtype):
 @pytest.mark.parametrize("student,teacher,align_corners", [((7, 7), (14, 14), False), ((28, 28), (56, 56), True),
                                                            ((20, 13), (9, 17), False), ((5, 5), (5, 5), True)])
 def test_matches_reference_in_every_dtype(backend, dtype, loss, kw, student, teacher, align_corners):
+    against_the_reference(backend, dtype)
     g = torch.Generator().manual_seed(0)
     s, t = rounded((3, 2, *student), dtype, g), rounded((3, 2, *teacher), dtype, g)
     args = dict(loss=loss, align_corners=align_corners, reduction="none", **kw)

@@ -1,5 +1,6 @@
-"""Public API contract (docs/design.md, section 3): reductions, dtypes, modules, backend controls and
-every bad input, with messages that name the function and the argument."""
+"""Public API contract (docs/design.md, section 3) of the map losses: reductions, dtypes,
+modules, backend controls and every bad input, with messages that name the function and
+the argument. KD's contract is in tests/test_kd.py."""
 import importlib
 import os
 import subprocess
@@ -11,21 +12,13 @@ import torch
 import agkd_ops
 from agkd_ops import reference as R
 
-from .helpers import assert_clear_error
+from .backends import assert_clear_error
 
 LOSSES = [agkd_ops.ssim, agkd_ops.ssim_loss, agkd_ops.hybrid_loss]
 
 
 def maps(*shape, dtype=torch.float32):
     return torch.rand(*shape, dtype=dtype)
-
-
-def logits(*shape, dtype=torch.float32):
-    return torch.randn(*shape, dtype=dtype)
-
-
-def classes(*values):
-    return torch.tensor(values)
 
 
 @pytest.mark.parametrize("fn", LOSSES + [agkd_ops.cosine_loss])
@@ -69,29 +62,6 @@ def test_zero_padding_accepts_maps_smaller_than_window():
     torch.testing.assert_close(agkd_ops.ssim(x, y, padding="zeros"), R.ssim(x, y, padding="zeros"))
 
 
-KD_BAD_INPUTS = [
-    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 7)), ValueError, ["kd_kl_div", "same shape", "(4, 7)"]),
-    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(3, 6)), ValueError, ["kd_kl_div", "teacher_logits", "(3, 6)"]),
-    (lambda: agkd_ops.kd_kl_div(logits(4, 6, 1), logits(4, 6, 1)), ValueError, ["kd_kl_div", "student_logits", "rank-2 (N, K)"]),
-    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6, dtype=torch.float64)), TypeError, ["kd_kl_div", "dtype"]),
-    (lambda: agkd_ops.kd_kl_div(torch.ones(4, 6, dtype=torch.int64), torch.ones(4, 6, dtype=torch.int64)), TypeError, ["student_logits", "floating"]),
-    (lambda: agkd_ops.kd_kl_div(logits(0, 6), logits(0, 6)), ValueError, ["kd_kl_div", "empty"]),
-    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), temperature=0), ValueError, ["kd_kl_div", "temperature", "> 0"]),
-    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), temperature=-2.0), ValueError, ["temperature"]),
-    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), temperature=float("inf")), ValueError, ["temperature", "finite"]),
-    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), temperature="4"), TypeError, ["temperature", "real number"]),
-    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), reduction="mean"), ValueError, ["kd_kl_div", "'mean'", "batchmean", "N*K"]),
-    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), reduction="avg"), ValueError, ["reduction", "'avg'"]),
-    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2)), ValueError, ["kd_loss", "target", "(4,)", "(3)"]),
-    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), torch.zeros(4)), ValueError, ["kd_loss", "probability targets", "(4, 6)"]),
-    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), torch.zeros(4, dtype=torch.bool)), TypeError, ["kd_loss", "target", "bool"]),
-    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), [0, 1, 2, 3]), TypeError, ["kd_loss", "target", "Tensor"]),
-    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 3), alpha=1.5), ValueError, ["kd_loss", "alpha", "[0, 1]"]),
-    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 3), alpha=-0.1), ValueError, ["alpha"]),
-    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 3), reduction="batchmean"), ValueError, ["kd_loss", "reduction"]),
-    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 5), classes(0, 1, 2, 3)), ValueError, ["kd_loss", "same shape"]),
-]
-
 MAP_BAD_INPUTS = [
     (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 15)), ValueError, ["ssim", "same shape", "(2, 1, 16, 15)"]),
     (lambda: agkd_ops.ssim(maps(2, 16, 16), maps(2, 16, 16)), ValueError, ["ssim", "x", "rank-4"]),
@@ -120,8 +90,8 @@ MAP_BAD_INPUTS = [
 ]
 
 
-# (Out-of-range class targets depend on the backend: tests/test_kd.py, test_out_of_range_target.)
-@pytest.mark.parametrize("call,exc,words", MAP_BAD_INPUTS + KD_BAD_INPUTS)
+# (KD's bad inputs are in tests/test_kd.py.)
+@pytest.mark.parametrize("call,exc,words", MAP_BAD_INPUTS)
 def test_bad_inputs_raise_clear_errors(call, exc, words):
     assert_clear_error(call, exc, words)
 
@@ -201,58 +171,6 @@ def test_asking_for_emulation_without_its_build_fails_at_import():
 def test_reference_importable_without_compiled_library():
     module = importlib.import_module("agkd_ops.reference")
     assert "_C" not in module.__dict__
-
-
-# ------------------------------------------------------------------------------- KD
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_kd_reductions_shapes_and_dtypes(dtype):
-    s, t, y = logits(4, 6, dtype=dtype), logits(4, 6, dtype=dtype), classes(0, 5, 2, 2)
-    kl_none = agkd_ops.kd_kl_div(s, t, reduction="none")
-    assert kl_none.shape == (4,) and kl_none.dtype == dtype
-    for reduction in ("batchmean", "sum"):
-        out = agkd_ops.kd_kl_div(s, t, reduction=reduction)
-        assert out.shape == () and out.dtype == dtype
-    torch.testing.assert_close(agkd_ops.kd_kl_div(s, t).float(), kl_none.float().mean(), rtol=1e-2, atol=1e-3)
-    kd_none = agkd_ops.kd_loss(s, t, y, reduction="none")
-    assert kd_none.shape == (4,) and kd_none.dtype == dtype
-    torch.testing.assert_close(agkd_ops.kd_loss(s, t, y, reduction="sum").float(), kd_none.float().sum(),
-                               rtol=1e-2, atol=1e-3)
-
-
-def test_kd_identical_logits_give_zero_kl():
-    s = logits(5, 7)
-    assert torch.equal(agkd_ops.kd_kl_div(s, s, reduction="none"), torch.zeros(5))
-
-
-def test_kd_modules_mirror_functions():
-    s, t, y = logits(4, 6), logits(4, 6), classes(0, 5, 2, 2)
-    assert torch.equal(agkd_ops.KDKLDivLoss(temperature=2, reduction="sum")(s, t),
-                       agkd_ops.kd_kl_div(s, t, temperature=2, reduction="sum"))
-    assert torch.equal(agkd_ops.KDLoss(temperature=3.0, alpha=0.25)(s, t, y),
-                       agkd_ops.kd_loss(s, t, y, temperature=3.0, alpha=0.25))
-    assert "alpha=0.25" in repr(agkd_ops.KDLoss(alpha=0.25))
-
-
-def test_kd_target_on_another_device_rejected():
-    s = logits(2, 3)
-    with pytest.raises(ValueError, match=r"kd_loss: target must be on the logits' device"):
-        agkd_ops.kd_loss(s, s, torch.zeros(2, dtype=torch.int64, device="meta"))
-
-
-@pytest.mark.parametrize("backend", ["reference", "native"])
-def test_kd_backends_agree(backend):
-    if backend == "native" and not agkd_ops.native_available("cpu"):
-        pytest.skip("native kernels not built")
-    previous = agkd_ops.get_backend()
-    s, t, y = logits(6, 9, dtype=torch.float64), logits(6, 9, dtype=torch.float64), classes(*range(6))
-    try:
-        agkd_ops.set_backend(backend)
-        got = agkd_ops.kd_loss(s, t, y, temperature=2.0, alpha=0.5, reduction="none")
-    finally:
-        agkd_ops.set_backend(previous)
-    torch.testing.assert_close(got, R.kd_loss(s, t, y, temperature=2.0, alpha=0.5, reduction="none"))
 
 
 @pytest.mark.parametrize("backend", ["native", "reference"])

@@ -1,9 +1,10 @@
 """agkd::attention_map_fwd/bwd and attention_map.
 
-The same checks run on every backend (tests/backends.py): the attention-transfer formula
-users know (F.normalize of abs().pow(p).mean(1)), values and gradients against the float64
-reference over random shapes, exponents, layouts and every dtype, gradcheck. Checks of
-the compiled op itself (opcheck) run on the native backends."""
+On every backend (tests/backends.py): the attention-transfer formula users know
+(F.normalize of abs().pow(p).mean(1)), every dtype against the float64 reference (on the
+reference backend: its low-precision paths), gradcheck. On the native backends: values and
+gradients against the float64 reference over random shapes, exponents and layouts, and
+checks of the compiled op itself (opcheck)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,8 +13,7 @@ from hypothesis import given, strategies as st
 import agkd_ops
 from agkd_ops import reference as R
 
-from .backends import FLOAT_DTYPES, close, grads, layout, rounded
-from .helpers import assert_clear_error
+from .backends import FLOAT_DTYPES, against_the_reference, assert_clear_error, close, grads, layout, rounded
 
 
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.0, 0.5])
@@ -40,7 +40,8 @@ def test_float32_map_and_gradient_equal_the_formula(backend):
        p=st.sampled_from([2.0, 1.0, 3.0, 0.5, 1.7]), normalize=st.booleans(),
        layout_name=st.sampled_from(["contiguous", "transposed", "channels_last"]),
        dtype=st.sampled_from([torch.float64, torch.float32]), seed=st.integers(0, 2**31 - 1))
-def test_matches_reference_on_random_features(backend, n, c, h, w, p, normalize, layout_name, dtype, seed):
+def test_matches_reference_on_random_features(native, n, c, h, w, p, normalize, layout_name, dtype, seed):
+    backend = native
     g = torch.Generator().manual_seed(seed)
     f = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
     f = torch.where(torch.rand(f.shape, generator=g, dtype=torch.float64) < 0.2, 0.0, f)  # ReLU-like zeros
@@ -57,6 +58,7 @@ def test_matches_reference_on_random_features(backend, n, c, h, w, p, normalize,
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("p,normalize", [(2.0, True), (1.0, True), (3.0, False), (0.5, True)])
 def test_matches_reference_in_every_dtype(backend, dtype, p, normalize):
+    against_the_reference(backend, dtype)
     g = torch.Generator().manual_seed(0)
     f = rounded((4, 40, 7, 9), dtype, g, randn=True)
     weights = torch.rand(4, 1, 7, 9, generator=g, dtype=torch.float64)

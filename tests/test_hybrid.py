@@ -1,11 +1,12 @@
 """agkd::hybrid_fwd/bwd and the functions on it: ssim, ssim_loss, cosine_loss, hybrid_loss.
 
-The same checks run on every backend (tests/backends.py): values against a brute-force
-NumPy oracle and the libraries users know (pytorch-msssim, kornia, scikit-image,
-torch.nn.functional), values and both gradients against the float64 reference over random
-shapes, paddings, windows, strides and every dtype, gradcheck, NaN isolation, determinism.
-Checks of the compiled op itself (opcheck, torch.compile, which gradients are computed,
-double backward, the CUDA kernels' shared-memory limits) run on the native backends."""
+On every backend (tests/backends.py): values against a brute-force NumPy oracle and the
+libraries users know (pytorch-msssim, kornia, scikit-image, torch.nn.functional), every
+dtype against the float64 reference (on the reference backend: its low-precision paths),
+gradcheck, NaN isolation, determinism. On the native backends: values and both gradients
+against the float64 reference over random shapes, paddings, windows and strides, and checks
+of the compiled op itself (opcheck, torch.compile, which gradients are computed, double
+backward, the CUDA kernels' shared-memory limits)."""
 import numpy as np
 import pytest
 import torch
@@ -15,7 +16,8 @@ from hypothesis import given, strategies as st
 import agkd_ops
 from agkd_ops import reference as R
 
-from .backends import DTYPE_TOL, FLOAT_DTYPES, assert_nan_stays_in_its_sample, close, grads, layout, rounded
+from .backends import (DTYPE_TOL, FLOAT_DTYPES, against_the_reference, assert_nan_stays_in_its_sample,
+                       close, grads, layout, rounded)
 from .oracle import cosine_per_sample, ssim_per_sample
 
 PADDINGS = ["valid", "reflect", "zeros"]
@@ -133,7 +135,8 @@ def map_case(draw, max_side=24):
 
 @given(case=map_case(), alpha=st.floats(0, 2), beta=st.floats(0, 2),
        dtype=st.sampled_from([torch.float64, torch.float32]))
-def test_hybrid_matches_reference_on_random_maps(backend, case, alpha, beta, dtype):
+def test_hybrid_matches_reference_on_random_maps(native, case, alpha, beta, dtype):
+    backend = native
     g = torch.Generator().manual_seed(case["seed"])
     n, c, h, w = case["shape"]
     x = rounded((1, 1, h, w) if case["expand"] else case["shape"], dtype, g).expand(n, c, h, w)
@@ -158,6 +161,7 @@ def test_hybrid_matches_reference_on_random_maps(backend, case, alpha, beta, dty
 @pytest.mark.parametrize("shape,window", [((3, 2, 37, 29), 11), ((2, 1, 7, 5), 3), ((2, 4, 64, 70), 7)])
 @pytest.mark.parametrize("alpha,beta", [(0.5, 0.5), (1.0, 0.0), (0.0, 1.0)])
 def test_hybrid_matches_reference_in_every_dtype(backend, dtype, padding, shape, window, alpha, beta):
+    against_the_reference(backend, dtype)
     g = torch.Generator().manual_seed(0)
     x, y = rounded(shape, dtype, g), rounded(shape, dtype, g)
     weights = torch.rand(shape[0], generator=g, dtype=torch.float64)
@@ -173,7 +177,8 @@ def test_hybrid_matches_reference_in_every_dtype(backend, dtype, padding, shape,
 
 
 @given(case=map_case(max_side=16))
-def test_ssim_and_ssim_loss_reductions_match_reference(backend, case):
+def test_ssim_and_ssim_loss_reductions_match_reference(native, case):
+    backend = native
     g = torch.Generator().manual_seed(case["seed"])
     x = torch.rand(case["shape"], generator=g, dtype=torch.float64)
     y = (x + 0.2 * torch.rand(case["shape"], generator=g, dtype=torch.float64)).clamp(0, 1)

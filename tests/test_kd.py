@@ -1,11 +1,13 @@
 """agkd::kd_fwd/bwd and the functions on it: kd_kl_div and kd_loss.
 
-The same checks run on every backend (tests/backends.py): values against a NumPy oracle
-and the torch.nn.functional compositions users know, values and the gradients of both
-logit tensors against the float64 reference over random shapes, temperatures, weights,
-strides and every dtype, extreme logits, a teacher logit of -inf, gradcheck, NaN
-isolation, determinism. Checks of the compiled op itself (opcheck, torch.compile, which
-gradients are computed, direct op calls, double backward) run on the native backends."""
+On every backend (tests/backends.py): values against a NumPy oracle and the
+torch.nn.functional compositions users know, every dtype against the float64 reference (on
+the reference backend: its low-precision paths), reductions, modules, extreme logits, a
+teacher logit of -inf, the options (label smoothing, probability targets, ignore_index),
+gradcheck, NaN isolation, determinism, every bad input. On the native backends: values and
+the gradients of both logit tensors against the float64 reference over random shapes,
+temperatures, weights and strides, and checks of the compiled op itself (opcheck,
+torch.compile, which gradients are computed, direct op calls, double backward)."""
 import numpy as np
 import pytest
 import torch
@@ -16,8 +18,8 @@ import agkd_ops
 from agkd_ops import reference as R
 
 from . import oracle
-from .backends import FLOAT_DTYPES, assert_nan_stays_in_its_sample, close, grads, rounded
-from .helpers import assert_clear_error
+from .backends import (FLOAT_DTYPES, against_the_reference, assert_clear_error, assert_nan_stays_in_its_sample,
+                       close, grads, rounded)
 
 # Row sums run in double on every backend; what is left is the output's own rounding.
 KD_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -141,7 +143,8 @@ def kd_case(draw):
 
 
 @given(case=kd_case(), dtype=st.sampled_from([torch.float64, torch.float32]), with_ce=st.booleans())
-def test_matches_reference_on_random_logits(backend, case, dtype, with_ce):
+def test_matches_reference_on_random_logits(native, case, dtype, with_ce):
+    backend = native
     g = torch.Generator().manual_seed(case["seed"])
     n, k = case["n"], case["k"]
     s = make_logits(n, k, case["layout"], g, case["scale"]).to(dtype)
@@ -174,6 +177,7 @@ def test_matches_reference_on_random_logits(backend, case, dtype, with_ce):
 @pytest.mark.parametrize("n,k", [(5, 2), (33, 100), (4, 1000), (3, 100_000)])
 @pytest.mark.parametrize("alpha", [None, 0.0, 0.7])
 def test_matches_reference_in_every_dtype(backend, dtype, n, k, alpha):
+    against_the_reference(backend, dtype)
     g = torch.Generator().manual_seed(0)
     s, t = rounded((n, k), dtype, g, 3.0, randn=True), rounded((n, k), dtype, g, 3.0, randn=True)
     y = torch.randint(0, k, (n,), generator=g)
@@ -568,3 +572,91 @@ def test_ignored_rows_may_hold_any_value(backend):
 def test_bad_options_are_clear_errors(call, exc, words):
     # Checked before any backend is chosen, so one backend covers them all.
     assert_clear_error(lambda: call(torch.randn(4, 6), torch.tensor([0, 1, 2, 3])), exc, words)
+
+
+
+# ---------------------------------------------------------- the public API's contract
+
+
+def logits(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def classes(*values):
+    return torch.tensor(values)
+
+
+BAD_INPUTS = [
+    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 7)), ValueError, ["kd_kl_div", "same shape", "(4, 7)"]),
+    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(3, 6)), ValueError, ["kd_kl_div", "teacher_logits", "(3, 6)"]),
+    (lambda: agkd_ops.kd_kl_div(logits(4, 6, 1), logits(4, 6, 1)), ValueError,
+     ["kd_kl_div", "student_logits", "rank-2 (N, K)"]),
+    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6, dtype=torch.float64)), TypeError, ["kd_kl_div", "dtype"]),
+    (lambda: agkd_ops.kd_kl_div(torch.ones(4, 6, dtype=torch.int64), torch.ones(4, 6, dtype=torch.int64)), TypeError,
+     ["student_logits", "floating"]),
+    (lambda: agkd_ops.kd_kl_div(logits(0, 6), logits(0, 6)), ValueError, ["kd_kl_div", "empty"]),
+    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), temperature=0), ValueError,
+     ["kd_kl_div", "temperature", "> 0"]),
+    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), temperature=-2.0), ValueError, ["temperature"]),
+    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), temperature=float("inf")), ValueError,
+     ["temperature", "finite"]),
+    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), temperature="4"), TypeError, ["temperature", "real number"]),
+    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), reduction="mean"), ValueError,
+     ["kd_kl_div", "'mean'", "batchmean", "N*K"]),
+    (lambda: agkd_ops.kd_kl_div(logits(4, 6), logits(4, 6), reduction="avg"), ValueError, ["reduction", "'avg'"]),
+    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2)), ValueError,
+     ["kd_loss", "target", "(4,)", "(3)"]),
+    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), torch.zeros(4)), ValueError,
+     ["kd_loss", "probability targets", "(4, 6)"]),
+    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), torch.zeros(4, dtype=torch.bool)), TypeError,
+     ["kd_loss", "target", "bool"]),
+    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), [0, 1, 2, 3]), TypeError, ["kd_loss", "target", "Tensor"]),
+    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 3), alpha=1.5), ValueError,
+     ["kd_loss", "alpha", "[0, 1]"]),
+    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 3), alpha=-0.1), ValueError, ["alpha"]),
+    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 3), reduction="batchmean"), ValueError,
+     ["kd_loss", "reduction"]),
+    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 5), classes(0, 1, 2, 3)), ValueError, ["kd_loss", "same shape"]),
+]
+
+
+# (Out-of-range class targets depend on the backend: test_out_of_range_target.)
+@pytest.mark.parametrize("call,exc,words", BAD_INPUTS)
+def test_bad_inputs_raise_clear_errors(call, exc, words):
+    assert_clear_error(call, exc, words)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_reductions_shapes_and_dtypes(backend, dtype):
+    s, t = logits(4, 6, dtype=dtype).to(backend.device), logits(4, 6, dtype=dtype).to(backend.device)
+    y = classes(0, 5, 2, 2).to(backend.device)
+    kl_none = agkd_ops.kd_kl_div(s, t, reduction="none")
+    assert kl_none.shape == (4,) and kl_none.dtype == dtype
+    for reduction in ("batchmean", "sum"):
+        out = agkd_ops.kd_kl_div(s, t, reduction=reduction)
+        assert out.shape == () and out.dtype == dtype
+    torch.testing.assert_close(agkd_ops.kd_kl_div(s, t).float(), kl_none.float().mean(), rtol=1e-2, atol=1e-3)
+    kd_none = agkd_ops.kd_loss(s, t, y, reduction="none")
+    assert kd_none.shape == (4,) and kd_none.dtype == dtype
+    torch.testing.assert_close(agkd_ops.kd_loss(s, t, y, reduction="sum").float(), kd_none.float().sum(),
+                               rtol=1e-2, atol=1e-3)
+
+
+def test_identical_logits_give_zero_kl(backend):
+    s = logits(5, 7).to(backend.device)
+    assert torch.equal(agkd_ops.kd_kl_div(s, s, reduction="none").cpu(), torch.zeros(5))
+
+
+def test_modules_mirror_functions():
+    s, t, y = logits(4, 6), logits(4, 6), classes(0, 5, 2, 2)
+    assert torch.equal(agkd_ops.KDKLDivLoss(temperature=2, reduction="sum")(s, t),
+                       agkd_ops.kd_kl_div(s, t, temperature=2, reduction="sum"))
+    assert torch.equal(agkd_ops.KDLoss(temperature=3.0, alpha=0.25)(s, t, y),
+                       agkd_ops.kd_loss(s, t, y, temperature=3.0, alpha=0.25))
+    assert "alpha=0.25" in repr(agkd_ops.KDLoss(alpha=0.25))
+
+
+def test_target_on_another_device_rejected():
+    s = logits(2, 3)
+    with pytest.raises(ValueError, match=r"kd_loss: target must be on the logits' device"):
+        agkd_ops.kd_loss(s, s, torch.zeros(2, dtype=torch.int64, device="meta"))

@@ -138,8 +138,8 @@ class AugmentedDataset(Dataset):
             top, left, h, w, flip = (int(v) for v in params)
             if not (0 <= top and 0 <= left and h >= 1 and w >= 1 and top + h <= height and left + w <= width
                     and flip in (0, 1)):
-                raise DataError(f"augmentation record (top, left, height, width, flip) = {tuple(int(v) for v in params)} "
-                                f"does not fit sample {index}, a {height}x{width} image")
+                raise DataError(f"augmentation record (top, left, height, width, flip) = "
+                                f"{(top, left, h, w, flip)} does not fit sample {index}, a {height}x{width} image")
         return self.augment.apply(image, params), label, np.asarray(params, dtype=np.int32)
 
     def __getitem__(self, index: int):

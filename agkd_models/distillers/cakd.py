@@ -291,7 +291,8 @@ class CAKD(Distiller):
         self._epoch, self._batches, self._batch = 0, 1, 0
 
     # Under DDP: the discriminator steps itself and averages its own gradients over the
-    # ranks; the PCA projector's convolutions go unused when the teacher's Q/K/V replace them.
+    # ranks; with whole-tensor replacement the PCA projector's convolutions go unused when
+    # the teacher's Q/K/V replace them.
     ddp_self_synced = ("discriminator",)
     ddp_find_unused_parameters = True
 
