@@ -55,11 +55,14 @@ def test_an_image_too_small_for_the_cnn(tmp_path, capsys):
                    "data.image_size=8 does not suit teacher.cnn='vgg11'")
 
 
-@pytest.mark.parametrize("command", ["train-teacher", "cache-teacher", "evaluate"])
+@pytest.mark.parametrize("command", ["train-teacher", "distill", "cache-teacher", "evaluate", "compare", "demo"])
 def test_student_stages_are_checked_for_every_command(tmp_path, capsys, command):
     extra = {"train-teacher": ["--out", str(tmp_path / "run")],
+             "distill": ["--teacher", __file__, "--out", str(tmp_path / "run")],
              "cache-teacher": ["--teacher", __file__, "--out", str(tmp_path / "cache"), "--epochs", "1"],
-             "evaluate": ["--checkpoint", __file__]}[command]
+             "evaluate": ["--checkpoint", __file__],
+             "compare": ["--out", str(tmp_path / "run")],
+             "demo": ["--out", str(tmp_path / "run")]}[command]
     one_line_error(capsys, [command] + extra + ["--set", "student.stages=[2, 9]"] + TINY,
                    "student.stages: stage 9 does not exist in 'efficientnet_b0', which has 7 stages (0 to 6)")
 

@@ -210,16 +210,19 @@ def teacher_file(tmp_path_factory):
     return path
 
 
-def test_a_stopped_cache_writer_leaves_no_partial_folder(tmp_path, teacher_file):
+@pytest.mark.parametrize("signum,status,name", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_a_stopped_cache_writer_leaves_no_partial_folder(tmp_path, teacher_file, signum, status, name):
     out = tmp_path / "cache"
     proc = _start(["cache-teacher", "--teacher", str(teacher_file), "--out", str(out), "--epochs", "500",
                    "--set", "data.limit_train=64", "--set", "train.progress=false"], out)
     _wait_for(lambda: any(tmp_path.glob(".cache.partial-*")), proc)
     time.sleep(0.5)  # into the teacher's passes
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    assert "stopped by SIGTERM; the unfinished cache was removed" in err
+    lines = err.strip().splitlines()
+    assert proc.returncode == status, err
+    assert lines == [f"agkd cache-teacher: stopped by {name}; the unfinished cache was removed; run the command "
+                     f"again to write it"], err
     assert list(tmp_path.iterdir()) == []
 
 
