@@ -23,13 +23,15 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Subset
 
 __all__ = ["DataError", "DataSplits", "build_datasets", "ReplayableAugment", "AugmentedDataset",
            "eval_transform", "fingerprint", "limit", "three_way_split", "IMAGENET_MEAN", "IMAGENET_STD", "DATASETS"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# The normalisation every data set applies: ImageNet's, as timm declares it (the one
+# source, which CAKD's multi-view generator also reads to work in pixel space).
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 DATASETS = ("digits", "folder", "cifar10", "cifar100", "tinyimagenet")
 

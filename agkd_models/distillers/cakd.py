@@ -13,9 +13,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from ..data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from ..engine.distributed import average_gradients
 from ..engine.task import TaskOutput
 from ..models.student import Student, StudentOutput
@@ -132,13 +132,13 @@ class MultiViewGenerator(nn.Module):
     random crop (resized back), rotation and patch masking, each applied with probability
     ``p`` (one draw per batch and transformation; parameters drawn per sample where cheap).
 
-    The images arrive normalised (``(pixel − mean) / std``); the views are made in pixel
-    space and normalised again, so that a rotation's corners and a masked patch are black
+    The images arrive normalised (``(pixel − mean) / std``, by default ImageNet's, which
+    agkd_models' data sets apply); the views are made in pixel space and normalised again, so that a rotation's corners and a masked patch are black
     and jittered colours stay within [0, 1], whatever the normalisation."""
 
     def __init__(self, p: float = 0.5, jitter: float = 0.4, crop_scale: float = 0.7,
                  degrees: float = 30.0, mask_ratio: float = 0.25, mask_patch: int = 4,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD):
         super().__init__()
         self.p, self.jitter, self.crop_scale = p, jitter, crop_scale
         self.degrees, self.mask_ratio, self.mask_patch = degrees, mask_ratio, mask_patch
