@@ -166,7 +166,8 @@ def cosine_loss(x: torch.Tensor, y: torch.Tensor, *, eps: float = COSINE_EPS,
     Example:
         >>> import torch, agkd_ops
         >>> x = torch.randn(2, 8)
-        >>> round(agkd_ops.cosine_loss(x, 3 * x).item(), 6), round(agkd_ops.cosine_loss(x, -x).item(), 6)
+        >>> same, opposite = agkd_ops.cosine_loss(x, 3 * x), agkd_ops.cosine_loss(x, -x)
+        >>> round(abs(same.item()), 6), round(opposite.item(), 6)
         (0.0, 2.0)
     """
     fn = "cosine_loss"

@@ -68,6 +68,11 @@ def batch():
     return torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, NUM_CLASSES, (8,), generator=g)
 
 
+def adversarial_from_the_first_step(**kw):
+    """A CAKD whose distillation terms (the adversarial one included) are on at once."""
+    return CAKD(tiny_teacher(), tiny_student(), ce_only_epochs=0, ramp_epochs=0, **kw)
+
+
 def record_student_inputs(distiller):
     seen = []
     distiller.student.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0].detach().clone()))
@@ -76,7 +81,7 @@ def record_student_inputs(distiller):
 
 def test_cross_entropy_and_projectors_see_the_clean_image(batch):
     images, targets = batch
-    distiller = CAKD(tiny_teacher(), tiny_student(), view_prob=1.0, view_terms="adversarial").train()
+    distiller = adversarial_from_the_first_step(view_prob=1.0, view_terms="adversarial").train()
     reference = copy.deepcopy(distiller.student)
     seen = record_student_inputs(distiller)
     out = distiller(images, targets)
@@ -92,7 +97,7 @@ def test_cross_entropy_and_projectors_see_the_clean_image(batch):
 
 def test_with_views_for_all_terms_the_student_sees_only_views(batch):
     images, targets = batch
-    distiller = CAKD(tiny_teacher(), tiny_student(), view_prob=1.0, view_terms="all").train()
+    distiller = adversarial_from_the_first_step(view_prob=1.0, view_terms="all").train()
     seen = record_student_inputs(distiller)
     distiller(images, targets)
     assert len(seen) == 1 and not torch.equal(seen[0], images)
@@ -100,7 +105,7 @@ def test_with_views_for_all_terms_the_student_sees_only_views(batch):
 
 def test_evaluation_sees_the_clean_image_once(batch):
     images, targets = batch
-    distiller = CAKD(tiny_teacher(), tiny_student(), view_prob=1.0).eval()
+    distiller = adversarial_from_the_first_step(view_prob=1.0).eval()
     seen = record_student_inputs(distiller)
     with torch.no_grad():
         distiller(images, targets)
@@ -174,7 +179,8 @@ def test_distillation_weight_schedule():
 
 
 def test_cross_entropy_alone_before_the_ramp(batch):
-    distiller = CAKD(tiny_teacher(), tiny_student(), ce_only_epochs=1, ramp_epochs=1, ce_weight=0.7).train()
+    distiller = CAKD(tiny_teacher(), tiny_student(), ce_only_epochs=1, ramp_epochs=1, distill_weight=1.0,
+                     ce_weight=0.7).train()
     distiller.start_epoch(0, batches=10)
     out = distiller(*batch)
     assert "mvg" not in out.terms and out.extra is None
