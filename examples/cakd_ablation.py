@@ -106,6 +106,10 @@ def write_table(out: Path, rows: Dict[str, Dict[str, object]]) -> None:
              "except the last, which is every change together (the defaults now). Loss terms: the training "
              "mean of each term in the first → last epoch, averaged over seeds (unweighted; `total` is the "
              "weighted sum; – where a term was off in that epoch).", "",
+             "`before` can be a comparison run with the code before the rework (`--before`, as for the "
+             "committed table); the other rows run the reworked code, whose multi-view samples are made in "
+             "pixel space (black fills; the old ones were the data set's mean grey), so each of them has that "
+             "change too.", "",
              "| variant | epochs | test acc (mean ± std) | per seed | terms, first → last epoch |",
              "|---|---:|---:|---|---|"]
     for name, row in rows.items():
