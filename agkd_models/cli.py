@@ -38,9 +38,8 @@ from .engine.run_folder import RunFolder, RunFolderError, check_out_path
 from .engine.trainer import NonFiniteLossError
 from .experiments.compare import COMPARE_METHODS, LABELS, parse_methods, prepare_teacher, run_comparison
 from .experiments.pipeline import (build_data, build_student, build_teacher, cache_teacher, check_model_settings,
-                                   distill,
-                       load_student_weights, load_teacher_weights,
-                       student_report, test_accuracy, train_teacher, evaluate_model, write_run_report)
+                                   distill, evaluate_model, load_student_weights, load_teacher_weights,
+                                   student_report, test_accuracy, train_teacher, write_run_report)
 from .experiments.report import model_costs, plot_curves, write_report
 
 # Errors about the user's input (configuration, files, data), reported in one line; any

@@ -17,34 +17,7 @@ from agkd_models.distillers import build_task
 from agkd_models.experiments.pipeline import build_student, build_teacher
 from agkd_models.config import SECTIONS, ConfigError, PRESETS, default_config, load_config, validate_config
 
-TINY = ["--set", "data.limit_train=32", "--set", "data.limit_val=16", "--set", "train.batch_size=16",
-        "--set", "train.progress=false", "--set", "train.epochs=1"]
-
-
-def run_cli(capsys, *argv):
-    """(exit status, the lines on standard error) of ``agkd argv``, in process."""
-    capsys.readouterr()
-    code = main(list(argv))
-    err = capsys.readouterr().err
-    return code, [line for line in err.splitlines() if line.strip()]
-
-
-def assert_one_line_error(capsys, argv, *words):
-    code, lines = run_cli(capsys, *argv)
-    assert code == 2, lines
-    assert len(lines) == 1 and lines[0].startswith(f"agkd {argv[0]}: error: "), lines
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(build_teacher(load_config("digits"), 10).state_dict(), path)
-    return path
-
+from .commands import TINY, assert_one_line_error, run_cli, teacher_file  # noqa: F401 (a fixture)
 
 # ------------------------------------------------------------- the issue's table, row by row
 

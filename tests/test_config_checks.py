@@ -3,27 +3,15 @@ image size against each model, the student stages against the student, and a --s
 mapping setting merges into the preset's mapping."""
 import pytest
 
-from agkd_models.cli import main
 from agkd_models.config import ConfigError, load_config
 from agkd_models.experiments.pipeline import check_model_settings
 
-TINY = ["--set", "data.limit_train=32", "--set", "data.limit_val=16", "--set", "train.batch_size=16",
-        "--set", "train.progress=false", "--set", "train.epochs=1"]
-
-
-def one_line_error(capsys, argv, *words):
-    capsys.readouterr()
-    code = main(list(argv))
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert code == 2, lines
-    assert len(lines) == 1 and lines[0].startswith(f"agkd {argv[0]}: error: "), lines
-    for word in words:
-        assert word in lines[0], (word, lines[0])
+from .commands import TINY, assert_one_line_error
 
 
 def test_an_image_size_the_vit_was_not_built_for(tmp_path, capsys):
-    one_line_error(capsys, ["train-teacher", "--out", str(tmp_path / "run"), "--set", "data.image_size=33"] + TINY,
-                   "built for 32 px", "data.image_size is 33", "teacher.vit_kwargs.img_size=33")
+    assert_one_line_error(capsys, ["train-teacher", "--out", str(tmp_path / "run"), "--set", "data.image_size=33"]
+                          + TINY, "built for 32 px", "data.image_size is 33", "teacher.vit_kwargs.img_size=33")
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
@@ -39,9 +27,9 @@ def test_a_mapping_set_merges_into_the_presets():
 
 
 def test_an_image_size_that_is_not_a_multiple_of_the_patch(tmp_path, capsys):
-    one_line_error(capsys, ["train-teacher", "--out", str(tmp_path / "run"), "--set",
-                            "teacher.vit_kwargs={patch_size: 5}"] + TINY,
-                   "data.image_size=32 is not a multiple of the ViT's patch size 5", "never be seen")
+    assert_one_line_error(capsys, ["train-teacher", "--out", str(tmp_path / "run"), "--set",
+                                   "teacher.vit_kwargs={patch_size: 5}"] + TINY,
+                          "data.image_size=32 is not a multiple of the ViT's patch size 5", "never be seen")
 
 
 def test_a_consistent_non_default_geometry_passes():
@@ -50,9 +38,9 @@ def test_a_consistent_non_default_geometry_passes():
 
 
 def test_an_image_too_small_for_the_cnn(tmp_path, capsys):
-    one_line_error(capsys, ["train-teacher", "--out", str(tmp_path / "run"), "--set", "data.image_size=8",
-                            "--set", "teacher.vit_kwargs={img_size: 8}", "--set", "teacher.cnn=vgg11"] + TINY,
-                   "data.image_size=8 does not suit teacher.cnn='vgg11'")
+    assert_one_line_error(capsys, ["train-teacher", "--out", str(tmp_path / "run"), "--set", "data.image_size=8",
+                                   "--set", "teacher.vit_kwargs={img_size: 8}", "--set", "teacher.cnn=vgg11"] + TINY,
+                          "data.image_size=8 does not suit teacher.cnn='vgg11'")
 
 
 @pytest.mark.parametrize("command", ["train-teacher", "distill", "cache-teacher", "evaluate", "compare", "demo"])
@@ -63,13 +51,14 @@ def test_student_stages_are_checked_for_every_command(tmp_path, capsys, command)
              "evaluate": ["--checkpoint", __file__],
              "compare": ["--out", str(tmp_path / "run")],
              "demo": ["--out", str(tmp_path / "run")]}[command]
-    one_line_error(capsys, [command] + extra + ["--set", "student.stages=[2, 9]"] + TINY,
-                   "student.stages: stage 9 does not exist in 'efficientnet_b0', which has 7 stages (0 to 6)")
+    assert_one_line_error(capsys, [command] + extra + ["--set", "student.stages=[2, 9]"] + TINY,
+                          "student.stages: stage 9 does not exist in 'efficientnet_b0', which has 7 stages (0 to 6)")
 
 
 def test_the_projected_stage_is_checked(tmp_path, capsys):
-    one_line_error(capsys, ["train-teacher", "--out", str(tmp_path / "run"), "--set", "distill.projected_stage=7"]
-                   + TINY, "distill.projected_stage: stage 7 does not exist")
+    assert_one_line_error(capsys, ["train-teacher", "--out", str(tmp_path / "run"), "--set",
+                                   "distill.projected_stage=7"] + TINY,
+                          "distill.projected_stage: stage 7 does not exist")
 
 
 @pytest.mark.parametrize("free_gib,refused", [(8, True), (1024, False)])

@@ -12,33 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from agkd_models.cli import main
 from agkd_models.config import SECTIONS, load_config, resume_conflicts
 from agkd_models.engine.run_folder import LOCK_NAME, RunFolder, RunFolderError
-from agkd_models.experiments.pipeline import build_teacher
 
-TINY = ["--set", "data.limit_train=32", "--set", "data.limit_val=16", "--set", "train.batch_size=16",
-        "--set", "train.progress=false", "--set", "train.epochs=1"]
+from .commands import TINY, assert_one_line_error, run_cli, teacher_file  # noqa: F401 (a fixture)
+
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-
-
-def run_cli(capsys, *argv):
-    capsys.readouterr()
-    code = main(list(argv))
-    err = capsys.readouterr().err
-    return code, [line for line in err.splitlines() if line.strip()]
-
-
-def one_line_error(capsys, argv, *words):
-    code, lines = run_cli(capsys, *argv)
-    assert code == 2, lines
-    assert len(lines) == 1 and lines[0].startswith(f"agkd {argv[0]}: error: "), lines
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +44,8 @@ def copy_run(src, dst):
 def test_a_finished_run_is_not_replaced_without_overwrite(finished_run, tmp_path, capsys):
     out = copy_run(finished_run, tmp_path / "run")
     before = (out / "teacher.pt").read_bytes()
-    one_line_error(capsys, ["train-teacher", "--out", str(out)] + TINY, "holds another run's files", "teacher.pt",
-                   "--resume", "--overwrite")
+    assert_one_line_error(capsys, ["train-teacher", "--out", str(out)] + TINY, "holds another run's files",
+                          "teacher.pt", "--resume", "--overwrite")
     assert (out / "teacher.pt").read_bytes() == before
 
 
@@ -80,23 +62,23 @@ def test_overwrite_replaces_the_run(finished_run, tmp_path, capsys):
 
 
 def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
-    one_line_error(capsys, ["train-teacher", "--out", str(tmp_path / "run"), "--resume", "--overwrite"] + TINY,
-                   "--resume", "--overwrite")
+    assert_one_line_error(capsys, ["train-teacher", "--out", str(tmp_path / "run"), "--resume", "--overwrite"] + TINY,
+                          "--resume", "--overwrite")
 
 
 def test_out_that_is_a_file_or_lies_in_one(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
-    one_line_error(capsys, ["train-teacher", "--out", str(f)] + TINY, "is a file")
-    one_line_error(capsys, ["distill", "--teacher", str(f), "--out", str(f / "sub" / "run")] + TINY,
-                   "lies inside", str(f))
+    assert_one_line_error(capsys, ["train-teacher", "--out", str(f)] + TINY, "is a file")
+    assert_one_line_error(capsys, ["distill", "--teacher", str(f), "--out", str(f / "sub" / "run")] + TINY,
+                          "lies inside", str(f))
 
 
 def test_a_locked_folder_is_refused_in_process(tmp_path, capsys):
     out = tmp_path / "run"
     with RunFolder(out):
-        one_line_error(capsys, ["train-teacher", "--out", str(out)] + TINY, "in use by another agkd run",
-                       str(os.getpid()))
+        assert_one_line_error(capsys, ["train-teacher", "--out", str(out)] + TINY, "in use by another agkd run",
+                              str(os.getpid()))
     assert not (out / "metrics.jsonl").exists()
     with RunFolder(out):  # released when the block ended
         pass
@@ -135,17 +117,17 @@ def test_run_folder_unit():
 def test_resume_with_a_result_changing_setting_is_refused(finished_run, tmp_path, capsys):
     out = copy_run(finished_run, tmp_path / "run")
     saved = (out / "config.yaml").read_text()
-    line = one_line_error(capsys, ["train-teacher", "--out", str(out), "--resume"] + TINY + [
-                          "--set", "train.lr=0.01", "--set", "train.seed=5", "--set", "data.limit_train=64"],
-                          "train.lr", "train.seed", "data.limit_train", "would change its result")
+    changed = ["--set", "train.lr=0.01", "--set", "train.seed=5", "--set", "data.limit_train=64"]
+    line = assert_one_line_error(capsys, ["train-teacher", "--out", str(out), "--resume"] + TINY + changed,
+                                 "train.lr", "train.seed", "data.limit_train", "would change its result")
     assert "train.epochs" not in line
     assert (out / "config.yaml").read_text() == saved  # the saved configuration is left as it was
 
 
 def test_resume_with_another_teacher_architecture_is_refused_by_name(finished_run, tmp_path, capsys):
     out = copy_run(finished_run, tmp_path / "run")
-    one_line_error(capsys, ["train-teacher", "--out", str(out), "--resume", "--set", "teacher.cnn=resnet18"] + TINY,
-                   "teacher.cnn", "'resnet10t' -> 'resnet18'")
+    assert_one_line_error(capsys, ["train-teacher", "--out", str(out), "--resume", "--set", "teacher.cnn=resnet18"]
+                          + TINY, "teacher.cnn", "'resnet10t' -> 'resnet18'")
 
 
 def test_resume_may_change_what_cannot_change_the_result(finished_run, tmp_path, capsys):
@@ -200,14 +182,6 @@ def test_a_stopped_training_says_what_was_kept_in_one_line(tmp_path, signum, sta
     assert proc.returncode == status, err
     assert len(lines) == 1 and lines[0].startswith(f"agkd train-teacher: stopped by {name}; "), err
     assert "--resume" in lines[0] and "finished epoch(s) are saved" in lines[0]
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(build_teacher(load_config("digits"), 10).state_dict(), path)
-    return path
 
 
 @pytest.mark.parametrize("signum,status,name", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])

@@ -57,10 +57,8 @@ def _method_config(cfg: Dict[str, Any], name: str, seed: int, epochs: int):
 def _result_relevant(run_cfg: Dict[str, Any], method: str) -> Dict[str, Any]:
     """The run's configuration less the ``distill`` settings its method does not read, so
     that a new or changed setting of one method does not void the finished runs of others."""
-    relevant = copy.deepcopy(run_cfg)
     read = set(METHODS[method].settings.values()) | {"method"}
-    relevant["distill"] = {k: v for k, v in run_cfg["distill"].items() if k in read}
-    return relevant
+    return {**run_cfg, "distill": {k: v for k, v in run_cfg["distill"].items() if k in read}}
 
 
 def prepare_teacher(cfg: Dict[str, Any], folder: Path, epochs: int, log: Callable[[str], None] = print) -> Dict:
