@@ -5,14 +5,16 @@ training engine, on one process or many. Models come from timm by name with
 ``pretrained=False`` by default; nothing downloads unless asked to.
 
 The subpackages, lowest layer first (a layer imports only from those before it):
-``models`` (networks), ``engine`` (task interface, trainer, checkpoints, DDP), ``distillers``
-(methods and their registry), ``data`` (data sets, teacher cache), ``config`` (every
-setting), ``experiments`` (pipeline, comparisons, reports), ``cli``.
+``settings`` (how a configuration section is declared and checked), ``models`` (networks),
+``engine`` (task interface, trainer and its settings, checkpoints, DDP), ``distillers``
+(methods, their settings and their registry), ``data`` (data sets, teacher cache),
+``config`` (the whole configuration), ``experiments`` (pipeline, comparisons, reports), ``cli``.
 """
 from .data import AugmentedDataset, CachedTeacherDataset, CachedTeacherOutput, ReplayableAugment, TeacherCache
 from .data import TeacherCacheError, write_teacher_cache
-from .distillers import (AGKD, ATTENTION_LOSSES, CAKD, METHODS, Distiller, GLProjector, LogitKD,
-                         MultiViewDiscriminator, MultiViewGenerator, PCAProjector, build_task, pca_loss)
+from .distillers import (AGKD, ATTENTION_LOSSES, CAKD, METHODS, AGKDSettings, CAKDSettings, Distiller, GLProjector,
+                         LogitKD, LogitKDSettings, MultiViewDiscriminator, MultiViewGenerator, PCAProjector,
+                         build_task, pca_loss)
 from .engine import SupervisedTask, Task, TaskOutput, Trainer
 from .experiments.metrics import (count_parameters, distillation_factor, probability_correlation, relative_error,
                                   teacher_student_kl, topk_accuracy, transferability)
@@ -21,7 +23,8 @@ from .models import (HybridTeacher, Student, StudentOutput, TeacherOutput, ViTAt
 
 __all__ = [
     "HybridTeacher", "TeacherOutput", "Student", "StudentOutput", "create_timm_model",
-    "Distiller", "LogitKD", "AGKD", "CAKD", "ATTENTION_LOSSES", "METHODS", "build_task",
+    "Distiller", "LogitKD", "AGKD", "CAKD", "LogitKDSettings", "AGKDSettings", "CAKDSettings",
+    "ATTENTION_LOSSES", "METHODS", "build_task",
     "PCAProjector", "GLProjector", "MultiViewGenerator", "MultiViewDiscriminator", "pca_loss",
     "Task", "TaskOutput", "SupervisedTask", "Trainer",
     "ViTAttentionRecorder", "cls_attention", "attention_rollout", "combine_attention", "minmax_normalize",

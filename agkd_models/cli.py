@@ -1,17 +1,7 @@
-"""The ``agkd`` command: ``train-teacher``, ``distill``, ``cache-teacher``, ``evaluate``
-and ``demo``.
-
-    agkd train-teacher --config digits --out runs/teacher
-    agkd distill --config digits --teacher runs/teacher/teacher.pt --method agkd --out runs/agkd
-    agkd cache-teacher --config digits --teacher runs/teacher/teacher.pt --epochs 5 --out runs/cache
-    agkd distill ... --teacher-cache runs/cache     # replays the cache: no teacher forward passes
-    agkd evaluate --config digits --checkpoint runs/agkd/student.pt --model student
-    agkd demo                                  # digits: teacher, then three students, a table
-    torchrun --nproc_per_node=4 -m agkd_models.cli distill ...   # DDP, one process per GPU
-
-``--config`` takes a preset name (``agkd_models/configs``) or a YAML file; ``--set
-section.key=value`` overrides any entry; the resolved configuration is saved as
-``config.yaml`` in the output folder. Under ``torchrun`` only rank 0 writes files.
+"""The ``agkd`` command (``python -m agkd_models.cli``): one function per subcommand, each
+parsing nothing itself and calling :mod:`agkd_models.experiments`; what ``agkd --help``
+says is in ``DESCRIPTION`` and ``EXAMPLES`` below. Under ``torchrun`` only rank 0 writes
+files.
 """
 from __future__ import annotations
 
@@ -36,7 +26,7 @@ from .engine.evaluation import classification_metrics
 from .engine.distributed import resolve_device
 from .engine.run_folder import RunFolder, RunFolderError, check_out_path
 from .engine.trainer import NonFiniteLossError
-from .experiments.compare import COMPARE_METHODS, LABELS, parse_methods, prepare_teacher, run_comparison
+from .experiments.compare import COMPARE_METHODS, LABELS, parse_grid, parse_methods, prepare_teacher, run_comparison
 from .experiments.pipeline import (build_data, build_student, build_teacher, cache_teacher, check_model_settings,
                                    distill, evaluate_model, load_student_weights, load_teacher_weights,
                                    student_report, test_accuracy, train_teacher, write_run_report)
@@ -81,8 +71,8 @@ def _train_teacher(args, cfg, out: Path):
     run = train_teacher(cfg, out, args.resume)
     if not _is_main():
         return
-    device = resolve_device(cfg["train"]["device"])
-    costs = model_costs(run["model"].to(device), cfg["data"]["image_size"], device)
+    device = resolve_device(cfg.train.device)
+    costs = model_costs(run["model"].to(device), cfg.data.image_size, device)
     test_acc = test_accuracy(run["model"], run["data"], cfg, device)
     write_run_report(out, "Teacher training", {"teacher": {"history": run["history"], "costs": costs,
                                                             "test_acc": test_acc}})
@@ -92,18 +82,18 @@ def _train_teacher(args, cfg, out: Path):
 
 def cmd_distill(args, cfg):
     out = Path(args.out)
-    cfg["distill"]["method"] = args.method or cfg["distill"]["method"]
+    cfg.distill.method = args.method or cfg.distill.method
     with _own_run_folder(args, cfg, out):
         _distill(args, cfg, out)
 
 
 def _distill(args, cfg, out: Path):
-    run = distill(cfg, args.teacher, cfg["distill"]["method"], out, args.resume, args.teacher_cache)
+    run = distill(cfg, args.teacher, cfg.distill.method, out, args.resume, args.teacher_cache)
     if not _is_main():
         return
-    device = resolve_device(cfg["train"]["device"])
-    report = {f"student ({cfg['distill']['method']})": student_report(cfg, run, device)}
-    write_run_report(out, f"Distillation ({cfg['distill']['method']})", report)
+    device = resolve_device(cfg.train.device)
+    report = {f"student ({cfg.distill.method})": student_report(cfg, run, device)}
+    write_run_report(out, f"Distillation ({cfg.distill.method})", report)
     print(f"student: val acc {run['history'][-1]['val_acc']:.4f}, test acc "
           f"{report[next(iter(report))]['test_acc']:.4f}; wrote {out}/student.pt, report.md")
 
@@ -117,7 +107,7 @@ def cmd_evaluate(args, cfg):
     else:
         model = build_student(cfg, num_classes)
         load_student_weights(model, args.checkpoint, cfg, num_classes)
-    device = resolve_device(cfg["train"]["device"])
+    device = resolve_device(cfg.train.device)
     logits, targets = evaluate_model(model, getattr(data, args.split), cfg, device)
     m = classification_metrics(logits, targets)
     result = {"model": args.model, "split": args.split, f"{args.split}_loss": m["loss_sum"] / m["count"],
@@ -139,24 +129,25 @@ def cmd_cache_teacher(args, cfg):
 def cmd_compare(args, cfg):
     out = Path(args.out)
     methods = parse_methods(args.methods)
+    grid = parse_grid(args.grid, cfg)
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
     # A comparison folder is meant to be re-entered (finished runs are kept), so it is only
     # locked, never refused for holding earlier results.
     with RunFolder(out, work_files=()):
         save_config(cfg, out / "config.yaml")
-        _compare(args, cfg, out, methods)
+        _compare(args, cfg, out, methods, grid)
 
 
-def _compare(args, cfg, out: Path, methods):
+def _compare(args, cfg, out: Path, methods, grid):
     if args.teacher:
         teacher_path = Path(args.teacher)
     else:
-        teacher_path = prepare_teacher(cfg, out / "teacher", args.teacher_epochs or cfg["train"]["epochs"],
+        teacher_path = prepare_teacher(cfg, out / "teacher", args.teacher_epochs or cfg.train.epochs,
                                        log=_log("compare"))["path"]
-    seeds = [cfg["train"]["seed"] + i for i in range(args.seeds)]
+    seeds = [cfg.train.seed + i for i in range(args.seeds)]
     run_comparison(cfg, out, methods=methods, seeds=seeds, teacher_path=teacher_path,
-                   student_epochs=args.student_epochs or cfg["train"]["epochs"], log=_log("compare"))
+                   student_epochs=args.student_epochs or cfg.train.epochs, grid=grid, log=_log("compare"))
     print((out / "comparison.md").read_text())
 
 
@@ -179,18 +170,18 @@ def _demo(args, cfg):
         raise ConfigError(f"--attention-losses: unknown {', '.join(unknown)}; choose from {', '.join(ATTENTION_LOSSES)}")
     methods = ["none", "logit"] + [f"agkd-{loss}" for loss in losses]
     teacher = prepare_teacher(cfg, out / "teacher", args.teacher_epochs, log=_log("demo"))
-    summary = run_comparison(cfg, out, methods=methods, seeds=[cfg["train"]["seed"]], teacher_path=teacher["path"],
+    summary = run_comparison(cfg, out, methods=methods, seeds=[cfg.train.seed], teacher_path=teacher["path"],
                              student_epochs=args.student_epochs, log=_log("demo"))
     # The report: Table I, the students against the teacher, and every model's cost.
-    device = resolve_device(cfg["train"]["device"])
+    device = resolve_device(cfg.train.device)
     data = build_data(cfg)
-    size = cfg["data"]["image_size"]
+    size = cfg.data.image_size
     teacher_model = build_teacher(cfg, data.num_classes)
     load_teacher_weights(teacher_model, str(teacher["path"]), cfg, data.num_classes)
     student = build_student(cfg, data.num_classes)
     runs = {"teacher": {"history": teacher["history"], "costs": model_costs(teacher_model, size, device)}}
     student_costs = model_costs(student.to(device), size, device)  # the same architecture for every student
-    seed = cfg["train"]["seed"]
+    seed = cfg.train.seed
     for name in methods:
         result = summary["runs"][name][seed]
         runs[LABELS[name]] = {"history": result["history"], "compare": result["compare"], "costs": student_costs}
@@ -210,9 +201,43 @@ def _demo(args, cfg):
     print((out / "comparison.md").read_text())
 
 
+DESCRIPTION = """\
+Train a hybrid CNN + ViT teacher and distil it into a small student: logit KD,
+attention-guided KD (AGKD) and cross-architecture KD (CAKD), compared over seeds."""
+
+EXAMPLES = """\
+examples:
+  agkd demo                                     digits: a teacher, then students, one table
+  agkd train-teacher --config digits --out runs/teacher
+  agkd distill --teacher runs/teacher/teacher.pt --method agkd --out runs/agkd
+  agkd cache-teacher --teacher runs/teacher/teacher.pt --epochs 6 --out runs/cache
+  agkd distill --teacher runs/teacher/teacher.pt --teacher-cache runs/cache --out runs/agkd-cached
+  agkd compare --teacher runs/teacher/teacher.pt --methods none,logit,agkd-hybrid,cakd --seeds 3
+  agkd compare --teacher runs/teacher/teacher.pt --methods logit,agkd-ssim --grid logit.temperature=2,4
+  agkd evaluate --checkpoint runs/agkd/student.pt --model student --split val
+  torchrun --nproc_per_node=4 -m agkd_models.cli distill ...    one process per GPU
+
+--config takes a preset or a YAML file; --set section.key=value overrides any setting
+(--set train.epochs=3 --set agkd.attention_loss=ssim); the resolved configuration is
+saved as config.yaml in the output folder. `agkd COMMAND --help` lists a command's options.
+"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Description and examples as written; the command list in one column (argparse
+    measures subcommand names without the indent it then gives them, so the longer names
+    would spill their help onto a line of its own)."""
+
+    def add_argument(self, action):
+        super().add_argument(action)
+        if isinstance(action, argparse._SubParsersAction):
+            self._action_max_length += self._indent_increment
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="agkd", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="agkd", description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=_HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     def common(p, default_config):
         p.add_argument("--config", default=default_config,
@@ -270,6 +295,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--methods", default=",".join(COMPARE_METHODS),
                    help=f"comma-separated, from {', '.join(COMPARE_METHODS)} (default: all)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds train.seed, +1, ... (default 3)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="try each value of a recipe setting (repeatable, e.g. --grid agkd.kd_weight=0.5,0.9 "
+                        "--grid train.lr=0.001,0.002); each method is reported at the grid point with the best "
+                        "mean validation accuracy, the whole grid in comparison.json")
     p.add_argument("--teacher-epochs", type=int, default=None, help="default: train.epochs")
     p.add_argument("--student-epochs", type=int, default=None, help="default: train.epochs")
     p = sub.add_parser("demo", help="digits: a teacher, then students without KD, with logit KD and with AGKD")
@@ -291,13 +320,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             check_out_path(Path(args.out))
         cfg = load_config(args.config, args.set)
         if args.download:
-            cfg["data"]["download"] = True
+            cfg.data.download = True
         if getattr(args, "amp", None):
-            cfg["train"]["amp"] = args.amp
+            cfg.train.amp = args.amp
         if getattr(args, "channels_last", False):
-            cfg["train"]["channels_last"] = True
+            cfg.train.channels_last = True
         if getattr(args, "compile", False):
-            cfg["train"]["compile"] = True
+            cfg.train.compile = True
         check_model_settings(cfg)
         # Files named on the command line, before any work starts.
         for flag, what in (("teacher", "teacher file"), ("checkpoint", "checkpoint")):
@@ -307,7 +336,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise TeacherCacheError(f"teacher cache {args.teacher_cache}: no such folder (write one with "
                                     f"agkd cache-teacher)")
         if args.command in ("train-teacher", "distill", "cache-teacher"):
-            distributed.setup(cfg["train"]["device"])  # under torchrun: join the group before anything is written
+            distributed.setup(cfg.train.device)  # under torchrun: join the group before anything is written
         {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "cache-teacher": cmd_cache_teacher,
          "evaluate": cmd_evaluate, "compare": cmd_compare, "demo": cmd_demo}[args.command](args, cfg)
     except USER_ERRORS as exc:  # the user's input is wrong, not agkd: one line, exit status 2

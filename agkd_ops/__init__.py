@@ -6,7 +6,8 @@ distillation, with C++ (CPU) and CUDA kernels and a pure-PyTorch reference.
 """
 from . import _backend, reference
 from ._backend import build_info, get_backend, native_available, set_backend
-from .functional import (attention_align_loss, attention_map, cosine_loss, hybrid_loss, kd_kl_div,
+from ._validation import PADDINGS
+from .functional import (ALIGN_LOSSES, attention_align_loss, attention_map, cosine_loss, hybrid_loss, kd_kl_div,
                          kd_loss, ssim, ssim_loss)
 from .losses import AttentionAlignLoss, CosineLoss, HybridLoss, KDKLDivLoss, KDLoss, SSIMLoss
 
@@ -20,5 +21,5 @@ __all__ = [
     "kd_kl_div", "kd_loss",
     "SSIMLoss", "CosineLoss", "HybridLoss", "AttentionAlignLoss", "KDKLDivLoss", "KDLoss",
     "set_backend", "get_backend", "native_available", "build_info",
-    "reference",
+    "reference", "PADDINGS", "ALIGN_LOSSES",
 ]

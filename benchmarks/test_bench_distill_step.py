@@ -24,16 +24,16 @@ SOURCES, BACKENDS = ("online", "cached"), ("native", "reference")
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    cfg = load_config("cifar100", ["distill.attention_loss=hybrid"])
+    cfg = load_config("cifar100", ["agkd.attention_loss=hybrid"])
     torch.manual_seed(0)
     teacher = build_teacher(cfg, NUM_CLASSES)
-    task = build_task("agkd", teacher, build_student(cfg, NUM_CLASSES), cfg["distill"]).train()
+    task = build_task("agkd", teacher, build_student(cfg, NUM_CLASSES), cfg.agkd).train()
     g = torch.Generator().manual_seed(0)
     raw = _Tensors(torch.randint(0, 256, (BATCH, 3, 256, 256), dtype=torch.uint8, generator=g),
                    torch.randint(0, NUM_CLASSES, (BATCH,), generator=g), None)
     online = AugmentedDataset(raw, ReplayableAugment(224), seed=0)
     path = write_teacher_cache(teacher, online, tmp_path_factory.mktemp("cache") / "cache", epochs=1,
-                               teacher_config=cfg["teacher"], batch_size=BATCH)
+                               teacher_config=cfg.teacher.to_dict(), batch_size=BATCH)
     cached = CachedTeacherDataset(online, TeacherCache.open(path))
     optimizer = torch.optim.Adam(task.student.parameters(), lr=1e-4)
     return task, optimizer, {"online": online, "cached": cached}

@@ -23,22 +23,22 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 # What CAKD did before the ablation, in today's settings.
-BEFORE = {"distill.view_terms": "all", "distill.ce_only_epochs": 0, "distill.ramp_epochs": 0,
-          "distill.distill_weight": 1.0, "distill.projected_stage": 3, "distill.pca_attention": "probabilities",
-          "distill.pca_attention_weight": 1.0, "distill.pca_value_weight": 1.0,
-          "distill.replace_elementwise": False, "distill.discriminator_every": 5}
+BEFORE = {"cakd.view_terms": "all", "cakd.ce_only_epochs": 0, "cakd.ramp_epochs": 0,
+          "cakd.distill_weight": 1.0, "cakd.projected_stage": 3, "cakd.pca_attention": "probabilities",
+          "cakd.pca_attention_weight": 1.0, "cakd.pca_value_weight": 1.0,
+          "cakd.replace_elementwise": False, "cakd.discriminator_every": 5}
 
 # name -> (what changes from BEFORE, student epochs or None for the preset's)
 VARIANTS: Dict[str, Tuple[Dict[str, object], Optional[int]]] = {
     "before": ({}, None),
-    "views for L_MVG only": ({"distill.view_terms": "adversarial"}, None),
-    "CE first, then ramp to 0.2": ({"distill.ce_only_epochs": 1, "distill.ramp_epochs": 2,
-                                    "distill.distill_weight": 0.2}, None),
-    "stage matching the teacher grid": ({"distill.projected_stage": None}, None),
-    "PCA on logits (0.2, 0.05), element-wise": ({"distill.pca_attention": "logits", "distill.pca_attention_weight": 0.2,
-                                                 "distill.pca_value_weight": 0.05,
-                                                 "distill.replace_elementwise": True}, None),
-    "discriminator every step": ({"distill.discriminator_every": 1}, None),
+    "views for L_MVG only": ({"cakd.view_terms": "adversarial"}, None),
+    "CE first, then ramp to 0.2": ({"cakd.ce_only_epochs": 1, "cakd.ramp_epochs": 2,
+                                    "cakd.distill_weight": 0.2}, None),
+    "stage matching the teacher grid": ({"cakd.projected_stage": None}, None),
+    "PCA on logits (0.2, 0.05), element-wise": ({"cakd.pca_attention": "logits", "cakd.pca_attention_weight": 0.2,
+                                                 "cakd.pca_value_weight": 0.05,
+                                                 "cakd.replace_elementwise": True}, None),
+    "discriminator every step": ({"cakd.discriminator_every": 1}, None),
     "all (the defaults now)": (None, None),  # None: the preset's settings, nothing from BEFORE
 }
 ALL = "all (the defaults now)"  # run beside the no-KD student, in one comparison

@@ -60,7 +60,7 @@ def align_case(draw):
     kw = {}
     H, W = draw(side), draw(side)
     if loss in ("ssim", "hybrid"):
-        padding = draw(st.sampled_from(["valid", "reflect", "zeros"]))
+        padding = draw(st.sampled_from(agkd_ops.PADDINGS))
         window = draw(st.sampled_from([1, 3, 5, 7]))
         limit = min(H, W)
         if padding == "valid":

@@ -98,7 +98,7 @@ def test_float16_cache_gives_the_online_losses_within_rounding(teacher_file, cac
     data.set_epoch(1)
     images, targets, cached = data.collate_fn([data[i] for i in range(16)])
     torch.manual_seed(0)
-    task = build_task(method, _teacher(teacher_file), build_student(config(), 10), config()["distill"]).train()
+    task = build_task(method, _teacher(teacher_file), build_student(config(), 10), config().section(method)).train()
     torch.manual_seed(1)
     online = task(images, targets).terms
     torch.manual_seed(1)
@@ -149,7 +149,7 @@ def test_topk_keeps_the_largest_logits_and_minus_inf_elsewhere(teacher_file, cac
 
 def _expect(teacher_file, *extra):
     train_set = build_data(config(*extra)).train
-    return cache_identity(train_set, _teacher(teacher_file), config(*extra)["teacher"])
+    return cache_identity(train_set, _teacher(teacher_file), config(*extra).teacher.to_dict())
 
 
 def test_matching_identity_opens(teacher_file, caches):
@@ -283,7 +283,7 @@ def test_cli_cache_errors_are_clear(teacher_file, caches, tmp_path, capsys):
 def test_cache_identity_needs_replayable_augmentation(teacher_file):
     val_set = build_data(config()).val
     with pytest.raises(TeacherCacheError, match="AugmentedDataset"):
-        cache_identity(val_set, _teacher(teacher_file), config()["teacher"])
+        cache_identity(val_set, _teacher(teacher_file), config().teacher.to_dict())
     assert cache_module.CACHE_VERSION == 2
 
 

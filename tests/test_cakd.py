@@ -2,15 +2,14 @@
 projected stage matched to the teacher's token grid, the PCA loss forms, the distillation
 schedule, and every CAKD setting reaching the object from the configuration."""
 import copy
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from agkd_models.config import DistillConfig, validate_config
+from agkd_models.config import ConfigError, validate_config
 from agkd_models.data.datasets import IMAGENET_MEAN, IMAGENET_STD
-from agkd_models.distillers import CAKD, METHODS, MultiViewGenerator, build_task, match_teacher_grid, pca_loss
+from agkd_models.distillers import CAKD, CAKDSettings, MultiViewGenerator, build_task, match_teacher_grid, pca_loss
 from tests.test_models import NUM_CLASSES, tiny_student, tiny_teacher
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -197,18 +196,18 @@ def test_cross_entropy_alone_before_the_ramp(batch):
 # Values unlike every default, for each setting CAKD reads, and where each lands.
 CAKD_SETTINGS = {
     "projected_stage": (2, lambda d: d.projected_stage),
-    "pca_attention": ("probabilities", lambda d: d.pca_attention),
-    "pca_attention_weight": (0.7, lambda d: d.pca_attention_weight),
-    "pca_value_weight": (0.3, lambda d: d.pca_value_weight),
+    "pca_attention": ("probabilities", lambda d: d.settings.pca_attention),
+    "pca_attention_weight": (0.7, lambda d: d.settings.pca_attention_weight),
+    "pca_value_weight": (0.3, lambda d: d.settings.pca_value_weight),
     "replace_prob": (0.25, lambda d: d.pca.replace_prob),
     "replace_elementwise": (False, lambda d: d.pca.elementwise),
-    "lam": (0.4, lambda d: d.lam),
-    "ce_weight": (0.6, lambda d: d.ce_weight),
-    "distill_weight": (0.15, lambda d: d.distill_weight),
-    "ce_only_epochs": (2.0, lambda d: d.ce_only_epochs),
-    "ramp_epochs": (3.0, lambda d: d.ramp_epochs),
-    "view_terms": ("all", lambda d: d.view_terms),
-    "discriminator_every": (4, lambda d: d.discriminator_every),
+    "adversarial_weight": (0.4, lambda d: d.settings.adversarial_weight),
+    "ce_weight": (0.6, lambda d: d.settings.ce_weight),
+    "distill_weight": (0.15, lambda d: d.settings.distill_weight),
+    "ce_only_epochs": (2.0, lambda d: d.settings.ce_only_epochs),
+    "ramp_epochs": (3.0, lambda d: d.settings.ramp_epochs),
+    "view_terms": ("all", lambda d: d.settings.view_terms),
+    "discriminator_every": (4, lambda d: d.settings.discriminator_every),
     "discriminator_lr": (3e-4, lambda d: d.discriminator_optimizer.param_groups[0]["lr"]),
     "dropout": (0.35, lambda d: d.gl.dropout.p),
     "view_prob": (0.8, lambda d: d.generator.p),
@@ -216,16 +215,26 @@ CAKD_SETTINGS = {
 
 
 def test_every_cakd_setting_is_covered():
-    assert set(CAKD_SETTINGS) == set(METHODS["cakd"].settings.values())
+    assert set(CAKD_SETTINGS) == set(CAKDSettings.rules())
     for key, (value, _) in CAKD_SETTINGS.items():
-        assert value != DistillConfig.__dataclass_fields__[key].default, key
+        assert value != getattr(CAKDSettings(), key), key
 
 
 @pytest.mark.parametrize("key", sorted(CAKD_SETTINGS))
 def test_each_cakd_setting_reaches_the_object(key):
     value, where = CAKD_SETTINGS[key]
-    settings = validate_config({"distill": {"method": "cakd", key: value}})["distill"]
-    distiller = build_task("cakd", tiny_teacher(), tiny_student(), settings)
+    cfg = validate_config({"distill": {"method": "cakd"}, "cakd": {key: value}})
+    distiller = build_task("cakd", tiny_teacher(), tiny_student(), cfg.method_settings)
     got = where(distiller)
     assert (got == pytest.approx(value)) if isinstance(value, float) else (got == value), (key, got)
-    assert math.isfinite(distiller.distill_weight)
+
+
+def test_the_old_distill_keys_of_cakd_still_load_with_a_deprecation():
+    with pytest.warns(FutureWarning) as caught:
+        cfg = validate_config({"distill": {"method": "cakd", "lam": 0.4, "view_terms": "all"}})
+    said = [str(w.message) for w in caught]
+    assert any("distill.lam is deprecated" in m and "cakd.adversarial_weight" in m for m in said), said
+    assert any("distill.view_terms is deprecated" in m and "cakd.view_terms" in m for m in said), said
+    assert cfg.cakd.adversarial_weight == 0.4 and cfg.cakd.view_terms == "all"
+    with pytest.raises(ConfigError, match=r"cakd\.lam is now called cakd\.adversarial_weight"):
+        CAKD(tiny_teacher(), tiny_student(), lam=0.4)

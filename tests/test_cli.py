@@ -5,6 +5,7 @@ reports and plots."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def test_config_errors():
         load_config("digits", ["train.epoch=3"])
     with pytest.raises(ConfigError, match="no preset"):
         load_config("imagenet-22k")
-    assert load_config("cifar100", ["train.lr=0.1"])["train"]["lr"] == 0.1
+    assert load_config("cifar100", ["train.lr=0.1"]).train.lr == 0.1
     assert main(["train-teacher", "--set", "train.epochs"]) == 2
 
 
@@ -131,6 +132,9 @@ class _Exploding(Task):
     def trainable_parameters(self):
         return self.parameters()
 
+    def inference_model(self):
+        return self.linear
+
     def forward(self, x, y):
         logits = self.linear(x)
         loss = torch.nn.functional.cross_entropy(logits, y)
@@ -143,8 +147,7 @@ class _Exploding(Task):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,)))
     task = _Exploding(bad_epoch=1)
-    trainer = Trainer(task, TrainConfig(epochs=3, batch_size=4, progress=False, device="cpu"), tmp_path,
-                      evaluate_model=task.linear)
+    trainer = Trainer(task, TrainConfig(epochs=3, batch_size=4, progress=False, device="cpu"), tmp_path)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* epoch 2;.*last good checkpoint"):
         trainer.fit(data, data)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -159,7 +162,7 @@ def test_resuming_with_more_epochs_follows_the_new_schedule(tmp_path, warmup):
         torch.manual_seed(0)
         task = _Exploding(bad_epoch=100)  # a linear classifier that stays finite here
         config = TrainConfig(epochs=epochs, warmup_epochs=warmup, batch_size=4, lr=0.1, progress=False, device="cpu")
-        trainer = Trainer(task, config, out, evaluate_model=task.linear)
+        trainer = Trainer(task, config, out)
         return [r["lr"] for r in trainer.fit(data, data, resume=resume)]
 
     uninterrupted = run(tmp_path / "full", 5)
@@ -234,7 +237,7 @@ def test_compare_two_methods_two_seeds(teacher_run, tmp_path, capsys):
     assert (out / "comparison.png").stat().st_size > 0
     capsys.readouterr()
     assert main(args) == 0
-    assert capsys.readouterr().out.count("done before") == 4
+    assert capsys.readouterr().out.count(": done before, test acc") == 4
 
 
 def test_compare_rejects_unknown_methods_in_one_line(tmp_path, capsys):
@@ -297,8 +300,33 @@ def test_warmup_then_cosine_learning_rates(tmp_path):
     data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,)))
     model = torch.nn.Linear(4, 3)
     trainer = Trainer(SupervisedTask(model), TrainConfig(epochs=6, batch_size=8, lr=0.1, warmup_epochs=2,
-                                                      progress=False, device="cpu"), tmp_path, evaluate_model=model)
+                                                      progress=False, device="cpu"), tmp_path)
     lrs = [r["lr"] for r in trainer.fit(data, data)]
     # 0.1/3, 0.2/3 while warming up, then cosine over the 4 remaining epochs from 0.1
     want = [0.1 / 3, 0.2 / 3] + [0.05 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
     assert lrs == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_bars_only_on_a_terminal(tmp_path, capsys, monkeypatch, terminal):
+    from agkd_models.engine import progress
+    monkeypatch.setattr(progress, "_is_terminal", lambda: terminal)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    task = _Exploding(bad_epoch=100)
+    Trainer(task, TrainConfig(epochs=2, batch_size=4, progress=True, device="cpu"), tmp_path).fit(data, data)
+    out, err = capsys.readouterr()
+    assert [line.split(":")[0] for line in out.splitlines()] == ["epoch 1", "epoch 2"]  # one line per epoch
+    # A redirected log gets no carriage-return updates; a terminal gets its bars.
+    assert ("\r" in err and "epoch 1/2" in err) if terminal else err == ""
+
+
+def test_top_level_help_is_plain_text_with_every_command_and_examples(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--help"])
+    assert stopped.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and ":class:" not in text  # plain text, no reStructuredText
+    for command in ("train-teacher", "distill", "cache-teacher", "evaluate", "compare", "demo"):
+        assert re.search(rf"^    {command}  +\w", text, re.MULTILINE), command  # listed with its one-line help
+    examples = text.split("examples:\n", 1)[1]
+    assert sum(line.strip().startswith("agkd ") for line in examples.splitlines()) >= 5

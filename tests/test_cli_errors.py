@@ -113,9 +113,9 @@ def test_evaluate_bad_inputs(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override,key", [("train.optimizer=adamw", "train.optimizer"),
-                                          ("distill.window_size=4", "distill.window_size"),
+                                          ("agkd.window_size=4", "agkd.window_size"),
                                           ("student.name=efficientnet_b99", "student.name"),
-                                          ("distill.replace_prob=1.5", "distill.replace_prob"),
+                                          ("cakd.replace_prob=1.5", "cakd.replace_prob"),
                                           ("teacher.cnn_weights=/no/such/file.pth", "teacher.cnn_weights")])
 def test_demo_checks_its_configuration_before_any_work(tmp_path, capsys, override, key):
     assert_one_line_error(capsys, ["demo", "--out", str(tmp_path / "demo"), "--set", override] + TINY, key)
@@ -167,7 +167,7 @@ def test_rotation_keeps_the_previous_checkpoint(tmp_path):
 def test_every_default_passes_its_own_check_and_every_preset_loads():
     assert validate_config({}) == default_config()
     for preset in PRESETS:
-        config = load_config(preset)
+        config = load_config(preset).to_dict()
         assert set(config) == set(SECTIONS)
         for section, cls in SECTIONS.items():
             assert set(config[section]) == {f.name for f in dataclasses.fields(cls)}, (preset, section)
@@ -184,17 +184,32 @@ def test_unknown_and_misspelt_keys():
         validate_config({"train": {"epoch": 3}})
     with pytest.raises(ConfigError, match="unknown section 'trian'"):
         validate_config({"trian": {}})
-    with pytest.raises(ConfigError, match=r"distill.padding: got 'reflekt' \(did you mean 'reflect'\?\)"):
-        load_config("digits", ["distill.padding=reflekt"])
+    with pytest.raises(ConfigError, match=r"agkd.padding: got 'reflekt' \(did you mean 'reflect'\?\)"):
+        load_config("digits", ["agkd.padding=reflekt"])
+    with pytest.raises(ConfigError, match=r"unknown key 'distill.temprature'.*distill has: method"):
+        load_config("digits", ["distill.temprature=2"])
+    with pytest.raises(ConfigError, match=r"agkd.beta is now called agkd.attention_weight"):
+        load_config("digits", ["agkd.beta=2"])
+
+
+def test_settings_are_checked_on_every_assignment():
+    config = load_config("digits")
+    with pytest.raises(ConfigError, match=r"train\.lr: got -1"):
+        config.train.lr = -1
+    with pytest.raises(ConfigError, match=r"agkd\.window_size: got 4; expected an odd integer"):
+        config.agkd.window_size = 4
+    with pytest.raises(ConfigError, match=r"unknown key 'agkd\.windw_size' \(did you mean 'agkd\.window_size'\?\)"):
+        config.agkd.windw_size = 5
+    assert config.train.lr == 0.002 and config.agkd.window_size == 3  # left as they were
 
 
 def test_values_are_normalised():
     config = load_config("digits", ["train.lr=1e-3", "train.amp=off", "train.epochs=2.0", "train.grad_clip=null"])
-    assert config["train"]["lr"] == 0.001 and config["train"]["amp"] == "off"
-    assert config["train"]["epochs"] == 2 and isinstance(config["train"]["epochs"], int)
-    assert config["train"]["grad_clip"] is None
-    for bad in ("train.epochs=2.5", "train.progress=maybe", "data.limit_train=0", "distill.temperature=0",
-                "distill.kd_alpha=1.2", "train.momentum=1", "train.device=gpu", "student.stages=[a]"):
+    assert config.train.lr == 0.001 and config.train.amp == "off"
+    assert config.train.epochs == 2 and isinstance(config.train.epochs, int)
+    assert config.train.grad_clip is None
+    for bad in ("train.epochs=2.5", "train.progress=maybe", "data.limit_train=0", "logit.temperature=0",
+                "agkd.kd_weight=1.2", "train.momentum=1", "train.device=gpu", "student.stages=[a]"):
         with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
             load_config("digits", [bad])
 
@@ -202,33 +217,53 @@ def test_values_are_normalised():
 def test_saved_config_has_every_setting(tmp_path):
     config = load_config("digits")
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config.to_dict()))
     assert load_config(str(path)) == config
 
 
 @pytest.mark.parametrize("method,overrides,attributes", [
-    ("agkd", ["distill.hybrid_alpha=0.3", "distill.hybrid_beta=0.7", "distill.attention_loss=ssim",
-              "distill.window_size=5", "distill.padding=reflect", "distill.temperature=2.5", "distill.kd_alpha=0.4",
-              "distill.alpha=0.6", "distill.beta=2.0"],
-     {"hybrid_alpha": 0.3, "hybrid_beta": 0.7, "attention_loss": "ssim", "window_size": 5, "padding": "reflect",
-      "temperature": 2.5, "kd_alpha": 0.4, "alpha": 0.6, "beta": 2.0}),
-    ("logit", ["distill.temperature=3.0", "distill.kd_alpha=0.25"], {"temperature": 3.0, "alpha": 0.25}),
-    ("agkd", ["distill.attention_loss=perceptual", "distill.perceptual_layers=2"], {"attention_loss": "perceptual"}),
-    ("cakd", ["distill.lam=0.2", "distill.ce_weight=0.5", "distill.discriminator_every=3"],
-     {"lam": 0.2, "ce_weight": 0.5, "discriminator_every": 3}),
+    ("agkd", ["agkd.ssim_weight=0.3", "agkd.cosine_weight=0.7", "agkd.attention_loss=ssim",
+              "agkd.window_size=5", "agkd.padding=reflect", "agkd.temperature=2.5", "agkd.kd_weight=0.4",
+              "agkd.logit_weight=0.6", "agkd.attention_weight=2.0"],
+     {"ssim_weight": 0.3, "cosine_weight": 0.7, "attention_loss": "ssim", "window_size": 5, "padding": "reflect",
+      "temperature": 2.5, "kd_weight": 0.4, "logit_weight": 0.6, "attention_weight": 2.0}),
+    ("logit", ["logit.temperature=3.0", "logit.kd_weight=0.25"], {"temperature": 3.0, "kd_weight": 0.25}),
+    ("agkd", ["agkd.attention_loss=perceptual", "agkd.perceptual_layers=2"], {"attention_loss": "perceptual"}),
+    ("cakd", ["cakd.adversarial_weight=0.2", "cakd.ce_weight=0.5", "cakd.discriminator_every=3"],
+     {"adversarial_weight": 0.2, "ce_weight": 0.5, "discriminator_every": 3}),
 ])
 def test_distiller_settings_reach_the_distiller(method, overrides, attributes):
-    cfg = load_config("digits", overrides + ["distill.replace_prob=0.25", "distill.dropout=0.3",
-                                             "distill.view_prob=0.8", "distill.discriminator_lr=0.002"])
-    task = build_task(method, build_teacher(cfg, 10), build_student(cfg, 10), cfg["distill"])
+    cfg = load_config("digits", overrides + ["cakd.replace_prob=0.25", "cakd.dropout=0.3",
+                                             "cakd.view_prob=0.8", "cakd.discriminator_lr=0.002"])
+    task = build_task(method, build_teacher(cfg, 10), build_student(cfg, 10), cfg.section(method))
     for name, value in attributes.items():
-        assert getattr(task, name) == value, name
-    if "distill.perceptual_layers=2" in overrides:  # the teacher CNN's first two modules
+        assert getattr(task.settings, name) == value, name
+    if "agkd.perceptual_layers=2" in overrides:  # the teacher CNN's first two modules
         first_two = list(task.teacher.cnn.children())[:2]
         assert len(task.perceptual) == 2 and all(a is b for a, b in zip(task.perceptual, first_two))
     if method == "cakd":
         assert task.pca.replace_prob == 0.25 and task.gl.dropout.p == 0.3 and task.generator.p == 0.8
         assert task.discriminator_optimizer.param_groups[0]["lr"] == 0.002
+
+
+def test_the_old_flat_distill_keys_still_load_where_they_live_now(tmp_path):
+    old = {"distill": {"method": "agkd", "alpha": 0.6, "beta": 2.0, "hybrid_alpha": 0.3, "hybrid_beta": 0.7,
+                       "kd_alpha": 0.4, "temperature": 2.5, "window_size": 5, "lam": 0.2, "view_terms": "all"}}
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(old))
+    with pytest.warns(FutureWarning) as caught:
+        config = load_config(str(path))
+    assert (config.agkd.logit_weight, config.agkd.attention_weight, config.agkd.ssim_weight,
+            config.agkd.cosine_weight, config.agkd.window_size) == (0.6, 2.0, 0.3, 0.7, 5)
+    # The logit term's settings were shared by logit KD and AGKD: both get them.
+    assert (config.logit.kd_weight, config.logit.temperature) == (0.4, 2.5)
+    assert (config.agkd.kd_weight, config.agkd.temperature) == (0.4, 2.5)
+    assert (config.cakd.adversarial_weight, config.cakd.view_terms) == (0.2, "all")
+    said = " ".join(str(w.message) for w in caught)
+    assert "distill.alpha is deprecated" in said and "agkd.logit_weight" in said
+    with pytest.warns(FutureWarning, match=r"distill\.kd_alpha .* logit\.kd_weight and agkd\.kd_weight"):
+        overridden = load_config("digits", ["distill.kd_alpha=0.5"])  # an override beats the preset's value
+    assert overridden.agkd.kd_weight == overridden.logit.kd_weight == 0.5
 
 
 def test_student_stages_reach_the_student():

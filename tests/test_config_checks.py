@@ -17,10 +17,10 @@ def test_an_image_size_the_vit_was_not_built_for(tmp_path, capsys):
 
 def test_a_mapping_set_merges_into_the_presets():
     cfg = load_config("digits", ["teacher.vit_kwargs={patch_size: 8}"])
-    assert cfg["teacher"]["vit_kwargs"] == {"img_size": 32, "patch_size": 8}
+    assert cfg.teacher.vit_kwargs == {"img_size": 32, "patch_size": 8}
     cfg = load_config("digits", ["teacher.vit_kwargs.patch_size=2", "teacher.cnn_kwargs.drop_rate=0.1"])
-    assert cfg["teacher"]["vit_kwargs"] == {"img_size": 32, "patch_size": 2}
-    assert cfg["teacher"]["cnn_kwargs"] == {"drop_rate": 0.1}
+    assert cfg.teacher.vit_kwargs == {"img_size": 32, "patch_size": 2}
+    assert cfg.teacher.cnn_kwargs == {"drop_rate": 0.1}
     check_model_settings(cfg)
     with pytest.raises(ConfigError, match="'epochs' is not a mapping setting"):
         load_config("digits", ["train.epochs.x=1"])
@@ -57,8 +57,8 @@ def test_student_stages_are_checked_for_every_command(tmp_path, capsys, command)
 
 def test_the_projected_stage_is_checked(tmp_path, capsys):
     assert_one_line_error(capsys, ["train-teacher", "--out", str(tmp_path / "run"), "--set",
-                                   "distill.projected_stage=7"] + TINY,
-                          "distill.projected_stage: stage 7 does not exist")
+                                   "cakd.projected_stage=7"] + TINY,
+                          "cakd.projected_stage: stage 7 does not exist")
 
 
 @pytest.mark.parametrize("free_gib,refused", [(8, True), (1024, False)])

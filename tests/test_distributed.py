@@ -132,9 +132,9 @@ def test_torchrun_sharded_teacher_cache_equals_single_process(teacher_file, tmp_
 
 
 def _agkd(attention_loss="hybrid", method="agkd"):
-    cfg = load_config("digits", TINY + [f"distill.attention_loss={attention_loss}"])
+    cfg = load_config("digits", TINY + [f"agkd.attention_loss={attention_loss}"])
     torch.manual_seed(0)
-    return build_task(method, build_teacher(cfg, 10), build_student(cfg, 10), cfg["distill"])
+    return build_task(method, build_teacher(cfg, 10), build_student(cfg, 10), cfg.section(method))
 
 
 def _data():
@@ -146,7 +146,7 @@ def _data():
 def test_autocast_training_on_cpu(tmp_path, amp, dtype):
     task = _agkd()
     trainer = Trainer(task, TrainConfig(epochs=1, batch_size=16, amp=amp, device="cpu", progress=False,
-                                        lr=1e-3), tmp_path, evaluate_model=task.student)
+                                        lr=1e-3), tmp_path)
     logit_dtypes = set()
     task.student.register_forward_hook(lambda module, args, out: logit_dtypes.add(out.logits.dtype))
     history = trainer.fit(*_data())
@@ -162,7 +162,7 @@ def test_autocast_training_on_cpu(tmp_path, amp, dtype):
 def test_autocast_training_on_cuda(tmp_path, amp):
     task = _agkd()
     trainer = Trainer(task, TrainConfig(epochs=1, batch_size=16, amp=amp, device="cuda", progress=False,
-                                        channels_last=True), tmp_path, evaluate_model=task.student)
+                                        channels_last=True), tmp_path)
     history = trainer.fit(*_data())
     assert np.isfinite(history[0]["train_loss"]) and trainer.scaler.is_enabled() == (amp == "fp16")
 
@@ -185,8 +185,7 @@ def test_channels_last_gives_the_same_training(tmp_path):
     for channels_last in (False, True):
         task = _agkd("mse")
         trainer = Trainer(task, TrainConfig(epochs=1, batch_size=16, channels_last=channels_last, device="cpu",
-                                            progress=False, lr=1e-3, optimizer="sgd"), tmp_path / str(channels_last),
-                          evaluate_model=task.student)
+                                            progress=False, lr=1e-3, optimizer="sgd"), tmp_path / str(channels_last))
         runs.append(trainer.fit(*_data())[0])
         if channels_last:
             assert task.student.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
@@ -197,7 +196,7 @@ def test_channels_last_gives_the_same_training(tmp_path):
 @pytest.mark.parametrize("method,attention_loss", [("agkd", "hybrid"), ("agkd", "mse"), ("logit", "mse")])
 def test_compiled_loss_path_is_one_graph_and_matches_eager(method, attention_loss):
     eager, compiled = _agkd(attention_loss, method), _agkd(attention_loss, method)
-    compiled.enable_compile(student=False)  # the loss path with fullgraph=True: any graph break raises
+    compiled.enable_compile(model=False)  # the loss path with fullgraph=True: any graph break raises
     torch.manual_seed(3)
     images, targets = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     results = []
@@ -222,7 +221,7 @@ def test_trainer_compile_option(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                                 torch.nn.Flatten(), torch.nn.Linear(8, 10))
     trainer = Trainer(SupervisedTask(model), TrainConfig(epochs=1, batch_size=16, compile=True, device="cpu",
-                                                      progress=False), tmp_path, evaluate_model=model)
+                                                      progress=False), tmp_path)
     assert model._compiled_call_impl is not None  # nn.Module.compile: state_dict keys unchanged
     history = trainer.fit(*_data())
     assert np.isfinite(history[0]["train_loss"])
@@ -235,7 +234,7 @@ def test_torchrun_cakd_with_its_self_stepped_discriminator(teacher_file, tmp_pat
     # with whole-tensor replacement the PCA projector leaves parameters unused on some steps.
     out = tmp_path / "cakd"
     torchrun(["distill", "--method", "cakd", "--teacher", str(teacher_file), "--out", str(out)]
-             + sets("train.epochs=1", "train.batch_size=8", "distill.ce_only_epochs=0", "distill.ramp_epochs=0",
-                    "distill.replace_elementwise=false"), tmp_path)
+             + sets("train.epochs=1", "train.batch_size=8", "cakd.ce_only_epochs=0", "cakd.ramp_epochs=0",
+                    "cakd.replace_elementwise=false"), tmp_path)
     record = records(out)[0]
     assert record["train_mad"] > 0 and np.isfinite(record["train_loss"])

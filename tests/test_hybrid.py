@@ -20,7 +20,7 @@ from .backends import (DTYPE_TOL, FLOAT_DTYPES, against_the_reference, assert_na
                        close, grads, layout, rounded)
 from .oracle import cosine_per_sample, ssim_per_sample
 
-PADDINGS = ["valid", "reflect", "zeros"]
+PADDINGS = list(agkd_ops.PADDINGS)
 LAYOUTS = ["contiguous", "transposed", "channels_last", "sliced"]
 
 

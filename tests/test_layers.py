@@ -9,14 +9,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # What each part of agkd_models may import from its siblings.
 ALLOWED = {
+    "settings": set(),
     "models": set(),
-    "engine": set(),
-    "distillers": {"models", "engine"},
+    "engine": {"settings"},
+    "distillers": {"models", "engine", "settings"},
     "data": {"engine"},
-    "config": {"data", "distillers", "engine"},
-    "experiments": {"config", "data", "distillers", "engine", "models"},
-    "cli": {"config", "data", "distillers", "engine", "experiments", "models"},
-    "__init__": {"data", "distillers", "engine", "experiments", "models"},
+    "config": {"data", "distillers", "engine", "settings"},
+    "experiments": {"config", "data", "distillers", "engine", "models", "settings"},
+    "cli": {"config", "data", "distillers", "engine", "experiments", "models", "settings"},
+    "__init__": {"data", "distillers", "engine", "experiments", "models", "settings"},
 }
 
 

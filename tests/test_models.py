@@ -184,7 +184,7 @@ def test_cakd_saves_the_student_alone(batch, tmp_path):
     distiller = make_distiller("cakd").train()
     distiller(*batch).terms["total"].backward()
     path = tmp_path / "student.pt"
-    torch.save(distiller.student_state_dict(), path)
+    torch.save(distiller.inference_model().state_dict(), path)
     state = torch.load(path, weights_only=True)
     assert state.keys() == distiller.student.state_dict().keys()
     assert not any(k.split(".")[0] in ("pca", "gl", "discriminator", "generator", "teacher") for k in state)
@@ -211,18 +211,41 @@ def test_metrics():
     assert transferability(features, 2 * features, projection) == pytest.approx(1.0)
 
 
-def test_every_distill_setting_reaches_a_method():
-    # The registry is the one bridge from `distill` settings to constructors: a setting no
-    # method reads, or a keyword a constructor does not take, is a setting silently dropped.
-    import dataclasses
-    import inspect
+# Each AGKD setting, a value unlike its default, and the attention loss under which it acts.
+AGKD_CHANGES = {"temperature": (2.0, "hybrid"), "kd_weight": (0.3, "hybrid"), "logit_weight": (0.5, "hybrid"),
+                "attention_weight": (2.0, "hybrid"), "ssim_weight": (0.9, "hybrid"), "cosine_weight": (0.1, "hybrid"),
+                "window_size": (5, "ssim"), "padding": ("reflect", "ssim"), "perceptual_layers": (2, "perceptual"),
+                "attention_loss": ("mse", "hybrid")}
 
-    from agkd_models.config import METHODS as CONFIG_METHODS, DistillConfig
-    from agkd_models.distillers import METHODS
 
-    assert set(CONFIG_METHODS) == set(METHODS)
-    settings = {f.name for f in dataclasses.fields(DistillConfig)} - {"method"}
-    assert {key for m in METHODS.values() for key in m.settings.values()} == settings
-    for name, method in METHODS.items():
-        accepted = inspect.signature(method.build).parameters
-        assert set(method.settings) <= set(accepted), name
+def test_every_logit_and_agkd_setting_changes_the_loss(batch):
+    # A setting that reaches no computation is a setting silently dropped.
+    from agkd_models import AGKDSettings, LogitKDSettings
+    assert set(AGKD_CHANGES) == set(AGKDSettings.rules())
+
+    def total(kind, **changes):
+        distiller = make_distiller(kind, **changes).eval()
+        return distiller(*batch).terms["total"].item()
+
+    for key, (value, loss) in AGKD_CHANGES.items():
+        if key == "attention_loss":
+            assert total(value) != total(loss), key
+        else:
+            assert total(loss, **{key: value}) != total(loss), key
+    for key in LogitKDSettings.rules():
+        assert total("logit", **{key: AGKD_CHANGES[key][0]}) != total("logit"), key
+
+
+def test_checkpoints_leave_the_frozen_teacher_out_and_resume_into_a_rebuilt_one(batch, tmp_path):
+    from agkd_models.engine import TrainConfig, Trainer
+    data = torch.utils.data.TensorDataset(*batch)
+    settings = dict(batch_size=8, device="cpu", progress=False)
+    Trainer(make_distiller("cakd"), TrainConfig(epochs=1, **settings), tmp_path).fit(data, data)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["task"]
+    distiller = make_distiller("cakd")
+    trained = {k for k in distiller.state_dict() if not k.startswith("teacher.")}
+    assert set(saved) == trained  # the student, projectors, discriminator and CAKD's counters: no teacher
+    assert any(k.startswith("student.") for k in saved) and any(k.startswith("discriminator.") for k in saved)
+    history = Trainer(distiller, TrainConfig(epochs=2, **settings), tmp_path).fit(data, data, resume=True)
+    assert [r["epoch"] for r in history] == [0, 1]
+    assert distiller.iterations == 2  # the discriminator's schedule went on from the checkpoint's

@@ -26,6 +26,9 @@ class _Recorder(Task):
     def trainable_parameters(self):
         return self.parameters()
 
+    def inference_model(self):
+        return self.classifier
+
     def forward(self, images, targets, teacher_out=None):
         self.seen.append((images.detach().clone(), targets.detach().clone()))
         logits = self.classifier(images)
@@ -39,7 +42,7 @@ def _data(n=8):
 
 
 def _trainer(task, out, **kw):
-    return Trainer(task, _config(**kw.pop("config", {})), out, evaluate_model=task.classifier, **kw)
+    return Trainer(task, _config(**kw.pop("config", {})), out, **kw)
 
 
 def _config(**kw):

@@ -144,8 +144,8 @@ def test_resume_conflicts_follow_each_settings_rule():
     now = load_config("digits", ["train.epochs=9", "train.num_workers=2", "train.progress=false",
                                  "train.device=cpu", "data.root=/elsewhere"])
     assert resume_conflicts(saved, now) == []
-    fewer = load_config("digits", ["train.epochs=2", "distill.temperature=2"])
-    assert resume_conflicts(saved, fewer) == ["distill.temperature: 4.0 -> 2.0", "train.epochs: 6 -> 2"]
+    fewer = load_config("digits", ["train.epochs=2", "agkd.temperature=2"])
+    assert resume_conflicts(saved, fewer) == ["agkd.temperature: 4.0 -> 2.0", "train.epochs: 6 -> 2"]
 
 
 def test_every_setting_declares_what_a_resume_may_change():

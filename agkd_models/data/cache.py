@@ -52,6 +52,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from ..engine import distributed
+from ..engine.progress import progress_bar
 from .datasets import AugmentedDataset, DataError, fingerprint
 
 __all__ = ["CACHE_VERSION", "TeacherCacheError", "CachedTeacherOutput", "TeacherCache", "CachedTeacherDataset",
@@ -296,10 +297,8 @@ def _fill(teacher, train_set, work: Path, fields, *, epochs, dtype, topk, batch_
     for epoch in range(epochs):
         loader = DataLoader(Subset(_Draws(train_set, epoch), shard), batch_size=batch_size,
                             num_workers=num_workers, shuffle=False)
-        if progress:
-            from tqdm import tqdm
-            loader = tqdm(loader, desc=f"teacher cache epoch {epoch + 1}/{epochs}", leave=False)
-        for images, labels, params, index in loader:
+        bar = progress_bar(loader, f"teacher cache epoch {epoch + 1}/{epochs}") if progress else None
+        for images, labels, params, index in bar if bar is not None else loader:
             out_t = teacher(images.to(device))
             logits, attention = out_t.logits.float().cpu(), out_t.attention.float().cpu()
             for name, value in (("logits", logits), ("attention", attention)):
@@ -320,6 +319,8 @@ def _fill(teacher, train_set, work: Path, fields, *, epochs, dtype, topk, batch_
                 arrays["topk_indices"][epoch, rows] = classes.numpy().astype(index_dtype)
             if epoch == 0:
                 arrays["labels"][rows] = labels.numpy()
+        if progress and bar is None:  # not a terminal: one line per epoch
+            print(f"teacher cache: epoch {epoch + 1}/{epochs} written", flush=True)
     for array in arrays.values():
         array.flush()
     del arrays

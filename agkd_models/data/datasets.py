@@ -318,7 +318,6 @@ def three_way_split(labels: Sequence[int], val_fraction: float, test_fraction: f
 
 def _digits(image_size: int, split: "SplitSpec", train_tf, eval_tf) -> DataSplits:
     from sklearn.datasets import load_digits
-    import torch.nn.functional as F
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
     labels = torch.tensor(digits.target)

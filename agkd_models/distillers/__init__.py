@@ -1,63 +1,63 @@
-"""The distillation methods, and the registry from a method's name to its class and the
-``distill`` settings it reads.
+"""The distillation methods, and the registry from a method's name to its class and its
+settings class.
 
 ``build_task(method, teacher, student, settings)`` is how the pipeline turns a
 configuration into what the trainer trains; ``METHODS[name]`` says what a method needs.
-Adding a method is one class and one entry here (its settings go in
-``agkd_models.config.DistillConfig``).
+Adding a method is one file (its :class:`Distiller` and its settings class) and one entry
+here; the configuration gains the section of its settings by itself (docs/design.md).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping
+from typing import Callable, Dict, Optional, Type
 
 from torch import nn
 
 from ..engine.task import SupervisedTask, Task
-from .agkd import AGKD, ATTENTION_LOSSES
+from ..settings import Settings
+from .agkd import AGKD, ATTENTION_LOSSES, AGKDSettings
 from .base import Distiller
-from .cakd import (CAKD, PCA_ATTENTION, VIEW_TERMS, GLProjector, MultiViewDiscriminator, MultiViewGenerator,
-                   PCAProjector, match_teacher_grid, pca_loss)
-from .logit import LogitKD
+from .cakd import (CAKD, PCA_ATTENTION, VIEW_TERMS, CAKDSettings, GLProjector, MultiViewDiscriminator,
+                   MultiViewGenerator, PCAProjector, match_teacher_grid, pca_loss)
+from .logit import LogitKD, LogitKDSettings
 
-__all__ = ["Distiller", "LogitKD", "AGKD", "CAKD", "ATTENTION_LOSSES", "Method", "METHODS", "build_task",
+__all__ = ["Distiller", "LogitKD", "AGKD", "CAKD", "LogitKDSettings", "AGKDSettings", "CAKDSettings",
+           "ATTENTION_LOSSES", "Method", "METHODS", "build_task",
            "PCAProjector", "GLProjector", "MultiViewGenerator", "MultiViewDiscriminator", "pca_loss",
            "match_teacher_grid", "PCA_ATTENTION", "VIEW_TERMS"]
 
 
 @dataclass(frozen=True)
 class Method:
-    """A distillation method: how to build its task, which keyword argument comes from
-    which ``distill`` setting, and whether a teacher cache (logits and attention maps
-    written ahead) can stand in for the online teacher."""
+    """A distillation method: how to build its task from the teacher, the student and its
+    settings (an object of ``settings``, the configuration section named after the method;
+    None for a method without settings), whether a teacher cache (logits and attention
+    maps written ahead) can stand in for the online teacher, its name in reports, and the
+    setting (if any) whose every choice ``agkd compare`` runs as a variant of its own
+    (``agkd-mse``, ``agkd-ssim``, ...)."""
     build: Callable[..., Task]
-    settings: Mapping[str, str]  # constructor keyword -> key in the `distill` section
+    settings: Optional[Type[Settings]]
     cacheable: bool
+    label: str
+    variants: Optional[str] = None
 
 
-def _student_alone(teacher: nn.Module, student: nn.Module) -> Task:
+def _student_alone(teacher: nn.Module, student: nn.Module, settings: None = None) -> Task:
     return SupervisedTask(student)
 
 
 METHODS: Dict[str, Method] = {
-    "agkd": Method(AGKD, {k: k for k in ("attention_loss", "alpha", "beta", "temperature", "kd_alpha",
-                                         "hybrid_alpha", "hybrid_beta", "window_size", "padding",
-                                         "perceptual_layers")}, cacheable=True),
-    "logit": Method(LogitKD, {"temperature": "temperature", "alpha": "kd_alpha"}, cacheable=True),
-    "cakd": Method(CAKD, {k: k for k in ("projected_stage", "pca_attention", "pca_attention_weight",
-                                         "pca_value_weight", "replace_prob", "replace_elementwise", "lam",
-                                         "ce_weight", "distill_weight", "ce_only_epochs", "ramp_epochs",
-                                         "view_terms", "discriminator_every", "discriminator_lr", "dropout",
-                                         "view_prob")}, cacheable=False),
-    "none": Method(_student_alone, {}, cacheable=False),  # the student on the labels alone
+    "none": Method(_student_alone, None, cacheable=False, label="no KD"),  # the student on the labels alone
+    "logit": Method(LogitKD, LogitKDSettings, cacheable=True, label="logit KD"),
+    "agkd": Method(AGKD, AGKDSettings, cacheable=True, label="AGKD", variants="attention_loss"),
+    "cakd": Method(CAKD, CAKDSettings, cacheable=False, label="CAKD"),
 }
 
 
-def build_task(method: str, teacher: nn.Module, student: nn.Module, settings: Mapping[str, Any]) -> Task:
-    """The task of ``method`` with its keyword arguments taken from ``settings`` (the
-    resolved ``distill`` section of a configuration)."""
+def build_task(method: str, teacher: nn.Module, student: nn.Module, settings: Optional[Settings] = None) -> Task:
+    """The task of ``method`` with its settings (default: the method's defaults)."""
     try:
         m = METHODS[method]
     except KeyError:
         raise ValueError(f"unknown distillation method {method!r}; choose one of {', '.join(METHODS)}") from None
-    return m.build(teacher, student, **{kw: settings[key] for kw, key in m.settings.items()})
+    return m.build(teacher, student, settings)

@@ -1,16 +1,16 @@
 """The distillers' common part: a frozen teacher, a trainable student, and the loss path
-between them. A distiller is a :class:`~agkd_models.engine.task.Task`: ``forward`` returns
-the named loss terms (``"total"`` among them, so the trainer logs every term) and the
-student's logits.
+between them. A distiller is a :class:`~agkd_models.engine.task.Task`; a method is written
+by giving :meth:`Distiller.loss_terms` (the named loss terms, ``"total"`` among them) and
+declaring its settings class (``settings_class``, a :class:`~agkd_models.settings.Settings`
+section with every knob's default and meaning).
 
-The teacher is frozen: no parameter requires grad, and it stays in ``eval()`` even when
-the distiller is put in ``train()`` (no BatchNorm statistics drift, no dropout). Every
-loss goes through the public ``agkd_ops`` API, so the native kernels serve where they are
-compiled and the reference elsewhere.
+The teacher is frozen: no parameter requires grad, it stays in ``eval()`` even when the
+distiller is put in ``train()`` (no BatchNorm statistics drift, no dropout), and
+checkpoints leave it out (it is rebuilt from its own file).
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional
+from typing import ClassVar, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -18,12 +18,21 @@ from torch import nn
 from ..engine.task import Task, TaskOutput
 from ..models.student import StudentOutput
 from ..models.teacher import TeacherOutput
+from ..settings import Settings
 
 __all__ = ["Distiller"]
 
 
 class Distiller(Task):
-    """Holds a frozen teacher and a trainable student; subclasses write :meth:`loss_terms`."""
+    """Holds a frozen teacher and a trainable student; subclasses write :meth:`loss_terms`
+    and may name, in ``extra_inputs``, terms that are not losses but the detached inputs of
+    their :meth:`~agkd_models.engine.task.Task.extra_step`."""
+
+    settings_class: ClassVar[Optional[type]] = None
+    frozen_modules = ("teacher",)
+    extra_inputs: ClassVar[Tuple[str, ...]] = ()
+    # Whether loss_terms traces whole under torch.compile(fullgraph=True).
+    compiles_whole: ClassVar[bool] = True
 
     def __init__(self, teacher: nn.Module, student: nn.Module):
         super().__init__()
@@ -31,6 +40,17 @@ class Distiller(Task):
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.teacher.eval()
+
+    def settings_from(self, settings: Optional[Settings], changes: Mapping[str, object]) -> Settings:
+        """The distiller's settings: ``settings`` (default: every field at its default)
+        with ``changes`` applied, checked like any configuration."""
+        cls = self.settings_class
+        if settings is None:
+            settings = cls()
+        elif not isinstance(settings, cls):
+            raise TypeError(f"{type(self).__name__}: settings must be a {cls.__name__}, got "
+                            f"{type(settings).__name__}")
+        return settings.replace(**changes)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -41,29 +61,36 @@ class Distiller(Task):
     def teacher_outputs(self, images: torch.Tensor) -> TeacherOutput:
         return self.teacher(images)
 
-    def loss_terms(self, s: StudentOutput, t, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def loss_terms(self, s: StudentOutput, t, targets: torch.Tensor, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The loss path: named terms from the student's and teacher's outputs (``t`` is a
-        :class:`TeacherOutput` or a cached one with ``logits`` and ``attention``)."""
+        :class:`TeacherOutput` or a cached one with ``logits`` and ``attention``); ``images``
+        is the batch the student saw, for methods that look at it again."""
         raise NotImplementedError
 
-    def enable_compile(self, student: bool = True) -> None:  # type: ignore[override]
-        """``torch.compile`` the student (unless ``student=False``), and the loss path with
-        ``fullgraph=True`` (the agkd_ops kernels trace without graph breaks)."""
-        if student:
+    def student_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """What the student's forward pass sees (the batch itself unless a method says)."""
+        return images
+
+    def inference_model(self) -> nn.Module:
+        return self.student
+
+    def enable_compile(self, *, model: bool = True, loss: bool = True) -> None:
+        """``torch.compile`` the student (``model``), and the loss path with
+        ``fullgraph=True`` (``loss``; the agkd_ops kernels trace without graph breaks)
+        where the method's loss path compiles whole."""
+        if model:
             self.student.compile()
-        self._compiled_loss_terms = torch.compile(self.loss_terms, fullgraph=True)
+        if loss and self.compiles_whole:
+            self._compiled_loss_terms = torch.compile(self.loss_terms, fullgraph=True)
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor,
                 teacher_out: Optional[TeacherOutput] = None) -> TaskOutput:
         t = teacher_out if teacher_out is not None else self.teacher_outputs(images)
-        s: StudentOutput = self.student(images)
-        terms = getattr(self, "_compiled_loss_terms", self.loss_terms)(s, t, targets)
-        return TaskOutput(terms, s.logits.detach())
+        s: StudentOutput = self.student(self.student_inputs(images))
+        terms = getattr(self, "_compiled_loss_terms", self.loss_terms)(s, t, targets, images)
+        extra = {name: terms.pop(name) for name in self.extra_inputs if name in terms}
+        return TaskOutput(terms, s.logits.detach(), extra or None)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """What the main optimizer updates."""
         return self.student.parameters()
-
-    def student_state_dict(self) -> Dict[str, torch.Tensor]:
-        """What is saved for inference: the student alone."""
-        return self.student.state_dict()

@@ -1,7 +1,7 @@
 """Cross-architecture KD (Liu et al., ACCV 2022): a CNN student learns from a ViT teacher
 through two projectors of one stage's feature map, with a multi-view adversarial game for
 robustness. Projectors, generator and discriminator are training-only: the student alone
-is what is kept for inference (:meth:`CAKD.student_state_dict`).
+is what is kept for inference.
 
 Where the paper is silent or disagrees with its authors' released code, :class:`CAKD` says
 which it follows and why."""
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -20,9 +21,10 @@ from ..engine.distributed import average_gradients
 from ..engine.task import TaskOutput
 from ..models.student import Student, StudentOutput
 from ..models.teacher import HybridTeacher, TeacherOutput
+from ..settings import Settings, setting
 from .base import Distiller
 
-__all__ = ["PCAProjector", "GLProjector", "MultiViewGenerator", "MultiViewDiscriminator", "CAKD",
+__all__ = ["PCAProjector", "GLProjector", "MultiViewGenerator", "MultiViewDiscriminator", "CAKD", "CAKDSettings",
            "pca_loss", "match_teacher_grid", "PCA_ATTENTION", "VIEW_TERMS"]
 
 QKV = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -221,16 +223,46 @@ def _running_statistics_frozen(module: nn.Module) -> Iterator[None]:
             m.track_running_stats = True
 
 
+@dataclass
+class CAKDSettings(Settings, section="cakd"):
+    """CAKD's knobs: ``w(t)·(L_proj1 + L_proj2 + adversarial_weight·L_MVG) + ce_weight·CE``
+    (see :class:`CAKD` for where each follows the paper or its authors' code)."""
+    projected_stage: Optional[int] = setting(None, "student stage the projectors read (null: the deepest whose "
+                                             "grid equals the teacher's token grid)", minimum=0)
+    pca_attention: str = setting("logits", "PCA loss compares attention logits Q·Kᵀ/√d averaged over heads "
+                                 "(authors' code) or per-head softmax probabilities (paper, Eq. 4)",
+                                 choices=PCA_ATTENTION)
+    pca_attention_weight: float = setting(0.2, "weight of the PCA loss's attention term", minimum=0)
+    pca_value_weight: float = setting(0.05, "weight of the PCA loss's V·Vᵀ/√d term", minimum=0)
+    replace_prob: float = setting(0.5, "probability of replacing the student's Q/K/V by the teacher's",
+                                  minimum=0, maximum=1)
+    replace_elementwise: bool = setting(True, "replace Q/K/V element by element (paper, Eq. 3), else whole "
+                                        "tensors")
+    adversarial_weight: float = setting(1.0, "weight λ of the multi-view adversarial term L_MVG", minimum=0)
+    ce_weight: float = setting(1.0, "weight of the cross-entropy with the labels", minimum=0)
+    distill_weight: float = setting(0.2, "weight w of the distillation terms once ramped in", minimum=0)
+    ce_only_epochs: float = setting(1.0, "epochs of cross-entropy alone before the distillation terms", minimum=0)
+    ramp_epochs: float = setting(2.0, "epochs over which w rises linearly from 0 (0: at once)", minimum=0)
+    view_terms: str = setting("adversarial", "which terms see the multi-view samples (adversarial: that term "
+                              "alone, as in Eq. 7; all: every term)", choices=VIEW_TERMS)
+    discriminator_every: int = setting(1, "discriminator update period (iterations)", minimum=1)
+    discriminator_lr: float = setting(1e-4, "the discriminator's Adam learning rate", above=0)
+    dropout: float = setting(0.1, "dropout of the group-wise linear projector", minimum=0, below=1)
+    view_prob: float = setting(0.5, "probability of each multi-view transform", minimum=0, maximum=1)
+
+    renamed = {"lam": "adversarial_weight"}
+
+
 class CAKD(Distiller):
     """Cross-architecture KD (Liu et al., "Cross-Architecture Knowledge Distillation",
     ACCV 2022). For the student (and projectors) the loss is
 
-        w(t) · (L_proj1 + L_proj2 + lam · L_MVG) + ce_weight · CE
+        w(t) · (L_proj1 + L_proj2 + adversarial_weight · L_MVG) + ce_weight · CE
 
     and the discriminator minimises ``L_MAD`` with its own optimizer, once every
     ``discriminator_every`` training iterations: an extra step the task declares
     (:meth:`extra_optimizers`, :meth:`extra_step`), taken by the trainer after the main
-    step, from the detached tokens the forward returns.
+    step, from the detached tokens the loss path returns (``extra_inputs``).
 
     - ``L_proj1`` (Sec. 3.2, Eq. 3–4): :func:`pca_loss` between the PCA projector's Q/K/V
       and the teacher ViT's last-block Q/K/V (patch tokens), in the form ``pca_attention``
@@ -255,52 +287,44 @@ class CAKD(Distiller):
     - The projected stage (``projected_stage``; default :func:`match_teacher_grid`) is the
       student stage whose feature grid equals the teacher's token grid, as in the paper
       (the stride-16 stage against ViT-B/16 at 224 px).
+
+    Projectors, generator and discriminator are training-only: the student alone is kept
+    for inference. Settings: a :class:`CAKDSettings`, or its fields as keywords.
     """
 
-    def __init__(self, teacher: HybridTeacher, student: Student, *, projected_stage: Optional[int] = None,
-                 replace_prob: float = 0.5, replace_elementwise: bool = True, pca_attention: str = "logits",
-                 pca_attention_weight: float = 0.2, pca_value_weight: float = 0.05, lam: float = 1.0,
-                 ce_weight: float = 1.0, distill_weight: float = 0.2, ce_only_epochs: float = 1.0,
-                 ramp_epochs: float = 2.0, view_terms: str = "adversarial", discriminator_every: int = 1,
-                 discriminator_lr: float = 1e-4, dropout: float = 0.1, view_prob: float = 0.5):
-        super().__init__(teacher, student)
-        if pca_attention not in PCA_ATTENTION:
-            raise ValueError(f"CAKD: pca_attention must be one of {', '.join(PCA_ATTENTION)}, got {pca_attention!r}")
-        if view_terms not in VIEW_TERMS:
-            raise ValueError(f"CAKD: view_terms must be one of {', '.join(VIEW_TERMS)}, got {view_terms!r}")
-        vit = teacher.vit
-        dim, heads = vit.embed_dim, vit.blocks[-1].attn.num_heads
-        grid = tuple(vit.patch_embed.grid_size)
-        if projected_stage is None:
-            projected_stage = match_teacher_grid(student.stage_grids(tuple(vit.patch_embed.img_size)), grid)
-        student.tap(projected_stage)
-        self.projected_stage = projected_stage
-        channels = student.stage_channels(projected_stage)
-        self.pca = PCAProjector(channels, dim, heads, grid, replace_prob, replace_elementwise)
-        self.gl = GLProjector(channels, dim, grid, dropout=dropout)
-        self.generator = MultiViewGenerator(view_prob)
-        self.discriminator = MultiViewDiscriminator(dim)
-        self.discriminator_optimizer = torch.optim.Adam(self.discriminator.parameters(),
-                                                        lr=discriminator_lr, betas=(0.5, 0.999))
-        self.pca_attention, self.pca_attention_weight = pca_attention, pca_attention_weight
-        self.pca_value_weight, self.lam, self.ce_weight = pca_value_weight, lam, ce_weight
-        self.distill_weight, self.ce_only_epochs, self.ramp_epochs = distill_weight, ce_only_epochs, ramp_epochs
-        self.view_terms, self.discriminator_every = view_terms, discriminator_every
-        self.iterations = 0
-        self.discriminator_steps = 0
-        self._epoch, self._batches, self._batch = 0, 1, 0
-
+    settings_class = CAKDSettings
+    extra_inputs = ("fake", "real")
+    # The loss path is the whole forward (multi-view generator, projectors): only the
+    # student is compiled.
+    compiles_whole = False
     # Under DDP: the discriminator steps itself and averages its own gradients over the
     # ranks; with whole-tensor replacement the PCA projector's convolutions go unused when
     # the teacher's Q/K/V replace them.
     ddp_self_synced = ("discriminator",)
     ddp_find_unused_parameters = True
 
-    def enable_compile(self, student: bool = True) -> None:  # type: ignore[override]
-        # The loss path is the whole forward (multi-view generator, projectors): only the
-        # student is compiled.
-        if student:
-            self.student.compile()
+    def __init__(self, teacher: HybridTeacher, student: Student, settings: Optional[CAKDSettings] = None,
+                 **changes):
+        super().__init__(teacher, student)
+        self.settings = settings = self.settings_from(settings, changes)
+        vit = teacher.vit
+        dim, heads = vit.embed_dim, vit.blocks[-1].attn.num_heads
+        grid = tuple(vit.patch_embed.grid_size)
+        stage = settings.projected_stage
+        if stage is None:
+            stage = match_teacher_grid(student.stage_grids(tuple(vit.patch_embed.img_size)), grid)
+        student.tap(stage)
+        self.projected_stage = stage
+        channels = student.stage_channels(stage)
+        self.pca = PCAProjector(channels, dim, heads, grid, settings.replace_prob, settings.replace_elementwise)
+        self.gl = GLProjector(channels, dim, grid, dropout=settings.dropout)
+        self.generator = MultiViewGenerator(settings.view_prob)
+        self.discriminator = MultiViewDiscriminator(dim)
+        self.discriminator_optimizer = torch.optim.Adam(self.discriminator.parameters(),
+                                                        lr=settings.discriminator_lr, betas=(0.5, 0.999))
+        self.iterations = 0
+        self.discriminator_steps = 0
+        self._epoch, self._batches, self._batch = 0, 1, 0
 
     def get_extra_state(self):
         # Saved with state_dict, so a resumed run keeps the discriminator's schedule.
@@ -315,12 +339,13 @@ class CAKD(Distiller):
 
     def distillation_weight(self) -> float:
         """``w(t)`` at the current training iteration, ``t`` in epochs."""
+        settings = self.settings
         t = self._epoch + self._batch / self._batches
-        if t < self.ce_only_epochs:
+        if t < settings.ce_only_epochs:
             return 0.0
-        if self.ramp_epochs <= 0:
-            return self.distill_weight
-        return self.distill_weight * min(1.0, (t - self.ce_only_epochs) / self.ramp_epochs)
+        if settings.ramp_epochs <= 0:
+            return settings.distill_weight
+        return settings.distill_weight * min(1.0, (t - settings.ce_only_epochs) / settings.ramp_epochs)
 
     def trainable_parameters(self):
         """Student and projectors: what the main optimizer updates (not the discriminator)."""
@@ -337,7 +362,7 @@ class CAKD(Distiller):
         if not output.extra or "fake" not in output.extra:
             return {}  # no adversarial term this step (cross-entropy alone)
         self.iterations += 1
-        if self.iterations % self.discriminator_every:
+        if self.iterations % self.settings.discriminator_every:
             return {}
         fake, real = output.extra["fake"], output.extra["real"]
         with torch.enable_grad():
@@ -355,35 +380,38 @@ class CAKD(Distiller):
         d_fake = self.discriminator(tokens.mean(1))
         return F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor,
-                teacher_out: Optional[TeacherOutput] = None) -> TaskOutput:
-        t = teacher_out if teacher_out is not None else self.teacher_outputs(images)
-        weight = self.distillation_weight() if self.training else self.distill_weight
+    def _views_everywhere(self) -> bool:
+        return self.training and self.settings.view_terms == "all"
+
+    def student_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        return self.generator(images) if self._views_everywhere() else images
+
+    def loss_terms(self, s: StudentOutput, t: TeacherOutput, targets: torch.Tensor,
+                   images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        settings = self.settings
+        weight = self.distillation_weight() if self.training else settings.distill_weight
         if self.training:
             self._batch += 1
-        views_everywhere = self.training and self.view_terms == "all"
-        s: StudentOutput = self.student(self.generator(images) if views_everywhere else images)
         features = s.features[self.projected_stage].float()
         prefix = t.num_prefix_tokens
         teacher_qkv = tuple(x[:, :, prefix:].float() for x in t.qkv)
         teacher_tokens = t.tokens[:, prefix:].float()
 
-        proj1 = pca_loss(self.pca(features, teacher_qkv), teacher_qkv, attention=self.pca_attention,
-                         attention_weight=self.pca_attention_weight, value_weight=self.pca_value_weight)
+        proj1 = pca_loss(self.pca(features, teacher_qkv), teacher_qkv, attention=settings.pca_attention,
+                         attention_weight=settings.pca_attention_weight, value_weight=settings.pca_value_weight)
         student_tokens = self.gl(features)
         proj2 = F.mse_loss(student_tokens, teacher_tokens)
         ce = F.cross_entropy(s.logits, targets, label_smoothing=self.label_smoothing)
         terms = {"proj1": proj1, "proj2": proj2, "ce": ce}
-        extra = None
-        if weight > 0 and self.lam > 0:
-            if self.training and not views_everywhere:
+        if weight > 0 and settings.adversarial_weight > 0:
+            if self.training and not self._views_everywhere():
                 with _running_statistics_frozen(self.student):
                     view_features = self.student(self.generator(images)).features[self.projected_stage].float()
                 view_tokens = self.gl(view_features)
             else:
                 view_tokens = student_tokens
             terms["mvg"] = self._adversarial(view_tokens)
-            extra = {"fake": view_tokens.detach().mean(1), "real": teacher_tokens.mean(1)}
-        distillation = proj1 + proj2 + self.lam * terms.get("mvg", 0.0)
-        terms["total"] = weight * distillation + self.ce_weight * ce
-        return TaskOutput(terms, s.logits.detach(), extra)
+            terms["fake"], terms["real"] = view_tokens.detach().mean(1), teacher_tokens.mean(1)
+        distillation = proj1 + proj2 + settings.adversarial_weight * terms.get("mvg", 0.0)
+        terms["total"] = weight * distillation + settings.ce_weight * ce
+        return terms

@@ -1,7 +1,8 @@
 """Hinton's logit distillation."""
 from __future__ import annotations
 
-from typing import Dict
+from dataclasses import dataclass
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -9,20 +10,36 @@ from torch import nn
 import agkd_ops
 
 from ..models.student import StudentOutput
+from ..settings import Settings, setting
 from .base import Distiller
 
-__all__ = ["LogitKD"]
+__all__ = ["LogitKD", "LogitKDSettings"]
+
+
+@dataclass
+class LogitKDSettings(Settings, section="logit"):
+    """The Hinton term ``(1-α)·CE + α·τ²·KL`` (``agkd_ops.kd_loss``); AGKD's logit term too."""
+    temperature: float = setting(4.0, "softmax temperature τ of the KD term", above=0)
+    kd_weight: float = setting(0.9, "weight α of the KL term in (1-α)·CE + α·τ²·KL (the CE gets 1-α)",
+                               minimum=0, maximum=1)
+
+    renamed = {"kd_alpha": "kd_weight"}
 
 
 class LogitKD(Distiller):
-    """Hinton KD: ``(1-α)·CE + α·τ²·KL`` through ``agkd_ops.kd_loss``."""
+    """Hinton KD: ``(1-α)·CE + α·τ²·KL`` through ``agkd_ops.kd_loss``.
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, *, temperature: float = 4.0,
-                 alpha: float = 0.9):
+    ``LogitKD(teacher, student, LogitKDSettings(temperature=2))``, or the same with the
+    settings as keywords: ``LogitKD(teacher, student, temperature=2)``."""
+
+    settings_class = LogitKDSettings
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, settings: Optional[LogitKDSettings] = None,
+                 **changes):
         super().__init__(teacher, student)
-        self.temperature, self.alpha = temperature, alpha
+        self.settings = self.settings_from(settings, changes)
 
-    def loss_terms(self, s: StudentOutput, t, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
-        kd = agkd_ops.kd_loss(s.logits, t.logits, targets, temperature=self.temperature, alpha=self.alpha,
-                              label_smoothing=self.label_smoothing)
+    def loss_terms(self, s: StudentOutput, t, targets: torch.Tensor, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        kd = agkd_ops.kd_loss(s.logits, t.logits, targets, temperature=self.settings.temperature,
+                              alpha=self.settings.kd_weight, label_smoothing=self.label_smoothing)
         return {"kd": kd, "total": kd}

@@ -7,8 +7,8 @@ from .distributed import resolve_device
 from .evaluation import classification_metrics, evaluate_logits
 from .rng import seed_everything
 from .task import SupervisedTask, Task, TaskOutput
-from .trainer import NonFiniteLossError, Trainer
+from .trainer import NonFiniteLossError, TrainConfig, Trainer
 
-__all__ = ["Task", "TaskOutput", "SupervisedTask", "Trainer", "NonFiniteLossError", "CheckpointError",
+__all__ = ["Task", "TaskOutput", "SupervisedTask", "Trainer", "TrainConfig", "NonFiniteLossError", "CheckpointError",
            "AMP_MODES", "autocast", "evaluate_logits", "classification_metrics", "seed_everything",
            "resolve_device"]

@@ -21,6 +21,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..settings import unreadable
+
 __all__ = ["CheckpointError", "unreadable", "check_readable", "atomic_save", "previous_path", "save_rotating", "read_checkpoint",
            "read_newest_checkpoint",
            "read_weights", "load_model_weights", "describe_weights"]
@@ -101,19 +103,6 @@ def _load(path: Path, what: str) -> Any:
             from None
 
 
-def unreadable(path: Path) -> Optional[str]:
-    """Why ``path`` cannot be opened as a file, or None when it can."""
-    path = Path(path)
-    if not path.is_file():
-        return "not a file" if path.exists() else "no such file"
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        return f"cannot be read ({exc.strerror or exc})"
-    return None
-
-
 def check_readable(path: Path, what: str) -> None:
     """Fails early, before any work, for a file that is missing or cannot be opened."""
     reason = unreadable(path)
@@ -188,11 +177,15 @@ def load_model_weights(model: nn.Module, path: Path, what: str, expected: str) -
 
 
 def _strip_task_prefix(state: Dict[str, torch.Tensor], own: Dict[str, Any]):
-    """A task's state (``student.model.*``, ``model.*``) narrowed to one model's keys."""
-    for prefix in ("student.", "model.", "teacher."):
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if sub and set(sub) == set(own):
-            return sub
+    """A task's state narrowed to one model's keys: those under the one prefix (a task's
+    submodule name, e.g. ``student.``) below which every key of the model is found."""
+    anchor = next(iter(own), None)
+    for key in state:
+        if anchor is not None and key.endswith("." + anchor):
+            prefix = key[:-len(anchor)]
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if set(sub) == set(own):
+                return sub
     return None
 
 

@@ -1,14 +1,20 @@
-"""What the trainer asks of whatever it trains: the :class:`Task` interface.
+"""What the trainer asks of whatever it trains: the :class:`Task` interface, all of it.
 
-A task is an ``nn.Module`` whose ``forward(images, targets, teacher_out=None)`` returns a
-:class:`TaskOutput`: the named loss terms (``"total"`` is what the main optimizer
-minimises; every term is logged) and the logits of the model being trained, for the
-accuracy. The main optimizer updates ``trainable_parameters()``. A task with optimisation
-steps of its own (CAKD's discriminator) declares their optimizers in
-``extra_optimizers()`` (saved in and restored from checkpoints) and takes those steps in
-``extra_step(output)``, which the trainer calls after each main step, outside the
-forward pass and outside DistributedDataParallel. A task whose loss follows a schedule
-hears of each training epoch's start in ``start_epoch(epoch, batches)``.
+- ``forward(images, targets, teacher_out=None)`` returns a :class:`TaskOutput`: the named
+  loss terms (``"total"`` is what the main optimizer minimises; every term is logged) and
+  the logits of the model being trained, for the accuracy.
+- ``trainable_parameters()``: what the main optimizer updates.
+- ``inference_model()``: the model that is validated each epoch and kept afterwards.
+- ``frozen_modules``: submodules that are never trained and are rebuilt from their own
+  files (a distiller's teacher); checkpoints leave them out.
+- ``enable_compile(model=True, loss=True)``: the trainer's ``compile`` option.
+- ``start_epoch(epoch, batches)``: heard at each training epoch's start, by tasks whose
+  loss follows a schedule.
+- ``extra_optimizers()`` and ``extra_step(output)``: optimisation steps of the task's own
+  (CAKD's discriminator), taken by the trainer after each main step, outside the forward
+  pass and outside DistributedDataParallel; the optimizers are saved in checkpoints.
+- Anything else a task must carry across a resume goes in its ``state_dict`` (an
+  ``nn.Module``'s ``get_extra_state`` for plain values).
 """
 from __future__ import annotations
 
@@ -41,6 +47,10 @@ class Task(nn.Module):
     ddp_self_synced: Tuple[str, ...] = ()
     ddp_find_unused_parameters: bool = False
 
+    # Submodules never trained (their parameters do not require grad) and rebuilt from
+    # their own files: checkpoints leave them out.
+    frozen_modules: Tuple[str, ...] = ()
+
     def forward(self, images: torch.Tensor, targets: torch.Tensor,
                 teacher_out=None) -> TaskOutput:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -49,8 +59,13 @@ class Task(nn.Module):
         """What the main optimizer updates."""
         raise NotImplementedError
 
-    def enable_compile(self) -> None:
-        """``torch.compile`` what is worth compiling (the trainer's ``compile`` option)."""
+    def inference_model(self) -> nn.Module:
+        """The model validated after each epoch and kept when training ends."""
+        raise NotImplementedError
+
+    def enable_compile(self, *, model: bool = True, loss: bool = True) -> None:
+        """``torch.compile`` the trained model (``model``) and the loss path (``loss``), where
+        the task has one worth compiling apart (the trainer's ``compile`` option)."""
 
     def start_epoch(self, epoch: int, batches: int) -> None:
         """Called by the trainer before each training epoch (``epoch`` from 0, ``batches``
@@ -76,8 +91,12 @@ class SupervisedTask(Task):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return self.model.parameters()
 
-    def enable_compile(self) -> None:
-        self.model.compile()
+    def inference_model(self) -> nn.Module:
+        return self.model
+
+    def enable_compile(self, *, model: bool = True, loss: bool = True) -> None:
+        if model:
+            self.model.compile()  # the loss is one cross-entropy: nothing to compile apart
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, teacher_out=None) -> TaskOutput:
         out = self.model(images)

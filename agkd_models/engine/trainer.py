@@ -41,10 +41,12 @@ from .amp import autocast
 from .checkpoint import (CheckpointError, previous_path, read_checkpoint, read_newest_checkpoint,
                          save_rotating, signals_deferred)
 from .evaluation import classification_metrics, evaluate_logits
+from .progress import progress_bar
 from .rng import rng_state, seed_everything, set_rng_state
 from .task import Task, TaskOutput
+from .train_config import TrainConfig
 
-__all__ = ["Trainer", "NonFiniteLossError"]
+__all__ = ["Trainer", "TrainConfig", "NonFiniteLossError"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -53,9 +55,14 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def _trainable_state(task: nn.Module) -> Dict[str, torch.Tensor]:
-    # A frozen teacher is rebuilt from its own checkpoint, not stored in every one.
-    return {k: v for k, v in task.state_dict().items() if not k.startswith("teacher.")}
+def _frozen(task: Task, key: str) -> bool:
+    """Whether a state key belongs to one of the task's frozen modules (a distiller's
+    teacher), which are rebuilt from their own files, not stored in every checkpoint."""
+    return key.startswith(tuple(f"{name}." for name in task.frozen_modules))
+
+
+def _trainable_state(task: Task) -> Dict[str, torch.Tensor]:
+    return {k: v for k, v in task.state_dict().items() if not _frozen(task, k)}
 
 
 def _set_epoch(dataset: Dataset, epoch: int) -> None:
@@ -65,7 +72,7 @@ def _set_epoch(dataset: Dataset, epoch: int) -> None:
         dataset.set_epoch(epoch)
 
 
-def _batch_mixer(config: Any, num_classes: Optional[int]):
+def _batch_mixer(config: TrainConfig, num_classes: Optional[int]):
     """timm's Mixup for train.mixup / train.cutmix (None when both are off). Its targets
     are mixed one-hot rows without smoothing: the losses apply train.label_smoothing to
     them themselves, as F.cross_entropy does to probability targets."""
@@ -79,13 +86,11 @@ def _batch_mixer(config: Any, num_classes: Optional[int]):
 
 
 class Trainer:
-    """Trains ``task`` with ``config``, writing logs and checkpoints to ``out_dir``;
-    validation runs ``evaluate_model`` (the task itself unless given: the student when
-    distilling). ``config`` is an ``agkd_models.config.TrainConfig``: the settings are
-    declared there with all the others; the engine reads them and imports nothing above it."""
+    """Trains ``task`` with ``config`` (the ``train`` section of a configuration), writing
+    logs and checkpoints to ``out_dir``; validation runs ``task.inference_model()`` (the
+    student when distilling)."""
 
-    def __init__(self, task: Task, config: Any, out_dir: Path, *,
-                 evaluate_model: Optional[nn.Module] = None, num_classes: Optional[int] = None):
+    def __init__(self, task: Task, config: TrainConfig, out_dir: Path, *, num_classes: Optional[int] = None):
         self.task, self.config, self.out_dir = task, config, Path(out_dir)
         task.label_smoothing = config.label_smoothing
         self.mixup = _batch_mixer(config, num_classes)
@@ -94,8 +99,7 @@ class Trainer:
         if config.batch_size % self.world.size:
             raise ValueError(f"train.batch_size={config.batch_size} is the global batch and must be divisible "
                              f"by the {self.world.size} processes")
-        # What validation runs: the trained model itself (the student when distilling).
-        self.evaluate_model = evaluate_model if evaluate_model is not None else task
+        self.evaluate_model = task.inference_model()
         if config.sync_bn and self.world.distributed:
             if self.device.type != "cuda":
                 raise ValueError("train.sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel)")
@@ -108,11 +112,9 @@ class Trainer:
         params = [p for p in task.trainable_parameters() if p.requires_grad]
         if config.optimizer == "adam":
             self.optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-        elif config.optimizer == "sgd":
+        else:  # "sgd": TrainConfig admits no other
             self.optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                              weight_decay=config.weight_decay)
-        else:
-            raise ValueError(f"train.optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
         self.scheduler = self._scheduler(config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.model: nn.Module = task
@@ -128,7 +130,7 @@ class Trainer:
         self.history: List[Dict[str, float]] = []
         self.start_epoch = 0
 
-    def _scheduler(self, config: Any):
+    def _scheduler(self, config: TrainConfig):
         """Per-epoch schedule: ``warmup_epochs`` of linear warm-up (from lr/(w+1) up to lr),
         then cosine annealing over the remaining epochs, or step decay."""
         lr_sched = torch.optim.lr_scheduler
@@ -181,7 +183,9 @@ class Trainer:
         if state is None:
             state = read_checkpoint(self.checkpoint_path)
         missing, unexpected = self.task.load_state_dict(state["task"], strict=False)
-        missing = [k for k in missing if not k.startswith("teacher.")]
+        # Frozen modules are not in checkpoints; an older checkpoint may hold some.
+        missing = [k for k in missing if not _frozen(self.task, k)]
+        unexpected = [k for k in unexpected if not _frozen(self.task, k)]
         if missing or unexpected:
             raise CheckpointError(f"checkpoint {self.checkpoint_path} was written by another model or method "
                                   f"({len(missing)} weights missing, e.g. {missing[:2]}, {len(unexpected)} "
@@ -291,11 +295,9 @@ class Trainer:
         start = time.time()
         batches = self._loader(train_set, shuffle=True, epoch=epoch, shard=True)
         self.task.start_epoch(epoch, len(batches))
-        show = self.config.progress and self.world.is_main
-        if show:
-            from tqdm import tqdm
-            batches = tqdm(batches, desc=f"epoch {epoch + 1}/{self.config.epochs}", leave=False)
-        for batch in batches:
+        bar = (progress_bar(batches, f"epoch {epoch + 1}/{self.config.epochs}")
+               if self.config.progress and self.world.is_main else None)
+        for batch in bar if bar is not None else batches:
             output = self._step(batch, epoch)
             targets = batch[1]
             n = len(targets)
@@ -303,8 +305,8 @@ class Trainer:
             for k, v in output.terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
             correct += int((output.logits.argmax(1).cpu() == targets).sum())
-            if show:
-                batches.set_postfix(loss=f"{sums['total'] / seen:.4f}", acc=f"{correct / seen:.3f}")
+            if bar is not None:
+                bar.set_postfix(loss=f"{sums['total'] / seen:.4f}", acc=f"{correct / seen:.3f}")
         keys = sorted(sums)
         seen, correct, *totals = distributed.all_reduce_sums([seen, correct] + [sums[k] for k in keys], self.device)
         record = {f"train_{k}" if k != "total" else "train_loss": v / seen for k, v in zip(keys, totals)}

@@ -8,31 +8,54 @@ data is reused, and the methods that read only the teacher's logits and attentio
 replay one float32 teacher cache per seed instead of running the teacher again.
 A finished run is not repeated: each writes ``result.json`` beside its checkpoint, and a
 comparison started again over the same folder picks those up.
+
+A grid (``--grid agkd.kd_weight=0.5,0.9 --grid train.lr=0.001,0.002``) trains every method
+at every point of the grid that concerns it (its own section's keys and the shared ones),
+over every seed, and reports per method the point chosen on **validation** accuracy (mean
+over the seeds) with that point's test accuracy; the test set never chooses anything. The
+whole grid is in ``comparison.json``.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from ..config import ConfigError
+import yaml
+
+from ..config import SECTIONS, Config, ConfigError
 from ..data.cache import TeacherCache, TeacherCacheError, cache_identity
 from ..distillers import METHODS
 from ..engine.distributed import resolve_device
 from .pipeline import (CACHEABLE, build_data, build_teacher, cache_teacher, distill, evaluate_model,
                        load_teacher_weights, reusable_teacher, student_report, train_teacher)
 
-__all__ = ["COMPARE_METHODS", "parse_methods", "prepare_teacher", "run_comparison", "write_comparison"]
+__all__ = ["COMPARE_METHODS", "parse_methods", "parse_grid", "choose_on_validation", "prepare_teacher",
+           "run_comparison", "write_comparison"]
 
-# A comparison's method names: a distiller, and for AGKD its attention loss.
-COMPARE_METHODS = ("none", "logit", "agkd-mse", "agkd-cosine", "agkd-ssim", "agkd-hybrid", "agkd-perceptual",
-                   "cakd")
-LABELS = {"none": "student, no KD", "logit": "student, logit KD", "cakd": "student, CAKD",
-          **{f"agkd-{loss}": f"student, AGKD ({loss})" for loss in ("mse", "cosine", "ssim", "hybrid", "perceptual")}}
+
+def _compare_names() -> Dict[str, str]:
+    """A comparison's method names and labels: each registered method, or one entry per
+    choice of the setting it names as its variants (``agkd-mse``, ..., from
+    ``agkd.attention_loss``)."""
+    names = {}
+    for name, method in METHODS.items():
+        if method.variants is None:
+            names[name] = f"student, {method.label}"
+            continue
+        for choice in method.settings.rules()[method.variants].choices:
+            names[f"{name}-{choice}"] = f"student, {method.label} ({choice})"
+    return names
+
+
+LABELS = _compare_names()
+COMPARE_METHODS = tuple(LABELS)
 
 
 def parse_methods(text: str, flag: str = "--methods") -> List[str]:
@@ -44,35 +67,101 @@ def parse_methods(text: str, flag: str = "--methods") -> List[str]:
     return list(dict.fromkeys(methods))
 
 
-def _method_config(cfg: Dict[str, Any], name: str, seed: int, epochs: int):
+# Settings a grid may not take, and why.
+_NOT_A_RECIPE = {"distill.method": "--methods chooses the methods", "train.seed": "--seeds chooses the seeds",
+                 **{f"{name}.{m.variants}": f"--methods {name}-<{m.variants}> chooses it"
+                    for name, m in METHODS.items() if m.variants}}
+_SHARED_BY_EVERY_RUN = ("data", "teacher")  # one teacher and one data split for the whole comparison
+
+Grid = Dict[str, List[Any]]  # "section.key" -> the values to try, in order
+
+
+def parse_grid(items: Sequence[str], cfg: Config) -> Grid:
+    """``--grid section.key=value1,value2`` options as a grid: each key a declared setting
+    a recipe may change, each value checked as the setting checks it (a ConfigError
+    naming the key otherwise). A value is YAML, so lists are written ``[2, 3],[1, 3]``."""
+    grid: Grid = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        key = key.strip()
+        section, _, name = key.partition(".")
+        if not raw.strip():
+            raise ConfigError(f"--grid {item!r}: expected section.key=value1,value2,...")
+        if section not in SECTIONS or name not in SECTIONS[section].rules():
+            raise ConfigError(f"--grid {key}: not a setting of the configuration (section.key, e.g. "
+                              f"agkd.kd_weight or train.lr)")
+        if key in _NOT_A_RECIPE:
+            raise ConfigError(f"--grid {key}: {_NOT_A_RECIPE[key]}, not the grid")
+        if section in _SHARED_BY_EVERY_RUN or SECTIONS[section].rules()[name].resume == "any":
+            raise ConfigError(f"--grid {key}: not a recipe setting (the data and the teacher are the whole "
+                              f"comparison's, and {section}.{name} may not change a student's result)"
+                              if section not in _SHARED_BY_EVERY_RUN else
+                              f"--grid {key}: the data and the teacher are the whole comparison's; a grid varies "
+                              f"the students' recipe")
+        if key in grid:
+            raise ConfigError(f"--grid {key}: given twice")
+        try:
+            values = yaml.safe_load(f"[{raw}]")
+        except yaml.YAMLError:
+            raise ConfigError(f"--grid {item!r}: {raw!r} is not a comma-separated list of YAML values") from None
+        checked = []
+        for value in values:
+            probe = copy.deepcopy(cfg.section(section))
+            setattr(probe, name, value)  # the setting's own check: a ConfigError naming section.key
+            checked.append(getattr(probe, name))
+        if len({json.dumps(v) for v in checked}) != len(checked):
+            raise ConfigError(f"--grid {key}: a value is repeated in {checked}")
+        grid[key] = checked
+    return grid
+
+
+def grid_points(grid: Grid, method: str) -> List[Dict[str, Any]]:
+    """The points of ``grid`` that concern ``method``: every combination of the values of
+    its own section's keys and of the keys every method reads; ``[{}]`` when none do."""
+    keys = [k for k in grid if k.split(".")[0] == method or k.split(".")[0] not in METHODS]
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def _point_folder(point: Dict[str, Any]) -> str:
+    """A folder name for a grid point ("" for none: the runs of a comparison without a grid)."""
+    text = ",".join(f"{key}={json.dumps(value, separators=(',', ':'))}" for key, value in point.items())
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
+
+
+def choose_on_validation(points: Sequence[Dict[str, Any]]) -> int:
+    """The index of the grid point with the highest mean validation accuracy (the first of
+    equals); test accuracy plays no part."""
+    return max(range(len(points)), key=lambda i: (points[i]["val_acc_mean"], -i))
+
+
+def _method_config(cfg: Config, name: str, seed: int, epochs: int):
     run_cfg = copy.deepcopy(cfg)
-    run_cfg["train"]["seed"], run_cfg["train"]["epochs"] = seed, epochs
-    method, _, loss = name.partition("-")
-    run_cfg["distill"]["method"] = method
-    if loss:
-        run_cfg["distill"]["attention_loss"] = loss
+    run_cfg.train.seed, run_cfg.train.epochs = seed, epochs
+    method, _, variant = name.partition("-")
+    run_cfg.distill.method = method
+    if variant:
+        setattr(run_cfg.section(method), METHODS[method].variants, variant)
     return method, run_cfg
 
 
-def _result_relevant(run_cfg: Dict[str, Any], method: str) -> Dict[str, Any]:
-    """The run's configuration less the ``distill`` settings its method does not read, so
-    that a new or changed setting of one method does not void the finished runs of others."""
-    read = set(METHODS[method].settings.values()) | {"method"}
-    return {**run_cfg, "distill": {k: v for k, v in run_cfg["distill"].items() if k in read}}
+def _result_relevant(run_cfg: Config, method: str) -> Dict[str, Any]:
+    """The run's configuration less the sections of the other methods, so that a new or
+    changed setting of one method does not void the finished runs of others."""
+    return {name: values for name, values in run_cfg.to_dict().items() if name == method or name not in METHODS}
 
 
-def prepare_teacher(cfg: Dict[str, Any], folder: Path, epochs: int, log: Callable[[str], None] = print) -> Dict:
+def prepare_teacher(cfg: Config, folder: Path, epochs: int, log: Callable[[str], None] = print) -> Dict:
     """The teacher in ``folder``, trained for ``epochs`` unless one trained from the same
     configuration and data is already there."""
     teacher_cfg = copy.deepcopy(cfg)
-    teacher_cfg["train"]["epochs"] = epochs
+    teacher_cfg.train.epochs = epochs
     data = build_data(teacher_cfg)
     reuse, why = reusable_teacher(folder, teacher_cfg, data)
     if reuse:
         log(f"reusing the teacher trained in {folder} (same configuration and data fingerprint)")
         history = _read_history(folder)
     else:
-        log(f"training the hybrid teacher ({cfg['teacher']['cnn']} + {cfg['teacher']['vit']}), {epochs} epochs "
+        log(f"training the hybrid teacher ({cfg.teacher.cnn} + {cfg.teacher.vit}), {epochs} epochs "
             f"({why})")
         history = train_teacher(teacher_cfg, folder)["history"]
     return {"path": folder / "teacher.pt", "history": history, "reused": reuse}
@@ -83,18 +172,18 @@ def _read_history(folder: Path) -> List[Dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def _teacher_cache(cfg: Dict[str, Any], teacher, teacher_path: Path, folder: Path, epochs: int, log) -> str:
+def _teacher_cache(cfg: Config, teacher, teacher_path: Path, folder: Path, epochs: int, log) -> str:
     """A float32 cache of ``teacher`` over the seed's ``epochs`` augmentation draws (float32,
     so that replaying it gives the same numbers as running the teacher)."""
     data = build_data(cfg)  # this seed's augmentation
     if folder.is_dir():
         try:
-            cache = TeacherCache.open(folder, expect=cache_identity(data.train, teacher, cfg["teacher"]))
+            cache = TeacherCache.open(folder, expect=cache_identity(data.train, teacher, cfg.teacher.to_dict()))
             if cache.epochs >= epochs and cache.manifest["dtype"] == "float32":
                 return str(folder)
         except TeacherCacheError:
             pass
-    log(f"caching the teacher over {epochs} epochs of seed {cfg['train']['seed']}'s augmentation")
+    log(f"caching the teacher over {epochs} epochs of seed {cfg.train.seed}'s augmentation")
     cache_teacher(cfg, str(teacher_path), folder, epochs=epochs, dtype="float32", overwrite=True, teacher=teacher,
                   data=data)
     return str(folder)
@@ -106,61 +195,118 @@ def _mean_std(values: Sequence[float]):
     return mean, std
 
 
-def run_comparison(cfg: Dict[str, Any], out: Path, *, methods: Sequence[str], seeds: Sequence[int],
-                   teacher_path: Path, student_epochs: int, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Trains a student per method and seed and returns the comparison (also written to
-    ``out/comparison.{json,md,png}``); per run: test accuracy, final validation accuracy,
-    the review's metrics against the teacher on the test set, and the history."""
+def _seed_summary(by_seed: Dict[int, Dict[str, Any]], seeds: Sequence[int]) -> Dict[str, Any]:
+    """Test accuracy (mean, std, per seed), mean validation accuracy and the review's
+    metrics of one method at one grid point."""
+    mean, std = _mean_std([by_seed[s]["test_acc"] for s in seeds])
+    metrics = {key: _mean_std([by_seed[s]["compare"][key] for s in seeds])[0]
+               for key in ("relative_error", "kl", "correlation", "distillation_factor")}
+    return {"test_acc_mean": mean, "test_acc_std": std, "test_acc": {str(s): by_seed[s]["test_acc"] for s in seeds},
+            "val_acc_mean": _mean_std([by_seed[s]["val_acc"] for s in seeds])[0],
+            **{f"{k}_mean": v for k, v in metrics.items()}}
+
+
+def run_comparison(cfg: Config, out: Path, *, methods: Sequence[str], seeds: Sequence[int],
+                   teacher_path: Path, student_epochs: int, grid: Optional[Grid] = None,
+                   log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Trains a student per method, grid point and seed and returns the comparison (also
+    written to ``out/comparison.{json,md,png}``); per run: test accuracy, final validation
+    accuracy, the review's metrics against the teacher on the test set, and the history.
+    With a grid, each method is reported at the point chosen on validation
+    (:func:`choose_on_validation`)."""
     start = time.time()
-    device = resolve_device(cfg["train"]["device"])
+    grid = grid or {}
+    device = resolve_device(cfg.train.device)
     data = build_data(cfg)
     teacher = build_teacher(cfg, data.num_classes)
     load_teacher_weights(teacher, str(teacher_path), cfg, data.num_classes)
     t_logits, targets = evaluate_model(teacher, data.test, cfg, device)
     teacher_acc = (t_logits.argmax(1) == targets).float().mean().item()
-    runs: Dict[str, Dict[int, Dict[str, Any]]] = {m: {} for m in methods}
+    teacher_fingerprint = fingerprint_file(teacher_path)
+    points = {name: grid_points(grid, name.partition("-")[0]) for name in methods}
+
+    plan = []  # (seed, name, point index, run configuration, folder, identity, earlier result or None)
     for seed in seeds:
-        cache = None
         for name in methods:
-            method, run_cfg = _method_config(cfg, name, seed, student_epochs)
-            folder = out / name / f"seed{seed}"
-            result_file = folder / "result.json"
-            identity = {"config": _result_relevant(run_cfg, method), "teacher": fingerprint_file(teacher_path)}
-            if result_file.is_file():
-                saved = json.loads(result_file.read_text())
-                if saved.get("identity") == json.loads(json.dumps(identity)):
-                    log(f"{LABELS[name]}, seed {seed}: done before, test acc {saved['test_acc']:.4f}")
-                    runs[name][seed] = saved
-                    continue
-            if method in CACHEABLE and cache is None:
-                cache = _teacher_cache(run_cfg, teacher, teacher_path, out / "cache" / f"seed{seed}", student_epochs,
-                                       log)
-            log(f"{LABELS[name]}, seed {seed}")
-            run = distill(run_cfg, str(teacher_path), method, folder,
-                          teacher_cache=cache if method in CACHEABLE else None)
-            report = student_report(run_cfg, run, device, costs=False)
-            result = {"identity": identity, "test_acc": report["test_acc"],
-                      "val_acc": run["history"][-1]["val_acc"], "compare": report["compare"],
-                      "history": run["history"]}
-            result_file.write_text(json.dumps(result, indent=1))
-            log(f"  test acc {result['test_acc']:.4f}")
-            runs[name][seed] = result
+            for index, point in enumerate(points[name]):
+                method, run_cfg = _method_config(cfg, name, seed, student_epochs)
+                for key, value in point.items():
+                    section, _, setting_name = key.partition(".")
+                    setattr(run_cfg.section(section), setting_name, value)
+                folder = out / name / _point_folder(point) / f"seed{seed}"
+                identity = {"config": _result_relevant(run_cfg, method), "teacher": teacher_fingerprint}
+                plan.append((seed, name, index, run_cfg, folder, identity, _earlier_result(folder, identity)))
+    _say_what_it_costs(plan, methods, points, seeds, log)
+
+    runs: Dict[str, Dict[int, Dict[int, Dict[str, Any]]]] = {m: {i: {} for i in range(len(points[m]))}
+                                                            for m in methods}
+    caches: Dict[int, str] = {}
+    for seed, name, index, run_cfg, folder, identity, earlier in plan:
+        method = run_cfg.distill.method
+        where = f"{LABELS[name]}{_point_label(points[name][index])}, seed {seed}"
+        if earlier is not None:
+            log(f"{where}: done before, test acc {earlier['test_acc']:.4f}")
+            runs[name][index][seed] = earlier
+            continue
+        cached = method in CACHEABLE and not (run_cfg.train.mixup > 0 or run_cfg.train.cutmix > 0)
+        if cached and seed not in caches:
+            epochs = max(step[3].train.epochs for step in plan if step[0] == seed)
+            caches[seed] = _teacher_cache(_method_config(cfg, "none", seed, epochs)[1], teacher, teacher_path,
+                                          out / "cache" / f"seed{seed}", epochs, log)
+        log(where)
+        run = distill(run_cfg, str(teacher_path), method, folder, teacher_cache=caches[seed] if cached else None)
+        report = student_report(run_cfg, run, device, costs=False)
+        result = {"identity": identity, "test_acc": report["test_acc"], "val_acc": run["history"][-1]["val_acc"],
+                  "compare": report["compare"], "history": run["history"]}
+        (folder / "result.json").write_text(json.dumps(result, indent=1))
+        log(f"  test acc {result['test_acc']:.4f}")
+        runs[name][index][seed] = result
+
     summary = {"teacher": {"path": str(teacher_path), "test_acc": teacher_acc}, "seeds": list(seeds),
                "student_epochs": student_epochs, "test_is_val": data.test_is_val,
                "test_samples": len(data.test), "device": str(device), "seconds": time.time() - start,
-               "methods": {}}
-    for name, by_seed in runs.items():
-        accs = [by_seed[s]["test_acc"] for s in seeds]
-        mean, std = _mean_std(accs)
-        metrics = {key: _mean_std([by_seed[s]["compare"][key] for s in seeds])[0]
-                   for key in ("relative_error", "kl", "correlation", "distillation_factor")}
-        summary["methods"][name] = {"label": LABELS[name], "test_acc_mean": mean, "test_acc_std": std,
-                                    "test_acc": {str(s): by_seed[s]["test_acc"] for s in seeds},
-                                    "val_acc_mean": _mean_std([by_seed[s]["val_acc"] for s in seeds])[0],
-                                    **{f"{k}_mean": v for k, v in metrics.items()}}
+               "grid": grid, "methods": {}}
+    chosen = {}
+    for name in methods:
+        tried = [{"point": point, **_seed_summary(runs[name][i], seeds)} for i, point in enumerate(points[name])]
+        chosen[name] = choose_on_validation(tried)
+        summary["methods"][name] = {"label": LABELS[name], **tried[chosen[name]]}
+        if len(tried) > 1:
+            summary["methods"][name]["grid"] = tried
     write_comparison(out, summary)
-    summary["runs"] = runs
+    summary["runs"] = {name: runs[name][chosen[name]] for name in methods}  # seed -> result, as chosen
     return summary
+
+
+def _earlier_result(folder: Path, identity: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The result a finished run with the same identity left in ``folder``, if any."""
+    result_file = folder / "result.json"
+    if not result_file.is_file():
+        return None
+    saved = json.loads(result_file.read_text())
+    return saved if saved.get("identity") == json.loads(json.dumps(identity)) else None
+
+
+def _point_label(point: Dict[str, Any]) -> str:
+    return f" [{', '.join(f'{k}={v}' for k, v in point.items())}]" if point else ""
+
+
+def _say_what_it_costs(plan, methods, points, seeds, log) -> None:
+    """One line before any work: how many student runs, how many done before, and (from
+    the finished runs' epoch times) about how long the rest will take."""
+    todo = [step for step in plan if step[6] is None]
+    epochs = sum(step[3].train.epochs for step in todo)
+    recipes = sum(len(points[name]) for name in methods)
+    plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
+    what = (plural(len(methods), "method") if recipes == len(methods)
+            else f"{plural(recipes, 'recipe')} of {plural(len(methods), 'method')} over the grid")
+    line = (f"{len(plan)} student runs ({what} x {plural(len(seeds), 'seed')}); {len(plan) - len(todo)} done "
+            f"before, {len(todo)} to train ({epochs} epochs)")
+    seconds = [r["epoch_seconds"] for step in plan if step[6] is not None for r in step[6]["history"]
+               if "epoch_seconds" in r]
+    if todo and seconds:
+        line += f", about {epochs * sum(seconds) / len(seconds) / 60:.0f} min at the finished runs' pace"
+    log(line)
 
 
 def fingerprint_file(path: Path) -> str:
@@ -181,11 +327,19 @@ def write_comparison(out: Path, summary: Dict[str, Any], title: Optional[str] = 
              f"probability correlation are against the teacher on the same set, averaged over seeds.", "",
              "| method | test acc (mean ± std) | per seed | vs no KD | val acc | E_s/E_t | KL | correlation |",
              "|---|---:|---|---:|---:|---:|---:|---:|"]
+    grid = summary.get("grid") or {}
+    if grid:
+        lines[2] += (f" Grid: {'; '.join(f'{k} in {v}' for k, v in grid.items())}; each method at the point with "
+                     f"the highest mean validation accuracy (its column here), the whole grid in comparison.json.")
+        lines[-2] = lines[-2].replace("| method |", "| method | chosen on validation |")
+        lines[-1] = lines[-1].replace("|---|", "|---|---|", 1)
     for name, m in methods.items():
         delta = "" if baseline is None or name == "none" else f"{m['test_acc_mean'] - baseline:+.4f}"
         per_seed = ", ".join(f"{m['test_acc'][str(s)]:.4f}" for s in seeds)
-        lines.append(f"| {m['label']} | {m['test_acc_mean']:.4f} ± {m['test_acc_std']:.4f} | {per_seed} | {delta} | "
-                     f"{m['val_acc_mean']:.4f} | {m['relative_error_mean']:.3f} | {m['kl_mean']:.4f} | "
+        chosen = (f" {', '.join(f'{k}={v}' for k, v in m.get('point', {}).items()) or '(no grid key)'} |"
+                  if grid else "")
+        lines.append(f"| {m['label']} |{chosen} {m['test_acc_mean']:.4f} ± {m['test_acc_std']:.4f} | {per_seed} | "
+                     f"{delta} | {m['val_acc_mean']:.4f} | {m['relative_error_mean']:.3f} | {m['kl_mean']:.4f} | "
                      f"{m['correlation_mean']:.4f} |")
     lines += ["", f"{summary['seconds']:.0f} s on {summary['device']}."]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")

@@ -10,7 +10,7 @@ from typing import Any, Dict, NamedTuple, Optional
 
 import torch
 
-from ..config import ConfigError, TrainConfig
+from ..config import Config, ConfigError
 from ..data.cache import CachedTeacherDataset, TeacherCache, cache_identity, write_teacher_cache
 from ..data.datasets import build_datasets, fingerprint, limit
 from ..distillers import METHODS, build_task
@@ -32,34 +32,30 @@ class Data(NamedTuple):
     test_is_val: bool
 
 
-def build_data(cfg: Dict[str, Any]) -> Data:
-    d, seed = cfg["data"], cfg["train"]["seed"]
-    splits = build_datasets(d["name"], d.get("root"), image_size=d["image_size"],
-                            val_fraction=d["val_fraction"], test_fraction=d["test_fraction"],
-                            split_seed=d["split_seed"], seed=seed, download=d.get("download", False),
-                            flip=d.get("flip", True))
+def build_data(cfg: Config) -> Data:
+    d = cfg.data
+    splits = build_datasets(d.name, d.root, image_size=d.image_size, val_fraction=d.val_fraction,
+                            test_fraction=d.test_fraction, split_seed=d.split_seed, seed=cfg.train.seed,
+                            download=d.download, flip=d.flip)
     # Subsets of a fixed draw (split_seed), so that train.seed changes only the training run.
-    pick = d["split_seed"]
-    return Data(limit(splits.train, d.get("limit_train"), pick), limit(splits.val, d.get("limit_val"), pick),
-                limit(splits.test, d.get("limit_test"), pick), splits.num_classes, splits.test_is_val)
+    pick = d.split_seed
+    return Data(limit(splits.train, d.limit_train, pick), limit(splits.val, d.limit_val, pick),
+                limit(splits.test, d.limit_test, pick), splits.num_classes, splits.test_is_val)
 
 
-def build_teacher(cfg: Dict[str, Any], num_classes: int) -> HybridTeacher:
-    t = cfg["teacher"]
-    return HybridTeacher(num_classes, cnn=t["cnn"], vit=t["vit"], cnn_weights=t.get("cnn_weights"),
-                         vit_weights=t.get("vit_weights"), pretrained=t.get("pretrained", False),
-                         vit_kwargs=t.get("vit_kwargs") or {}, cnn_kwargs=t.get("cnn_kwargs") or {},
-                         vit_attention=t.get("vit_attention", "cls"),
-                         combine=t.get("combine", "add"))
+def build_teacher(cfg: Config, num_classes: int) -> HybridTeacher:
+    t = cfg.teacher
+    return HybridTeacher(num_classes, cnn=t.cnn, vit=t.vit, cnn_weights=t.cnn_weights, vit_weights=t.vit_weights,
+                         pretrained=t.pretrained, vit_kwargs=t.vit_kwargs, cnn_kwargs=t.cnn_kwargs,
+                         vit_attention=t.vit_attention, combine=t.combine)
 
 
-def build_student(cfg: Dict[str, Any], num_classes: int) -> Student:
-    s = cfg["student"]
-    return Student(num_classes, name=s["name"], stages=s["stages"], weights=s.get("weights"),
-                   pretrained=s.get("pretrained", False))
+def build_student(cfg: Config, num_classes: int) -> Student:
+    s = cfg.student
+    return Student(num_classes, name=s.name, stages=s.stages, weights=s.weights, pretrained=s.pretrained)
 
 
-def check_model_settings(cfg: Dict[str, Any]) -> None:
+def check_model_settings(cfg: Config) -> None:
     """The settings that concern more than one section checked together, before any work:
     the image size against each model (the ViT's image and patch size, a CNN's smallest
     input), and the student stages (attention stages and CAKD's projected stage) against
@@ -67,7 +63,7 @@ def check_model_settings(cfg: Dict[str, Any]) -> None:
     and run on a blank batch of the configured size; a ConfigError names the settings."""
     import timm
 
-    size, t, s = cfg["data"]["image_size"], cfg["teacher"], cfg["student"]
+    size, t, s = cfg.data.image_size, cfg.teacher, cfg.student
     blank = torch.empty(2, 3, size, size, device="meta")
 
     def runs(model: torch.nn.Module, what: str, key: str) -> None:
@@ -78,31 +74,30 @@ def check_model_settings(cfg: Dict[str, Any]) -> None:
             raise ConfigError(f"data.image_size={size} does not suit {key}={what!r}: {reason}") from None
 
     with torch.device("meta"):
-        vit = timm.create_model(t["vit"], pretrained=False, num_classes=2, **(t["vit_kwargs"] or {}))
-        cnn = timm.create_model(t["cnn"], pretrained=False, num_classes=2, **(t["cnn_kwargs"] or {}))
-        student = timm.create_model(s["name"], pretrained=False, num_classes=2)
+        vit = timm.create_model(t.vit, pretrained=False, num_classes=2, **t.vit_kwargs)
+        cnn = timm.create_model(t.cnn, pretrained=False, num_classes=2, **t.cnn_kwargs)
+        student = timm.create_model(s.name, pretrained=False, num_classes=2)
     vit_size, patch = tuple(vit.patch_embed.img_size), tuple(vit.patch_embed.patch_size)
-    if vit_size != (size, size) and not (t["vit_kwargs"] or {}).get("dynamic_img_size"):
-        raise ConfigError(f"teacher.vit {t['vit']!r} is built for {vit_size[0]} px images (teacher.vit_kwargs: "
-                          f"{t['vit_kwargs'] or {}}), data.image_size is {size}: set teacher.vit_kwargs.img_size="
-                          f"{size}")
+    if vit_size != (size, size) and not t.vit_kwargs.get("dynamic_img_size"):
+        raise ConfigError(f"teacher.vit {t.vit!r} is built for {vit_size[0]} px images (teacher.vit_kwargs: "
+                          f"{t.vit_kwargs}), data.image_size is {size}: set teacher.vit_kwargs.img_size={size}")
     if size % patch[0] or size % patch[1]:
         raise ConfigError(f"data.image_size={size} is not a multiple of the ViT's patch size {patch[0]} "
-                          f"(teacher.vit_kwargs: {t['vit_kwargs'] or {}}); its last {size % patch[0]} pixel rows "
+                          f"(teacher.vit_kwargs: {t.vit_kwargs}); its last {size % patch[0]} pixel rows "
                           f"and columns would never be seen")
-    runs(vit, t["vit"], "teacher.vit")
-    runs(cnn, t["cnn"], "teacher.cnn")
+    runs(vit, t.vit, "teacher.vit")
+    runs(cnn, t.cnn, "teacher.cnn")
     if not hasattr(student, "blocks"):
-        raise ConfigError(f"student.name={s['name']!r} has no 'blocks' stage list to tap")
+        raise ConfigError(f"student.name={s.name!r} has no 'blocks' stage list to tap")
     stages = len(student.blocks)
-    projected = cfg["distill"].get("projected_stage")
-    for key, values in (("student.stages", s["stages"]), ("distill.projected_stage", [] if projected is None
-                                                            else [projected])):
+    projected = cfg.cakd.projected_stage
+    for key, values in (("student.stages", s.stages), ("cakd.projected_stage", [] if projected is None
+                                                         else [projected])):
         bad = [v for v in values if not 0 <= v < stages]
         if bad:
-            raise ConfigError(f"{key}: stage {bad[0]} does not exist in {s['name']!r}, which has {stages} stages "
+            raise ConfigError(f"{key}: stage {bad[0]} does not exist in {s.name!r}, which has {stages} stages "
                               f"(0 to {stages - 1})")
-    runs(student, s["name"], "student.name")
+    runs(student, s.name, "student.name")
     _check_batch_fits(cfg)
 
 
@@ -120,32 +115,30 @@ def _available_memory(device: torch.device) -> Optional[int]:
     return None
 
 
-def _check_batch_fits(cfg: Dict[str, Any]) -> None:
+def _check_batch_fits(cfg: Config) -> None:
     """A ConfigError when one float32 input batch alone would take more than half the
     memory free on the device: the run would fail later for certain (the models'
     activations need many times more). Runs that pass may still run out of memory."""
-    size, batch = cfg["data"]["image_size"], cfg["train"]["batch_size"]
+    size, batch = cfg.data.image_size, cfg.train.batch_size
     need = batch * 3 * size * size * 4
-    free = _available_memory(distributed.resolve_device(cfg["train"]["device"]))
+    free = _available_memory(distributed.resolve_device(cfg.train.device))
     if free is not None and need > free // 2:
         raise ConfigError(f"data.image_size={size} with train.batch_size={batch}: one input batch alone takes "
                           f"{need / 2**30:.1f} GiB, more than half of the {free / 2**30:.1f} GiB free on this "
                           f"device; lower the image size or the batch")
 
 
-def load_teacher_weights(teacher: HybridTeacher, path: str, cfg: Dict[str, Any], num_classes: int) -> None:
-    t = cfg["teacher"]
+def load_teacher_weights(teacher: HybridTeacher, path: str, cfg: Config, num_classes: int) -> None:
     load_model_weights(teacher, path, "teacher file",
-                       f"a hybrid teacher {t['cnn']} + {t['vit']} for {num_classes} classes")
+                       f"a hybrid teacher {cfg.teacher.cnn} + {cfg.teacher.vit} for {num_classes} classes")
 
 
-def load_student_weights(student: Student, path: str, cfg: Dict[str, Any], num_classes: int) -> None:
-    load_model_weights(student, path, "student file",
-                       f"student weights ({cfg['student']['name']}, {num_classes} classes)")
+def load_student_weights(student: Student, path: str, cfg: Config, num_classes: int) -> None:
+    load_model_weights(student, path, "student file", f"student weights ({cfg.student.name}, {num_classes} classes)")
 
 
-def _seeded(cfg):
-    torch.manual_seed(cfg["train"]["seed"])
+def _seeded(cfg: Config) -> None:
+    torch.manual_seed(cfg.train.seed)
 
 
 # Settings that do not change what a teacher learns (where and how visibly it runs).
@@ -153,19 +146,20 @@ _RUN_ONLY = {"data": ("root", "download", "limit_val", "limit_test"),
              "train": ("device", "progress", "num_workers", "compile")}
 
 
-def teacher_identity(cfg: Dict[str, Any], data: Data) -> Dict[str, Any]:
+def teacher_identity(cfg: Config, data: Data) -> Dict[str, Any]:
     """What a trained teacher was made from: its architecture, the data and training
     settings, and fingerprints of the training and validation samples."""
-    section = lambda name: {k: v for k, v in cfg[name].items() if k not in _RUN_ONLY.get(name, ())}  # noqa: E731
+    section = lambda name: {k: v for k, v in cfg.section(name).to_dict().items()  # noqa: E731
+                            if k not in _RUN_ONLY.get(name, ())}
     return {"teacher": section("teacher"), "data": section("data"), "train": section("train"),
             "train_set": fingerprint(data.train), "val_set": fingerprint(data.val)}
 
 
-def write_teacher_identity(out: Path, cfg: Dict[str, Any], data: Data) -> None:
+def write_teacher_identity(out: Path, cfg: Config, data: Data) -> None:
     (out / "teacher_identity.json").write_text(json.dumps(teacher_identity(cfg, data), indent=1, sort_keys=True))
 
 
-def reusable_teacher(out: Path, cfg: Dict[str, Any], data: Data) -> tuple:
+def reusable_teacher(out: Path, cfg: Config, data: Data) -> tuple:
     """``(True, "")`` when ``out`` holds a teacher trained from the same configuration and
     data; else ``(False, why)``."""
     if not (out / "teacher.pt").is_file() or not (out / "teacher_identity.json").is_file():
@@ -187,12 +181,11 @@ def reusable_teacher(out: Path, cfg: Dict[str, Any], data: Data) -> tuple:
     return True, ""
 
 
-def train_teacher(cfg: Dict[str, Any], out: Path, resume: bool = False) -> Dict[str, Any]:
+def train_teacher(cfg: Config, out: Path, resume: bool = False) -> Dict[str, Any]:
     data = build_data(cfg)
     _seeded(cfg)
     teacher = build_teacher(cfg, data.num_classes)
-    trainer = Trainer(SupervisedTask(teacher), TrainConfig.from_dict(cfg["train"]), out, evaluate_model=teacher,
-                      num_classes=data.num_classes)
+    trainer = Trainer(SupervisedTask(teacher), cfg.train, out, num_classes=data.num_classes)
     history = trainer.fit(data.train, data.val, resume=resume)
     if trainer.world.is_main:
         torch.save(teacher.state_dict(), out / "teacher.pt")
@@ -204,18 +197,18 @@ def train_teacher(cfg: Dict[str, Any], out: Path, resume: bool = False) -> Dict[
 CACHEABLE = tuple(name for name, method in METHODS.items() if method.cacheable)
 
 
-def open_teacher_cache(path: str, cfg: Dict[str, Any], train_set, teacher) -> TeacherCache:
-    return TeacherCache.open(path, expect=cache_identity(train_set, teacher, cfg["teacher"]))
+def open_teacher_cache(path: str, cfg: Config, train_set, teacher) -> TeacherCache:
+    return TeacherCache.open(path, expect=cache_identity(train_set, teacher, cfg.teacher.to_dict()))
 
 
-def distill(cfg: Dict[str, Any], teacher_path: str, method: str, out: Path, resume: bool = False,
+def distill(cfg: Config, teacher_path: str, method: str, out: Path, resume: bool = False,
             teacher_cache: Optional[str] = None) -> Dict[str, Any]:
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if teacher_cache and method not in CACHEABLE:
         raise ConfigError(f"--teacher-cache serves the methods that read only the teacher's logits and attention "
                           f"({', '.join(CACHEABLE)}); {method!r} needs the online teacher")
-    if teacher_cache and (cfg["train"]["mixup"] > 0 or cfg["train"]["cutmix"] > 0):
+    if teacher_cache and (cfg.train.mixup > 0 or cfg.train.cutmix > 0):
         raise ConfigError("--teacher-cache cannot serve train.mixup / train.cutmix: the cache holds the teacher's "
                           "outputs for each image, and mixing pairs images per batch; run without the cache")
     data = build_data(cfg)
@@ -225,34 +218,33 @@ def distill(cfg: Dict[str, Any], teacher_path: str, method: str, out: Path, resu
     load_teacher_weights(teacher, teacher_path, cfg, num_classes)
     if teacher_cache:
         cache = open_teacher_cache(teacher_cache, cfg, train_set, teacher)
-        if cfg["train"]["epochs"] > cache.epochs and distributed.world().is_main:
-            print(f"note: {cfg['train']['epochs']} epochs from a cache of {cache.epochs}: epoch n replays cached "
+        if cfg.train.epochs > cache.epochs and distributed.world().is_main:
+            print(f"note: {cfg.train.epochs} epochs from a cache of {cache.epochs}: epoch n replays cached "
                   f"epoch n mod {cache.epochs}", flush=True)
         train_set = CachedTeacherDataset(train_set, cache)
     student = build_student(cfg, num_classes)
-    task = build_task(method, teacher, student, cfg["distill"])
-    trainer = Trainer(task, TrainConfig.from_dict(cfg["train"]), out, evaluate_model=student,
-                      num_classes=num_classes)
+    task = build_task(method, teacher, student, cfg.section(method) if METHODS[method].settings else None)
+    trainer = Trainer(task, cfg.train, out, num_classes=num_classes)
     history = trainer.fit(train_set, data.val, resume=resume)
     if trainer.world.is_main:
         torch.save(student.state_dict(), out / "student.pt")  # the student alone, for inference
     return {"history": history, "model": student, "teacher": teacher, "data": data}
 
 
-def cache_teacher(cfg: Dict[str, Any], teacher_path: str, out: Path, *, epochs: int, dtype: str = "float16",
+def cache_teacher(cfg: Config, teacher_path: str, out: Path, *, epochs: int, dtype: str = "float16",
                   topk: Optional[int] = None, overwrite: bool = False, teacher: Optional[HybridTeacher] = None,
                   data: Optional[Data] = None) -> Path:
     """Writes the teacher cache of ``cfg``'s training set; ``teacher`` and ``data``, where
     the caller has them already, save loading them again."""
-    _world, device = distributed.setup(cfg["train"]["device"])
+    _world, device = distributed.setup(cfg.train.device)
     data = data if data is not None else build_data(cfg)
     if teacher is None:
         teacher = build_teacher(cfg, data.num_classes)
         load_teacher_weights(teacher, teacher_path, cfg, data.num_classes)
-    t = cfg["train"]
-    return write_teacher_cache(teacher, data.train, out, epochs=epochs, teacher_config=cfg["teacher"], dtype=dtype,
-                               topk=topk, batch_size=t["batch_size"], num_workers=t["num_workers"], device=device,
-                               overwrite=overwrite, progress=t.get("progress", False))
+    t = cfg.train
+    return write_teacher_cache(teacher, data.train, out, epochs=epochs, teacher_config=cfg.teacher.to_dict(),
+                               dtype=dtype, topk=topk, batch_size=t.batch_size, num_workers=t.num_workers,
+                               device=device, overwrite=overwrite, progress=t.progress)
 
 
 def write_run_report(out: Path, title: str, runs: Dict[str, Dict]) -> None:
@@ -260,18 +252,18 @@ def write_run_report(out: Path, title: str, runs: Dict[str, Dict]) -> None:
     plot_curves(out / "curves.png", {name: run["history"] for name, run in runs.items()})
 
 
-def evaluate_model(model, dataset, cfg, device):
+def evaluate_model(model, dataset, cfg: Config, device):
     model.to(device).eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg["train"]["batch_size"])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size)
     return evaluate_logits(model, loader, device)
 
 
-def test_accuracy(model, data: Data, cfg, device) -> float:
+def test_accuracy(model, data: Data, cfg: Config, device) -> float:
     logits, targets = evaluate_model(model, data.test, cfg, device)
     return (logits.argmax(1) == targets).float().mean().item()
 
 
-def student_report(cfg, run, device, costs: bool = True) -> Dict[str, Any]:
+def student_report(cfg: Config, run, device, costs: bool = True) -> Dict[str, Any]:
     """The student's test accuracy and the review's metrics against the teacher, on the test set."""
     s_logits, targets = evaluate_model(run["model"], run["data"].test, cfg, device)
     t_logits, _ = evaluate_model(run["teacher"], run["data"].test, cfg, device)
@@ -280,5 +272,5 @@ def student_report(cfg, run, device, costs: bool = True) -> Dict[str, Any]:
     result = {"history": run["history"], "compare": compare,
               "test_acc": (s_logits.argmax(1) == targets).float().mean().item()}
     if costs:
-        result["costs"] = model_costs(run["model"], cfg["data"]["image_size"], device)
+        result["costs"] = model_costs(run["model"], cfg.data.image_size, device)
     return result

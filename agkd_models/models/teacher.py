@@ -82,10 +82,6 @@ class HybridTeacher(nn.Module):
         blocks = range(len(self.vit.blocks)) if vit_attention == "rollout" else [len(self.vit.blocks) - 1]
         self._recorder = ViTAttentionRecorder(self.vit, list(blocks))
 
-    @property
-    def attention_channels(self) -> int:
-        return 2 if self.combine == "concat" else 1
-
     def forward(self, images: torch.Tensor) -> TeacherOutput:
         self._recorder.clear()
         cnn_features = self.cnn.forward_features(images)

@@ -30,9 +30,9 @@ inline PlaneGeometry align_geometry(const at::Tensor& student, const at::Tensor&
   TORCH_CHECK(student.dim() == 4 && teacher.dim() == 4,
               "agkd::align: student and teacher must be (N, C, H, W)");
   TORCH_CHECK(student.size(0) == teacher.size(0) && student.size(1) == teacher.size(1),
-              "agkd::align: student and teacher batch/channels differ: ", student.sizes(), " vs ",
-              teacher.sizes());
-  TORCH_CHECK(student.numel() > 0, "agkd::align: empty student ", student.sizes());
+              "agkd::align: student and teacher batch/channels differ: ", shape_of(student), " vs ",
+              shape_of(teacher));
+  TORCH_CHECK(student.numel() > 0, "agkd::align: empty student ", shape_of(student));
   TORCH_CHECK(student.scalar_type() == teacher.scalar_type() &&
                   student.device() == teacher.device(),
               "agkd::align: student and teacher dtypes or devices differ");

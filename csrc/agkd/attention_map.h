@@ -20,9 +20,9 @@ struct FeatureGeometry {
 };
 
 inline FeatureGeometry feature_geometry(const at::Tensor& f, double p, double eps) {
-  TORCH_CHECK(f.dim() == 4, "agkd::attention_map: features must be (N, C, H, W), got ", f.sizes());
+  TORCH_CHECK(f.dim() == 4, "agkd::attention_map: features must be (N, C, H, W), got ", shape_of(f));
   TORCH_CHECK(p > 0 && eps > 0, "agkd::attention_map: p and eps must be > 0");
-  TORCH_CHECK(f.numel() > 0, "agkd::attention_map: empty features ", f.sizes());
+  TORCH_CHECK(f.numel() > 0, "agkd::attention_map: empty features ", shape_of(f));
   return {f.size(0), f.size(1), f.size(2), f.size(3), f.stride(0), f.stride(1), f.stride(2),
           f.stride(3)};
 }

@@ -7,9 +7,19 @@
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
+#include <string>
 #include <tuple>
 
 namespace agkd {
+
+// "(2, 3, 8, 8)": a tensor's shape for an error message. Host code that nvcc compiles
+// streams no integers into TORCH_CHECK (docs/design.md, section 7): numbers go through
+// std::to_string.
+inline std::string shape_of(const at::Tensor& t) {
+  std::string out = "(";
+  for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + std::to_string(t.size(d));
+  return out + ")";
+}
 
 // float32 for half/bfloat16/float32, float64 for float64: the dtype that kernels
 // accumulate in and that the per-sample outputs (loss, stats) carry.
@@ -29,6 +39,21 @@ inline std::tuple<at::Tensor, at::Tensor> per_sample_outputs(const at::Tensor& l
                                                              int64_t n_stats) {
   const auto options = like.options().dtype(accumulate_dtype(like.scalar_type()));
   return {at::empty({n}, options), at::empty({n, n_stats}, options)};
+}
+
+// What a loss backward receives besides its inputs, as the forward produced it: `op`'s
+// upstream gradient (N,) and saved stats (N, n_stats), in the accumulate dtype of `like`
+// and on its device.
+inline void check_backward_inputs(const char* op, const at::Tensor& grad_loss, const at::Tensor& stats,
+                                  const at::Tensor& like, int64_t n, int64_t n_stats) {
+  const auto acc = accumulate_dtype(like.scalar_type());
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == n && grad_loss.scalar_type() == acc, op,
+              ": grad_loss must be (N,) of the accumulate dtype, got ", shape_of(grad_loss));
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == n && stats.size(1) == n_stats && stats.scalar_type() == acc,
+              op, ": stats must be (N, ", std::to_string(n_stats), ") of the accumulate dtype, got ",
+              shape_of(stats));
+  TORCH_CHECK(grad_loss.device() == like.device() && stats.device() == like.device(), op,
+              ": grad_loss and stats must be on the inputs' device");
 }
 
 // How a loss forward reduces its per-sample values (the schemas' `reduction`).

@@ -44,7 +44,7 @@ inline HybridParams make_params(double alpha, double beta, int64_t window_size, 
                                 double c1, double c2, c10::string_view padding, double eps) {
   // The Python API validates with friendlier messages; these guard direct torch.ops calls.
   TORCH_CHECK(window_size >= 1 && window_size % 2 == 1,
-              "agkd::hybrid: window_size must be odd and >= 1, got ", window_size);
+              "agkd::hybrid: window_size must be odd and >= 1, got ", std::to_string(window_size));
   TORCH_CHECK(sigma > 0 && c1 > 0 && c2 > 0 && eps > 0,
               "agkd::hybrid: sigma, c1, c2 and eps must be > 0");
   return {alpha, beta, window_size, sigma, c1, c2, eps, parse_padding(std::string(padding))};
@@ -52,26 +52,24 @@ inline HybridParams make_params(double alpha, double beta, int64_t window_size, 
 
 inline PlaneGeometry make_geometry(const at::Tensor& x, const at::Tensor& y,
                                    const HybridParams& p) {
-  TORCH_CHECK(x.dim() == 4, "agkd::hybrid: x must be (N, C, H, W), got ", x.sizes());
-  TORCH_CHECK(x.sizes() == y.sizes(), "agkd::hybrid: x and y shapes differ: ", x.sizes(),
-              " vs ", y.sizes());
+  TORCH_CHECK(x.dim() == 4, "agkd::hybrid: x must be (N, C, H, W), got ", shape_of(x));
+  TORCH_CHECK(x.sizes() == y.sizes(), "agkd::hybrid: x and y shapes differ: ", shape_of(x), " vs ", shape_of(y));
   TORCH_CHECK(x.scalar_type() == y.scalar_type(), "agkd::hybrid: x and y dtypes differ");
   TORCH_CHECK(x.device() == y.device(), "agkd::hybrid: x and y are on different devices");
   PlaneGeometry g;
   g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3);
   g.sample_planes = g.C;
-  TORCH_CHECK(g.N > 0 && g.C > 0 && g.H > 0 && g.W > 0, "agkd::hybrid: empty input ",
-              x.sizes());
+  TORCH_CHECK(g.N > 0 && g.C > 0 && g.H > 0 && g.W > 0, "agkd::hybrid: empty input ", shape_of(x));
   g.window = p.window_size;
   g.padding = p.padding;
   g.pad = pad_width(p.padding, p.window_size);
   if (p.alpha != 0.0) {
     if (p.padding == Padding::kValid) {
       TORCH_CHECK(g.H >= g.window && g.W >= g.window, "agkd::hybrid: padding='valid' needs H, W >= window_size (",
-                  g.window, "), got ", x.sizes());
+                  std::to_string(g.window), "), got ", shape_of(x));
     } else if (p.padding == Padding::kReflect) {
       TORCH_CHECK(g.pad < g.H && g.pad < g.W, "agkd::hybrid: padding='reflect' needs window_size // 2 (",
-                  g.pad, ") < H and W, got ", x.sizes());
+                  std::to_string(g.pad), ") < H and W, got ", shape_of(x));
     }
   }
   g.Ho = g.H + 2 * g.pad - g.window + 1;
@@ -80,19 +78,6 @@ inline PlaneGeometry make_geometry(const at::Tensor& x, const at::Tensor& y,
     g.pad = 0, g.window = 1, g.Ho = g.H, g.Wo = g.W;
   }
   return g;
-}
-
-// What agkd::hybrid_bwd receives besides the maps, as hybrid_fwd produced it.
-inline void check_hybrid_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& stats,
-                                         const at::Tensor& x, const PlaneGeometry& g) {
-  const auto acc = accumulate_dtype(x.scalar_type());
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == g.N && grad_loss.scalar_type() == acc,
-              "agkd::hybrid_bwd: grad_loss must be (N,) of the accumulate dtype");
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == g.N && stats.size(1) == kHybridStats &&
-                  stats.scalar_type() == acc,
-              "agkd::hybrid_bwd: stats must be (N, ", int(kHybridStats), ") of the accumulate dtype");
-  TORCH_CHECK(grad_loss.device() == x.device() && stats.device() == x.device(),
-              "agkd::hybrid_bwd: grad_loss and stats must be on x's device");
 }
 
 // What a backward of the hybrid terms (agkd::hybrid_bwd, agkd::align_bwd) works with once
@@ -108,7 +93,7 @@ struct HybridBackward {
 inline HybridBackward prepare_hybrid_backward(const at::Tensor& grad_loss, const at::Tensor& stats,
                                               const at::Tensor& a, const at::Tensor& b,
                                               const PlaneGeometry& g, bool needs_a, bool needs_b) {
-  check_hybrid_backward_inputs(grad_loss, stats, b, g);
+  check_backward_inputs("agkd::hybrid_bwd", grad_loss, stats, b, g.N, kHybridStats);
   return {grad_loss.contiguous(), stats.contiguous(), input_grad_or_empty(a, needs_a),
           input_grad_or_empty(b, needs_b), needs_a || needs_b};
 }

@@ -44,15 +44,14 @@ struct KdTarget {
 inline KdGeometry check_kd_inputs(const at::Tensor& student, const at::Tensor& teacher,
                                   const std::optional<at::Tensor>& target,
                                   const KdParams& p) {
-  TORCH_CHECK(student.dim() == 2, "agkd::kd: student must be (N, K), got ", student.sizes());
+  TORCH_CHECK(student.dim() == 2, "agkd::kd: student must be (N, K), got ", shape_of(student));
   TORCH_CHECK(student.sizes() == teacher.sizes(), "agkd::kd: student and teacher shapes differ: ",
-              student.sizes(), " vs ", teacher.sizes());
+              shape_of(student), " vs ", shape_of(teacher));
   TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
               "agkd::kd: student and teacher dtypes differ");
   TORCH_CHECK(student.device() == teacher.device(),
               "agkd::kd: student and teacher are on different devices");
-  TORCH_CHECK(student.size(0) > 0 && student.size(1) > 0, "agkd::kd: empty input ",
-              student.sizes());
+  TORCH_CHECK(student.size(0) > 0 && student.size(1) > 0, "agkd::kd: empty input ", shape_of(student));
   // Numbers go through std::to_string: CUDA host code streams none (docs/design.md, section 7).
   TORCH_CHECK(p.temperature > 0, "agkd::kd: temperature must be > 0, got ", std::to_string(p.temperature));
   TORCH_CHECK(p.label_smoothing >= 0 && p.label_smoothing <= 1,
@@ -105,17 +104,6 @@ inline at::Tensor reduce_kd_loss(const at::Tensor& per_row, Reduction reduction,
   return reduce_loss(per_row, reduction);
 }
 
-inline void check_kd_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& stats,
-                                     const at::Tensor& student, const KdGeometry& g) {
-  const auto acc = accumulate_dtype(student.scalar_type());
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == g.N && grad_loss.scalar_type() == acc,
-              "agkd::kd_bwd: grad_loss must be (N,) of the accumulate dtype");
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == g.N && stats.size(1) == kKdStats &&
-                  stats.scalar_type() == acc,
-              "agkd::kd_bwd: stats must be (N, ", int(kKdStats), ") of the accumulate dtype");
-  TORCH_CHECK(grad_loss.device() == student.device() && stats.device() == student.device(),
-              "agkd::kd_bwd: grad_loss and stats must be on the logits' device");
-}
 
 // What agkd::kd_bwd hands its kernel, with the cases that need no kernel settled: an
 // unneeded gradient is an empty tensor, and the teacher's gradient of the cross-entropy
@@ -133,7 +121,7 @@ inline KdBackward prepare_kd_backward(const at::Tensor& grad_loss, const at::Ten
                                       const at::Tensor& stats, const KdParams& p,
                                       bool needs_grad_student, bool needs_grad_teacher) {
   const KdGeometry g = check_kd_inputs(student, teacher, target, p);
-  check_kd_backward_inputs(grad_loss, stats, student, g);
+  check_backward_inputs("agkd::kd_bwd", grad_loss, stats, student, g.N, kKdStats);
   KdBackward b;
   b.target = kd_target(target, p);
   b.grad_student = input_grad_or_empty(student, needs_grad_student);

@@ -19,6 +19,7 @@
 
 #include "agkd/align.h"
 #include "agkd/cpu/plane_tiles.h"
+#include "agkd/math/align.h"
 #include "agkd/math/bilinear.h"
 #include "agkd/math/hybrid.h"
 #include "agkd/math/ssim.h"
@@ -134,7 +135,7 @@ void align_fwd_typed(const at::Tensor& student, const at::Tensor& teacher,
   });
   acc_t* loss_out = loss.mutable_data_ptr<acc_t>();
   acc_t* stats_out = stats.mutable_data_ptr<acc_t>();
-  const double per_sample = static_cast<double>(g.C * g.H * g.W);
+  const double per_sample = static_cast<double>(g.C * g.H * g.W);  // pixels of the MSE term
   for (int64_t n = 0; n < g.N; ++n) {
     HybridSums total;
     double sq = 0;
@@ -143,7 +144,7 @@ void align_fwd_typed(const at::Tensor& student, const at::Tensor& teacher,
       sq += plane_sq[i];
     }
     finish_hybrid_sample(total, a.hybrid.alpha, a.hybrid.beta, a.hybrid.eps,
-                         static_cast<double>(g.ssim_count()), a.gamma * sq / per_sample,
+                         static_cast<double>(g.ssim_count()), align_mse_term(a.gamma, sq, per_sample),
                          loss_out + n, stats_out + n * kHybridStats);
   }
 }
@@ -164,7 +165,7 @@ void align_bwd_typed(const at::Tensor& grad_loss, const at::Tensor& student,
   const acc_t* st = stats.const_data_ptr<acc_t>();
   scalar_t* gs = needs_s ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* gt = needs_t ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
-  const acc_t mse_scale = static_cast<acc_t>(2.0 * a.gamma / static_cast<double>(g.C * g.H * g.W));
+  const acc_t mse_scale = static_cast<acc_t>(align_mse_grad_scale(a.gamma, static_cast<double>(g.C * g.H * g.W)));
   at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> up(g.H * g.W), grad_up(needs_s ? g.H * g.W : 0);
     std::vector<acc_t> grad_plane(needs_s ? h * w : 0);
@@ -186,7 +187,7 @@ void align_bwd_typed(const at::Tensor& grad_loss, const at::Tensor& student,
           const scalar_t* tr = tp.row(q);
           for (int64_t j = 0; j < g.W; ++j) {
             const int64_t k = q * g.W + j;
-            const acc_t d = coeff * (static_cast<acc_t>(up[k]) - static_cast<acc_t>(tr[j * tp.sW]));
+            const acc_t d = align_mse_grad(coeff, static_cast<acc_t>(up[k]), static_cast<acc_t>(tr[j * tp.sW]));
             if (gx) gx[k] = static_cast<scalar_t>((kTiles ? static_cast<acc_t>(gx[k]) : acc_t(0)) + d);
             if (gy) gy[k] = static_cast<scalar_t>((kTiles ? static_cast<acc_t>(gy[k]) : acc_t(0)) - d);
           }

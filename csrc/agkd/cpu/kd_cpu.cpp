@@ -9,9 +9,8 @@
 // Recompute rather than store: writing the gradient during the forward (and scaling it by
 // the upstream gradient in the backward) trades one more read of both logit tensors for
 // an (N, K) write plus a read-and-write pass, holds an (N, K) tensor alive between forward
-// and backward, and costs the gradient even when only the loss is wanted. Measured with a
-// prototype of the storing variant (2-core EPYC, float32 (4096, 1000), forward + backward):
-// recompute 7.9 ms vs store 8.5 ms for the KL; 11.4 ms vs 12.1 ms for the KD loss.
+// and backward, and costs the gradient even when only the loss is wanted; a prototype of
+// the storing variant was slower on the CPU (benchmarks/results/design_choices.md).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

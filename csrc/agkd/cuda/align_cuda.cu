@@ -25,6 +25,7 @@
 #include "agkd/cuda/block_reduce.cuh"
 #include "agkd/cuda/hybrid_cuda.h"
 #include "agkd/cuda/launch.cuh"
+#include "agkd/math/align.h"
 #include "agkd/math/bilinear.h"
 #include "agkd/math/hybrid.h"
 
@@ -158,7 +159,7 @@ __global__ void mse_grad_kernel(const scalar_t* __restrict__ up, const scalar_t*
     const int64_t j = i % d.W, q = (i / d.W) % d.H, c = (i / (d.H * d.W)) % d.C, n = i / per;
     const acc_t t = static_cast<acc_t>(teacher[n * d.t_strides[0] + c * d.t_strides[1] +
                                                q * d.t_strides[2] + j * d.t_strides[3]]);
-    const acc_t diff = scale * grad_loss[n] * (static_cast<acc_t>(up[i]) - t);
+    const acc_t diff = align_mse_grad(scale * grad_loss[n], static_cast<acc_t>(up[i]), t);
     if (grad_up) grad_up[i] = static_cast<scalar_t>(static_cast<acc_t>(grad_up[i]) + diff);
     if (grad_t) grad_t[i] = static_cast<scalar_t>(static_cast<acc_t>(grad_t[i]) - diff);
   }
@@ -222,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor> align_fwd_cuda(const at::Tensor& student, con
                     r.up.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(), d,
                     sq.mutable_data_ptr<acc_t>());
     });
-    loss.add_(sq, gamma / static_cast<double>(g.C * g.H * g.W));
+    loss.add_(sq, align_mse_term(gamma, 1.0, static_cast<double>(g.C * g.H * g.W)));  // gamma / (C·H·W)
   }
   return {reduce_loss(loss, reduce), stats};
 }
@@ -235,23 +236,21 @@ std::tuple<at::Tensor, at::Tensor> align_bwd_cuda(
   const AlignParams a =
       make_align_params(alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps, align_corners);
   const PlaneGeometry g = align_geometry(student, teacher, a.hybrid);
-  check_hybrid_backward_inputs(grad_loss, stats, teacher, g);
+  HybridBackward b = prepare_hybrid_backward(grad_loss, stats, student, teacher, g, needs_grad_student,
+                                             needs_grad_teacher);
+  if (!b.needed) return {b.grad_a, b.grad_b};
   const c10::cuda::CUDAGuard guard(student.device());
-  at::Tensor grad_s = input_grad_or_empty(student, needs_grad_student);
-  if (!needs_grad_student && !needs_grad_teacher) {
-    return {grad_s, input_grad_or_empty(teacher, false)};
-  }
   const Dims d = dims_of(student, teacher);
   const Resampled r = resample(student, teacher, d, align_corners);
-  const at::Tensor gl = grad_loss.contiguous();
-  at::Tensor grad_up, grad_t;
+  // The hybrid and MSE terms' gradients with respect to the resized map (teacher-sized),
+  // then gathered onto the student's pixels; the teacher's gradient is b.grad_b itself.
+  HybridBackward resized = b;
+  resized.grad_a = input_grad_or_empty(r.up, needs_grad_student);
   if (alpha != 0 || beta != 0) {
-    std::tie(grad_up, grad_t) = hybrid_bwd_cuda(gl, r.up, teacher, stats, alpha, beta, window_size,
-                                                sigma, c1, c2, padding, eps, needs_grad_student,
-                                                needs_grad_teacher);
+    hybrid_bwd_cuda_into(resized, r.up, teacher, g, a.hybrid);
   } else {
-    grad_up = needs_grad_student ? at::zeros(r.up.sizes(), r.up.options()) : at::empty({0}, r.up.options());
-    grad_t = needs_grad_teacher ? at::zeros(r.up.sizes(), r.up.options()) : at::empty({0}, r.up.options());
+    if (needs_grad_student) resized.grad_a.zero_();
+    if (needs_grad_teacher) resized.grad_b.zero_();
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "align_bwd_cuda", [&] {
@@ -259,19 +258,19 @@ std::tuple<at::Tensor, at::Tensor> align_bwd_cuda(
     if (gamma != 0) {
       launch_kernel(mse_grad_kernel<scalar_t>, flat_blocks(d.N * d.C * d.H * d.W), kFlatThreads, 0,
                     stream, r.up.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(), d,
-                    gl.const_data_ptr<acc_t>(),
-                    static_cast<acc_t>(2.0 * gamma / static_cast<double>(g.C * g.H * g.W)),
-                    needs_grad_student ? grad_up.mutable_data_ptr<scalar_t>() : nullptr,
-                    needs_grad_teacher ? grad_t.mutable_data_ptr<scalar_t>() : nullptr);
+                    b.grad_loss.const_data_ptr<acc_t>(),
+                    static_cast<acc_t>(align_mse_grad_scale(gamma, static_cast<double>(g.C * g.H * g.W))),
+                    needs_grad_student ? resized.grad_a.mutable_data_ptr<scalar_t>() : nullptr,
+                    needs_grad_teacher ? resized.grad_b.mutable_data_ptr<scalar_t>() : nullptr);
     }
     if (needs_grad_student) {
-      launch_kernel(gather_to_student_kernel<scalar_t>, flat_blocks(grad_s.numel()), kFlatThreads, 0,
-                    stream, grad_up.const_data_ptr<scalar_t>(), d,
+      launch_kernel(gather_to_student_kernel<scalar_t>, flat_blocks(b.grad_a.numel()), kFlatThreads, 0,
+                    stream, resized.grad_a.const_data_ptr<scalar_t>(), d,
                     axis_taps<acc_t>(r.row_table, d.h, d.H),
-                    axis_taps<acc_t>(r.col_table, d.w, d.W), grad_s.mutable_data_ptr<scalar_t>());
+                    axis_taps<acc_t>(r.col_table, d.w, d.W), b.grad_a.mutable_data_ptr<scalar_t>());
     }
   });
-  return {grad_s, grad_t};
+  return {b.grad_a, b.grad_b};
 }
 
 }  // namespace

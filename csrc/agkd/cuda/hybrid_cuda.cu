@@ -52,8 +52,8 @@ struct Args {
 template <typename acc_t>
 Args<acc_t> make_args(const at::Tensor& x, const at::Tensor& y, const PlaneGeometry& g,
                       const HybridParams& p) {
-  TORCH_CHECK(g.window <= kMaxTaps, "agkd::hybrid (CUDA): window_size must be <= ", kMaxTaps,
-              ", got ", g.window);
+  TORCH_CHECK(g.window <= kMaxTaps, "agkd::hybrid (CUDA): window_size must be <= ", std::to_string(kMaxTaps),
+              ", got ", std::to_string(g.window));
   Args<acc_t> a{};
   a.N = g.N, a.C = g.C, a.H = g.H, a.W = g.W, a.Ho = g.Ho, a.Wo = g.Wo, a.pad = g.pad;
   a.window = static_cast<int>(g.window);
@@ -459,11 +459,15 @@ std::tuple<at::Tensor, at::Tensor> hybrid_bwd_cuda(
   const PlaneGeometry g = make_geometry(x, y, p);
   const c10::cuda::CUDAGuard guard(x.device());
   HybridBackward b = prepare_hybrid_backward(grad_loss, stats, x, y, g, needs_grad_x, needs_grad_y);
-  if (!b.needed) return {b.grad_a, b.grad_b};
+  if (b.needed) hybrid_bwd_cuda_into(b, x, y, g, p);
+  return {b.grad_a, b.grad_b};
+}
+
+void hybrid_bwd_cuda_into(HybridBackward& b, const at::Tensor& x, const at::Tensor& y, const PlaneGeometry& g,
+                          const HybridParams& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hybrid_bwd_cuda", [&] {
     hybrid_bwd_launch<scalar_t>(b.grad_loss, x, y, b.stats, g, p, b.grad_a, b.grad_b);
   });
-  return {b.grad_a, b.grad_b};
 }
 
 TORCH_LIBRARY_IMPL(agkd, CUDA, m) {
