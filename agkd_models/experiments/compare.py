@@ -319,10 +319,12 @@ def write_comparison(out: Path, summary: Dict[str, Any], title: Optional[str] = 
     methods, seeds = summary["methods"], summary["seeds"]
     baseline = methods.get("none", {}).get("test_acc_mean")
     split = "validation set (the data set has no separate test set)" if summary["test_is_val"] else "test set"
+    gridded_epochs = (summary.get("grid") or {}).get("train.epochs")
+    epochs = " or ".join(map(str, gridded_epochs)) if gridded_epochs else summary["student_epochs"]
     lines = [f"# {title or 'Distillation methods compared'}", "",
              f"Test accuracy on the {split} ({summary['test_samples']} images): mean ± standard deviation over "
              f"{len(seeds)} training seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}); students "
-             f"trained {summary['student_epochs']} epochs each. Teacher: test accuracy "
+             f"trained {epochs} epochs each. Teacher: test accuracy "
              f"{summary['teacher']['test_acc']:.4f}. Relative error E_s/E_t, KL(teacher ‖ student) and the "
              f"probability correlation are against the teacher on the same set, averaged over seeds.", "",
              "| method | test acc (mean ± std) | per seed | vs no KD | val acc | E_s/E_t | KL | correlation |",
