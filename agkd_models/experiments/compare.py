@@ -25,7 +25,7 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import yaml
 
@@ -92,12 +92,11 @@ def parse_grid(items: Sequence[str], cfg: Config) -> Grid:
                               f"agkd.kd_weight or train.lr)")
         if key in _NOT_A_RECIPE:
             raise ConfigError(f"--grid {key}: {_NOT_A_RECIPE[key]}, not the grid")
-        if section in _SHARED_BY_EVERY_RUN or SECTIONS[section].rules()[name].resume == "any":
-            raise ConfigError(f"--grid {key}: not a recipe setting (the data and the teacher are the whole "
-                              f"comparison's, and {section}.{name} may not change a student's result)"
-                              if section not in _SHARED_BY_EVERY_RUN else
-                              f"--grid {key}: the data and the teacher are the whole comparison's; a grid varies "
+        if section in _SHARED_BY_EVERY_RUN:
+            raise ConfigError(f"--grid {key}: the data and the teacher are the whole comparison's; a grid varies "
                               f"the students' recipe")
+        if SECTIONS[section].rules()[name].resume == "any":
+            raise ConfigError(f"--grid {key}: not a recipe setting ({key} may not change a student's result)")
         if key in grid:
             raise ConfigError(f"--grid {key}: given twice")
         try:
@@ -206,6 +205,17 @@ def _seed_summary(by_seed: Dict[int, Dict[str, Any]], seeds: Sequence[int]) -> D
             **{f"{k}_mean": v for k, v in metrics.items()}}
 
 
+class _Run(NamedTuple):
+    """One student run of a comparison, and its result from an earlier pass if any."""
+    seed: int
+    name: str
+    index: int                      # of the grid point, in grid_points(...) order
+    cfg: Config
+    folder: Path
+    identity: Dict[str, Any]
+    earlier: Optional[Dict[str, Any]]
+
+
 def run_comparison(cfg: Config, out: Path, *, methods: Sequence[str], seeds: Sequence[int],
                    teacher_path: Path, student_epochs: int, grid: Optional[Grid] = None,
                    log: Callable[[str], None] = print) -> Dict[str, Any]:
@@ -225,7 +235,7 @@ def run_comparison(cfg: Config, out: Path, *, methods: Sequence[str], seeds: Seq
     teacher_fingerprint = fingerprint_file(teacher_path)
     points = {name: grid_points(grid, name.partition("-")[0]) for name in methods}
 
-    plan = []  # (seed, name, point index, run configuration, folder, identity, earlier result or None)
+    plan: List[_Run] = []
     for seed in seeds:
         for name in methods:
             for index, point in enumerate(points[name]):
@@ -235,7 +245,7 @@ def run_comparison(cfg: Config, out: Path, *, methods: Sequence[str], seeds: Seq
                     setattr(run_cfg.section(section), setting_name, value)
                 folder = out / name / _point_folder(point) / f"seed{seed}"
                 identity = {"config": _result_relevant(run_cfg, method), "teacher": teacher_fingerprint}
-                plan.append((seed, name, index, run_cfg, folder, identity, _earlier_result(folder, identity)))
+                plan.append(_Run(seed, name, index, run_cfg, folder, identity, _earlier_result(folder, identity)))
     _say_what_it_costs(plan, methods, points, seeds, log)
 
     runs: Dict[str, Dict[int, Dict[int, Dict[str, Any]]]] = {m: {i: {} for i in range(len(points[m]))}
@@ -250,7 +260,7 @@ def run_comparison(cfg: Config, out: Path, *, methods: Sequence[str], seeds: Seq
             continue
         cached = method in CACHEABLE and not (run_cfg.train.mixup > 0 or run_cfg.train.cutmix > 0)
         if cached and seed not in caches:
-            epochs = max(step[3].train.epochs for step in plan if step[0] == seed)
+            epochs = max(step.cfg.train.epochs for step in plan if step.seed == seed)
             caches[seed] = _teacher_cache(_method_config(cfg, "none", seed, epochs)[1], teacher, teacher_path,
                                           out / "cache" / f"seed{seed}", epochs, log)
         log(where)
@@ -294,15 +304,15 @@ def _point_label(point: Dict[str, Any]) -> str:
 def _say_what_it_costs(plan, methods, points, seeds, log) -> None:
     """One line before any work: how many student runs, how many done before, and (from
     the finished runs' epoch times) about how long the rest will take."""
-    todo = [step for step in plan if step[6] is None]
-    epochs = sum(step[3].train.epochs for step in todo)
+    todo = [step for step in plan if step.earlier is None]
+    epochs = sum(step.cfg.train.epochs for step in todo)
     recipes = sum(len(points[name]) for name in methods)
     plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
     what = (plural(len(methods), "method") if recipes == len(methods)
             else f"{plural(recipes, 'recipe')} of {plural(len(methods), 'method')} over the grid")
     line = (f"{len(plan)} student runs ({what} x {plural(len(seeds), 'seed')}); {len(plan) - len(todo)} done "
             f"before, {len(todo)} to train ({epochs} epochs)")
-    seconds = [r["epoch_seconds"] for step in plan if step[6] is not None for r in step[6]["history"]
+    seconds = [r["epoch_seconds"] for step in plan if step.earlier is not None for r in step.earlier["history"]
                if "epoch_seconds" in r]
     if todo and seconds:
         line += f", about {epochs * sum(seconds) / len(seconds) / 60:.0f} min at the finished runs' pace"
