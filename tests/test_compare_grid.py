@@ -8,7 +8,7 @@ from agkd_models.cli import main
 from agkd_models.config import ConfigError, load_config
 from agkd_models.experiments.compare import choose_on_validation, grid_points, parse_grid
 
-from .commands import TINY, assert_one_line_error, run_cli, teacher_file  # noqa: F401 (fixture)
+from .commands import TINY, assert_one_line_error, teacher_file  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +70,12 @@ def test_a_grid_comparison_reports_the_validation_choice_and_is_resumable(teache
     out = tmp_path / "grid"
     argv = ["compare", "--teacher", str(teacher_file), "--methods", "none,logit", "--seeds", "1",
             "--grid", "logit.temperature=2,4", "--out", str(out)] + TINY
-    code, _ = run_cli(capsys, *argv)
-    assert code == 0
+    capsys.readouterr()
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    # Before any work: the runs, and the teacher cache the logit students will replay.
+    assert "3 student runs" in first and "0 done before, 3 to train" in first
+    assert "first the teacher is cached over" in first and "for 1 seed" in first
     result = json.loads((out / "comparison.json").read_text())
     assert result["grid"] == {"logit.temperature": [2.0, 4.0]}
     logit = result["methods"]["logit"]
@@ -92,6 +96,7 @@ def test_a_grid_comparison_reports_the_validation_choice_and_is_resumable(teache
     assert main(argv) == 0
     said = capsys.readouterr().out
     assert "3 student runs" in said and "3 done before, 0 to train" in said
+    assert "cached over" not in said
 
 
 def test_compare_checks_its_grid_before_any_work(tmp_path, capsys):
