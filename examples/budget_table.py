@@ -12,9 +12,8 @@ Per teacher, method and budget, every grid point is listed: test accuracy (mean 
 seed), mean validation accuracy, and the gain over the no-KD student at the same budget and
 seeds (mean of the per-seed differences ± their std: both students of a seed start from the
 same weights and see the same batches). Where the other grid keys give a method several
-recipes at one budget, the one with the best mean validation accuracy is marked; the plot
-draws that one (solid) and the preset's own recipe (dashed) when they differ. Test accuracy
-chooses nothing.
+recipes at one budget, the one with the best mean validation accuracy is marked (a ring in
+the plot, which draws one line per recipe). Test accuracy chooses nothing.
 
 A run without no-KD students takes them from the first run that has them at the same
 budget and seeds: the no-KD student never reads the teacher, so its runs are the same under
@@ -121,18 +120,17 @@ def _plot(panels, path: Path):
         methods = list(dict.fromkeys(r["method"] for r in panel["rows"] if r["gain"] is not None))
         for i, name in enumerate(methods):
             rows = [r for r in panel["rows"] if r["method"] == name]
-            budgets = sorted({r["epochs"] for r in rows})
-            at = lambda epochs, pick: next(r for r in rows if r["epochs"] == epochs and pick(r))  # noqa: E731
-            chosen = [at(b, lambda r: r["chosen"] or len([o for o in rows if o["epochs"] == r["epochs"]]) == 1)
-                      for b in budgets]
-            preset = [at(b, lambda r: r["preset"]) for b in budgets]
             label = rows[0]["label"].replace("student, ", "")
-            lines = [(chosen, "-", label + (" (chosen on val)" if chosen != preset else ""))]
-            if chosen != preset:
-                lines.append((preset, "--", label + " (preset)"))
-            for drawn, style, text in lines:
-                ax.errorbar(budgets, [r["gain"][0] for r in drawn], yerr=[r["gain"][1] for r in drawn], marker="o",
-                            capsize=4, color=f"C{i}", linestyle=style, label=text)
+            for style, recipe in zip(("-", "--", ":", "-."), dict.fromkeys(r["recipe"] for r in rows)):
+                line = sorted((r for r in rows if r["recipe"] == recipe), key=lambda r: r["epochs"])
+                ax.errorbar([r["epochs"] for r in line], [r["gain"][0] for r in line],
+                            yerr=[r["gain"][1] for r in line], marker="o", capsize=4, color=f"C{i}",
+                            linestyle=style, label=f"{label}, {recipe}" if recipe else label)
+                chosen = [r for r in line if r["chosen"]]
+                ax.scatter([r["epochs"] for r in chosen], [r["gain"][0] for r in chosen], s=120,
+                           facecolors="none", edgecolors="black", zorder=3,
+                           label="chosen on validation" if chosen and not ax.get_legend_handles_labels()[1].count(
+                               "chosen on validation") else None)
         ax.axhline(0, color="black", linewidth=1)
         ax.set_title(f"teacher {panel['teacher_acc']:.3f}, {len(panel['seeds'])} seeds", fontsize=9)
         ax.set_xlabel("student epochs")
