@@ -81,7 +81,7 @@ def study(folders):
             for epochs, entries in sorted(no_kd.items()):
                 rows.insert(0, {"method": "none", "label": f"student, no KD (from {borrowed.name})", "epochs": epochs,
                                 "recipe": "", "chosen": False, "preset": True, "gain": None, "entry": entries[0]})
-        panels.append({"folder": str(folder), "teacher_acc": summary["teacher"]["test_acc"], "seeds": seeds,
+        panels.append({"folder": folder.name, "teacher_acc": summary["teacher"]["test_acc"], "seeds": seeds,
                        "test_samples": summary["test_samples"], "rows": rows})
     return panels
 
