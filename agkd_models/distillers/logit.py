@@ -18,7 +18,11 @@ __all__ = ["LogitKD", "LogitKDSettings"]
 
 @dataclass
 class LogitKDSettings(Settings, section="logit"):
-    """The Hinton term ``(1-α)·CE + α·τ²·KL`` (``agkd_ops.kd_loss``); AGKD's logit term too."""
+    """The Hinton term ``(1-α)·CE + α·τ²·KL`` (``agkd_ops.kd_loss``); AGKD's logit term too.
+
+    ``kd_weight`` defaults to Hinton's 0.9, as ``agkd_ops.kd_loss`` does; the presets set
+    0.5, which was as good with a strong teacher and far safer with a modest one in the
+    digits budget study (``docs/results/digits/budget.md``)."""
     temperature: float = setting(4.0, "softmax temperature τ of the KD term", above=0)
     kd_weight: float = setting(0.9, "weight α of the KL term in (1-α)·CE + α·τ²·KL (the CE gets 1-α)",
                                minimum=0, maximum=1)
