@@ -262,8 +262,9 @@ def test_the_old_flat_distill_keys_still_load_where_they_live_now(tmp_path):
     said = " ".join(str(w.message) for w in caught)
     assert "distill.alpha is deprecated" in said and "agkd.logit_weight" in said
     with pytest.warns(FutureWarning, match=r"distill\.kd_alpha .* logit\.kd_weight and agkd\.kd_weight"):
-        overridden = load_config("digits", ["distill.kd_alpha=0.5"])  # an override beats the preset's value
-    assert overridden.agkd.kd_weight == overridden.logit.kd_weight == 0.5
+        overridden = load_config("digits", ["distill.kd_alpha=0.7"])  # an override beats the preset's value
+    assert load_config("digits").agkd.kd_weight != 0.7
+    assert overridden.agkd.kd_weight == overridden.logit.kd_weight == 0.7
 
 
 def test_student_stages_reach_the_student():

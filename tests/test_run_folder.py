@@ -140,7 +140,7 @@ def test_resume_may_change_what_cannot_change_the_result(finished_run, tmp_path,
 
 
 def test_resume_conflicts_follow_each_settings_rule():
-    saved = load_config("digits")
+    saved = load_config("digits", ["train.epochs=6"])
     now = load_config("digits", ["train.epochs=9", "train.num_workers=2", "train.progress=false",
                                  "train.device=cpu", "data.root=/elsewhere"])
     assert resume_conflicts(saved, now) == []
