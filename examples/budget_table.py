@@ -53,7 +53,7 @@ def _recipe(point):
 
 
 def study(folders):
-    """One panel per run: {title, teacher_acc, seeds, rows: [...]} with every grid point."""
+    """One panel per run: {folder, teacher_acc, seeds, test_samples, rows}, a row per grid point."""
     runs = [read_run(folder) for folder in folders]
     panels = []
     for folder, (summary, budgets, preset) in zip(folders, runs):

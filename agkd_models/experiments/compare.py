@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 import yaml
 
 from ..config import SECTIONS, Config, ConfigError
-from ..data.cache import MANIFEST, TeacherCache, TeacherCacheError, cache_identity
+from ..data.cache import TeacherCache, TeacherCacheError, cache_identity
 from ..distillers import METHODS
 from ..engine.distributed import resolve_device
 from .pipeline import (CACHEABLE, build_data, build_teacher, cache_teacher, distill, evaluate_model,
@@ -246,7 +246,8 @@ def run_comparison(cfg: Config, out: Path, *, methods: Sequence[str], seeds: Seq
                 folder = out / name / _point_folder(point) / f"seed{seed}"
                 identity = {"config": _result_relevant(run_cfg, method), "teacher": teacher_fingerprint}
                 plan.append(_Run(seed, name, index, run_cfg, folder, identity, _earlier_result(folder, identity)))
-    _say_what_it_costs(plan, methods, points, seeds, out, log)
+    cache_epochs = {seed: max(step.cfg.train.epochs for step in plan if step.seed == seed) for seed in seeds}
+    _say_what_it_costs(plan, methods, points, seeds, cache_epochs, out, log)
 
     runs: Dict[str, Dict[int, Dict[int, Dict[str, Any]]]] = {m: {i: {} for i in range(len(points[m]))}
                                                             for m in methods}
@@ -260,7 +261,7 @@ def run_comparison(cfg: Config, out: Path, *, methods: Sequence[str], seeds: Seq
             continue
         cached = _replays_cache(run_cfg)
         if cached and seed not in caches:
-            epochs = _cache_epochs(plan, seed)
+            epochs = cache_epochs[seed]  # the longest run of the seed: every budget replays the same draws
             caches[seed] = _teacher_cache(_method_config(cfg, "none", seed, epochs)[1], teacher, teacher_path,
                                           out / "cache" / f"seed{seed}", epochs, log)
         log(where)
@@ -293,11 +294,6 @@ def _replays_cache(run_cfg: Config) -> bool:
     return run_cfg.distill.method in CACHEABLE and not (run_cfg.train.mixup > 0 or run_cfg.train.cutmix > 0)
 
 
-def _cache_epochs(plan: Sequence["_Run"], seed: int) -> int:
-    """A seed's cache covers the longest run of that seed, so every budget replays the same draws."""
-    return max(step.cfg.train.epochs for step in plan if step.seed == seed)
-
-
 def _earlier_result(folder: Path, identity: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """The result a finished run with the same identity left in ``folder``, if any."""
     result_file = folder / "result.json"
@@ -311,7 +307,7 @@ def _point_label(point: Dict[str, Any]) -> str:
     return f" [{', '.join(f'{k}={v}' for k, v in point.items())}]" if point else ""
 
 
-def _say_what_it_costs(plan, methods, points, seeds, out: Path, log) -> None:
+def _say_what_it_costs(plan, methods, points, seeds, cache_epochs: Dict[int, int], out: Path, log) -> None:
     """One line before any work: how many student runs, how many done before, (from the
     finished runs' epoch times) about how long the rest will take, and how many teacher
     caches are still to be made."""
@@ -328,19 +324,19 @@ def _say_what_it_costs(plan, methods, points, seeds, out: Path, log) -> None:
     if todo and seconds:
         line += f", about {epochs * sum(seconds) / len(seconds) / 60:.0f} min at the finished runs' pace"
     to_cache = sorted({step.seed for step in todo if _replays_cache(step.cfg)
-                       and _cached_epochs(out / "cache" / f"seed{step.seed}") < _cache_epochs(plan, step.seed)})
+                       and _cached_epochs(out / "cache" / f"seed{step.seed}") < cache_epochs[step.seed]})
     if to_cache:
-        line += (f"; first the teacher is cached over {plural(_cache_epochs(plan, to_cache[0]), 'epoch')} of "
+        line += (f"; first the teacher is cached over {plural(cache_epochs[to_cache[0]], 'epoch')} of "
                  f"augmentation for {plural(len(to_cache), 'seed')} (one teacher pass per epoch and seed)")
     log(line)
 
 
 def _cached_epochs(folder: Path) -> int:
-    """How many epochs a finished cache in ``folder`` holds (0 if none); its identity is
-    checked when it is opened."""
+    """How many epochs a finished cache in ``folder`` holds (0 if none); its identity and
+    checksums are checked when a run opens it."""
     try:
-        return int(json.loads((folder / MANIFEST).read_text())["epochs"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return TeacherCache.open(folder, verify=False).epochs
+    except TeacherCacheError:
         return 0
 
 
