@@ -23,7 +23,7 @@ from .distillers import ATTENTION_LOSSES
 from .engine import distributed
 from .engine.checkpoint import CheckpointError, check_readable
 from .engine.evaluation import classification_metrics
-from .engine.distributed import resolve_device
+from .engine.distributed import check_device, resolve_device
 from .engine.run_folder import RunFolder, RunFolderError, check_out_path
 from .engine.trainer import NonFiniteLossError
 from .experiments.compare import COMPARE_METHODS, LABELS, parse_grid, parse_methods, prepare_teacher, run_comparison
@@ -42,14 +42,18 @@ def _is_main() -> bool:
 
 
 @contextmanager
-def _own_run_folder(args, cfg, out: Path):
-    """``out`` is this run's while the block runs (:class:`RunFolder`); with ``--resume``
-    the saved configuration must match this one in everything that changes the result.
-    Under torchrun, rank 0 claims the folder and alone writes to it."""
+def _own_run_folder(args, cfg, out: Path, kind: str):
+    """``out`` is this run's while the block runs (:class:`RunFolder`). With ``--resume``,
+    a saved ``config.yaml`` that differs in what changes the result stops the run before
+    any work; the checkpoint's own record of the run is checked again when it is loaded
+    (:func:`~agkd_models.experiments.pipeline.check_resume`), which also writes the new
+    ``config.yaml``. Under torchrun, rank 0 claims the folder and alone writes to it."""
     if not _is_main():
         yield
         return
-    with RunFolder(out, resume=args.resume, overwrite=args.overwrite):
+    inputs = [("--teacher", getattr(args, "teacher", None)), ("--teacher-cache", getattr(args, "teacher_cache", None))]
+    with RunFolder(out, kind=kind, resume=args.resume, overwrite=args.overwrite, inputs=inputs,
+                   data_root=cfg.data.root):
         saved = out / "config.yaml"
         if args.resume and saved.is_file():
             conflicts = resume_conflicts(read_saved_config(saved), cfg)
@@ -57,13 +61,12 @@ def _own_run_folder(args, cfg, out: Path):
                 raise ConfigError(f"--resume continues the run in {out} as it was configured; these settings "
                                   f"differ and would change its result: {'; '.join(conflicts)}. Start a new run "
                                   f"(another --out, or --overwrite) to train with them")
-        save_config(cfg, saved)
         yield
 
 
 def cmd_train_teacher(args, cfg):
     out = Path(args.out)
-    with _own_run_folder(args, cfg, out):
+    with _own_run_folder(args, cfg, out, "train-teacher"):
         _train_teacher(args, cfg, out)
 
 
@@ -83,7 +86,7 @@ def _train_teacher(args, cfg, out: Path):
 def cmd_distill(args, cfg):
     out = Path(args.out)
     cfg.distill.method = args.method or cfg.distill.method
-    with _own_run_folder(args, cfg, out):
+    with _own_run_folder(args, cfg, out, "distill"):
         _distill(args, cfg, out)
 
 
@@ -134,7 +137,7 @@ def cmd_compare(args, cfg):
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
     # A comparison folder is meant to be re-entered (finished runs are kept), so it is only
     # locked, never refused for holding earlier results.
-    with RunFolder(out, work_files=()):
+    with RunFolder(out, kind="compare", work_files=(), data_root=cfg.data.root):
         save_config(cfg, out / "config.yaml")
         _compare(args, cfg, out, methods, grid)
 
@@ -143,11 +146,13 @@ def _compare(args, cfg, out: Path, methods, grid):
     if args.teacher:
         teacher_path = Path(args.teacher)
     else:
-        teacher_path = prepare_teacher(cfg, out / "teacher", args.teacher_epochs or cfg.train.epochs,
+        teacher_path = prepare_teacher(cfg, out / "teacher",
+                                       cfg.train.epochs if args.teacher_epochs is None else args.teacher_epochs,
                                        log=_log("compare"))["path"]
     seeds = [cfg.train.seed + i for i in range(args.seeds)]
+    student_epochs = cfg.train.epochs if args.student_epochs is None else args.student_epochs
     run_comparison(cfg, out, methods=methods, seeds=seeds, teacher_path=teacher_path,
-                   student_epochs=args.student_epochs or cfg.train.epochs, grid=grid, log=_log("compare"))
+                   student_epochs=student_epochs, grid=grid, log=_log("compare"))
     print((out / "comparison.md").read_text())
 
 
@@ -156,7 +161,7 @@ def _log(command):
 
 
 def cmd_demo(args, cfg):
-    with RunFolder(Path(args.out), work_files=()):  # locked, re-entered like a comparison's
+    with RunFolder(Path(args.out), kind="compare", work_files=(), data_root=cfg.data.root):  # re-entered like one
         _demo(args, cfg)
 
 
@@ -234,6 +239,33 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
             self._action_max_length += self._indent_increment
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (0 epochs or seeds is never meant)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _check_environment() -> None:
+    """The environment variables agkd reads, checked before any work."""
+    import agkd_ops
+    try:
+        agkd_ops.get_backend()
+    except ValueError as exc:
+        raise ConfigError(str(exc).removeprefix("agkd_ops: ")) from None
+
+
+def _os_error_line(exc: OSError) -> str:
+    """An OSError as one line naming the file (a full disk, a read-only folder, a path too
+    long for the file system)."""
+    what = exc.strerror or str(exc)
+    return f"{exc.filename}: {what}" if exc.filename else what
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="agkd", description=DESCRIPTION, epilog=EXAMPLES,
                                      formatter_class=_HelpFormatter)
@@ -277,9 +309,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     common(p, "digits")
     p.add_argument("--teacher", required=True, help="teacher.pt written by train-teacher")
     p.add_argument("--out", required=True, help="cache folder to create")
-    p.add_argument("--epochs", type=int, required=True, help="augmentation epochs to cache")
+    p.add_argument("--epochs", type=_positive_int, required=True, help="augmentation epochs to cache")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage precision")
-    p.add_argument("--topk", type=int, default=None, help="keep only the k largest teacher logits per sample")
+    p.add_argument("--topk", type=_positive_int, default=None, help="keep only the k largest teacher logits per sample")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
     p = sub.add_parser("evaluate", help="test (or validation) loss and accuracy of a saved model")
     common(p, "digits")
@@ -294,19 +326,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="teacher.pt to distil from (default: train one in OUT/teacher, or reuse the one there)")
     p.add_argument("--methods", default=",".join(COMPARE_METHODS),
                    help=f"comma-separated, from {', '.join(COMPARE_METHODS)} (default: all)")
-    p.add_argument("--seeds", type=int, default=3, help="training seeds train.seed, +1, ... (default 3)")
+    p.add_argument("--seeds", type=_positive_int, default=3, help="training seeds train.seed, +1, ... (default 3)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="try each value of a recipe setting (repeatable, e.g. --grid agkd.kd_weight=0.5,0.9 "
                         "--grid train.lr=0.001,0.002); each method is reported at the grid point with the best "
                         "mean validation accuracy, the whole grid in comparison.json")
-    p.add_argument("--teacher-epochs", type=int, default=None, help="default: train.epochs")
-    p.add_argument("--student-epochs", type=int, default=None, help="default: train.epochs")
+    p.add_argument("--teacher-epochs", type=_positive_int, default=None, help="default: train.epochs")
+    p.add_argument("--student-epochs", type=_positive_int, default=None, help="default: train.epochs")
     p = sub.add_parser("demo", help="digits: a teacher, then students without KD, with logit KD and with AGKD")
     common(p, "digits")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--teacher-epochs", type=int, default=6,
+    p.add_argument("--teacher-epochs", type=_positive_int, default=6,
                    help="default 6: the teacher then reaches about 0.99 test accuracy")
-    p.add_argument("--student-epochs", type=int, default=6,
+    p.add_argument("--student-epochs", type=_positive_int, default=6,
                    help="default 6, not the preset's 20, so that the demo takes minutes on a 2-core CPU; at 20 "
                         "the students come within 0.01 of the teacher (docs/results/digits/budget.md)")
     p.add_argument("--attention-losses", default="hybrid",
@@ -319,9 +351,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
-        if getattr(args, "out", None):
-            check_out_path(Path(args.out))
+        _check_environment()
         cfg = load_config(args.config, args.set)
+        if getattr(args, "out", None):
+            check_out_path(Path(args.out), data_root=cfg.data.root)
         if args.download:
             cfg.data.download = True
         if getattr(args, "amp", None):
@@ -330,6 +363,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             cfg.train.channels_last = True
         if getattr(args, "compile", False):
             cfg.train.compile = True
+        check_device(cfg.train.device)
         check_model_settings(cfg)
         # Files named on the command line, before any work starts.
         for flag, what in (("teacher", "teacher file"), ("checkpoint", "checkpoint")):
@@ -347,6 +381,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         message = " ".join(str(exc).split())
         print(f"agkd {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the machine's files refuse (a full disk, read-only, a name too long)
+        if args.debug or os.environ.get("AGKD_DEBUG", "0") not in ("", "0"):
+            raise
+        print(f"agkd {args.command}: error: {_os_error_line(exc)}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Stopped) as exc:
         # Stopped on purpose: one line on what was kept, and the shell's status for the signal.

@@ -53,16 +53,23 @@ _NATIVE_DTYPES = {
 }
 
 
-def _initial_backend() -> str:
+def _initial_backend():
+    """(backend, None), or (None, why) for an AGKD_OPS_BACKEND that names no backend. The
+    import does not fail on it (a program that imports agkd_ops could not say what is
+    wrong in its own words); every call does, until set_backend chooses one."""
     name = os.environ.get("AGKD_OPS_BACKEND", "auto").strip().lower() or "auto"
     if name not in _BACKENDS:
-        raise ValueError(
-            f"AGKD_OPS_BACKEND={name!r} is not a backend; choose one of {', '.join(_BACKENDS)}"
-        )
-    return name
+        return None, f"AGKD_OPS_BACKEND={name!r} is not a backend; choose one of {', '.join(_BACKENDS)}"
+    return name, None
 
 
-_backend = _initial_backend()
+_backend, _BACKEND_ERROR = _initial_backend()
+
+
+def check_backend() -> None:
+    """A ValueError when ``AGKD_OPS_BACKEND`` named no backend and none was set since."""
+    if _backend is None:
+        raise ValueError(f"agkd_ops: {_BACKEND_ERROR}")
 
 
 def set_backend(name: str) -> None:
@@ -78,6 +85,7 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     """The backend set by :func:`set_backend` (or ``AGKD_OPS_BACKEND``)."""
+    check_backend()
     return _backend
 
 
@@ -114,6 +122,8 @@ def use_native(function: str, op: str, tensor: torch.Tensor) -> bool:
     """Decide for one call; raises under ``"native"`` where no kernel can serve."""
     if _backend == "reference":
         return False
+    if _backend is None:
+        check_backend()
     device_type = tensor.device.type
     ok = _has_kernel(op, device_type) and tensor.dtype in _NATIVE_DTYPES.get(device_type, ())
     if not ok and _backend == "native":
@@ -141,6 +151,7 @@ def build_info() -> Dict[str, Any]:
         "cuda_device_available": torch.cuda.is_available(),
         "num_threads": torch.get_num_threads(),
         "backend": _backend,
+        "backend_error": _BACKEND_ERROR if _backend is None else None,
         "cuda_emulation": _CUDA_EMULATION,
     }
     if _C is not None:

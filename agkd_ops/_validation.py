@@ -72,6 +72,21 @@ def check_number(fn: str, name: str, value, *, positive=False, nonnegative=False
     return value
 
 
+# Temperatures outside this range are refused rather than computed: at 1e-300 the scaled
+# logits overflow float32 (a NaN loss), at 1e300 the τ² factor overflows; in between every
+# value gives finite losses and gradients for finite logits.
+TEMPERATURE_RANGE = (1e-3, 1e3)
+
+
+def check_temperature(fn: str, name: str, value) -> float:
+    value = check_number(fn, name, value, positive=True)
+    low, high = TEMPERATURE_RANGE
+    if not low <= value <= high:
+        raise ValueError(f"agkd_ops.{fn}: {name} must be in [{low:g}, {high:g}], got {value:g}; beyond that "
+                         f"range the temperature-scaled logits or the τ² factor overflow")
+    return value
+
+
 def check_fraction(fn: str, name: str, value) -> float:
     """A real number in [0, 1]."""
     value = check_number(fn, name, value)
@@ -101,12 +116,13 @@ def check_target(fn: str, target, logits: torch.Tensor, name: str = "target") ->
     if target.is_floating_point():
         if target.shape != logits.shape:
             raise ValueError(
-                f"agkd_ops.{fn}: probability targets must have the logits' shape ({n}, {k}), got "
-                f"{_shape(target)}; class indices are an integer ({n},) tensor"
+                f"agkd_ops.{fn}: {name} is floating ({target.dtype}), so it must hold probabilities "
+                f"of the logits' shape ({n}, {k}), got {_shape(target)}; class indices are an "
+                f"integer ({n},) tensor"
             )
         if target.dtype != logits.dtype:
-            raise TypeError(f"agkd_ops.{fn}: probability targets must have the logits' dtype "
-                            f"{logits.dtype}, got {target.dtype}")
+            raise TypeError(f"agkd_ops.{fn}: {name} holds probabilities and must have the logits' "
+                            f"dtype {logits.dtype}, got {target.dtype}")
     elif target.dtype not in (torch.int64, torch.int32):
         raise TypeError(
             f"agkd_ops.{fn}: {name} must hold integer class indices (int64 or int32) or floating "
@@ -121,13 +137,21 @@ def check_target(fn: str, target, logits: torch.Tensor, name: str = "target") ->
     return target if target.dtype != torch.int32 else target.long()
 
 
-def check_ignore_index(fn: str, ignore_index, target: torch.Tensor):
-    """None, or an int for class-index targets."""
+def check_ignore_index_type(fn: str, ignore_index):
+    """None or an int."""
     if ignore_index is None:
         return None
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"agkd_ops.{fn}: ignore_index must be an int or None, got "
                         f"{type(ignore_index).__name__}")
+    return int(ignore_index)
+
+
+def check_ignore_index(fn: str, ignore_index, target: torch.Tensor):
+    """None, or an int for class-index targets."""
+    ignore_index = check_ignore_index_type(fn, ignore_index)
+    if ignore_index is None:
+        return None
     if target.is_floating_point():
         raise ValueError(f"agkd_ops.{fn}: ignore_index applies to class-index targets only; "
                          f"got probability targets (pass ignore_index=None)")
@@ -140,11 +164,12 @@ def check_target_range(fn: str, target: torch.Tensor, k: int, ignore_index=None,
     reference path (torch's cross-entropy would assert on the device). It reads values on
     the host: a device sync on a GPU, which is why the native kernels check instead
     (csrc/agkd/kd.h)."""
-    # A data-dependent check cannot be traced; compiled code runs without it.
-    if torch.compiler.is_compiling():
+    # A data-dependent check cannot be traced (compiled code runs without it), and meta
+    # tensors have no values to check.
+    if torch.compiler.is_compiling() or target.device.type == "meta":
         return
     if target.is_floating_point():
-        low = float(target.min())
+        low = float(target.detach().min())
         if low < 0:
             raise ValueError(f"agkd_ops.{fn}: probability targets must be >= 0, got {low}")
         return
@@ -168,13 +193,26 @@ def check_choice(fn: str, name: str, value, choices) -> str:
     return value
 
 
-def check_window(fn: str, x: torch.Tensor, window_size, padding: str, names=("x", "y")) -> int:
-    """window_size must be a positive odd int that fits the map under this padding."""
+# The widest Gaussian window accepted: far beyond any SSIM in use (11 taps is the
+# standard), and small enough that the window and its padding always fit in memory.
+MAX_WINDOW_SIZE = 1023
+
+
+def check_window_size(fn: str, window_size) -> int:
+    """A positive odd int no wider than MAX_WINDOW_SIZE (whatever the map)."""
     if isinstance(window_size, bool) or not isinstance(window_size, numbers.Integral):
         raise TypeError(f"agkd_ops.{fn}: window_size must be an int, got {type(window_size).__name__}")
     window_size = int(window_size)
     if window_size < 1 or window_size % 2 == 0:
         raise ValueError(f"agkd_ops.{fn}: window_size must be a positive odd integer, got {window_size}")
+    if window_size > MAX_WINDOW_SIZE:
+        raise ValueError(f"agkd_ops.{fn}: window_size must be at most {MAX_WINDOW_SIZE}, got {window_size}")
+    return window_size
+
+
+def check_window(fn: str, x: torch.Tensor, window_size, padding: str, names=("x", "y")) -> int:
+    """window_size must be a positive odd int that fits the map under this padding."""
+    window_size = check_window_size(fn, window_size)
     h, w = x.shape[-2], x.shape[-1]
     pair = " and ".join(names)
     if padding == "valid" and (h < window_size or w < window_size):
@@ -190,12 +228,28 @@ def check_window(fn: str, x: torch.Tensor, window_size, padding: str, names=("x"
     return window_size
 
 
-def check_ssim_args(fn, x, window_size, sigma, data_range, k1, k2, padding, names=("x", "y")):
-    """Validates the SSIM keyword arguments; returns (window_size, sigma, c1, c2)."""
+# SSIM's stabilising constants are used in float32 (and float64): each must be a normal
+# positive float32 number, or flat windows divide 0 by 0 (too small) or every SSIM is 1
+# (too large).
+_FLOAT32_TINY, _FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
+
+
+def check_ssim_options(fn, window_size, sigma, data_range, k1, k2, padding):
+    """The SSIM keyword arguments, without a map; returns (window_size, sigma, c1, c2)."""
     check_choice(fn, "padding", padding, PADDINGS)
-    window_size = check_window(fn, x, window_size, padding, names)
+    window_size = check_window_size(fn, window_size)
     sigma = check_number(fn, "sigma", sigma, positive=True)
     data_range = check_number(fn, "data_range", data_range, positive=True)
     k1 = check_number(fn, "k1", k1, positive=True)
     k2 = check_number(fn, "k2", k2, positive=True)
-    return window_size, sigma, (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    constants = []
+    for k_name, k in (("k1", k1), ("k2", k2)):
+        c = (k * data_range) * (k * data_range)  # not **: a float power raises OverflowError
+        if not _FLOAT32_TINY <= c <= _FLOAT32_MAX:
+            raise ValueError(
+                f"agkd_ops.{fn}: data_range={data_range:g} with {k_name}={k:g} gives the SSIM constant "
+                f"({k_name}·data_range)² = {c:g}, outside float32's normal range "
+                f"[{_FLOAT32_TINY:.3g}, {_FLOAT32_MAX:.3g}]; give data_range on the scale of the data"
+            )
+        constants.append(c)
+    return (window_size, sigma, *constants)

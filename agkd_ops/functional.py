@@ -38,8 +38,9 @@ from ._defaults import (ATTENTION_P, COSINE_EPS, HYBRID_ALPHA, HYBRID_BETA, KD_A
                         KD_TEMPERATURE, NORMALIZE_EPS, SSIM)
 from ._defaults import reduce_per_sample as _reduce
 from ._validation import (LOGITS, REDUCTIONS, check_choice, check_fraction, check_kl_reduction,
-                          check_ignore_index, check_number, check_pair, check_ssim_args,
-                          check_target, check_target_range, check_tensor)
+                          check_ignore_index, check_ignore_index_type, check_number, check_pair,
+                          check_ssim_options, check_target, check_target_range, check_temperature,
+                          check_tensor, check_window)
 
 __all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "attention_map",
            "attention_align_loss", "kd_kl_div", "kd_loss"]
@@ -80,6 +81,46 @@ def _native_hybrid(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps, 
     return loss
 
 
+# The checks of each function's options, which need no tensor: the function runs them on
+# every call and its module (losses.py) once, at construction, as torch's modules do.
+
+def _ssim_options(fn, window_size, sigma, data_range, k1, k2, padding, reduction):
+    """(window_size, sigma, c1, c2)"""
+    options = check_ssim_options(fn, window_size, sigma, data_range, k1, k2, padding)
+    check_choice(fn, "reduction", reduction, REDUCTIONS)
+    return options
+
+
+def _cosine_options(fn, eps, reduction) -> float:
+    eps = check_number(fn, "eps", eps, positive=True)
+    check_choice(fn, "reduction", reduction, REDUCTIONS)
+    return eps
+
+
+def _hybrid_options(fn, alpha, beta, window_size, sigma, data_range, k1, k2, padding, eps, reduction):
+    """(alpha, beta, window_size, sigma, c1, c2, eps)"""
+    alpha = check_number(fn, "alpha", alpha, nonnegative=True)
+    beta = check_number(fn, "beta", beta, nonnegative=True)
+    window_size, sigma, c1, c2 = _ssim_options(fn, window_size, sigma, data_range, k1, k2, padding, reduction)
+    return alpha, beta, window_size, sigma, c1, c2, check_number(fn, "eps", eps, positive=True)
+
+
+def _kd_kl_div_options(fn, temperature, reduction) -> float:
+    temperature = check_temperature(fn, "temperature", temperature)
+    check_kl_reduction(fn, reduction)
+    return temperature
+
+
+def _kd_loss_options(fn, temperature, alpha, label_smoothing, ignore_index, reduction):
+    """(temperature, alpha, label_smoothing, ignore_index)"""
+    temperature = check_temperature(fn, "temperature", temperature)
+    alpha = check_fraction(fn, "alpha", alpha)
+    label_smoothing = check_fraction(fn, "label_smoothing", label_smoothing)
+    ignore_index = check_ignore_index_type(fn, ignore_index)
+    check_choice(fn, "reduction", reduction, REDUCTIONS)
+    return temperature, alpha, label_smoothing, ignore_index
+
+
 @_float32_under_autocast
 def ssim(x: torch.Tensor, y: torch.Tensor, *, window_size: int = SSIM.window_size,
          sigma: float = SSIM.sigma, data_range: float = SSIM.data_range, k1: float = SSIM.k1,
@@ -114,8 +155,8 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, window_size: int = SSIM.window_siz
     """
     fn = "ssim"
     check_pair(fn, x, y)
-    window_size, sigma, c1, c2 = check_ssim_args(fn, x, window_size, sigma, data_range, k1, k2, padding)
-    check_choice(fn, "reduction", reduction, REDUCTIONS)
+    window_size, sigma, c1, c2 = _ssim_options(fn, window_size, sigma, data_range, k1, k2, padding, reduction)
+    check_window(fn, x, window_size, padding)
     if _backend.use_native(fn, "hybrid_fwd", x):
         # SSIM itself, not a loss: 1 - loss per sample, then reduced (an op reduction would
         # round 1 - mean(loss) differently from mean(1 - loss)).
@@ -140,8 +181,8 @@ def ssim_loss(x: torch.Tensor, y: torch.Tensor, *, window_size: int = SSIM.windo
     """
     fn = "ssim_loss"
     check_pair(fn, x, y)
-    window_size, sigma, c1, c2 = check_ssim_args(fn, x, window_size, sigma, data_range, k1, k2, padding)
-    check_choice(fn, "reduction", reduction, REDUCTIONS)
+    window_size, sigma, c1, c2 = _ssim_options(fn, window_size, sigma, data_range, k1, k2, padding, reduction)
+    check_window(fn, x, window_size, padding)
     if _backend.use_native(fn, "hybrid_fwd", x):
         return _in_dtype(_native_hybrid(x, y, 1.0, 0.0, window_size, sigma, c1, c2, padding,
                                         COSINE_EPS, reduction), x.dtype)
@@ -172,8 +213,7 @@ def cosine_loss(x: torch.Tensor, y: torch.Tensor, *, eps: float = COSINE_EPS,
     """
     fn = "cosine_loss"
     check_pair(fn, x, y, min_rank=2)
-    eps = check_number(fn, "eps", eps, positive=True)
-    check_choice(fn, "reduction", reduction, REDUCTIONS)
+    eps = _cosine_options(fn, eps, reduction)
     if _backend.use_native(fn, "hybrid_fwd", x):
         # The cosine-only kernel reads the sample as one (1, 1, D) map; a view when possible.
         n = x.shape[0]
@@ -212,11 +252,9 @@ def hybrid_loss(x: torch.Tensor, y: torch.Tensor, *, alpha: float = HYBRID_ALPHA
     """
     fn = "hybrid_loss"
     check_pair(fn, x, y)
-    alpha = check_number(fn, "alpha", alpha, nonnegative=True)
-    beta = check_number(fn, "beta", beta, nonnegative=True)
-    window_size, sigma, c1, c2 = check_ssim_args(fn, x, window_size, sigma, data_range, k1, k2, padding)
-    eps = check_number(fn, "eps", eps, positive=True)
-    check_choice(fn, "reduction", reduction, REDUCTIONS)
+    alpha, beta, window_size, sigma, c1, c2, eps = _hybrid_options(
+        fn, alpha, beta, window_size, sigma, data_range, k1, k2, padding, eps, reduction)
+    check_window(fn, x, window_size, padding)
     if _backend.use_native(fn, "hybrid_fwd", x):
         return _in_dtype(_native_hybrid(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps,
                                         reduction), x.dtype)
@@ -261,8 +299,7 @@ def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     """
     fn = "kd_kl_div"
     check_pair(fn, student_logits, teacher_logits, names=_KD_NAMES, ranks=(2,), layout=LOGITS)
-    temperature = check_number(fn, "temperature", temperature, positive=True)
-    check_kl_reduction(fn, reduction)
+    temperature = _kd_kl_div_options(fn, temperature, reduction)
     if _backend.use_native(fn, "kd_fwd", student_logits):
         loss, _stats = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, None, temperature, 0.0,
                                              1.0, 0.0, None, "mean" if reduction == "batchmean" else reduction)
@@ -323,11 +360,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
     fn = "kd_loss"
     check_pair(fn, student_logits, teacher_logits, names=_KD_NAMES, ranks=(2,), layout=LOGITS)
     target = check_target(fn, target, student_logits)
-    temperature = check_number(fn, "temperature", temperature, positive=True)
-    alpha = check_fraction(fn, "alpha", alpha)
-    label_smoothing = check_fraction(fn, "label_smoothing", label_smoothing)
-    ignore_index = check_ignore_index(fn, ignore_index, target)
-    check_choice(fn, "reduction", reduction, REDUCTIONS)
+    temperature, alpha, label_smoothing, ignore_index = _kd_loss_options(
+        fn, temperature, alpha, label_smoothing, ignore_index, reduction)
+    check_ignore_index(fn, ignore_index, target)
     if _backend.use_native(fn, "kd_fwd", student_logits):
         # Target values are checked by the kernels, with no device-to-host sync: a
         # ValueError before any logit is read on the CPU, a NaN loss for that row on CUDA.
@@ -389,6 +424,32 @@ _ALIGN_DEFAULTS = {
 }
 
 
+def _align_options(fn, loss, align_corners, reduction, loss_kwargs):
+    """The fused kernel's (alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps):
+    alpha, beta and gamma weigh 1 - SSIM, 1 - cos and MSE."""
+    check_choice(fn, "loss", loss, ALIGN_LOSSES)
+    accepted = _ALIGN_DEFAULTS[loss]
+    unknown = sorted(set(loss_kwargs) - set(accepted))
+    if unknown:
+        takes = ", ".join(accepted) if accepted else "no keyword arguments"
+        raise TypeError(f"agkd_ops.{fn}: loss={loss!r} got unexpected keyword argument(s) "
+                        f"{', '.join(unknown)}; it takes {takes}")
+    if not isinstance(align_corners, bool):
+        raise TypeError(f"agkd_ops.{fn}: align_corners must be a bool, got {type(align_corners).__name__}")
+    check_choice(fn, "reduction", reduction, REDUCTIONS)
+    kw = {**accepted, **loss_kwargs}
+    alpha = check_number(fn, "alpha", kw["alpha"], nonnegative=True) if loss == "hybrid" else float(loss == "ssim")
+    beta = check_number(fn, "beta", kw["beta"], nonnegative=True) if loss == "hybrid" else float(loss == "cosine")
+    gamma = float(loss == "mse")
+    window_size, sigma, c1, c2, padding = 1, 1.0, 1.0, 1.0, "valid"  # unused without SSIM
+    if loss in ("ssim", "hybrid"):
+        padding = kw["padding"]
+        window_size, sigma, c1, c2 = check_ssim_options(fn, kw["window_size"], kw["sigma"], kw["data_range"],
+                                                        kw["k1"], kw["k2"], padding)
+    eps = check_number(fn, "eps", kw["eps"], positive=True) if "eps" in kw else COSINE_EPS
+    return alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps
+
+
 @_float32_under_autocast
 def attention_align_loss(student: torch.Tensor, teacher: torch.Tensor, *, loss: str = "mse",
                          align_corners: bool = False, reduction: str = "mean", **loss_kwargs
@@ -433,28 +494,10 @@ def attention_align_loss(student: torch.Tensor, teacher: torch.Tensor, *, loss: 
             f"student ({', '.join(map(str, student.shape))}) and teacher "
             f"({', '.join(map(str, teacher.shape))})"
         )
-    check_choice(fn, "loss", loss, ALIGN_LOSSES)
-    accepted = _ALIGN_DEFAULTS[loss]
-    unknown = sorted(set(loss_kwargs) - set(accepted))
-    if unknown:
-        takes = ", ".join(accepted) if accepted else "no keyword arguments"
-        raise TypeError(f"agkd_ops.{fn}: loss={loss!r} got unexpected keyword argument(s) "
-                        f"{', '.join(unknown)}; it takes {takes}")
-    if not isinstance(align_corners, bool):
-        raise TypeError(f"agkd_ops.{fn}: align_corners must be a bool, got {type(align_corners).__name__}")
-    check_choice(fn, "reduction", reduction, REDUCTIONS)
-    kw = {**accepted, **loss_kwargs}
-    # (alpha, beta, gamma): the weights of 1 - SSIM, 1 - cos and MSE in the fused kernel
-    alpha = check_number(fn, "alpha", kw["alpha"], nonnegative=True) if loss == "hybrid" else float(loss == "ssim")
-    beta = check_number(fn, "beta", kw["beta"], nonnegative=True) if loss == "hybrid" else float(loss == "cosine")
-    gamma = float(loss == "mse")
-    window_size, sigma, c1, c2, padding = 1, 1.0, 1.0, 1.0, "valid"  # unused without SSIM
+    alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps = _align_options(
+        fn, loss, align_corners, reduction, loss_kwargs)
     if loss in ("ssim", "hybrid"):
-        padding = kw["padding"]
-        window_size, sigma, c1, c2 = check_ssim_args(fn, teacher, kw["window_size"], kw["sigma"],
-                                                     kw["data_range"], kw["k1"], kw["k2"], padding,
-                                                     names=("teacher",))
-    eps = check_number(fn, "eps", kw["eps"], positive=True) if "eps" in kw else COSINE_EPS
+        check_window(fn, teacher, window_size, padding, names=("teacher",))
     if _backend.use_native(fn, "align_fwd", student):
         loss, _stats = torch.ops.agkd.align_fwd(student, teacher, alpha, beta, gamma, window_size,
                                                 sigma, c1, c2, padding, eps, align_corners, reduction)

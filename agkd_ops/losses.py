@@ -1,5 +1,6 @@
 """``nn.Module`` wrappers of :mod:`agkd_ops.functional`: hyper-parameters in ``__init__``
-(same names and defaults as the functions), tensors in ``forward``."""
+(same names and defaults as the functions, checked there by the function's own option
+checks, so a bad value fails at construction), tensors in ``forward``."""
 from __future__ import annotations
 
 from typing import Optional
@@ -27,6 +28,7 @@ class SSIMLoss(nn.Module):
                  data_range: float = SSIM.data_range, k1: float = SSIM.k1, k2: float = SSIM.k2,
                  padding: str = SSIM.padding, reduction: str = "mean") -> None:
         super().__init__()
+        F._ssim_options("ssim_loss", window_size, sigma, data_range, k1, k2, padding, reduction)
         self.window_size, self.sigma, self.data_range = window_size, sigma, data_range
         self.k1, self.k2, self.padding, self.reduction = k1, k2, padding, reduction
 
@@ -51,6 +53,7 @@ class CosineLoss(nn.Module):
 
     def __init__(self, *, eps: float = COSINE_EPS, reduction: str = "mean") -> None:
         super().__init__()
+        F._cosine_options("cosine_loss", eps, reduction)
         self.eps, self.reduction = eps, reduction
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -77,6 +80,8 @@ class HybridLoss(nn.Module):
                  padding: str = SSIM.padding, eps: float = COSINE_EPS, reduction: str = "mean"
     ) -> None:
         super().__init__()
+        F._hybrid_options("hybrid_loss", alpha, beta, window_size, sigma, data_range, k1, k2, padding, eps,
+                          reduction)
         self.alpha, self.beta = alpha, beta
         self.window_size, self.sigma, self.data_range = window_size, sigma, data_range
         self.k1, self.k2, self.padding = k1, k2, padding
@@ -107,6 +112,7 @@ class AttentionAlignLoss(nn.Module):
     def __init__(self, *, loss: str = "mse", align_corners: bool = False, reduction: str = "mean",
                  **loss_kwargs) -> None:
         super().__init__()
+        F._align_options("attention_align_loss", loss, align_corners, reduction, loss_kwargs)
         self.loss, self.align_corners, self.reduction = loss, align_corners, reduction
         self.loss_kwargs = dict(loss_kwargs)
 
@@ -132,6 +138,7 @@ class KDKLDivLoss(nn.Module):
     def __init__(self, *, temperature: float = KD_TEMPERATURE, reduction: str = "batchmean"
     ) -> None:
         super().__init__()
+        F._kd_kl_div_options("kd_kl_div", temperature, reduction)
         self.temperature, self.reduction = temperature, reduction
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -157,6 +164,7 @@ class KDLoss(nn.Module):
                  label_smoothing: float = 0.0, ignore_index: Optional[int] = None,
                  reduction: str = "mean") -> None:
         super().__init__()
+        F._kd_loss_options("kd_loss", temperature, alpha, label_smoothing, ignore_index, reduction)
         self.temperature, self.alpha, self.reduction = temperature, alpha, reduction
         self.label_smoothing, self.ignore_index = label_smoothing, ignore_index
 

@@ -38,7 +38,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import sys
 import time
 import warnings
@@ -112,6 +114,94 @@ def _open_npy(path: Path, mode: str = "r") -> np.ndarray:
     return np.load(path, mmap_mode=mode, allow_pickle=False)
 
 
+# Each field's file name, fixed: a manifest cannot point a field anywhere else.
+FIELD_FILES = {"labels": "labels.npy", "augment": "augment.npy", "logits": "logits.npy",
+               "topk_values": "topk_values.npy", "topk_indices": "topk_indices.npy", "attention": "attention.npy"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_manifest(path: Path) -> Dict[str, Any]:
+    """The manifest of the cache folder ``path``, checked entry by entry against what the
+    writer writes: the counts (epochs, samples, classes, top-k) against every field's
+    shape, each field's file name and dtype, and (format version 2) a SHA-256 for every
+    field. Anything else is a TeacherCacheError naming the entry."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise TeacherCacheError(f"teacher cache {path}: no {MANIFEST}; not a teacher cache, or one whose "
+                                f"writing did not finish. Make it with `agkd cache-teacher --out {path}`")
+
+    def bad(what: str) -> TeacherCacheError:
+        return TeacherCacheError(f"teacher cache {path}: {MANIFEST} {what}; it was not written by agkd "
+                                 f"cache-teacher or was changed since: rebuild it with `agkd cache-teacher "
+                                 f"--overwrite`")
+
+    try:
+        manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise bad("is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise TeacherCacheError(f"teacher cache {path}: {MANIFEST} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise TeacherCacheError(f"teacher cache {path}: {MANIFEST} cannot be read ({exc.strerror})") from None
+    if not isinstance(manifest, dict):
+        raise bad(f"holds a JSON {type(manifest).__name__}, not an object")
+    if manifest.get("format") != CACHE_FORMAT:
+        raise TeacherCacheError(f"teacher cache {path}: {MANIFEST} is not an {CACHE_FORMAT} manifest")
+    if manifest.get("version") not in READABLE_VERSIONS:
+        raise TeacherCacheError(f"teacher cache {path} has format version {manifest.get('version')}; this agkd "
+                                f"reads versions {', '.join(map(str, READABLE_VERSIONS))}. Rebuild it with "
+                                f"`agkd cache-teacher`")
+    for key, minimum in (("epochs", 1), ("num_samples", 1), ("num_classes", 2)):
+        if not _is_int(manifest.get(key)) or manifest[key] < minimum:
+            raise bad(f"entry {key!r} is {manifest.get(key)!r}, not an integer >= {minimum}")
+    epochs, samples, classes, topk = (manifest["epochs"], manifest["num_samples"], manifest["num_classes"],
+                                      manifest.get("topk"))
+    if topk is not None and not (_is_int(topk) and 0 < topk < classes):
+        raise bad(f"entry 'topk' is {topk!r}, not null or an integer in [1, {classes - 1}]")
+    dtype = manifest.get("dtype")
+    if dtype not in STORAGE_DTYPES:
+        raise bad(f"entry 'dtype' is {dtype!r}, not one of {', '.join(STORAGE_DTYPES)}")
+    if not isinstance(manifest.get("made_from"), dict):
+        raise bad("has no 'made_from' object")
+    fields = manifest.get("fields")
+    expected = {"labels": ("int64", [samples]), "augment": ("int32", [epochs, samples, 5]),
+                "attention": (dtype, None)}
+    if topk is None:
+        expected["logits"] = (dtype, [epochs, samples, classes])
+    else:
+        expected["topk_values"] = (dtype, [epochs, samples, topk])
+        expected["topk_indices"] = ("int16" if classes <= np.iinfo(np.int16).max else "int32", [epochs, samples, topk])
+    if not isinstance(fields, dict) or set(fields) != set(expected):
+        names = sorted(fields) if isinstance(fields, dict) else fields
+        raise bad(f"lists the fields {names!r}; a cache with topk={topk} has {', '.join(sorted(expected))}")
+    for name, (field_dtype, shape) in expected.items():
+        spec = fields[name]
+        if not isinstance(spec, dict):
+            raise bad(f"field {name!r} is {spec!r}, not an object")
+        if spec.get("file") != FIELD_FILES[name]:
+            raise bad(f"field {name!r} names the file {spec.get('file')!r}; its file is {FIELD_FILES[name]!r}, "
+                      f"inside the cache folder")
+        got_shape = spec.get("shape")
+        if not isinstance(got_shape, list) or not all(_is_int(v) and v > 0 for v in got_shape):
+            raise bad(f"field {name!r} has the shape {got_shape!r}, not a list of positive integers")
+        if shape is None:  # attention: (E, S, C, H, W)
+            shape = [epochs, samples] + got_shape[2:]
+            if len(got_shape) != 5:
+                raise bad(f"field 'attention' has the shape {got_shape}, not (epochs, samples, C, H, W)")
+        if got_shape != shape or spec.get("dtype") != field_dtype:
+            raise bad(f"field {name!r} is {spec.get('dtype')} {got_shape}, but epochs={epochs}, "
+                      f"num_samples={samples}, num_classes={classes}, topk={topk}, dtype={dtype} make it "
+                      f"{field_dtype} {shape}")
+        if manifest["version"] >= 2 and not (isinstance(spec.get("sha256"), str)
+                                             and re.fullmatch(r"[0-9a-f]{64}", spec["sha256"])):
+            raise bad(f"field {name!r} has no SHA-256 (version {manifest['version']} records one for every "
+                      f"field, so its values could not be verified)")
+    return manifest
+
+
 class TeacherCache:
     """A validated cache folder; field arrays are memory-mapped on first use in each
     process (so DataLoader workers map the files instead of receiving copies)."""
@@ -130,23 +220,12 @@ class TeacherCache:
         once); with ``expect`` (:func:`cache_identity` of the run) also that it was made
         from the same data set, augmentation and teacher."""
         path = Path(path)
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise TeacherCacheError(f"teacher cache {path}: no {MANIFEST}; not a teacher cache, or one whose "
-                                    f"writing did not finish. Make it with `agkd cache-teacher --out {path}`")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise TeacherCacheError(f"teacher cache {path}: {MANIFEST} is not valid JSON ({exc})") from None
-        if manifest.get("format") != CACHE_FORMAT:
-            raise TeacherCacheError(f"teacher cache {path}: {MANIFEST} is not an {CACHE_FORMAT} manifest")
-        if manifest.get("version") not in READABLE_VERSIONS:
-            raise TeacherCacheError(f"teacher cache {path} has format version {manifest.get('version')}; this agkd "
-                                    f"reads versions {', '.join(map(str, READABLE_VERSIONS))}. Rebuild it with "
-                                    f"`agkd cache-teacher`")
+        manifest = _read_manifest(path)
         for name, spec in manifest["fields"].items():
             file = path / spec["file"]
             try:
+                if not stat.S_ISREG(file.lstat().st_mode):  # a FIFO would block, a link could lead anywhere
+                    raise OSError(f"{file.name} is not a regular file")
                 array = _open_npy(file)
             except (OSError, ValueError) as exc:
                 raise TeacherCacheError(f"teacher cache {path}: field {name!r} ({file.name}) is missing or "
@@ -154,7 +233,7 @@ class TeacherCache:
             if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
                 raise TeacherCacheError(f"teacher cache {path}: {file.name} holds {array.dtype} {list(array.shape)}, "
                                         f"the manifest says {spec['dtype']} {spec['shape']}")
-            if verify and "sha256" in spec and _sha256(file) != spec["sha256"]:
+            if verify and manifest["version"] >= 2 and _sha256(file) != spec["sha256"]:
                 raise TeacherCacheError(f"teacher cache {path}: field {name!r} ({file.name}) changed after the cache "
                                         f"was written (its SHA-256 differs from the manifest's); rebuild it with "
                                         f"`agkd cache-teacher --overwrite`")
@@ -368,6 +447,9 @@ def write_teacher_cache(teacher: nn.Module, train_set: AugmentedDataset, out: Pa
         raise TeacherCacheError(f"cache epochs must be a positive integer, got {epochs!r}")
     if out.exists() and not overwrite:
         raise TeacherCacheError(f"{out} exists; pass --overwrite to replace it")
+    if out.exists() and not _holds_a_cache(out):
+        raise TeacherCacheError(f"{out} is not a teacher cache (no {CACHE_FORMAT} {MANIFEST}); --overwrite replaces "
+                                f"only a teacher cache, never another folder: give another --out")
     if here.is_main:
         _remove_leftovers(out)
     teacher.eval().to(device)
@@ -392,34 +474,69 @@ def write_teacher_cache(teacher: nn.Module, train_set: AugmentedDataset, out: Pa
 
     # Rank 0 chooses and creates the working folder; every rank learns its name.
     work = Path(distributed.gather_objects(str(out.with_name(f".{out.name}.partial-{os.getpid()}")))[0])
-    if here.is_main:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        for name, (file, field_dtype, shape) in fields.items():
-            np.lib.format.open_memmap(work / file, mode="w+", dtype=field_dtype, shape=tuple(shape)).flush()
-    distributed.barrier()
     try:
+        if here.is_main:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            for name, (file, field_dtype, shape) in fields.items():
+                _allocate_npy(work / file, field_dtype, shape)
+        distributed.barrier()
         _fill(teacher, train_set, work, fields, epochs=epochs, dtype=dtype, topk=topk, batch_size=batch_size,
               num_workers=num_workers, device=device, progress=progress and here.is_main)
+        distributed.barrier()
+        if here.is_main:
+            _finish(out, work, fields, identity, teacher_config, epochs=epochs, num_samples=num_samples,
+                    num_classes=num_classes, topk=topk, dtype=dtype)
+    except OSError as exc:  # a full disk, a read-only folder: nothing is left behind
+        if here.is_main:
+            shutil.rmtree(work, ignore_errors=True)
+        size = sum(int(np.prod(shape)) * np.dtype(d).itemsize for _, d, shape in fields.values())
+        raise TeacherCacheError(f"could not write the teacher cache {out} ({size / 2**20:.1f} MiB) "
+                                f"({exc.strerror or exc}); nothing was cached") from None
     except BaseException:
         if here.is_main:  # a failed write leaves nothing behind
             shutil.rmtree(work, ignore_errors=True)
         raise
     distributed.barrier()
-    if here.is_main:
-        manifest = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    "epochs": epochs, "num_samples": num_samples, "num_classes": num_classes, "topk": topk,
-                    "dtype": dtype, "fields": {name: {"file": f, "dtype": d, "shape": s, "sha256": _sha256(work / f)}
-                                               for name, (f, d, s) in fields.items()},
-                    "made_from": identity, "teacher_config": teacher_config}
-        (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync(work / MANIFEST)
-        if out.exists():  # overwrite: the old cache stays usable until the new one is in place
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(work, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(work, out)
-    distributed.barrier()
     return out
+
+
+def _holds_a_cache(folder: Path) -> bool:
+    """Whether ``folder`` has a teacher cache's manifest (valid or not otherwise)."""
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("format") == CACHE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _allocate_npy(path: Path, dtype: str, shape) -> None:
+    """An .npy file of ``shape`` whose blocks are all on disk before it is memory-mapped:
+    a disk that cannot hold it fails here with ENOSPC, not later with SIGBUS when a
+    mapped page is first written."""
+    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape)).flush()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+
+
+def _finish(out: Path, work: Path, fields, identity, teacher_config, *, epochs, num_samples, num_classes, topk,
+            dtype) -> None:
+    """Rank 0: the manifest written and flushed, then the folder moved into place."""
+    manifest = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "epochs": epochs, "num_samples": num_samples, "num_classes": num_classes, "topk": topk,
+                "dtype": dtype, "fields": {name: {"file": f, "dtype": d, "shape": s, "sha256": _sha256(work / f)}
+                                           for name, (f, d, s) in fields.items()},
+                "made_from": identity, "teacher_config": teacher_config}
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _fsync(work / MANIFEST)
+    if out.exists():  # overwrite: the old cache stays usable until the new one is in place
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(work, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(work, out)

@@ -9,7 +9,9 @@ least one complete checkpoint, so a run never loses more than the epoch in progr
 """
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -23,7 +25,8 @@ from torch import nn
 
 from ..settings import unreadable
 
-__all__ = ["CheckpointError", "unreadable", "check_readable", "atomic_save", "previous_path", "save_rotating", "read_checkpoint",
+__all__ = ["CheckpointError", "unreadable", "check_readable", "atomic_save", "save_file", "previous_path",
+           "save_rotating", "read_checkpoint",
            "read_newest_checkpoint",
            "read_weights", "load_model_weights", "describe_weights"]
 
@@ -37,7 +40,9 @@ class CheckpointError(ValueError):
 
 def atomic_save(obj: Any, path: Path) -> None:
     """Write to a temporary file beside ``path``, flush it to disk, then rename over it:
-    a crash leaves either the old file or the new one, never a truncated one."""
+    a crash leaves either the old file or the new one, never a truncated one. A write the
+    file system refuses (a full disk) is an OSError naming ``path``, whatever torch.save
+    turned it into."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -45,10 +50,38 @@ def atomic_save(obj: Any, path: Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except OSError:
         tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
         raise
+    except RuntimeError as exc:  # torch's zip writer reports a failed write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise OSError(errno.EIO, _write_failure(path.parent, exc), str(path)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def _write_failure(folder: Path, exc: BaseException) -> str:
+    """Why a write into ``folder`` failed, in a few words."""
+    try:
+        if shutil.disk_usage(folder).free < (1 << 20):
+            return os.strerror(errno.ENOSPC)
+    except OSError:
+        pass
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"write failed: {first[:120]}"
+
+
+def save_file(obj: Any, path: Path, what: str) -> None:
+    """``atomic_save`` for the files a run ends with (``teacher.pt``, ``student.pt``): a
+    write that fails is a CheckpointError naming the file, and the previous file (if any)
+    is left as it was."""
+    try:
+        atomic_save(obj, path)
+    except OSError as exc:
+        raise CheckpointError(f"could not write {what} {path} ({exc.strerror or exc}); the run's checkpoint is "
+                              f"kept: free some space and run the same command with --resume to write it") from None
 
 
 def previous_path(path: Path) -> Path:

@@ -12,6 +12,8 @@ from typing import Any, List, Sequence
 import torch
 import torch.distributed as dist
 
+from ..settings import ConfigError
+
 __all__ = ["World", "setup", "world", "resolve_device", "shutdown", "all_reduce_sums", "gather_objects", "average_gradients",
            "average_buffers", "barrier", "ddp_ignored_names"]
 
@@ -39,10 +41,31 @@ def world() -> World:
     return World()
 
 
+def check_device(name: str) -> None:
+    """A ConfigError when ``train.device`` names a device this machine does not have."""
+    if name in ("auto", "cpu"):
+        return
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"train.device={name!r}, but this machine has no CUDA device (torch "
+                              f"{torch.__version__}, CUDA build {torch.version.cuda}); use train.device=cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"train.device={name!r}, but this machine has {count} CUDA device(s) "
+                              f"(cuda:0 to cuda:{count - 1})")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"train.device={name!r}, but MPS is not available on this machine; use "
+                              f"train.device=cpu or auto")
+
+
 def resolve_device(name: str) -> torch.device:
-    """``"auto"``: CUDA when available, else the CPU; any other name as torch reads it."""
+    """``"auto"``: CUDA when available, else the CPU; any other name as torch reads it,
+    once :func:`check_device` has found it on this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(name)
     return torch.device(name)
 
 
@@ -52,8 +75,7 @@ def setup(device: str = "auto") -> tuple[World, torch.device]:
     the CPU. ``device`` is ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (single process)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={device!r} but CUDA is not available")
+    check_device(device)
     if size > 1:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if use_cuda:

@@ -76,10 +76,11 @@ inline KdGeometry check_kd_inputs(const at::Tensor& student, const at::Tensor& t
 }
 
 // The target as the kernels read it (class indices made contiguous). The CE term needs it,
-// and so does an ignore_index, which masks the KL term's rows too.
+// an ignore_index masks the KL term's rows too, and a target given with ce_weight 0 is
+// still checked: a bad target is an error (CPU) or a NaN row (CUDA) whatever the weights.
 inline KdTarget kd_target(const std::optional<at::Tensor>& target, const KdParams& p) {
   KdTarget t;
-  if (!(p.with_ce() || p.ignore_index.has_value())) return t;
+  if (!target.has_value() || !target->defined()) return t;
   t.probabilities = target->is_floating_point();
   t.tensor = t.probabilities ? *target : target->contiguous();
   t.ignores = p.ignore_index.has_value();

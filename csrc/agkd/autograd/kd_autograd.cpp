@@ -30,6 +30,22 @@ struct KdBwdOp {
   }
 };
 
+// ∂loss/∂q of a probability target q that requires grad (F.cross_entropy differentiates
+// it too): the cross-entropy is −Σ_k q'_k log softmax(s)_k with q' = (1 − ε)·q + ε/K, so
+// the gradient is −ce_weight·(1 − ε)·log softmax(s), times each row's upstream gradient.
+// Rarely asked for, so it is a few ATen ops on the saved row maximum and log-normaliser
+// rather than a kernel output.
+at::Tensor probability_target_grad(const at::Tensor& grad_rows, const at::Tensor& student,
+                                   const at::Tensor& stats, double ce_weight,
+                                   double label_smoothing) {
+  if (ce_weight == 0.0) return at::zeros_like(student);
+  const at::Tensor log_p = student.to(stats.scalar_type())
+                               .sub(stats.select(1, kStatMaxS).unsqueeze(1))
+                               .sub_(stats.select(1, kStatLogZCE).unsqueeze(1));
+  const at::Tensor row_scale = grad_rows.to(stats.scalar_type()).mul(-ce_weight * (1.0 - label_smoothing));
+  return log_p.mul_(row_scale.unsqueeze(1)).to(student.scalar_type());
+}
+
 class KdFunction : public torch::autograd::Function<KdFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& student,
@@ -75,6 +91,10 @@ class KdFunction : public torch::autograd::Function<KdFunction> {
                                    d.at("kl_weight").toDouble(), d.at("label_smoothing").toDouble(),
                                    ignore_index, needs_student, needs_teacher)),
         needs_student, needs_teacher);
+    if (ctx->needs_input_grad(2) && target && target->is_floating_point()) {
+      out[2] = probability_target_grad(grad_loss, saved[0], saved[3], d.at("ce_weight").toDouble(),
+                                       d.at("label_smoothing").toDouble());
+    }
     return out;
   }
 };

@@ -69,6 +69,7 @@ struct KdArgs {
   Smoothing<acc_t> smoothing;
   acc_t temperature, ce_weight, kl_weight;
   int64_t K;
+  bool unread_probabilities;  // probability targets that the loss (ce_weight 0) never reads
 };
 
 template <typename scalar_t>
@@ -84,7 +85,8 @@ KdArgs<scalar_t> kd_args(const at::Tensor& student, const at::Tensor& teacher, c
           static_cast<acc_t>(p.temperature),
           static_cast<acc_t>(p.ce_weight),
           static_cast<acc_t>(p.kl_weight),
-          student.size(1)};
+          student.size(1),
+          target.probabilities && !p.with_ce()};
 }
 
 template <typename scalar_t, bool kCE, bool kKL, bool kProb>
@@ -108,6 +110,17 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
   max_s = block_reduce(max_s, scratch, MaxOp{});
   if (kKL) max_t = block_reduce(max_t, scratch, MaxOp{});
+  // A target the loss does not read (ce_weight 0) is still checked, with no host sync: a
+  // class outside [0, K) or a negative probability makes the row's loss NaN, as it does
+  // when the cross-entropy reads the target. (The flag is the same for the whole block.)
+  bool bad_target = !kCE && a.classes != nullptr && !kd_class_in_range(a.classes[n], K);
+  if (!kCE && a.unread_probabilities) {
+    acc_t bad = 0;
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+      if (!(a.q.at(n, k) >= acc_t(0))) bad = 1;
+    }
+    bad_target = block_reduce(bad, scratch, MaxOp{}) > acc_t(0);
+  }
 
   KdRowSums<acc_t> partial;  // this thread's classes, in acc_t
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
@@ -141,7 +154,8 @@ __global__ void __launch_bounds__(kMaxThreads)
                       kd_target_logit<acc_t>(a.classes[n], K, [&](int64_t k) { return a.s.at(n, k); }) - max_s);
       ce = kd_row_ce(st, target, static_cast<acc_t>(sums.s_sum), a.smoothing);
     }
-    loss[n] = kd_row_loss(st, ce, a.temperature, a.ce_weight, a.kl_weight);
+    loss[n] = bad_target ? std::numeric_limits<acc_t>::quiet_NaN()
+                         : kd_row_loss(st, ce, a.temperature, a.ce_weight, a.kl_weight);
     store_kd_stats(st, stats + n * kKdStats);
   }
 }
@@ -189,7 +203,8 @@ std::tuple<at::Tensor, at::Tensor> kd_fwd_cuda(const at::Tensor& student,
   const c10::cuda::CUDAGuard guard(student.device());
   auto [loss, stats] = per_sample_outputs(student, g.N, kKdStats);
   // Targets are not range-checked here: that would read them on the host and sync the
-  // device. An out-of-range class or a negative probability makes its row's loss NaN.
+  // device. An out-of-range class or a negative probability makes its row's loss NaN,
+  // whatever the weights.
   const KdTarget tgt = kd_target(target, p);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int threads = forward_threads(g.K);

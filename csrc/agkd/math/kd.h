@@ -179,9 +179,13 @@ AGKD_HOST_DEVICE T kd_row_loss(const KdRowStats<T>& st, T ce, T temperature, T c
 // The student's logit at the target class, or NaN for a target outside [0, K): never an
 // out-of-bounds read. The CPU host rejects such targets before the kernel runs
 // (cpu/kd_cpu.cpp); on CUDA, where checking would sync the device, the row's loss is NaN.
+AGKD_HOST_DEVICE bool kd_class_in_range(int64_t target, int64_t K) {
+  return target >= 0 && target < K;
+}
+
 template <typename T, typename Load>
 AGKD_HOST_DEVICE T kd_target_logit(int64_t target, int64_t K, const Load& load) {
-  return (target >= 0 && target < K) ? load(target) : std::numeric_limits<T>::quiet_NaN();
+  return kd_class_in_range(target, K) ? load(target) : std::numeric_limits<T>::quiet_NaN();
 }
 
 // Per-row coefficients of the backward: the row's upstream gradient folded in once.
