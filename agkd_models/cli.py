@@ -263,7 +263,10 @@ def _os_error_line(exc: OSError) -> str:
     """An OSError as one line naming the file (a full disk, a read-only folder, a path too
     long for the file system)."""
     what = exc.strerror or str(exc)
-    return f"{exc.filename}: {what}" if exc.filename else what
+    name = str(exc.filename) if exc.filename else ""
+    if len(name) > 160:  # a name too long for the file system is too long for one line too
+        name = f"{name[:80]}...{name[-40:]} ({len(name)} characters)"
+    return f"{name}: {what}" if name else what
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -45,7 +45,8 @@ class DataConfig(Settings, section="data"):
                                   "else of the training split)", above=0, below=1)
     test_fraction: float = setting(0.2, "share of a single-split data set held out for the test", minimum=0,
                                    below=1)
-    split_seed: int = setting(0, "seed of the train/validation/test split, separate from train.seed", minimum=0)
+    split_seed: int = setting(0, "seed of the train/validation/test split, separate from train.seed", minimum=0,
+                              maximum=2**32 - 1)
     flip: bool = setting(True, "random horizontal flips in training")
     download: bool = setting(False, "allow fetching the data set (CIFAR)", resume="any")
     limit_train: Optional[int] = setting(None, "use only this many training samples", minimum=1)

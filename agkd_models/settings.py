@@ -50,10 +50,13 @@ class Rule:
                  "list": "a list of integers", "dict": "a mapping of keyword arguments"}[kind]
         if self.odd:
             words = "an odd integer"
-        bounds = [f">= {self.minimum:g}" if self.minimum is not None else "",
-                  f"> {self.above:g}" if self.above is not None else "",
-                  f"<= {self.maximum:g}" if self.maximum is not None else "",
-                  f"< {self.below:g}" if self.below is not None else ""]
+        def number(v: float) -> str:  # 4294967295, not 4.29497e+09
+            return str(int(v)) if float(v).is_integer() and abs(v) < 2**53 else f"{v:g}"
+
+        bounds = [f">= {number(self.minimum)}" if self.minimum is not None else "",
+                  f"> {number(self.above)}" if self.above is not None else "",
+                  f"<= {number(self.maximum)}" if self.maximum is not None else "",
+                  f"< {number(self.below)}" if self.below is not None else ""]
         bounds = [b for b in bounds if b]
         if self.model:
             words = "a timm model name"

@@ -129,3 +129,4 @@ def assert_clear_error(call, exc, words):
     assert message.startswith("agkd_ops."), message
     for word in words:
         assert word in message, f"{word!r} not in {message!r}"
+    return message

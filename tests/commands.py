@@ -32,6 +32,15 @@ def assert_one_line_error(capsys, argv, *words):
     return lines[0]
 
 
+def agkd_folder(path, kind="train-teacher"):
+    """``path`` made as agkd makes a run folder (marked with its kind), for tests that then
+    put a run's files in it by hand."""
+    from agkd_models.engine.run_folder import mark_run_folder
+    path.mkdir(parents=True, exist_ok=True)
+    mark_run_folder(path, kind)
+    return path
+
+
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory):
     """The digits preset's teacher, untrained, saved as a teacher file."""

@@ -274,8 +274,9 @@ def test_cli_cache_errors_are_clear(teacher_file, caches, tmp_path, capsys):
     assert main(["distill", "--teacher-cache", str(caches["float16"]), "--set", "train.seed=3"] + args) == 2
     assert "does not match this run" in capsys.readouterr().err
     args[3] = str(tmp_path / "cache")
-    assert main(["cache-teacher", "--epochs", "0"] + args) == 2
-    assert "positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # argparse: an integer >= 1
+        main(["cache-teacher", "--epochs", "0"] + args)
+    assert refused.value.code == 2 and "expected an integer >= 1, got 0" in capsys.readouterr().err
     assert main(["cache-teacher", "--epochs", "1", "--topk", "10"] + args) == 2
     assert "topk must be in [1, 9]" in capsys.readouterr().err
 

@@ -17,7 +17,7 @@ from agkd_models.distillers import build_task
 from agkd_models.experiments.pipeline import build_student, build_teacher
 from agkd_models.config import SECTIONS, ConfigError, PRESETS, default_config, load_config, validate_config
 
-from .commands import TINY, assert_one_line_error, run_cli, teacher_file  # noqa: F401 (a fixture)
+from .commands import TINY, agkd_folder, assert_one_line_error, run_cli, teacher_file  # noqa: F401 (a fixture)
 
 # ------------------------------------------------------------- the table, row by row
 
@@ -66,8 +66,7 @@ def test_resume_from_a_truncated_checkpoint_uses_the_previous_one(tmp_path, caps
 
 
 def test_resume_with_both_checkpoints_damaged_says_so(tmp_path, capsys):
-    out = tmp_path / "run"
-    out.mkdir()
+    out = agkd_folder(tmp_path / "run")
     (out / "checkpoint.pt").write_bytes(b"\0" * 100)
     (out / "checkpoint.prev.pt").write_bytes(b"PK\3\4 truncated")
     assert_one_line_error(capsys, ["train-teacher", "--out", str(out), "--resume"] + TINY,
@@ -150,7 +149,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, cap
                           "No space left on device", "checkpoint.pt", "--resume")
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 0
     # No half-written files (the run folder's lock file stays, by design).
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".agkd.lock"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name not in (".agkd.lock", ".agkd-run")]
 
 
 def test_rotation_keeps_the_previous_checkpoint(tmp_path):

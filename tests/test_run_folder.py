@@ -18,7 +18,7 @@ from agkd_models.cli import main
 from agkd_models.config import SECTIONS, load_config, resume_conflicts
 from agkd_models.engine.run_folder import LOCK_NAME, RunFolder, RunFolderError
 
-from .commands import TINY, assert_one_line_error, run_cli, teacher_file  # noqa: F401 (a fixture)
+from .commands import TINY, agkd_folder, assert_one_line_error, run_cli, teacher_file  # noqa: F401 (a fixture)
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
 
@@ -76,11 +76,11 @@ def test_out_that_is_a_file_or_lies_in_one(tmp_path, capsys):
 
 def test_a_locked_folder_is_refused_in_process(tmp_path, capsys):
     out = tmp_path / "run"
-    with RunFolder(out):
+    with RunFolder(out, kind="train-teacher"):
         assert_one_line_error(capsys, ["train-teacher", "--out", str(out)] + TINY, "in use by another agkd run",
                               str(os.getpid()))
     assert not (out / "metrics.jsonl").exists()
-    with RunFolder(out):  # released when the block ended
+    with RunFolder(out, kind="train-teacher"):  # released when the block ended
         pass
 
 
@@ -89,7 +89,7 @@ def test_a_second_process_into_a_running_folder_stops_at_once(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
          "from agkd_models.engine.run_folder import RunFolder\n"
-         f"with RunFolder(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(120)"],
+         f"with RunFolder(Path({str(out)!r}), kind='train-teacher'):\n    print('held', flush=True); time.sleep(120)"],
         env=ENV, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -102,13 +102,13 @@ def test_a_second_process_into_a_running_folder_stops_at_once(tmp_path):
     assert second.returncode == 2 and len(lines) == 1, second.stderr
     assert f"in use by another agkd run (pid {holder.pid})" in lines[0]
     # The kernel dropped the dead holder's lock: the folder is free again.
-    with RunFolder(out):
+    with RunFolder(out, kind="train-teacher"):
         assert (out / LOCK_NAME).read_text() == str(os.getpid())
 
 
 def test_run_folder_unit():
     with pytest.raises(RunFolderError, match="give one"):
-        RunFolder(Path("x"), resume=True, overwrite=True)
+        RunFolder(Path("x"), kind="distill", resume=True, overwrite=True)
 
 
 # ------------------------------------------------------------------ --resume is the same run

@@ -55,6 +55,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from ..engine import distributed
 from ..engine.progress import progress_bar
+from ..engine.run_folder import pid_alive
 from .datasets import AugmentedDataset, DataError, fingerprint
 
 __all__ = ["CACHE_VERSION", "TeacherCacheError", "CachedTeacherOutput", "TeacherCache", "CachedTeacherDataset",
@@ -407,16 +408,6 @@ def _fill(teacher, train_set, work: Path, fields, *, epochs, dtype, topk, batch_
         _fsync(work / file)
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
-
-
 def _remove_leftovers(out: Path) -> None:
     """Working folders (``.NAME.partial-PID``, ``.NAME.old-PID``) that processes no longer
     alive left beside ``out``, removed with a note; a live writer's are left alone."""
@@ -424,7 +415,7 @@ def _remove_leftovers(out: Path) -> None:
         return
     for path in out.parent.glob(f".{out.name}.*-*"):
         kind, _, pid = path.name[len(out.name) + 2:].rpartition("-")
-        if kind in ("partial", "old") and pid.isdigit() and not _process_alive(int(pid)):
+        if kind in ("partial", "old") and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             print(f"removed {path}, left by a cache writer that stopped (process {pid})", file=sys.stderr)
 

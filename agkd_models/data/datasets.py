@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import warnings
 import dataclasses
+import os
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -213,8 +214,24 @@ class _Samples(Dataset):
         from PIL import Image
         path, label = self.samples[index]
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = to_rgb(image)
         return (self.transform(image) if self.transform else image), label
+
+
+def to_rgb(image):
+    """A PIL image as 8-bit RGB. 16-bit and 32-bit grey images (``I;16``, ``I``: medical
+    scans, microscopy) are scaled from their type's full range to 8 bits; PIL's own
+    ``convert("RGB")`` clips them at 255, which turns nearly every pixel white."""
+    from PIL import Image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image)
+        top = 65535 if image.mode.startswith("I;16") or values.max(initial=0) <= 65535 else 2**32 - 1
+        scaled = (values.astype(np.float64) * (255.0 / top)).round().clip(0, 255).astype(np.uint8)
+        image = Image.fromarray(scaled, mode="L")
+    elif image.mode == "F":  # 32-bit float: taken as [0, 1]
+        scaled = (np.asarray(image, dtype=np.float64).clip(0, 1) * 255).round().astype(np.uint8)
+        image = Image.fromarray(scaled, mode="L")
+    return image.convert("RGB")
 
 
 class _ScaledDigits(Dataset):
@@ -237,6 +254,13 @@ class _ScaledDigits(Dataset):
     def __getitem__(self, index: int):
         image = self.rendered(index, index + 1)[0]
         return (self.transform(image) if self.transform else image), int(self.labels[index])
+
+
+def _regular_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _decodes(path: str) -> bool:
@@ -290,8 +314,9 @@ def _scan(root: Path, classes: List[str], layout: str) -> List[Tuple[str, int]]:
     samples = []
     for label, name in enumerate(classes):
         for dirpath, _dirs, files in sorted(os.walk(root / name)):
+            # Regular files only: a FIFO or device named like an image would block the read.
             samples += [(os.path.join(dirpath, f), label) for f in sorted(files)
-                        if f.lower().endswith(IMAGE_EXTENSIONS)]
+                        if f.lower().endswith(IMAGE_EXTENSIONS) and _regular_file(os.path.join(dirpath, f))]
     if not samples:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}; expected {layout}")
     return samples

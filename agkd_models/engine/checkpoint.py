@@ -25,7 +25,7 @@ from torch import nn
 
 from ..settings import unreadable
 
-__all__ = ["CheckpointError", "unreadable", "check_readable", "atomic_save", "save_file", "previous_path",
+__all__ = ["CheckpointError", "unreadable", "check_readable", "atomic_save", "atomic_write_text", "save_file", "previous_path",
            "save_rotating", "read_checkpoint",
            "read_newest_checkpoint",
            "read_weights", "load_model_weights", "describe_weights"]
@@ -60,6 +60,17 @@ def atomic_save(obj: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """``path`` replaced by ``text`` through a temporary file beside it: whole or not at all."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _write_failure(folder: Path, exc: BaseException) -> str:

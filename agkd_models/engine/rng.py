@@ -12,9 +12,11 @@ __all__ = ["seed_everything", "rng_state", "set_rng_state"]
 
 
 def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's generators from one integer (``train.seed`` plus
+    offsets per rank and epoch, which may pass NumPy's 2**32 limit: it takes the residue)."""
     random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed % 2**63)
 
 
 def rng_state() -> Dict[str, Any]:

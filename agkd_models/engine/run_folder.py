@@ -86,13 +86,15 @@ def _kind_of(out: Path) -> Optional[str]:
 
 
 def mark_run_folder(out: Path, kind: str) -> None:
-    """Marks ``out`` (which exists) as a folder of a ``kind`` run."""
+    """Marks ``out`` (made if need be) as a folder of a ``kind`` run."""
     assert kind in RUN_KINDS, kind
+    out.mkdir(parents=True, exist_ok=True)
     if _kind_of(out) != kind:
         (out / MARK_NAME).write_text(kind + "\n")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (of any user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -111,7 +113,7 @@ def remove_stale_temporaries(out: Path) -> None:
     for path in out.glob(".*-*"):
         kind, _, pid = path.name.rpartition("-")
         if (kind.endswith(".tmp") or kind.endswith(".new")) and pid.isdigit() and path.is_file() \
-                and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                and int(pid) != os.getpid() and not pid_alive(int(pid)):
             path.unlink(missing_ok=True)
 
 

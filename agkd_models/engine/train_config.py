@@ -34,7 +34,8 @@ class TrainConfig(Settings, section="train"):
                                 "both on, half the mixed batches use each)", minimum=0, maximum=1)
     num_workers: int = setting(0, "data-loader worker processes (augmentation draws do not depend on them)",
                                minimum=0, resume="any")
-    seed: int = setting(0, "training seed", minimum=0)
+    seed: int = setting(0, "training seed (NumPy and scikit-learn take seeds below 2**32)", minimum=0,
+                        maximum=2**32 - 1)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N (a run resumed on another device agrees to float "
                           "rounding, not bit for bit)", resume="any")
     progress: bool = setting(True, "progress bars and per-epoch lines", resume="any")

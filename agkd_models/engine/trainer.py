@@ -25,9 +25,11 @@ loss path with ``fullgraph=True``) and ``sync_bn`` (``SyncBatchNorm`` across GPU
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -38,10 +40,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from . import distributed
 from .amp import autocast
-from .checkpoint import (CheckpointError, previous_path, read_checkpoint, read_newest_checkpoint,
+from .checkpoint import (CheckpointError, atomic_write_text, previous_path, read_checkpoint, read_newest_checkpoint,
                          save_rotating, signals_deferred)
 from .evaluation import classification_metrics, evaluate_logits
 from .progress import progress_bar
+from .run_folder import remove_stale_temporaries
 from .rng import rng_state, seed_everything, set_rng_state
 from .task import Task, TaskOutput
 from .train_config import TrainConfig
@@ -85,13 +88,32 @@ def _batch_mixer(config: TrainConfig, num_classes: Optional[int]):
                  label_smoothing=0.0, num_classes=num_classes)
 
 
+@contextmanager
+def _batchnorm_eval_if_single(module: nn.Module, batch_size: int):
+    """BatchNorm layers of ``module`` in eval mode for a batch of one sample (see
+    ``Trainer._step``); their modes are restored afterwards."""
+    if batch_size != 1:
+        yield
+        return
+    switched = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in switched:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.train()
+
+
 class Trainer:
     """Trains ``task`` with ``config`` (the ``train`` section of a configuration), writing
     logs and checkpoints to ``out_dir``; validation runs ``task.inference_model()`` (the
     student when distilling)."""
 
-    def __init__(self, task: Task, config: TrainConfig, out_dir: Path, *, num_classes: Optional[int] = None):
+    def __init__(self, task: Task, config: TrainConfig, out_dir: Path, *, num_classes: Optional[int] = None,
+                 run_record: Optional[Dict[str, Any]] = None):
         self.task, self.config, self.out_dir = task, config, Path(out_dir)
+        self.run_record = run_record  # what the run was made from, kept in every checkpoint (resume checks it)
         task.label_smoothing = config.label_smoothing
         self.mixup = _batch_mixer(config, num_classes)
         self.world, self.device = distributed.setup(config.device)
@@ -171,6 +193,8 @@ class Trainer:
                  "scaler": self.scaler.state_dict(),
                  "extra_optimizers": [opt.state_dict() for opt in self.task.extra_optimizers()],
                  "rng": rng, "world_size": self.world.size, "history": self.history}
+        if self.run_record is not None:
+            state["run"] = self.run_record
         try:
             save_rotating(state, self.checkpoint_path)
         except OSError as exc:  # a full disk or a lost mount: the previous checkpoint is intact
@@ -233,10 +257,19 @@ class Trainer:
             [local["loss_sum"], local["correct"], local["count"]], self.device)
         return {"val_loss": loss_sum / count, "val_acc": correct / count}
 
-    def fit(self, train_set: Dataset, val_set: Dataset, *, resume: bool = False) -> List[Dict[str, float]]:
+    def read_resume_state(self) -> Optional[Dict[str, Any]]:
+        """The newest checkpoint to resume from, or None where there is none."""
+        return read_newest_checkpoint(self.checkpoint_path, warn=self.world.is_main)
+
+    def fit(self, train_set: Dataset, val_set: Dataset, *, resume: bool = False,
+            state: Optional[Dict[str, Any]] = None) -> List[Dict[str, float]]:
+        """Trains to ``config.epochs``; with ``resume``, from the newest checkpoint (or
+        ``state``, one the caller has read and checked already)."""
         if self.world.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        state = read_newest_checkpoint(self.checkpoint_path, warn=self.world.is_main) if resume else None
+            remove_stale_temporaries(self.out_dir)
+        if resume and state is None:
+            state = self.read_resume_state()
         if state is not None:
             self.load_checkpoint(state)
         else:
@@ -248,11 +281,23 @@ class Trainer:
             with signals_deferred():  # the epoch's log and checkpoint are written whole, or not at all
                 self.scheduler.step()
                 self.history.append(record)
+                try:
+                    self.save_checkpoint(epoch)
+                except CheckpointError:
+                    self.history.pop()  # the logs list only epochs a checkpoint holds
+                    raise
                 self._log(record)
-                self.save_checkpoint(epoch)
         return self.history
 
     def _step(self, batch, epoch: int) -> TaskOutput:
+        # BatchNorm cannot normalise one sample by its own statistics (the last batch of a
+        # data set one larger than a multiple of the batch, or batch_size=1): such a batch
+        # trains with BatchNorm in eval mode, normalised by the running statistics, which it
+        # leaves unchanged. Every rank has the same per-rank batch size, so all agree.
+        with _batchnorm_eval_if_single(self.task, len(batch[1])):
+            return self._train_step(batch, epoch)
+
+    def _train_step(self, batch, epoch: int) -> TaskOutput:
         images, targets, *extra = batch
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
@@ -316,14 +361,20 @@ class Trainer:
     def _log(self, record: Dict[str, float]) -> None:
         if not self.world.is_main:
             return
-        # Rewritten from the history each epoch, so the logs always match the checkpoint.
-        with open(self.out_dir / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.history)
-        keys = sorted({k for r in self.history for k in r})
-        with open(self.out_dir / "metrics.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
+        # Rewritten from the history each epoch (after the checkpoint), so the logs always
+        # match the checkpoint; each file whole or not at all.
+        try:
+            atomic_write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+            keys = sorted({k for r in self.history for k in r})
+            table = io.StringIO()
+            writer = csv.DictWriter(table, fieldnames=keys)
             writer.writeheader()
             writer.writerows(self.history)
+            atomic_write_text(self.out_dir / "metrics.csv", table.getvalue())
+        except OSError as exc:
+            raise CheckpointError(f"could not write the metrics of epoch {record['epoch'] + 1} to {self.out_dir} "
+                                  f"({exc.strerror or exc}); the epoch's checkpoint is saved, --resume continues "
+                                  f"from it and writes them") from None
         if self.config.progress:
             print(f"epoch {record['epoch'] + 1}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.3f}"
                   f" | val loss {record['val_loss']:.4f} acc {record['val_acc']:.3f}", flush=True)

@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
@@ -32,6 +33,7 @@ import yaml
 from ..config import SECTIONS, Config, ConfigError
 from ..data.cache import TeacherCache, TeacherCacheError, cache_identity
 from ..distillers import METHODS
+from ..engine.checkpoint import CheckpointError, atomic_write_text, read_newest_checkpoint
 from ..engine.distributed import resolve_device
 from .pipeline import (CACHEABLE, build_data, build_teacher, cache_teacher, distill, evaluate_model,
                        load_teacher_weights, reusable_teacher, student_report, train_teacher)
@@ -167,8 +169,17 @@ def prepare_teacher(cfg: Config, folder: Path, epochs: int, log: Callable[[str],
 
 
 def _read_history(folder: Path) -> List[Dict[str, float]]:
-    path = folder / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    """A finished run's per-epoch history: from ``metrics.jsonl``, or where that is damaged
+    (a full disk, an edit) from the checkpoint, which holds it too; [] when neither can be read."""
+    try:
+        return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    except (OSError, ValueError):
+        pass
+    try:
+        state = read_newest_checkpoint(folder / "checkpoint.pt", warn=False)
+        return list(state["history"]) if state is not None else []
+    except CheckpointError:
+        return []
 
 
 def _teacher_cache(cfg: Config, teacher, teacher_path: Path, folder: Path, epochs: int, log) -> str:
@@ -269,7 +280,7 @@ def run_comparison(cfg: Config, out: Path, *, methods: Sequence[str], seeds: Seq
         report = student_report(run_cfg, run, device, costs=False)
         result = {"identity": identity, "test_acc": report["test_acc"], "val_acc": run["history"][-1]["val_acc"],
                   "compare": report["compare"], "history": run["history"]}
-        (folder / "result.json").write_text(json.dumps(result, indent=1))
+        atomic_write_text(folder / "result.json", json.dumps(result, indent=1))  # never a truncated result
         log(f"  test acc {result['test_acc']:.4f}")
         runs[name][index][seed] = result
 
@@ -299,8 +310,15 @@ def _earlier_result(folder: Path, identity: Dict[str, Any]) -> Optional[Dict[str
     result_file = folder / "result.json"
     if not result_file.is_file():
         return None
-    saved = json.loads(result_file.read_text())
-    return saved if saved.get("identity") == json.loads(json.dumps(identity)) else None
+    try:
+        saved = json.loads(result_file.read_text())
+    except (OSError, ValueError):  # truncated by a full disk or a crash: the run is trained again
+        print(f"note: {result_file} is unreadable; that run is trained again", file=sys.stderr, flush=True)
+        return None
+    needed = ("identity", "test_acc", "val_acc", "compare", "history")
+    if not isinstance(saved, dict) or not all(key in saved for key in needed):
+        return None
+    return saved if saved["identity"] == json.loads(json.dumps(identity)) else None
 
 
 def _point_label(point: Dict[str, Any]) -> str:

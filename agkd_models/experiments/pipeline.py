@@ -10,12 +10,14 @@ from typing import Any, Dict, NamedTuple, Optional
 
 import torch
 
-from ..config import Config, ConfigError
-from ..data.cache import CachedTeacherDataset, TeacherCache, cache_identity, write_teacher_cache
+from ..config import Config, ConfigError, resume_conflicts, save_config
+from ..data.cache import (CachedTeacherDataset, TeacherCache, TeacherCacheError, cache_identity,
+                          write_teacher_cache)
 from ..data.datasets import build_datasets, fingerprint, limit
 from ..distillers import METHODS, build_task
 from ..engine import distributed
-from ..engine.checkpoint import load_model_weights
+from ..engine.checkpoint import load_model_weights, save_file
+from ..engine.run_folder import mark_run_folder
 from ..engine.evaluation import evaluate_logits
 from ..engine.task import SupervisedTask
 from ..engine.trainer import Trainer
@@ -73,10 +75,18 @@ def check_model_settings(cfg: Config) -> None:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"data.image_size={size} does not suit {key}={what!r}: {reason}") from None
 
+    def build(name: str, key: str, kwargs: Dict[str, Any], kwargs_key: Optional[str]) -> torch.nn.Module:
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=2, **kwargs)
+        except Exception as exc:  # an unknown keyword, a ViT width its num_heads does not divide, ...
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            given = f" with {kwargs_key}={kwargs}" if kwargs_key else ""
+            raise ConfigError(f"{key}={name!r} cannot be built{given}: {reason[:200]}") from None
+
     with torch.device("meta"):
-        vit = timm.create_model(t.vit, pretrained=False, num_classes=2, **t.vit_kwargs)
-        cnn = timm.create_model(t.cnn, pretrained=False, num_classes=2, **t.cnn_kwargs)
-        student = timm.create_model(s.name, pretrained=False, num_classes=2)
+        vit = build(t.vit, "teacher.vit", t.vit_kwargs, "teacher.vit_kwargs")
+        cnn = build(t.cnn, "teacher.cnn", t.cnn_kwargs, "teacher.cnn_kwargs")
+        student = build(s.name, "student.name", {}, None)
     vit_size, patch = tuple(vit.patch_embed.img_size), tuple(vit.patch_embed.patch_size)
     if vit_size != (size, size) and not t.vit_kwargs.get("dynamic_img_size"):
         raise ConfigError(f"teacher.vit {t.vit!r} is built for {vit_size[0]} px images (teacher.vit_kwargs: "
@@ -181,14 +191,62 @@ def reusable_teacher(out: Path, cfg: Config, data: Data) -> tuple:
     return True, ""
 
 
+def run_record(cfg: Config, data: Data) -> Dict[str, Any]:
+    """What a training run is made from, kept in each of its checkpoints: the whole
+    configuration and fingerprints of the training and validation samples."""
+    return {"config": cfg.to_dict(), "train_set": fingerprint(data.train), "val_set": fingerprint(data.val)}
+
+
+def check_resume(state: Dict[str, Any], cfg: Config, now: Dict[str, Any], out: Path) -> None:
+    """A ConfigError when the run in ``out`` (its checkpoint ``state``) was made with other
+    settings (each setting's resume rule) or other samples than ``cfg`` (whose
+    :func:`run_record` is ``now``): the checkpoint's own record is checked, whatever
+    ``config.yaml`` says or whether it exists."""
+    record = state.get("run")
+    if not isinstance(record, dict):
+        if (out / "config.yaml").is_file():
+            return  # a checkpoint from before runs were recorded in it: config.yaml was checked
+        raise ConfigError(f"--resume: the checkpoint in {out} does not record the settings it was trained with and "
+                          f"{out}/config.yaml is missing, so this run cannot be checked against it; start a new "
+                          f"run (another --out, or --overwrite)")
+    try:
+        saved = Config.from_dict(record["config"])
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--resume: the checkpoint in {out} records settings this version does not read ({exc}); "
+                          f"start a new run") from None
+    conflicts = resume_conflicts(saved, cfg)
+    if conflicts:
+        raise ConfigError(f"--resume continues the run in {out} as it was configured; these settings differ and "
+                          f"would change its result: {'; '.join(conflicts)}. Start a new run (another --out, or "
+                          f"--overwrite) to train with them")
+    for key, what in (("train_set", "training"), ("val_set", "validation")):
+        if record.get(key) != now[key]:
+            raise ConfigError(f"--resume: the {what} samples differ from those the run in {out} was trained on "
+                              f"(data.root={cfg.data.root!r}, data.name={cfg.data.name!r}, or the files in it "
+                              f"changed); start a new run (another --out, or --overwrite) to train on them")
+
+
+def _fit(trainer: Trainer, cfg: Config, data: Data, train_set, out: Path, resume: bool, kind: str):
+    """Checks a resumed run against its checkpoint, writes ``config.yaml`` (the settings
+    this run trains with, once they are accepted), then trains."""
+    state = trainer.read_resume_state() if resume else None
+    if state is not None:
+        check_resume(state, cfg, trainer.run_record, out)
+    if trainer.world.is_main:
+        mark_run_folder(out, kind)
+        save_config(cfg, out / "config.yaml")
+    return trainer.fit(train_set, data.val, resume=resume, state=state)
+
+
 def train_teacher(cfg: Config, out: Path, resume: bool = False) -> Dict[str, Any]:
     data = build_data(cfg)
     _seeded(cfg)
     teacher = build_teacher(cfg, data.num_classes)
-    trainer = Trainer(SupervisedTask(teacher), cfg.train, out, num_classes=data.num_classes)
-    history = trainer.fit(data.train, data.val, resume=resume)
+    trainer = Trainer(SupervisedTask(teacher), cfg.train, out, num_classes=data.num_classes,
+                      run_record=run_record(cfg, data))
+    history = _fit(trainer, cfg, data, data.train, out, resume, "train-teacher")
     if trainer.world.is_main:
-        torch.save(teacher.state_dict(), out / "teacher.pt")
+        save_file(teacher.state_dict(), out / "teacher.pt", "the teacher")
         write_teacher_identity(out, cfg, data)
     return {"history": history, "model": teacher, "data": data}
 
@@ -224,10 +282,10 @@ def distill(cfg: Config, teacher_path: str, method: str, out: Path, resume: bool
         train_set = CachedTeacherDataset(train_set, cache)
     student = build_student(cfg, num_classes)
     task = build_task(method, teacher, student, cfg.section(method) if METHODS[method].settings else None)
-    trainer = Trainer(task, cfg.train, out, num_classes=num_classes)
-    history = trainer.fit(train_set, data.val, resume=resume)
+    trainer = Trainer(task, cfg.train, out, num_classes=num_classes, run_record=run_record(cfg, data))
+    history = _fit(trainer, cfg, data, train_set, out, resume, "distill")
     if trainer.world.is_main:
-        torch.save(student.state_dict(), out / "student.pt")  # the student alone, for inference
+        save_file(student.state_dict(), out / "student.pt", "the student")  # the student alone, for inference
     return {"history": history, "model": student, "teacher": teacher, "data": data}
 
 
@@ -236,6 +294,9 @@ def cache_teacher(cfg: Config, teacher_path: str, out: Path, *, epochs: int, dty
                   data: Optional[Data] = None) -> Path:
     """Writes the teacher cache of ``cfg``'s training set; ``teacher`` and ``data``, where
     the caller has them already, save loading them again."""
+    if teacher_path and Path(out).is_dir() and Path(out).resolve() in Path(teacher_path).resolve().parents:
+        raise TeacherCacheError(f"--out {out} holds the teacher {teacher_path}; a cache folder is replaced whole, so "
+                                f"give the cache a folder of its own")
     _world, device = distributed.setup(cfg.train.device)
     data = data if data is not None else build_data(cfg)
     if teacher is None:

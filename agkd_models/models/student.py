@@ -40,7 +40,8 @@ class Student(nn.Module):
                  weights: Optional[str] = None, pretrained: bool = False, p: float = 2.0,
                  **kwargs: Any):
         super().__init__()
-        self.model = create_timm_model(name, num_classes, pretrained=pretrained, weights=weights, **kwargs)
+        self.model = create_timm_model(name, num_classes, pretrained=pretrained, weights=weights,
+                                       weights_setting="student.weights", **kwargs)
         if not hasattr(self.model, "blocks"):
             raise ValueError(f"Student: timm model {name!r} has no 'blocks' stage list to tap")
         self.name = name

@@ -13,20 +13,27 @@ from torch import nn
 
 import agkd_ops
 
+from ..settings import ConfigError
 from .attention import ViTAttentionRecorder, attention_rollout, cls_attention, combine_attention
 
 __all__ = ["HybridTeacher", "TeacherOutput", "create_timm_model"]
 
 
 def create_timm_model(name: str, num_classes: int, *, pretrained: bool = False,
-                      weights: Optional[str] = None, **kwargs: Any) -> nn.Module:
+                      weights: Optional[str] = None, weights_setting: str = "weights", **kwargs: Any) -> nn.Module:
     """A timm model by name. ``weights``: a local checkpoint file loaded through timm's
     pretrained machinery (``pretrained_cfg_overlay=dict(file=...)``, classifier adapted to
-    ``num_classes``); nothing is downloaded unless ``pretrained=True`` without ``weights``."""
-    if weights is not None:
+    ``num_classes``); nothing is downloaded unless ``pretrained=True`` without ``weights``.
+    A file timm cannot load into the model is a ConfigError naming ``weights_setting``."""
+    if weights is None:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    try:
         return timm.create_model(name, pretrained=True, num_classes=num_classes,
                                  pretrained_cfg_overlay=dict(file=str(weights)), **kwargs)
-    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except Exception as exc:  # unpickling, missing or misshapen keys, not a checkpoint at all, ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{weights_setting}={weights}: timm could not load it into {name!r} "
+                          f"({reason[:200]})") from None
 
 
 @dataclass
@@ -73,9 +80,9 @@ class HybridTeacher(nn.Module):
         if combine not in ("add", "concat"):
             raise ValueError(f"HybridTeacher: combine must be 'add' or 'concat', got {combine!r}")
         self.cnn = create_timm_model(cnn, num_classes, pretrained=pretrained, weights=cnn_weights,
-                                     **(cnn_kwargs or {}))
+                                     weights_setting="teacher.cnn_weights", **(cnn_kwargs or {}))
         self.vit = create_timm_model(vit, num_classes, pretrained=pretrained, weights=vit_weights,
-                                     **(vit_kwargs or {}))
+                                     weights_setting="teacher.vit_weights", **(vit_kwargs or {}))
         self.fuse = nn.Linear(2 * num_classes, num_classes)
         self.vit_attention, self.combine, self.p = vit_attention, combine, p
         self.attention_size = tuple(attention_size) if attention_size is not None else None

@@ -91,7 +91,7 @@ class KdFunction : public torch::autograd::Function<KdFunction> {
                                    d.at("kl_weight").toDouble(), d.at("label_smoothing").toDouble(),
                                    ignore_index, needs_student, needs_teacher)),
         needs_student, needs_teacher);
-    if (ctx->needs_input_grad(2) && target && target->is_floating_point()) {
+    if (target && target->is_floating_point() && ctx->needs_input_grad(2)) {
       out[2] = probability_target_grad(grad_loss, saved[0], saved[3], d.at("ce_weight").toDouble(),
                                        d.at("label_smoothing").toDouble());
     }
