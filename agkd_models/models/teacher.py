@@ -4,6 +4,7 @@ to the teacher's logits; plus the teacher attention map ``A_T = Combine(A_CNN, A
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -27,13 +28,47 @@ def create_timm_model(name: str, num_classes: int, *, pretrained: bool = False,
     A file timm cannot load into the model is a ConfigError naming ``weights_setting``."""
     if weights is None:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    # timm loads a file non-strictly (it drops a classifier of another size) and only logs
+    # the keys that did not fit: those are read back from its log, so that a file of
+    # another model is refused instead of leaving the model at its random initialisation.
+    log = logging.getLogger("timm.models._builder")
+    handler = _KeysNotLoaded()
+    log.addHandler(handler)
+    previous_level = log.level
+    log.setLevel(logging.INFO)
     try:
-        return timm.create_model(name, pretrained=True, num_classes=num_classes,
-                                 pretrained_cfg_overlay=dict(file=str(weights)), **kwargs)
-    except Exception as exc:  # unpickling, missing or misshapen keys, not a checkpoint at all, ...
+        model = timm.create_model(name, pretrained=True, num_classes=num_classes,
+                                  pretrained_cfg_overlay=dict(file=str(weights)), **kwargs)
+    except Exception as exc:  # unpickling, misshapen keys, not a checkpoint at all, ...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{weights_setting}={weights}: timm could not load it into {name!r} "
                           f"({reason[:200]})") from None
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(previous_level)
+    classifier = model.pretrained_cfg.get("classifier") or ()
+    heads = {f"{c}.{p}" for c in ((classifier,) if isinstance(classifier, str) else classifier) for p in ("weight", "bias")}
+    missing = [k for k in handler.missing if k not in heads]
+    if missing or handler.unexpected:
+        raise ConfigError(f"{weights_setting}={weights}: timm could not load it into {name!r}: "
+                          f"{len(missing)} of its weights are not in the file (e.g. {missing[:2]}), "
+                          f"{len(handler.unexpected)} in the file are not the model's (e.g. {handler.unexpected[:2]})")
+    return model
+
+
+class _KeysNotLoaded(logging.Handler):
+    """Collects the keys timm's non-strict load reports as missing or unexpected."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.missing: list = []
+        self.unexpected: list = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        for prefix, keys in (("Missing keys (", self.missing), ("Unexpected keys (", self.unexpected)):
+            if message.startswith(prefix):
+                keys += message[len(prefix):].split(")", 1)[0].split(", ")
 
 
 @dataclass
