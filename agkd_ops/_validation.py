@@ -79,11 +79,24 @@ TEMPERATURE_RANGE = (1e-3, 1e3)
 
 
 def check_temperature(fn: str, name: str, value) -> float:
+    return check_in_range(fn, name, value, TEMPERATURE_RANGE,
+                          "beyond that range the temperature-scaled logits or the τ² factor overflow")
+
+
+# The attention map's exponent: |F|^p overflows float32 for |F| > 3.4e38^(1/p), so a large
+# p turns ordinary activations into inf (a NaN map) or, below 1, into 0 (a map of zeros).
+ATTENTION_P_RANGE = (1e-3, 16.0)
+# SSIM's Gaussian σ: below this its 2σ² underflows (0/0 at the window's centre).
+SIGMA_RANGE = (1e-3, math.inf)
+
+
+def check_in_range(fn: str, name: str, value, bounds, why: str) -> float:
+    """A finite real number in ``[low, high]``, or a ValueError saying why not."""
     value = check_number(fn, name, value, positive=True)
-    low, high = TEMPERATURE_RANGE
+    low, high = bounds
     if not low <= value <= high:
-        raise ValueError(f"agkd_ops.{fn}: {name} must be in [{low:g}, {high:g}], got {value:g}; beyond that "
-                         f"range the temperature-scaled logits or the τ² factor overflow")
+        shown = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+        raise ValueError(f"agkd_ops.{fn}: {name} must be {shown}, got {value:g}; {why}")
     return value
 
 
@@ -238,7 +251,7 @@ def check_ssim_options(fn, window_size, sigma, data_range, k1, k2, padding):
     """The SSIM keyword arguments, without a map; returns (window_size, sigma, c1, c2)."""
     check_choice(fn, "padding", padding, PADDINGS)
     window_size = check_window_size(fn, window_size)
-    sigma = check_number(fn, "sigma", sigma, positive=True)
+    sigma = check_in_range(fn, "sigma", sigma, SIGMA_RANGE, "a narrower Gaussian underflows to 0/0")
     data_range = check_number(fn, "data_range", data_range, positive=True)
     k1 = check_number(fn, "k1", k1, positive=True)
     k2 = check_number(fn, "k2", k2, positive=True)

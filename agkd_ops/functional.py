@@ -25,6 +25,12 @@ autocast region the floating-point inputs are cast to float32 first (as autocast
 torch's own losses), so bf16/fp16 activations meet float32 loss math and mixed input
 dtypes are accepted there. NaN or Inf in a sample makes that sample's value (and its
 gradient) non-finite and leaves the other samples untouched.
+
+Every argument is checked before dispatch, with a message naming the function and the
+argument. Under ``torch.compile(fullgraph=True)`` the same check runs while the graph is
+traced, and dynamo reports the raised error as ``Unsupported: Observed exception`` with
+our message quoted in its text (``raised exception ValueError('agkd_ops....')``): a graph
+cannot hold a Python exception, so run the call once uncompiled to see it plain.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ from . import _backend, reference
 from ._defaults import (ATTENTION_P, COSINE_EPS, HYBRID_ALPHA, HYBRID_BETA, KD_ALPHA,
                         KD_TEMPERATURE, NORMALIZE_EPS, SSIM)
 from ._defaults import reduce_per_sample as _reduce
-from ._validation import (LOGITS, REDUCTIONS, check_choice, check_fraction, check_kl_reduction,
+from ._validation import (ATTENTION_P_RANGE, LOGITS, REDUCTIONS, check_choice, check_in_range, check_fraction, check_kl_reduction,
                           check_ignore_index, check_ignore_index_type, check_number, check_pair,
                           check_ssim_options, check_target, check_target_range, check_temperature,
                           check_tensor, check_window)
@@ -404,7 +410,7 @@ def attention_map(features: torch.Tensor, *, p: float = ATTENTION_P, normalize: 
     """
     fn = "attention_map"
     check_tensor(fn, "features", features)
-    p = check_number(fn, "p", p, positive=True)
+    p = check_in_range(fn, "p", p, ATTENTION_P_RANGE, "beyond that range |F|^p overflows or vanishes in float32")
     if not isinstance(normalize, bool):
         raise TypeError(f"agkd_ops.{fn}: normalize must be a bool, got {type(normalize).__name__}")
     if _backend.use_native(fn, "attention_map_fwd", features):

@@ -196,3 +196,19 @@ def test_a_bogus_backend_variable_fails_each_call_not_the_import():
     assert done.returncode == 0, done.stderr
     assert "refused: agkd_ops: AGKD_OPS_BACKEND='bogus' is not a backend" in done.stdout
     assert "after set_backend: 0.0" in done.stdout
+
+
+@pytest.mark.parametrize("p", [1e300, 200.0, 1e-300])
+def test_an_attention_exponent_float32_cannot_carry_is_refused(p):
+    # 200 turns activations of 10 into inf (a NaN map); 1e300 or 1e-300 turn every map into 0 or 1
+    assert_clear_error(lambda: agkd_ops.attention_map(torch.rand(2, 3, 4, 4) * 10, p=p), ValueError,
+                       ["agkd_ops.attention_map", "p", "[0.001, 16]"])
+    assert torch.isfinite(agkd_ops.attention_map(torch.rand(2, 3, 4, 4) * 10, p=16.0)).all()
+
+
+@pytest.mark.parametrize("sigma", [1e-300, 1e-30, 1e-4])
+def test_a_gaussian_too_narrow_to_compute_is_refused_not_nan(sigma):
+    x = torch.rand(2, 1, 16, 16)
+    assert_clear_error(lambda: agkd_ops.ssim(x, x * 0.5, sigma=sigma), ValueError,
+                       ["agkd_ops.ssim", "sigma", ">= 0.001"])
+    assert torch.isfinite(agkd_ops.ssim(x, x * 0.5, sigma=1e-3))

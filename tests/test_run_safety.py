@@ -387,3 +387,18 @@ def test_a_bogus_backend_variable_is_one_line_from_the_command(tmp_path):
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-800:]
     assert lines[0].startswith("agkd train-teacher: error: AGKD_OPS_BACKEND='bogus'")
     assert not (tmp_path / "t").exists()
+
+
+def test_a_weights_file_of_the_same_model_loads(tmp_path):
+    import timm
+
+    from agkd_models.models.teacher import create_timm_model
+
+    torch.manual_seed(0)
+    source = timm.create_model("resnet10t", num_classes=7)
+    path = tmp_path / "resnet10t.pt"
+    torch.save(source.state_dict(), path)
+    for classes in (7, 3):  # the same head, and one of another size (timm drops the file's)
+        model = create_timm_model("resnet10t", classes, weights=str(path), weights_setting="teacher.cnn_weights")
+        assert torch.equal(model.conv1[0].weight, source.conv1[0].weight)
+        assert model.fc.out_features == classes

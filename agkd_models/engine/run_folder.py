@@ -55,6 +55,8 @@ def check_out_path(out: Path, flag: str = "--out", *, data_root: Optional[str] =
     """A RunFolderError when ``out`` is a file or lies inside one, is the root of the file
     system or the home folder, or overlaps the data set's folder ``data_root``."""
     out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise RunFolderError(f"{flag} {out} is a symbolic link to {os.readlink(out)}, which does not exist")
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"{flag} {out} is a file, not a folder")
     for parent in out.parents:
