@@ -31,10 +31,12 @@ from .experiments.pipeline import (build_data, build_student, build_teacher, cac
                                    distill, evaluate_model, load_student_weights, load_teacher_weights,
                                    student_report, test_accuracy, train_teacher, write_run_report)
 from .experiments.report import model_costs, plot_curves, write_report
+from .models.teacher import WeightsFileError
 
 # Errors about the user's input (configuration, files, data), reported in one line; any
 # other exception is a bug in agkd and keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, TeacherCacheError, CheckpointError, RunFolderError)
+USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, TeacherCacheError, CheckpointError, RunFolderError,
+               WeightsFileError)
 
 
 def _is_main() -> bool:

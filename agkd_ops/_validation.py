@@ -129,8 +129,8 @@ def check_target(fn: str, target, logits: torch.Tensor, name: str = "target") ->
     if target.is_floating_point():
         if target.shape != logits.shape:
             raise ValueError(
-                f"agkd_ops.{fn}: {name} is floating ({target.dtype}), so it must hold probabilities "
-                f"of the logits' shape ({n}, {k}), got {_shape(target)}; class indices are an "
+                f"agkd_ops.{fn}: {name} is floating ({target.dtype}), and probability targets must "
+                f"have the logits' shape ({n}, {k}), got {_shape(target)}; class indices are an "
                 f"integer ({n},) tensor"
             )
         if target.dtype != logits.dtype:

@@ -13,11 +13,13 @@ import torch
 from torch import nn
 
 import agkd_ops
-
-from ..settings import ConfigError
 from .attention import ViTAttentionRecorder, attention_rollout, cls_attention, combine_attention
 
-__all__ = ["HybridTeacher", "TeacherOutput", "create_timm_model"]
+__all__ = ["HybridTeacher", "TeacherOutput", "WeightsFileError", "create_timm_model"]
+
+
+class WeightsFileError(ValueError):
+    """A local weights file that timm cannot load into the model it is given for."""
 
 
 def create_timm_model(name: str, num_classes: int, *, pretrained: bool = False,
@@ -25,7 +27,7 @@ def create_timm_model(name: str, num_classes: int, *, pretrained: bool = False,
     """A timm model by name. ``weights``: a local checkpoint file loaded through timm's
     pretrained machinery (``pretrained_cfg_overlay=dict(file=...)``, classifier adapted to
     ``num_classes``); nothing is downloaded unless ``pretrained=True`` without ``weights``.
-    A file timm cannot load into the model is a ConfigError naming ``weights_setting``."""
+    A file timm cannot load into the model is a WeightsFileError naming ``weights_setting``."""
     if weights is None:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     # timm loads a file non-strictly (it drops a classifier of another size) and only logs
@@ -41,8 +43,8 @@ def create_timm_model(name: str, num_classes: int, *, pretrained: bool = False,
                                   pretrained_cfg_overlay=dict(file=str(weights)), **kwargs)
     except Exception as exc:  # unpickling, misshapen keys, not a checkpoint at all, ...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{weights_setting}={weights}: timm could not load it into {name!r} "
-                          f"({reason[:200]})") from None
+        raise WeightsFileError(f"{weights_setting}={weights}: timm could not load it into {name!r} "
+                               f"({reason[:200]})") from None
     finally:
         log.removeHandler(handler)
         log.setLevel(previous_level)
@@ -50,9 +52,10 @@ def create_timm_model(name: str, num_classes: int, *, pretrained: bool = False,
     heads = {f"{c}.{p}" for c in ((classifier,) if isinstance(classifier, str) else classifier) for p in ("weight", "bias")}
     missing = [k for k in handler.missing if k not in heads]
     if missing or handler.unexpected:
-        raise ConfigError(f"{weights_setting}={weights}: timm could not load it into {name!r}: "
-                          f"{len(missing)} of its weights are not in the file (e.g. {missing[:2]}), "
-                          f"{len(handler.unexpected)} in the file are not the model's (e.g. {handler.unexpected[:2]})")
+        raise WeightsFileError(f"{weights_setting}={weights}: timm could not load it into {name!r}: "
+                               f"{len(missing)} of its weights are not in the file (e.g. {missing[:2]}), "
+                               f"{len(handler.unexpected)} in the file are not the model's "
+                               f"(e.g. {handler.unexpected[:2]})")
     return model
 
 
