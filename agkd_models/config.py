@@ -175,13 +175,18 @@ def default_config() -> Config:
     return Config()
 
 
-def resume_conflicts(saved: Config, now: Config) -> List[str]:
-    """The settings in which ``now`` differs from a run's ``saved`` configuration in a way
-    that would change the run's result (each setting's ``resume`` rule), as
-    ``"section.key: saved -> now"``; empty when the run may be continued with ``now``."""
+def resume_conflicts(saved, now: Config) -> List[str]:
+    """The settings in which ``now`` differs from a run's ``saved`` configuration (a
+    :class:`Config`, or the mapping of sections a checkpoint records, which is not checked
+    again: a weights file it names may have moved since) in a way that would change the
+    run's result (each setting's ``resume`` rule), as ``"section.key: saved -> now"``;
+    empty when the run may be continued with ``now``."""
+    saved_values = saved.to_dict() if isinstance(saved, Config) else saved
     conflicts = []
     for section, cls in SECTIONS.items():
-        before_section, after_section = saved.section(section).to_dict(), now.section(section).to_dict()
+        # A section or key the record lacks (written by an older version) had its default.
+        before_section = {**cls().to_dict(), **(saved_values.get(section) or {})}
+        after_section = now.section(section).to_dict()
         for key, rule in cls.rules().items():
             before, after = before_section[key], after_section[key]
             if before == after or rule.resume == "any" or (rule.resume == "more" and after >= before):

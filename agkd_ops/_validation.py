@@ -206,9 +206,11 @@ def check_choice(fn: str, name: str, value, choices) -> str:
     return value
 
 
-# The widest Gaussian window accepted: far beyond any SSIM in use (11 taps is the
-# standard), and small enough that the window and its padding always fit in memory.
-MAX_WINDOW_SIZE = 1023
+# The widest Gaussian window accepted, on every backend alike: the CUDA kernels carry the
+# taps in their launch parameters, 127 at most (kMaxTaps in cuda/hybrid_cuda.cu). That is
+# far beyond any SSIM in use (11 taps is the standard), and a window of 2**31 - 1 taps is
+# refused here instead of exhausting memory.
+MAX_WINDOW_SIZE = 127
 
 
 def check_window_size(fn: str, window_size) -> int:

@@ -402,3 +402,27 @@ def test_a_weights_file_of_the_same_model_loads(tmp_path):
         model = create_timm_model("resnet10t", classes, weights=str(path), weights_setting="teacher.cnn_weights")
         assert torch.equal(model.conv1[0].weight, source.conv1[0].weight)
         assert model.fc.out_features == classes
+
+
+def test_a_folder_agkd_cannot_write_in_is_one_line(tmp_path, capsys, monkeypatch):
+    import agkd_models.engine.run_folder as run_folder
+
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith(".agkd.lock"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(run_folder.os, "open", read_only)
+    assert_one_line_error(capsys, ["train-teacher", "--out", str(tmp_path / "ro")] + TINY,
+                          "cannot write in the folder", "Read-only file system")
+
+
+def test_a_folder_from_before_marks_is_known_by_its_files(trained, tmp_path, capsys):
+    teacher = copy_tree(trained / "teacher", tmp_path / "teacher")
+    (teacher / ".agkd-run").unlink()  # as an older agkd left it: a lock file, no mark
+    before = snapshot(teacher)
+    assert_one_line_error(capsys, ["compare", "--out", str(teacher), "--methods", "none", "--seeds", "1",
+                                   "--teacher", str(teacher / "teacher.pt")] + TINY, "holds a train-teacher run")
+    assert snapshot(teacher) == before

@@ -35,6 +35,7 @@ against the run's: a mismatch is a :class:`TeacherCacheError` naming what differ
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -509,7 +510,13 @@ def _allocate_npy(path: Path, dtype: str, shape) -> None:
     try:
         size = os.fstat(fd).st_size
         if hasattr(os, "posix_fallocate"):
-            os.posix_fallocate(fd, 0, size)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                # A file system that cannot allocate ahead (some network and overlay ones)
+                # keeps the sparse file: a disk that fills up then still ends the run.
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                    raise
     finally:
         os.close(fd)
 

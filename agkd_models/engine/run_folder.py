@@ -78,13 +78,21 @@ def check_out_path(out: Path, flag: str = "--out", *, data_root: Optional[str] =
                                  f"of the run's own")
 
 
+# What a folder agkd wrote before marks existed holds, by kind of run (it has a lock file).
+_KIND_BY_FILES = (("compare", ("comparison.json", "summary.json")), ("train-teacher", ("teacher.pt",)),
+                  ("distill", ("student.pt",)))
+
+
 def _kind_of(out: Path) -> Optional[str]:
-    """The kind of run that marked ``out``, "" for a folder agkd wrote before marks
-    existed (it holds a lock file), None for a folder agkd did not make."""
+    """The kind of run that marked ``out``; for a folder agkd wrote before marks existed
+    (it holds a lock file) the kind its files show, or "" when they show none; None for a
+    folder agkd did not make."""
     try:
         return (out / MARK_NAME).read_text().strip()
     except FileNotFoundError:
-        return "" if (out / LOCK_NAME).exists() else None
+        if not (out / LOCK_NAME).exists():
+            return None
+        return next((kind for kind, files in _KIND_BY_FILES if any((out / f).exists() for f in files)), "")
 
 
 def mark_run_folder(out: Path, kind: str) -> None:

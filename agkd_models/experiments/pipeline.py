@@ -209,11 +209,10 @@ def check_resume(state: Dict[str, Any], cfg: Config, now: Dict[str, Any], out: P
         raise ConfigError(f"--resume: the checkpoint in {out} does not record the settings it was trained with and "
                           f"{out}/config.yaml is missing, so this run cannot be checked against it; start a new "
                           f"run (another --out, or --overwrite)")
-    try:
-        saved = Config.from_dict(record["config"])
-    except (ConfigError, KeyError, TypeError) as exc:
-        raise ConfigError(f"--resume: the checkpoint in {out} records settings this version does not read ({exc}); "
-                          f"start a new run") from None
+    saved = record.get("config")
+    if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
+        raise ConfigError(f"--resume: the checkpoint in {out} holds a damaged record of its settings; start a new "
+                          f"run (another --out, or --overwrite)")
     conflicts = resume_conflicts(saved, cfg)
     if conflicts:
         raise ConfigError(f"--resume continues the run in {out} as it was configured; these settings differ and "
