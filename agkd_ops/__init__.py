@@ -2,7 +2,7 @@
 distillation, with C++ (CPU) and CUDA kernels and a pure-PyTorch reference.
 
     >>> import agkd_ops
-    >>> criterion = agkd_ops.HybridLoss(alpha=0.5, beta=0.5)
+    >>> criterion = agkd_ops.HybridLoss(ssim_weight=0.5, cosine_weight=0.5)
 """
 from . import _backend, reference
 from ._backend import build_info, get_backend, native_available, set_backend

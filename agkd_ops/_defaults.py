@@ -27,11 +27,11 @@ class SSIMDefaults(NamedTuple):
 SSIM = SSIMDefaults()
 COSINE_EPS = 1e-8        # norm floor of the cosine term, as F.cosine_similarity
 NORMALIZE_EPS = 1e-12    # floor of an attention map's norm, as F.normalize
-HYBRID_ALPHA = 0.5       # weight of 1 - SSIM in the hybrid loss
-HYBRID_BETA = 0.5        # weight of 1 - cos
+HYBRID_SSIM_WEIGHT = 0.5    # weight of 1 - SSIM in the hybrid loss
+HYBRID_COSINE_WEIGHT = 0.5  # weight of 1 - cos
 ATTENTION_P = 2.0        # exponent of the attention map, mean_c |F|^p
 KD_TEMPERATURE = 4.0
-KD_ALPHA = 0.9           # weight of the KL term in Hinton's loss
+KD_WEIGHT = 0.9          # weight of the KL term in Hinton's loss (the cross-entropy gets 1 - it)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 
@@ -98,6 +99,17 @@ def check_in_range(fn: str, name: str, value, bounds, why: str) -> float:
         shown = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
         raise ValueError(f"agkd_ops.{fn}: {name} must be {shown}, got {value:g}; {why}")
     return value
+
+
+def renamed(fn: str, new: str, value, default, old: str, old_value, stacklevel: int = 4):
+    """The value of keyword ``new``, which was called ``old``: an old keyword still given
+    is used, with a FutureWarning naming the new one; both at once is a TypeError."""
+    if old_value is None:
+        return value
+    if value is not default and value != default:
+        raise TypeError(f"agkd_ops.{fn}: {old} is the old name of {new}; give {new} alone")
+    warnings.warn(f"agkd_ops.{fn}: {old} is deprecated, call it {new}", FutureWarning, stacklevel=stacklevel)
+    return old_value
 
 
 def check_fraction(fn: str, name: str, value) -> float:

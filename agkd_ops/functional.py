@@ -40,13 +40,13 @@ from typing import Optional
 import torch
 
 from . import _backend, reference
-from ._defaults import (ATTENTION_P, COSINE_EPS, HYBRID_ALPHA, HYBRID_BETA, KD_ALPHA,
-                        KD_TEMPERATURE, NORMALIZE_EPS, SSIM)
+from ._defaults import (ATTENTION_P, COSINE_EPS, HYBRID_COSINE_WEIGHT, HYBRID_SSIM_WEIGHT, KD_TEMPERATURE,
+                        KD_WEIGHT, NORMALIZE_EPS, SSIM)
 from ._defaults import reduce_per_sample as _reduce
 from ._validation import (ATTENTION_P_RANGE, LOGITS, REDUCTIONS, check_choice, check_in_range, check_fraction, check_kl_reduction,
                           check_ignore_index, check_ignore_index_type, check_number, check_pair,
                           check_ssim_options, check_target, check_target_range, check_temperature,
-                          check_tensor, check_window)
+                          check_tensor, check_window, renamed)
 
 __all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "attention_map",
            "attention_align_loss", "kd_kl_div", "kd_loss"]
@@ -103,12 +103,13 @@ def _cosine_options(fn, eps, reduction) -> float:
     return eps
 
 
-def _hybrid_options(fn, alpha, beta, window_size, sigma, data_range, k1, k2, padding, eps, reduction):
-    """(alpha, beta, window_size, sigma, c1, c2, eps)"""
-    alpha = check_number(fn, "alpha", alpha, nonnegative=True)
-    beta = check_number(fn, "beta", beta, nonnegative=True)
+def _hybrid_options(fn, ssim_weight, cosine_weight, window_size, sigma, data_range, k1, k2, padding, eps,
+                    reduction):
+    """(ssim_weight, cosine_weight, window_size, sigma, c1, c2, eps)"""
+    ssim_weight = check_number(fn, "ssim_weight", ssim_weight, nonnegative=True)
+    cosine_weight = check_number(fn, "cosine_weight", cosine_weight, nonnegative=True)
     window_size, sigma, c1, c2 = _ssim_options(fn, window_size, sigma, data_range, k1, k2, padding, reduction)
-    return alpha, beta, window_size, sigma, c1, c2, check_number(fn, "eps", eps, positive=True)
+    return ssim_weight, cosine_weight, window_size, sigma, c1, c2, check_number(fn, "eps", eps, positive=True)
 
 
 def _kd_kl_div_options(fn, temperature, reduction) -> float:
@@ -117,14 +118,14 @@ def _kd_kl_div_options(fn, temperature, reduction) -> float:
     return temperature
 
 
-def _kd_loss_options(fn, temperature, alpha, label_smoothing, ignore_index, reduction):
-    """(temperature, alpha, label_smoothing, ignore_index)"""
+def _kd_loss_options(fn, temperature, kd_weight, label_smoothing, ignore_index, reduction):
+    """(temperature, kd_weight, label_smoothing, ignore_index)"""
     temperature = check_temperature(fn, "temperature", temperature)
-    alpha = check_fraction(fn, "alpha", alpha)
+    kd_weight = check_fraction(fn, "kd_weight", kd_weight)
     label_smoothing = check_fraction(fn, "label_smoothing", label_smoothing)
     ignore_index = check_ignore_index_type(fn, ignore_index)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
-    return temperature, alpha, label_smoothing, ignore_index
+    return temperature, kd_weight, label_smoothing, ignore_index
 
 
 @_float32_under_autocast
@@ -230,41 +231,45 @@ def cosine_loss(x: torch.Tensor, y: torch.Tensor, *, eps: float = COSINE_EPS,
 
 
 @_float32_under_autocast
-def hybrid_loss(x: torch.Tensor, y: torch.Tensor, *, alpha: float = HYBRID_ALPHA,
-                beta: float = HYBRID_BETA, window_size: int = SSIM.window_size,
+def hybrid_loss(x: torch.Tensor, y: torch.Tensor, *, ssim_weight: float = HYBRID_SSIM_WEIGHT,
+                cosine_weight: float = HYBRID_COSINE_WEIGHT, window_size: int = SSIM.window_size,
                 sigma: float = SSIM.sigma, data_range: float = SSIM.data_range,
                 k1: float = SSIM.k1, k2: float = SSIM.k2, padding: str = SSIM.padding,
-                eps: float = COSINE_EPS, reduction: str = "mean") -> torch.Tensor:
+                eps: float = COSINE_EPS, reduction: str = "mean", alpha: Optional[float] = None,
+                beta: Optional[float] = None) -> torch.Tensor:
     r"""The AGKD hybrid attention loss, fused: per sample
 
-    .. math:: \alpha\,(1 - \mathrm{SSIM}(x, y)) + \beta\,(1 - \cos(x, y))
+    .. math:: w_s\,(1 - \mathrm{SSIM}(x, y)) + w_c\,(1 - \cos(x, y))
 
     computed in one pass over ``x`` and ``y`` (all five SSIM moments and the three cosine
-    sums), with both gradients from one backward pass. ``alpha=0`` or ``beta=0`` skips the
+    sums), with both gradients from one backward pass. A weight of 0 skips the
     unused half. SSIM arguments as in :func:`ssim`, ``eps`` as in :func:`cosine_loss`.
 
     Args:
         x, y: ``(N, C, H, W)`` maps, e.g. student and teacher attention maps.
-        alpha, beta: weights (>= 0).
+        ssim_weight, cosine_weight: ``w_s`` and ``w_c`` (>= 0). ``alpha`` and ``beta`` are
+            their old names, still accepted with a FutureWarning.
 
     Example:
         >>> import torch, agkd_ops
         >>> student = torch.rand(8, 1, 28, 28, requires_grad=True)
         >>> teacher = torch.rand(8, 1, 28, 28)
-        >>> loss = agkd_ops.hybrid_loss(student, teacher, alpha=0.5, beta=0.5)
+        >>> loss = agkd_ops.hybrid_loss(student, teacher, ssim_weight=0.5, cosine_weight=0.5)
         >>> loss.backward()
         >>> student.grad.shape
         torch.Size([8, 1, 28, 28])
     """
     fn = "hybrid_loss"
     check_pair(fn, x, y)
-    alpha, beta, window_size, sigma, c1, c2, eps = _hybrid_options(
-        fn, alpha, beta, window_size, sigma, data_range, k1, k2, padding, eps, reduction)
+    ssim_weight = renamed(fn, "ssim_weight", ssim_weight, HYBRID_SSIM_WEIGHT, "alpha", alpha)
+    cosine_weight = renamed(fn, "cosine_weight", cosine_weight, HYBRID_COSINE_WEIGHT, "beta", beta)
+    ssim_weight, cosine_weight, window_size, sigma, c1, c2, eps = _hybrid_options(
+        fn, ssim_weight, cosine_weight, window_size, sigma, data_range, k1, k2, padding, eps, reduction)
     check_window(fn, x, window_size, padding)
     if _backend.use_native(fn, "hybrid_fwd", x):
-        return _in_dtype(_native_hybrid(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps,
+        return _in_dtype(_native_hybrid(x, y, ssim_weight, cosine_weight, window_size, sigma, c1, c2, padding, eps,
                                         reduction), x.dtype)
-    return reference.hybrid_loss(x, y, alpha=alpha, beta=beta, window_size=window_size,
+    return reference.hybrid_loss(x, y, ssim_weight=ssim_weight, cosine_weight=cosine_weight, window_size=window_size,
                                  sigma=sigma, data_range=data_range, k1=k1, k2=k2,
                                  padding=padding, eps=eps, reduction=reduction)
 
@@ -316,19 +321,19 @@ def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
 
 @_float32_under_autocast
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
-            temperature: float = KD_TEMPERATURE, alpha: float = KD_ALPHA,
+            temperature: float = KD_TEMPERATURE, kd_weight: float = KD_WEIGHT,
             label_smoothing: float = 0.0, ignore_index: Optional[int] = None,
-            reduction: str = "mean") -> torch.Tensor:
+            reduction: str = "mean", alpha: Optional[float] = None) -> torch.Tensor:
     r"""Hinton's knowledge-distillation loss, fused: per row
 
-    .. math:: (1 - \alpha)\,\mathrm{CE}(s, y) + \alpha\,\tau^2\,
+    .. math:: (1 - w)\,\mathrm{CE}(s, y) + w\,\tau^2\,
               \mathrm{KL}\big(\mathrm{softmax}(t/\tau)\,\big\|\,\mathrm{softmax}(s/\tau)\big)
 
     with the cross-entropy at temperature 1 exactly as ``F.cross_entropy(s, y,
     label_smoothing=ε)`` defines it: ``CE = -Σ_k q'_k log softmax(s)_k`` with the smoothed
     target ``q' = (1 - ε)·q + ε/K``, where ``q`` is the one-hot row of a class index or a
     given probability row (mixup / cutmix targets; used as given, as torch does). The loss
-    is ``(1 - α) * F.cross_entropy(s, y, label_smoothing=ε) + α * kd_kl_div(s, t,
+    is ``(1 - w) * F.cross_entropy(s, y, label_smoothing=ε) + w * kd_kl_div(s, t,
     temperature=τ)``, from one pass over the logits; both gradients come from one backward
     pass. The per-row state kept for the backward is seven numbers.
 
@@ -347,7 +352,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
             look, give that row a NaN loss instead (never an out-of-bounds read). Or
             ``(N, K)`` probabilities in the logits' dtype; a negative entry is a
             ``ValueError`` on the CPU and a NaN row on CUDA.
-        temperature: ``τ > 0``. alpha: weight of the KL term, in ``[0, 1]``.
+        temperature: ``τ > 0``.
+        kd_weight: ``w``, the weight of the KL term, in ``[0, 1]`` (the cross-entropy gets
+            ``1 - w``). ``alpha`` is its old name, still accepted with a FutureWarning.
         label_smoothing: ``ε`` in ``[0, 1]``, applied to the cross-entropy's target.
         ignore_index: a class index whose rows are skipped, or ``None`` (every row counts;
             class-index targets only).
@@ -366,19 +373,20 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
     fn = "kd_loss"
     check_pair(fn, student_logits, teacher_logits, names=_KD_NAMES, ranks=(2,), layout=LOGITS)
     target = check_target(fn, target, student_logits)
-    temperature, alpha, label_smoothing, ignore_index = _kd_loss_options(
-        fn, temperature, alpha, label_smoothing, ignore_index, reduction)
+    kd_weight = renamed(fn, "kd_weight", kd_weight, KD_WEIGHT, "alpha", alpha)
+    temperature, kd_weight, label_smoothing, ignore_index = _kd_loss_options(
+        fn, temperature, kd_weight, label_smoothing, ignore_index, reduction)
     check_ignore_index(fn, ignore_index, target)
     if _backend.use_native(fn, "kd_fwd", student_logits):
         # Target values are checked by the kernels, with no device-to-host sync: a
         # ValueError before any logit is read on the CPU, a NaN loss for that row on CUDA.
         loss, _stats = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, target, temperature,
-                                             1.0 - alpha, alpha, label_smoothing, ignore_index,
+                                             1.0 - kd_weight, kd_weight, label_smoothing, ignore_index,
                                              reduction)
         return _in_dtype(loss, student_logits.dtype)
     check_target_range(fn, target, student_logits.shape[1], ignore_index)
     return reference.kd_loss(student_logits, teacher_logits, target, temperature=temperature,
-                             alpha=alpha, label_smoothing=label_smoothing,
+                             kd_weight=kd_weight, label_smoothing=label_smoothing,
                              ignore_index=ignore_index, reduction=reduction)
 
 
@@ -426,14 +434,29 @@ _ALIGN_DEFAULTS = {
     "mse": {},
     "cosine": dict(eps=COSINE_EPS),
     "ssim": SSIM._asdict(),
-    "hybrid": dict(alpha=HYBRID_ALPHA, beta=HYBRID_BETA, **SSIM._asdict(), eps=COSINE_EPS),
+    "hybrid": dict(ssim_weight=HYBRID_SSIM_WEIGHT, cosine_weight=HYBRID_COSINE_WEIGHT, **SSIM._asdict(),
+                   eps=COSINE_EPS),
 }
+
+
+def _renamed_align_kwargs(fn, loss, loss_kwargs, stacklevel=4):
+    """``loss_kwargs`` with the hybrid loss's old weight names (``alpha``, ``beta``) given
+    their new ones, with a FutureWarning."""
+    if loss != "hybrid" or not ({"alpha", "beta"} & set(loss_kwargs)):
+        return loss_kwargs
+    kwargs = dict(loss_kwargs)
+    for old, new in (("alpha", "ssim_weight"), ("beta", "cosine_weight")):
+        if old in kwargs:
+            default = _ALIGN_DEFAULTS["hybrid"][new]
+            kwargs[new] = renamed(fn, new, kwargs.get(new, default), default, old, kwargs.pop(old), stacklevel)
+    return kwargs
 
 
 def _align_options(fn, loss, align_corners, reduction, loss_kwargs):
     """The fused kernel's (alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps):
     alpha, beta and gamma weigh 1 - SSIM, 1 - cos and MSE."""
     check_choice(fn, "loss", loss, ALIGN_LOSSES)
+    loss_kwargs = _renamed_align_kwargs(fn, loss, loss_kwargs)
     accepted = _ALIGN_DEFAULTS[loss]
     unknown = sorted(set(loss_kwargs) - set(accepted))
     if unknown:
@@ -444,8 +467,9 @@ def _align_options(fn, loss, align_corners, reduction, loss_kwargs):
         raise TypeError(f"agkd_ops.{fn}: align_corners must be a bool, got {type(align_corners).__name__}")
     check_choice(fn, "reduction", reduction, REDUCTIONS)
     kw = {**accepted, **loss_kwargs}
-    alpha = check_number(fn, "alpha", kw["alpha"], nonnegative=True) if loss == "hybrid" else float(loss == "ssim")
-    beta = check_number(fn, "beta", kw["beta"], nonnegative=True) if loss == "hybrid" else float(loss == "cosine")
+    hybrid = loss == "hybrid"
+    alpha = check_number(fn, "ssim_weight", kw["ssim_weight"], nonnegative=True) if hybrid else float(loss == "ssim")
+    beta = check_number(fn, "cosine_weight", kw["cosine_weight"], nonnegative=True) if hybrid else float(loss == "cosine")
     gamma = float(loss == "mse")
     window_size, sigma, c1, c2, padding = 1, 1.0, 1.0, 1.0, "valid"  # unused without SSIM
     if loss in ("ssim", "hybrid"):
@@ -471,8 +495,8 @@ def attention_align_loss(student: torch.Tensor, teacher: torch.Tensor, *, loss: 
     * ``"cosine"``: :math:`1 - \cos(\tilde s, t)` (keyword ``eps``);
     * ``"ssim"``: :math:`1 - \mathrm{SSIM}(\tilde s, t)` (keywords of :func:`ssim`, window
       rules at the teacher's size);
-    * ``"hybrid"``: :math:`\alpha(1 - \mathrm{SSIM}) + \beta(1 - \cos)` (keywords of
-      :func:`hybrid_loss`).
+    * ``"hybrid"``: :math:`w_s(1 - \mathrm{SSIM}) + w_c(1 - \cos)` (keywords of
+      :func:`hybrid_loss`: ``ssim_weight``, ``cosine_weight``, the SSIM ones and ``eps``).
 
     Up-sampling, down-sampling, non-integer ratios and equal sizes all work. Gradients flow
     to both maps when they require them.
@@ -500,6 +524,7 @@ def attention_align_loss(student: torch.Tensor, teacher: torch.Tensor, *, loss: 
             f"student ({', '.join(map(str, student.shape))}) and teacher "
             f"({', '.join(map(str, teacher.shape))})"
         )
+    loss_kwargs = _renamed_align_kwargs(fn, loss, loss_kwargs, stacklevel=5)
     alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps = _align_options(
         fn, loss, align_corners, reduction, loss_kwargs)
     if loss in ("ssim", "hybrid"):

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from . import functional as F
-from ._defaults import COSINE_EPS, HYBRID_ALPHA, HYBRID_BETA, KD_ALPHA, KD_TEMPERATURE, SSIM
+from ._defaults import COSINE_EPS, HYBRID_COSINE_WEIGHT, HYBRID_SSIM_WEIGHT, KD_TEMPERATURE, KD_WEIGHT, SSIM
+from ._validation import renamed
 
 __all__ = ["SSIMLoss", "CosineLoss", "HybridLoss", "AttentionAlignLoss", "KDKLDivLoss", "KDLoss"]
 
@@ -64,37 +65,39 @@ class CosineLoss(nn.Module):
 
 
 class HybridLoss(nn.Module):
-    """``alpha * (1 - SSIM) + beta * (1 - cos)`` in one fused pass; see
+    """``ssim_weight * (1 - SSIM) + cosine_weight * (1 - cos)`` in one fused pass; see
     :func:`agkd_ops.hybrid_loss`.
 
     Example:
         >>> import torch, agkd_ops
-        >>> criterion = agkd_ops.HybridLoss(alpha=0.5, beta=0.5)
+        >>> criterion = agkd_ops.HybridLoss(ssim_weight=0.5, cosine_weight=0.5)
         >>> student = torch.rand(8, 1, 28, 28, requires_grad=True)
         >>> criterion(student, torch.rand(8, 1, 28, 28)).backward()
     """
 
-    def __init__(self, *, alpha: float = HYBRID_ALPHA, beta: float = HYBRID_BETA,
+    def __init__(self, *, ssim_weight: float = HYBRID_SSIM_WEIGHT, cosine_weight: float = HYBRID_COSINE_WEIGHT,
                  window_size: int = SSIM.window_size, sigma: float = SSIM.sigma,
                  data_range: float = SSIM.data_range, k1: float = SSIM.k1, k2: float = SSIM.k2,
-                 padding: str = SSIM.padding, eps: float = COSINE_EPS, reduction: str = "mean"
-    ) -> None:
+                 padding: str = SSIM.padding, eps: float = COSINE_EPS, reduction: str = "mean",
+                 alpha: Optional[float] = None, beta: Optional[float] = None) -> None:
         super().__init__()
-        F._hybrid_options("hybrid_loss", alpha, beta, window_size, sigma, data_range, k1, k2, padding, eps,
-                          reduction)
-        self.alpha, self.beta = alpha, beta
+        ssim_weight = renamed("HybridLoss", "ssim_weight", ssim_weight, HYBRID_SSIM_WEIGHT, "alpha", alpha, 3)
+        cosine_weight = renamed("HybridLoss", "cosine_weight", cosine_weight, HYBRID_COSINE_WEIGHT, "beta", beta, 3)
+        F._hybrid_options("hybrid_loss", ssim_weight, cosine_weight, window_size, sigma, data_range, k1, k2,
+                          padding, eps, reduction)
+        self.ssim_weight, self.cosine_weight = ssim_weight, cosine_weight
         self.window_size, self.sigma, self.data_range = window_size, sigma, data_range
         self.k1, self.k2, self.padding = k1, k2, padding
         self.eps, self.reduction = eps, reduction
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.hybrid_loss(x, y, alpha=self.alpha, beta=self.beta,
+        return F.hybrid_loss(x, y, ssim_weight=self.ssim_weight, cosine_weight=self.cosine_weight,
                              window_size=self.window_size, sigma=self.sigma,
                              data_range=self.data_range, k1=self.k1, k2=self.k2,
                              padding=self.padding, eps=self.eps, reduction=self.reduction)
 
     def extra_repr(self) -> str:
-        return (f"alpha={self.alpha}, beta={self.beta}, window_size={self.window_size}, "
+        return (f"ssim_weight={self.ssim_weight}, cosine_weight={self.cosine_weight}, window_size={self.window_size}, "
                 f"sigma={self.sigma}, padding={self.padding!r}, reduction={self.reduction!r}")
 
 
@@ -104,7 +107,7 @@ class AttentionAlignLoss(nn.Module):
 
     Example:
         >>> import torch, agkd_ops
-        >>> criterion = agkd_ops.AttentionAlignLoss(loss="hybrid", alpha=0.5, beta=0.5, padding="reflect")
+        >>> criterion = agkd_ops.AttentionAlignLoss(loss="hybrid", ssim_weight=0.5, cosine_weight=0.5, padding="reflect")
         >>> student = torch.rand(8, 1, 28, 28, requires_grad=True)
         >>> criterion(student, torch.rand(8, 1, 56, 56)).backward()
     """
@@ -112,6 +115,7 @@ class AttentionAlignLoss(nn.Module):
     def __init__(self, *, loss: str = "mse", align_corners: bool = False, reduction: str = "mean",
                  **loss_kwargs) -> None:
         super().__init__()
+        loss_kwargs = F._renamed_align_kwargs("AttentionAlignLoss", loss, loss_kwargs, stacklevel=4)
         F._align_options("attention_align_loss", loss, align_corners, reduction, loss_kwargs)
         self.loss, self.align_corners, self.reduction = loss, align_corners, reduction
         self.loss_kwargs = dict(loss_kwargs)
@@ -150,32 +154,33 @@ class KDKLDivLoss(nn.Module):
 
 
 class KDLoss(nn.Module):
-    """Hinton's ``(1-α)·CE + α·τ²·KL`` with ``F.cross_entropy``'s options; see
+    """Hinton's ``(1-w)·CE + w·τ²·KL`` (``w = kd_weight``) with ``F.cross_entropy``'s options; see
     :func:`agkd_ops.kd_loss`.
 
     Example:
         >>> import torch, agkd_ops
-        >>> criterion = agkd_ops.KDLoss(temperature=4.0, alpha=0.9, label_smoothing=0.1)
+        >>> criterion = agkd_ops.KDLoss(temperature=4.0, kd_weight=0.5, label_smoothing=0.1)
         >>> student = torch.randn(8, 10, requires_grad=True)
         >>> criterion(student, torch.randn(8, 10), torch.randint(0, 10, (8,))).backward()
     """
 
-    def __init__(self, *, temperature: float = KD_TEMPERATURE, alpha: float = KD_ALPHA,
+    def __init__(self, *, temperature: float = KD_TEMPERATURE, kd_weight: float = KD_WEIGHT,
                  label_smoothing: float = 0.0, ignore_index: Optional[int] = None,
-                 reduction: str = "mean") -> None:
+                 reduction: str = "mean", alpha: Optional[float] = None) -> None:
         super().__init__()
-        F._kd_loss_options("kd_loss", temperature, alpha, label_smoothing, ignore_index, reduction)
-        self.temperature, self.alpha, self.reduction = temperature, alpha, reduction
+        kd_weight = renamed("KDLoss", "kd_weight", kd_weight, KD_WEIGHT, "alpha", alpha, 3)
+        F._kd_loss_options("kd_loss", temperature, kd_weight, label_smoothing, ignore_index, reduction)
+        self.temperature, self.kd_weight, self.reduction = temperature, kd_weight, reduction
         self.label_smoothing, self.ignore_index = label_smoothing, ignore_index
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 target: torch.Tensor) -> torch.Tensor:
         return F.kd_loss(student_logits, teacher_logits, target, temperature=self.temperature,
-                         alpha=self.alpha, label_smoothing=self.label_smoothing,
+                         kd_weight=self.kd_weight, label_smoothing=self.label_smoothing,
                          ignore_index=self.ignore_index, reduction=self.reduction)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, alpha={self.alpha}, "
+        return (f"temperature={self.temperature}, kd_weight={self.kd_weight}, "
                 f"label_smoothing={self.label_smoothing}, ignore_index={self.ignore_index}, "
                 f"reduction={self.reduction!r}")
 

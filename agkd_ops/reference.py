@@ -12,9 +12,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._defaults import (ATTENTION_P, COSINE_EPS, HYBRID_ALPHA, HYBRID_BETA, KD_ALPHA,
-                        KD_TEMPERATURE, NORMALIZE_EPS, SSIM, accumulate_dtype)
+from ._defaults import (ATTENTION_P, COSINE_EPS, HYBRID_COSINE_WEIGHT, HYBRID_SSIM_WEIGHT, KD_TEMPERATURE,
+                        KD_WEIGHT, NORMALIZE_EPS, SSIM, accumulate_dtype)
 from ._defaults import reduce_per_sample as _reduce
+from ._validation import renamed
 
 __all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "attention_map",
            "attention_align_loss", "kd_kl_div", "kd_loss", "gaussian_window"]
@@ -90,20 +91,24 @@ def cosine_loss(x: torch.Tensor, y: torch.Tensor, *, eps: float = COSINE_EPS,
     return _reduce(1 - _cosine_per_sample(x, y, eps), reduction, x.dtype)
 
 
-def hybrid_loss(x: torch.Tensor, y: torch.Tensor, *, alpha: float = HYBRID_ALPHA,
-                beta: float = HYBRID_BETA, window_size: int = SSIM.window_size,
+def hybrid_loss(x: torch.Tensor, y: torch.Tensor, *, ssim_weight: float = HYBRID_SSIM_WEIGHT,
+                cosine_weight: float = HYBRID_COSINE_WEIGHT, window_size: int = SSIM.window_size,
                 sigma: float = SSIM.sigma, data_range: float = SSIM.data_range,
                 k1: float = SSIM.k1, k2: float = SSIM.k2, padding: str = SSIM.padding,
-                eps: float = COSINE_EPS, reduction: str = "mean") -> torch.Tensor:
-    """``alpha * ssim_loss + beta * cosine_loss``; see :func:`agkd_ops.hybrid_loss`."""
+                eps: float = COSINE_EPS, reduction: str = "mean", alpha: Optional[float] = None,
+                beta: Optional[float] = None) -> torch.Tensor:
+    """``ssim_weight * ssim_loss + cosine_weight * cosine_loss``; see
+    :func:`agkd_ops.hybrid_loss` (``alpha``/``beta``: the old names, with a FutureWarning)."""
+    ssim_weight = renamed("hybrid_loss", "ssim_weight", ssim_weight, HYBRID_SSIM_WEIGHT, "alpha", alpha)
+    cosine_weight = renamed("hybrid_loss", "cosine_weight", cosine_weight, HYBRID_COSINE_WEIGHT, "beta", beta)
     per_sample = 0
-    if alpha != 0:
-        per_sample = alpha * (
+    if ssim_weight != 0:
+        per_sample = ssim_weight * (
             1 - _ssim_per_sample(x, y, window_size, sigma, data_range, k1, k2, padding)
         )
-    if beta != 0:
-        per_sample = per_sample + beta * (1 - _cosine_per_sample(x, y, eps))
-    if not torch.is_tensor(per_sample):  # alpha == beta == 0
+    if cosine_weight != 0:
+        per_sample = per_sample + cosine_weight * (1 - _cosine_per_sample(x, y, eps))
+    if not torch.is_tensor(per_sample):  # both weights 0
         per_sample = torch.zeros(x.shape[0], dtype=accumulate_dtype(x.dtype), device=x.device)
         per_sample = per_sample + 0 * (x.sum() + y.sum())  # keep both inputs in the graph
     return _reduce(per_sample, reduction, x.dtype)
@@ -133,13 +138,15 @@ def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
-            temperature: float = KD_TEMPERATURE, alpha: float = KD_ALPHA,
+            temperature: float = KD_TEMPERATURE, kd_weight: float = KD_WEIGHT,
             label_smoothing: float = 0.0, ignore_index: Optional[int] = None,
-            reduction: str = "mean") -> torch.Tensor:
-    """Hinton's ``(1-α)·CE + α·τ²·KL`` per row; CE at temperature 1 against the smoothed
-    target ``q' = (1-ε)·q + ε/K`` (q: the one-hot of a class index, or the given
-    probabilities). Rows whose class is ``ignore_index`` are 0 and leave the "mean"
-    denominator, which is at least 1."""
+            reduction: str = "mean", alpha: Optional[float] = None) -> torch.Tensor:
+    """Hinton's ``(1-w)·CE + w·τ²·KL`` per row (``w = kd_weight``; ``alpha``: its old name,
+    with a FutureWarning); CE at temperature 1 against the smoothed target
+    ``q' = (1-ε)·q + ε/K`` (q: the one-hot of a class index, or the given probabilities).
+    Rows whose class is ``ignore_index`` are 0 and leave the "mean" denominator, which is
+    at least 1."""
+    kd_weight = renamed("kd_loss", "kd_weight", kd_weight, KD_WEIGHT, "alpha", alpha)
     dtype = accumulate_dtype(student_logits.dtype)
     n, k = student_logits.shape
     counts = torch.ones(n, dtype=torch.bool, device=student_logits.device)
@@ -152,7 +159,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
     q = (1 - label_smoothing) * q + label_smoothing / k
     ce = -(q * torch.log_softmax(student_logits.to(dtype), dim=1)).sum(dim=1)
     kl = _kl_per_sample(student_logits, teacher_logits, temperature)
-    per_sample = torch.where(counts, (1 - alpha) * ce + alpha * temperature**2 * kl, 0.0)
+    per_sample = torch.where(counts, (1 - kd_weight) * ce + kd_weight * temperature**2 * kl, 0.0)
     if reduction == "mean" and ignore_index is not None:
         mean = per_sample.sum() / counts.sum().clamp_min(1)
         return mean.to(student_logits.dtype)

@@ -115,8 +115,8 @@ IMPLEMENTATIONS = {
                       "torch formula": _attention_map(_attention_transfer)},
     "kd_kl_div": {"native": _native("kd_kl_div"), "reference": _reference("kd_kl_div"),
                   "torch F.kl_div": _torch_kl},
-    "kd_loss": {"native": lambda s, t, y, kw: _native("kd_loss")(s, t, y, dict(kw, alpha=0.9)),
-                "reference": lambda s, t, y, kw: reference.kd_loss(s, t, y, alpha=0.9, **kw),
+    "kd_loss": {"native": lambda s, t, y, kw: _native("kd_loss")(s, t, y, dict(kw, kd_weight=0.9)),
+                "reference": lambda s, t, y, kw: reference.kd_loss(s, t, y, kd_weight=0.9, **kw),
                 "torch F.kl_div + F.cross_entropy": _torch_kd},
 }
 

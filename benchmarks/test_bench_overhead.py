@@ -16,7 +16,7 @@ import agkd_ops
 from agkd_models.models.attention import minmax_normalize
 
 DEVICES = os.environ.get("AGKD_BENCH_DEVICES", "cpu" + (",cuda" if torch.cuda.is_available() else "")).split(",")
-TEMPERATURE, KD_ALPHA, WINDOW = 4.0, 0.9, 3
+TEMPERATURE, KD_WEIGHT, WINDOW = 4.0, 0.9, 3
 # EfficientNet-B0 at 224 px: the outputs of stages 3, 4 and 5 (strides 8, 16, 32), and the
 # teacher's 14x14 attention map (ViT-B/16 tokens).
 B0_STAGES = [(40, 28), (112, 14), (320, 7)]
@@ -31,7 +31,7 @@ def torch_kl(s, t):
 
 
 def torch_kd(s, t, y):
-    return (1 - KD_ALPHA) * F.cross_entropy(s, y) + KD_ALPHA * torch_kl(s, t)
+    return (1 - KD_WEIGHT) * F.cross_entropy(s, y) + KD_WEIGHT * torch_kl(s, t)
 
 
 def torch_ssim_loss(x, y):
@@ -91,7 +91,7 @@ def _path_inputs(n, g):
 CASES = []
 for size, n, k in [("tiny", 8, 10), ("paper", 128, 100), ("paper", 256, 1000), ("large", 4096, 1000)]:
     CASES.append((size, f"kd_loss {n}x{k}", lambda g, n=n, k=k: _logits(n, k, g),
-                  lambda s, t, y: agkd_ops.kd_loss(s, t, y, temperature=TEMPERATURE, alpha=KD_ALPHA), torch_kd))
+                  lambda s, t, y: agkd_ops.kd_loss(s, t, y, temperature=TEMPERATURE, kd_weight=KD_WEIGHT), torch_kd))
     CASES.append((size, f"kd_kl_div {n}x{k}", lambda g, n=n, k=k: _logits(n, k, g)[:2],
                   lambda s, t: agkd_ops.kd_kl_div(s, t, temperature=TEMPERATURE), torch_kl))
 # kd_loss with F.cross_entropy's options, against plain kd_loss at the same size (the
@@ -110,14 +110,14 @@ def _option_inputs(g, option):
 
 def torch_kd_options(s, t, y, option):
     ce = F.cross_entropy(s, y, label_smoothing=0.1 if option == "label_smoothing" else 0.0)
-    return (1 - KD_ALPHA) * ce + KD_ALPHA * torch_kl(s, t)
+    return (1 - KD_WEIGHT) * ce + KD_WEIGHT * torch_kl(s, t)
 
 
 _KD_OPTIONS = {"label_smoothing": dict(label_smoothing=0.1), "probabilities": {},
                "ignore_index": dict(ignore_index=-100)}
 for option, kw in _KD_OPTIONS.items():
     CASES.append(("large", f"kd_loss {OPTION_N}x{OPTION_K} {option}", lambda g, option=option: _option_inputs(g, option),
-                  lambda s, t, y, kw=kw: agkd_ops.kd_loss(s, t, y, temperature=TEMPERATURE, alpha=KD_ALPHA, **kw),
+                  lambda s, t, y, kw=kw: agkd_ops.kd_loss(s, t, y, temperature=TEMPERATURE, kd_weight=KD_WEIGHT, **kw),
                   lambda s, t, y, option=option: torch_kd_options(s, t, y, option)))
 for size, shape in [("tiny", (8, 1, 8, 8)), ("paper", (128, 1, 14, 14)), ("large", (128, 1, 56, 56))]:
     label = "x".join(map(str, shape))
@@ -141,7 +141,7 @@ for size, n, src, dst in [("tiny", 8, 4, 8), ("paper", 128, 7, 14), ("paper", 12
 CASES.append(("paper", "AGKD loss path (B0 stages 3-5 -> 14x14 hybrid w3, kd_loss 128x100)",
               lambda g: _path_inputs(128, g),
               agkd_path(agkd_ops.attention_map, ours_align, lambda s, t, y: agkd_ops.kd_loss(
-                  s, t, y, temperature=TEMPERATURE, alpha=KD_ALPHA)),
+                  s, t, y, temperature=TEMPERATURE, kd_weight=KD_WEIGHT)),
               agkd_path(torch_attention_map, torch_align, torch_kd)))
 
 # Steps per timed round: enough that a round is well above the timer's resolution.

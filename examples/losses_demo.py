@@ -25,7 +25,7 @@ def main():
     teacher = teacher_attention(64, 56, g)
     # A "student" producing 28x28 maps that are upsampled to the teacher's 56x56.
     student_logits = torch.zeros(64, 1, 28, 28, requires_grad=True)
-    criterion = agkd_ops.HybridLoss(alpha=0.5, beta=0.5, padding="reflect")
+    criterion = agkd_ops.HybridLoss(ssim_weight=0.5, cosine_weight=0.5, padding="reflect")
     optimizer = torch.optim.Adam([student_logits], lr=0.1)
     print(f"agkd_ops backend: {agkd_ops.get_backend()}, build: "
           f"{ {k: v for k, v in agkd_ops.build_info().items() if k in ('cpu', 'cuda', 'cuda_archs')} }")

@@ -34,12 +34,12 @@ def oracle_loss(up, t, loss, kw):
         return 1 - cos()
     if loss == "ssim":
         return 1 - ssim()
-    return kw["alpha"] * (1 - ssim()) + kw["beta"] * (1 - cos())
+    return kw["ssim_weight"] * (1 - ssim()) + kw["cosine_weight"] * (1 - cos())
 
 
 @pytest.mark.parametrize("loss,kw", [("mse", {}), ("cosine", {"eps": 1e-6}),
                                      ("ssim", {"window_size": 5, "padding": "reflect"}),
-                                     ("hybrid", {"alpha": 0.3, "beta": 0.9, "window_size": 3})])
+                                     ("hybrid", {"ssim_weight": 0.3, "cosine_weight": 0.9, "window_size": 3})])
 @pytest.mark.parametrize("align_corners", [False, True])
 def test_is_interpolate_then_loss(backend, loss, kw, align_corners):
     g = torch.Generator().manual_seed(0)
@@ -70,7 +70,7 @@ def align_case(draw):
                 window -= 2
         kw = dict(window_size=window, padding=padding)
         if loss == "hybrid":
-            kw.update(alpha=draw(st.floats(0, 2)), beta=draw(st.floats(0, 2)))
+            kw.update(ssim_weight=draw(st.floats(0, 2)), cosine_weight=draw(st.floats(0, 2)))
     return dict(loss=loss, kw=kw, n=draw(st.integers(1, 3)), c=draw(st.integers(1, 4)),
                 student=(draw(side), draw(side)), teacher=(H, W), align_corners=draw(st.booleans()),
                 layout=draw(st.sampled_from(["contiguous", "transposed", "channels_last"])),
@@ -211,7 +211,7 @@ def rand(*shape):
         (lambda: agkd_ops.attention_align_loss(rand(2, 1, 7, 7), rand(2, 1, 14, 14), loss="cosine", window_size=3), TypeError, ["window_size", "eps"]),
         (lambda: agkd_ops.attention_align_loss(rand(2, 1, 7, 7), rand(2, 1, 8, 8), loss="ssim"), ValueError, ["teacher", "window_size=11", "valid"]),
         (lambda: agkd_ops.attention_align_loss(rand(2, 1, 7, 7), rand(2, 1, 8, 8), loss="hybrid", window_size=17, padding="reflect"), ValueError, ["reflect", "teacher"]),
-        (lambda: agkd_ops.attention_align_loss(rand(2, 1, 7, 7), rand(2, 1, 14, 14), loss="hybrid", alpha=-1), ValueError, ["alpha"]),
+        (lambda: agkd_ops.attention_align_loss(rand(2, 1, 7, 7), rand(2, 1, 14, 14), loss="hybrid", ssim_weight=-1), ValueError, ["ssim_weight"]),
         (lambda: agkd_ops.attention_align_loss(rand(2, 1, 7, 7), rand(2, 1, 14, 14), align_corners="yes"), TypeError, ["align_corners", "bool"]),
         (lambda: agkd_ops.attention_align_loss(rand(2, 1, 7, 7), rand(2, 1, 14, 14), reduction="batchmean"), ValueError, ["reduction"]),
         (lambda: agkd_ops.attention_align_loss(rand(0, 1, 7, 7), rand(0, 1, 14, 14)), ValueError, ["empty"]),

@@ -5,6 +5,7 @@ import importlib
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -50,11 +51,11 @@ def test_python_numbers_of_either_type_are_accepted():
 
 def test_modules_mirror_functions():
     x, y = maps(2, 1, 16, 16), maps(2, 1, 16, 16)
-    assert torch.equal(agkd_ops.HybridLoss(alpha=0.2, beta=0.7, padding="zeros")(x, y),
-                       agkd_ops.hybrid_loss(x, y, alpha=0.2, beta=0.7, padding="zeros"))
+    assert torch.equal(agkd_ops.HybridLoss(ssim_weight=0.2, cosine_weight=0.7, padding="zeros")(x, y),
+                       agkd_ops.hybrid_loss(x, y, ssim_weight=0.2, cosine_weight=0.7, padding="zeros"))
     assert torch.equal(agkd_ops.SSIMLoss(window_size=5)(x, y), agkd_ops.ssim_loss(x, y, window_size=5))
     assert torch.equal(agkd_ops.CosineLoss(reduction="sum")(x, y), agkd_ops.cosine_loss(x, y, reduction="sum"))
-    assert "alpha=0.2" in repr(agkd_ops.HybridLoss(alpha=0.2))
+    assert "ssim_weight=0.2" in repr(agkd_ops.HybridLoss(ssim_weight=0.2))
 
 
 def test_zero_padding_accepts_maps_smaller_than_window():
@@ -81,8 +82,8 @@ MAP_BAD_INPUTS = [
     (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), k2=float("nan")), ValueError, ["k2", "finite"]),
     (lambda: agkd_ops.ssim(maps(2, 1, 16, 16), maps(2, 1, 16, 16), reduction="batchmean"), ValueError, ["reduction", "'batchmean'"]),
     (lambda: agkd_ops.ssim_loss(maps(2, 1, 16, 16), maps(3, 1, 16, 16)), ValueError, ["ssim_loss", "same shape"]),
-    (lambda: agkd_ops.hybrid_loss(maps(2, 1, 16, 16), maps(2, 1, 16, 16), alpha=-1), ValueError, ["hybrid_loss", "alpha", ">= 0"]),
-    (lambda: agkd_ops.hybrid_loss(maps(2, 1, 16, 16), maps(2, 1, 16, 16), beta="1"), TypeError, ["hybrid_loss", "beta"]),
+    (lambda: agkd_ops.hybrid_loss(maps(2, 1, 16, 16), maps(2, 1, 16, 16), ssim_weight=-1), ValueError, ["hybrid_loss", "ssim_weight", ">= 0"]),
+    (lambda: agkd_ops.hybrid_loss(maps(2, 1, 16, 16), maps(2, 1, 16, 16), cosine_weight="1"), TypeError, ["hybrid_loss", "cosine_weight"]),
     (lambda: agkd_ops.hybrid_loss(maps(2, 1, 16, 16), maps(2, 1, 16, 16), eps=0), ValueError, ["hybrid_loss", "eps"]),
     (lambda: agkd_ops.cosine_loss(torch.rand(4), torch.rand(4)), ValueError, ["cosine_loss", "at least 2"]),
     (lambda: agkd_ops.cosine_loss(torch.rand(2, 4), torch.rand(2, 5)), ValueError, ["cosine_loss", "same shape"]),
@@ -235,3 +236,50 @@ def test_a_native_loss_is_one_cpp_autograd_node(native, name):
     # Directly the inputs (or views of them: cosine_loss reads (N, 1, 1, D), align a slice).
     inputs = [type(f).__name__ for f, _ in node.next_functions if f is not None]
     assert inputs and set(inputs) <= {"AccumulateGrad", "ViewBackward0", "SliceBackward0"}, inputs
+
+
+# ------------------------------------------------------------ one name per weight
+
+
+def test_the_old_weight_names_warn_and_give_the_same_numbers():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(2, 1, 16, 16, generator=g), torch.rand(2, 1, 16, 16, generator=g)
+    small = torch.rand(2, 1, 8, 8, generator=g)
+    s, t, target = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g), torch.tensor([0, 1, 2, 3])
+    pairs = [
+        (lambda: agkd_ops.hybrid_loss(x, y, alpha=0.2, beta=0.7),
+         lambda: agkd_ops.hybrid_loss(x, y, ssim_weight=0.2, cosine_weight=0.7), "ssim_weight"),
+        (lambda: agkd_ops.reference.hybrid_loss(x, y, alpha=0.2, beta=0.7),
+         lambda: agkd_ops.reference.hybrid_loss(x, y, ssim_weight=0.2, cosine_weight=0.7), "ssim_weight"),
+        (lambda: agkd_ops.attention_align_loss(small, y, loss="hybrid", alpha=0.2, beta=0.7),
+         lambda: agkd_ops.attention_align_loss(small, y, loss="hybrid", ssim_weight=0.2, cosine_weight=0.7),
+         "cosine_weight"),
+        (lambda: agkd_ops.kd_loss(s, t, target, alpha=0.25), lambda: agkd_ops.kd_loss(s, t, target, kd_weight=0.25),
+         "kd_weight"),
+        (lambda: agkd_ops.reference.kd_loss(s, t, target, alpha=0.25),
+         lambda: agkd_ops.reference.kd_loss(s, t, target, kd_weight=0.25), "kd_weight"),
+        (lambda: agkd_ops.HybridLoss(alpha=0.2, beta=0.7)(x, y),
+         lambda: agkd_ops.HybridLoss(ssim_weight=0.2, cosine_weight=0.7)(x, y), "ssim_weight"),
+        (lambda: agkd_ops.AttentionAlignLoss(loss="hybrid", beta=0.7)(small, y),
+         lambda: agkd_ops.AttentionAlignLoss(loss="hybrid", cosine_weight=0.7)(small, y), "cosine_weight"),
+        (lambda: agkd_ops.KDLoss(alpha=0.25)(s, t, target), lambda: agkd_ops.KDLoss(kd_weight=0.25)(s, t, target),
+         "kd_weight"),
+    ]
+    for old, new, name in pairs:
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            got = old()
+        assert any(w.category is FutureWarning and f"deprecated, call it {name}" in str(w.message) for w in said)
+        assert torch.equal(got, new())
+
+
+def test_an_old_and_a_new_weight_name_together_are_refused():
+    x = torch.rand(2, 1, 16, 16)
+    s = torch.randn(4, 5)
+    for call, words in ((lambda: agkd_ops.hybrid_loss(x, x, alpha=0.2, ssim_weight=0.3), ["alpha", "ssim_weight"]),
+                        (lambda: agkd_ops.kd_loss(s, s, torch.tensor([0, 1, 2, 3]), alpha=0.2, kd_weight=0.3),
+                         ["alpha", "kd_weight"]),
+                        (lambda: agkd_ops.KDLoss(alpha=0.2, kd_weight=0.3), ["alpha", "kd_weight"])):
+        with pytest.raises(TypeError) as caught:
+            call()
+        assert all(word in str(caught.value) for word in words), str(caught.value)

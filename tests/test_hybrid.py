@@ -112,7 +112,7 @@ def test_hybrid_is_the_weighted_sum_of_the_oracles(backend):
     x = torch.rand(3, 2, 16, 16, generator=g, dtype=torch.float64)
     y = torch.rand(3, 2, 16, 16, generator=g, dtype=torch.float64)
     want = 0.3 * (1 - ssim_per_sample(x.numpy(), y.numpy())) + 0.9 * (1 - cosine_per_sample(x.numpy(), y.numpy()))
-    got = agkd_ops.hybrid_loss(x.to(backend.device), y.to(backend.device), alpha=0.3, beta=0.9, reduction="none")
+    got = agkd_ops.hybrid_loss(x.to(backend.device), y.to(backend.device), ssim_weight=0.3, cosine_weight=0.9, reduction="none")
     np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-12)
 
 
@@ -133,15 +133,15 @@ def map_case(draw, max_side=24):
                 expand=draw(st.booleans()), seed=seed)
 
 
-@given(case=map_case(), alpha=st.floats(0, 2), beta=st.floats(0, 2),
+@given(case=map_case(), ssim_weight=st.floats(0, 2), cosine_weight=st.floats(0, 2),
        dtype=st.sampled_from([torch.float64, torch.float32]))
-def test_hybrid_matches_reference_on_random_maps(native, case, alpha, beta, dtype):
+def test_hybrid_matches_reference_on_random_maps(native, case, ssim_weight, cosine_weight, dtype):
     backend = native
     g = torch.Generator().manual_seed(case["seed"])
     n, c, h, w = case["shape"]
     x = rounded((1, 1, h, w) if case["expand"] else case["shape"], dtype, g).expand(n, c, h, w)
     y = rounded(case["shape"], dtype, g)
-    kw = dict(alpha=alpha, beta=beta, window_size=case["window"], padding=case["padding"], reduction="none")
+    kw = dict(ssim_weight=ssim_weight, cosine_weight=cosine_weight, window_size=case["window"], padding=case["padding"], reduction="none")
     weights = torch.rand(n, generator=g, dtype=torch.float64)
     want = grads(lambda a, b: R.hybrid_loss(a, b, **kw), x, y, weights=weights)
     dx = x.to(backend.device, dtype)  # stride-0 batch and channels when expanded
@@ -159,13 +159,13 @@ def test_hybrid_matches_reference_on_random_maps(native, case, alpha, beta, dtyp
 @pytest.mark.parametrize("padding", PADDINGS)
 # 37x29 and 64x70 cross 16x16 CUDA tile seams (64 exactly on one); 7x5 is one partial tile.
 @pytest.mark.parametrize("shape,window", [((3, 2, 37, 29), 11), ((2, 1, 7, 5), 3), ((2, 4, 64, 70), 7)])
-@pytest.mark.parametrize("alpha,beta", [(0.5, 0.5), (1.0, 0.0), (0.0, 1.0)])
-def test_hybrid_matches_reference_in_every_dtype(backend, dtype, padding, shape, window, alpha, beta):
+@pytest.mark.parametrize("ssim_weight,cosine_weight", [(0.5, 0.5), (1.0, 0.0), (0.0, 1.0)])
+def test_hybrid_matches_reference_in_every_dtype(backend, dtype, padding, shape, window, ssim_weight, cosine_weight):
     against_the_reference(backend, dtype)
     g = torch.Generator().manual_seed(0)
     x, y = rounded(shape, dtype, g), rounded(shape, dtype, g)
     weights = torch.rand(shape[0], generator=g, dtype=torch.float64)
-    kw = dict(alpha=alpha, beta=beta, window_size=window, padding=padding, reduction="none")
+    kw = dict(ssim_weight=ssim_weight, cosine_weight=cosine_weight, window_size=window, padding=padding, reduction="none")
     want = grads(lambda a, b: R.hybrid_loss(a, b, **kw), x, y, weights=weights)
     got = grads(lambda a, b: agkd_ops.hybrid_loss(a, b, **kw), x.to(backend.device, dtype),
                 layout(y.to(backend.device, dtype), "transposed"), weights=weights)
@@ -237,7 +237,7 @@ def test_gradcheck_float64(backend, padding):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 2, 9, 8, generator=g, dtype=torch.float64).to(backend.device).requires_grad_(True)
     y = torch.rand(2, 2, 9, 8, generator=g, dtype=torch.float64).to(backend.device).requires_grad_(True)
-    fn = lambda a, b: agkd_ops.hybrid_loss(a, b, alpha=0.6, beta=0.8, window_size=5, padding=padding,
+    fn = lambda a, b: agkd_ops.hybrid_loss(a, b, ssim_weight=0.6, cosine_weight=0.8, window_size=5, padding=padding,
                                            reduction="none")
     assert torch.autograd.gradcheck(fn, (x, y))
 
@@ -262,12 +262,12 @@ def test_bitwise_deterministic(backend):
 # ------------------------------------------------------------------ the compiled op
 
 
-@pytest.mark.parametrize("alpha,beta,reduction", [(0.5, 0.5, "mean"), (1.0, 0.0, "none"), (0.0, 1.0, "sum")])
-def test_opcheck(native, alpha, beta, reduction):
+@pytest.mark.parametrize("ssim_weight,cosine_weight,reduction", [(0.5, 0.5, "mean"), (1.0, 0.0, "none"), (0.0, 1.0, "sum")])
+def test_opcheck(native, ssim_weight, cosine_weight, reduction):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(3, 2, 12, 11, generator=g).to(native.device).requires_grad_(True)
     y = torch.rand(3, 2, 12, 11, generator=g).to(native.device).requires_grad_(True)
-    args = (x, y, alpha, beta, 5, 1.5, 1e-4, 9e-4, "reflect", 1e-8, reduction)
+    args = (x, y, ssim_weight, cosine_weight, 5, 1.5, 1e-4, 9e-4, "reflect", 1e-8, reduction)
     torch.library.opcheck(torch.ops.agkd.hybrid_fwd, args)
     loss, stats = torch.ops.agkd.hybrid_fwd(*args)
     bwd_args = (torch.rand(3, device=native.device), x.detach(), y.detach(), stats) + args[2:-1] + (True, False)
@@ -285,7 +285,7 @@ def test_zero_weights_give_zero_loss_and_gradients(native):
 
 
 def test_torch_compile_fullgraph(native):
-    criterion = agkd_ops.HybridLoss(alpha=0.5, beta=0.5, padding="zeros")
+    criterion = agkd_ops.HybridLoss(ssim_weight=0.5, cosine_weight=0.5, padding="zeros")
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def step(x, y):

@@ -40,8 +40,8 @@ def make_logits(n, k, layout, generator, scale=3.0):
 
 
 @given(n=st.integers(1, 6), k=st.integers(1, 40), temperature=st.floats(0.1, 20),
-       alpha=st.floats(0, 1), scale=st.sampled_from([0.1, 3.0, 50.0]), seed=st.integers(0, 2**31 - 1))
-def test_matches_numpy_oracle(backend, n, k, temperature, alpha, scale, seed):
+       kd_weight=st.floats(0, 1), scale=st.sampled_from([0.1, 3.0, 50.0]), seed=st.integers(0, 2**31 - 1))
+def test_matches_numpy_oracle(backend, n, k, temperature, kd_weight, scale, seed):
     g = torch.Generator().manual_seed(seed)
     s = scale * torch.randn(n, k, generator=g, dtype=torch.float64)
     t = scale * torch.randn(n, k, generator=g, dtype=torch.float64)
@@ -52,8 +52,8 @@ def test_matches_numpy_oracle(backend, n, k, temperature, alpha, scale, seed):
     np.testing.assert_allclose(agkd_ops.kd_kl_div(ds, dt, temperature=temperature, reduction="none").cpu().numpy(),
                                kl, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(
-        agkd_ops.kd_loss(ds, dt, dy, temperature=temperature, alpha=alpha, reduction="none").cpu().numpy(),
-        (1 - alpha) * ce + alpha * kl, rtol=1e-9, atol=1e-9)
+        agkd_ops.kd_loss(ds, dt, dy, temperature=temperature, kd_weight=kd_weight, reduction="none").cpu().numpy(),
+        (1 - kd_weight) * ce + kd_weight * kl, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
@@ -101,15 +101,15 @@ def test_kd_loss_matches_cross_entropy_and_the_composition(backend):
     t = torch.randn(64, 100, generator=g)
     y = torch.randint(0, 100, (64,), generator=g)
     ds, dt, dy = s.to(backend.device), t.to(backend.device), y.to(backend.device)
-    ce = grads(lambda a: agkd_ops.kd_loss(a, dt, dy, alpha=0.0), ds)  # alpha = 0: the cross-entropy alone
+    ce = grads(lambda a: agkd_ops.kd_loss(a, dt, dy, kd_weight=0.0), ds)  # kd_weight = 0: the cross-entropy alone
     want = grads(lambda a: F.cross_entropy(a, y), s)
     for a, b in zip(ce, want):
         torch.testing.assert_close(a.cpu(), b)
-    tau, alpha = 2.0, 0.3
+    tau, kd_weight = 2.0, 0.3
     s64, t64 = s.double(), t.double()
-    composition = (1 - alpha) * F.cross_entropy(s64, y) + alpha * tau**2 * F.kl_div(
+    composition = (1 - kd_weight) * F.cross_entropy(s64, y) + kd_weight * tau**2 * F.kl_div(
         F.log_softmax(s64 / tau, 1), F.log_softmax(t64 / tau, 1), log_target=True, reduction="batchmean")
-    got = agkd_ops.kd_loss(s64.to(backend.device), t64.to(backend.device), dy, temperature=tau, alpha=alpha)
+    got = agkd_ops.kd_loss(s64.to(backend.device), t64.to(backend.device), dy, temperature=tau, kd_weight=kd_weight)
     torch.testing.assert_close(got.cpu(), composition)
 
 
@@ -135,7 +135,7 @@ def kd_case(draw):
         n=draw(st.integers(1, 9)),
         k=draw(st.one_of(st.integers(1, 40), st.integers(1000, 3000))),
         temperature=draw(st.floats(0.05, 50)),
-        alpha=draw(st.floats(0, 1)),
+        kd_weight=draw(st.floats(0, 1)),
         scale=draw(st.sampled_from([0.01, 3.0, 100.0])),
         layout=draw(st.sampled_from(["contiguous", "transposed", "sliced", "expanded"])),
         seed=draw(st.integers(0, 2**31 - 1)),
@@ -151,11 +151,11 @@ def test_matches_reference_on_random_logits(native, case, dtype, with_ce):
     t = make_logits(n, k, "contiguous", g, case["scale"]).to(dtype)
     y = torch.randint(0, k, (n,), generator=g)
     weights = torch.rand(n, generator=g, dtype=torch.float64)
-    tau, alpha = case["temperature"], case["alpha"]
+    tau, kd_weight = case["temperature"], case["kd_weight"]
     dy = y.to(backend.device)
     if with_ce:
-        fn = lambda a, b: agkd_ops.kd_loss(a, b, dy, temperature=tau, alpha=alpha, reduction="none")
-        ref = lambda a, b: R.kd_loss(a, b, y, temperature=tau, alpha=alpha, reduction="none")
+        fn = lambda a, b: agkd_ops.kd_loss(a, b, dy, temperature=tau, kd_weight=kd_weight, reduction="none")
+        ref = lambda a, b: R.kd_loss(a, b, y, temperature=tau, kd_weight=kd_weight, reduction="none")
     else:
         fn = lambda a, b: agkd_ops.kd_kl_div(a, b, temperature=tau, reduction="none")
         ref = lambda a, b: R.kd_kl_div(a, b, temperature=tau, reduction="none")
@@ -175,19 +175,19 @@ def test_matches_reference_on_random_logits(native, case, dtype, with_ce):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 # K = 2 (one partial stride), 100, 1000 (several strides), 100000 (backward grid.y chunks)
 @pytest.mark.parametrize("n,k", [(5, 2), (33, 100), (4, 1000), (3, 100_000)])
-@pytest.mark.parametrize("alpha", [None, 0.0, 0.7])
-def test_matches_reference_in_every_dtype(backend, dtype, n, k, alpha):
+@pytest.mark.parametrize("kd_weight", [None, 0.0, 0.7])
+def test_matches_reference_in_every_dtype(backend, dtype, n, k, kd_weight):
     against_the_reference(backend, dtype)
     g = torch.Generator().manual_seed(0)
     s, t = rounded((n, k), dtype, g, 3.0, randn=True), rounded((n, k), dtype, g, 3.0, randn=True)
     y = torch.randint(0, k, (n,), generator=g)
-    if alpha is None:
+    if kd_weight is None:
         fn = lambda a, b: agkd_ops.kd_kl_div(a, b, temperature=2.0, reduction="none")
         ref = lambda a, b: R.kd_kl_div(a, b, temperature=2.0, reduction="none")
     else:
-        fn = lambda a, b: agkd_ops.kd_loss(a, b, y.to(backend.device), temperature=2.0, alpha=alpha,
+        fn = lambda a, b: agkd_ops.kd_loss(a, b, y.to(backend.device), temperature=2.0, kd_weight=kd_weight,
                                            reduction="none")
-        ref = lambda a, b: R.kd_loss(a, b, y, temperature=2.0, alpha=alpha, reduction="none")
+        ref = lambda a, b: R.kd_loss(a, b, y, temperature=2.0, kd_weight=kd_weight, reduction="none")
     want = grads(ref, s, t)
     got_t = t.t().contiguous().t().to(backend.device, dtype)  # column-major: strided rows
     got = grads(fn, s.to(backend.device, dtype), got_t)
@@ -232,9 +232,9 @@ def test_extreme_logits_are_finite_and_right(backend, dtype):
     y = torch.tensor([1, 3])
     for tau in (1.0, 4.0):
         out, gs, gt = grads(
-            lambda a, b: agkd_ops.kd_loss(a, b, y.to(backend.device), temperature=tau, alpha=0.5, reduction="none"),
+            lambda a, b: agkd_ops.kd_loss(a, b, y.to(backend.device), temperature=tau, kd_weight=0.5, reduction="none"),
             s.to(backend.device), t.to(backend.device))
-        want, wgs, wgt = grads(lambda a, b: R.kd_loss(a, b, y, temperature=tau, alpha=0.5, reduction="none"),
+        want, wgs, wgt = grads(lambda a, b: R.kd_loss(a, b, y, temperature=tau, kd_weight=0.5, reduction="none"),
                                s.double(), t.double())
         assert torch.isfinite(out).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all()
         # Losses of order 1e4·τ: float32 keeps about 7 digits of them.
@@ -287,7 +287,7 @@ def test_gradcheck_float64(backend, with_ce):
     t = torch.randn(3, 7, generator=g, dtype=torch.float64).to(backend.device).requires_grad_(True)
     y = torch.tensor([0, 6, 3], device=backend.device)
     if with_ce:
-        fn = lambda a, b: agkd_ops.kd_loss(a, b, y, temperature=2.5, alpha=0.4, reduction="none")
+        fn = lambda a, b: agkd_ops.kd_loss(a, b, y, temperature=2.5, kd_weight=0.4, reduction="none")
     else:
         fn = lambda a, b: agkd_ops.kd_kl_div(a, b, temperature=2.5, reduction="none")
     assert torch.autograd.gradcheck(fn, (s, t))
@@ -358,7 +358,7 @@ def test_no_term_is_a_clear_error_in_a_direct_op_call(native):
 @pytest.mark.parametrize("options,target", [({}, "classes"), (dict(label_smoothing=0.1, ignore_index=-100), "classes"),
                                             (dict(label_smoothing=0.2), "probabilities")])
 def test_torch_compile_fullgraph(native, options, target):
-    criterion = agkd_ops.KDLoss(temperature=4.0, alpha=0.9, **options)
+    criterion = agkd_ops.KDLoss(temperature=4.0, kd_weight=0.9, **options)
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def step(s, t, y):
@@ -396,7 +396,7 @@ def test_cross_entropy_only_gives_teacher_a_zero_gradient(native):
     g = torch.Generator().manual_seed(0)
     s = torch.randn(4, 9, generator=g).to(native.device).requires_grad_(True)
     t = torch.randn(4, 9, generator=g).to(native.device).requires_grad_(True)
-    agkd_ops.kd_loss(s, t, torch.tensor([1, 2, 3, 4], device=native.device), alpha=0.0).backward()
+    agkd_ops.kd_loss(s, t, torch.tensor([1, 2, 3, 4], device=native.device), kd_weight=0.0).backward()
     assert torch.equal(t.grad, torch.zeros_like(t))
 
 
@@ -439,7 +439,7 @@ def make_targets(kind, n, k, dtype, generator, ignore_index=None):
     return (q / q.sum(1, keepdim=True)).to(dtype).double()
 
 
-def torch_kd_composition(s, t, y, *, temperature, alpha, label_smoothing, ignore_index, reduction):
+def torch_kd_composition(s, t, y, *, temperature, kd_weight, label_smoothing, ignore_index, reduction):
     """The loss spelled with torch.nn.functional: F.cross_entropy with the same options,
     plus τ²·F.kl_div per row, ignored rows masked out of both and of the mean."""
     ce = F.cross_entropy(s, y, label_smoothing=label_smoothing, reduction="none",
@@ -447,7 +447,7 @@ def torch_kd_composition(s, t, y, *, temperature, alpha, label_smoothing, ignore
     kl = temperature**2 * F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1),
                                    log_target=True, reduction="none").sum(1)
     counts = (y != ignore_index) if ignore_index is not None else torch.ones_like(ce, dtype=torch.bool)
-    per_row = torch.where(counts, (1 - alpha) * ce + alpha * kl, 0.0)
+    per_row = torch.where(counts, (1 - kd_weight) * ce + kd_weight * kl, 0.0)
     if reduction == "none":
         return per_row
     return per_row.sum() / (counts.sum() if reduction == "mean" else 1)
@@ -462,7 +462,7 @@ def test_options_match_cross_entropy_and_the_kl_composition(backend, kind, label
     n, k = 7, 13
     s, t = rounded((n, k), dtype, g, 3.0, randn=True), rounded((n, k), dtype, g, 3.0, randn=True)
     y = make_targets(kind, n, k, dtype, g, ignore_index)
-    options = dict(temperature=3.0, alpha=0.7, label_smoothing=label_smoothing, ignore_index=ignore_index,
+    options = dict(temperature=3.0, kd_weight=0.7, label_smoothing=label_smoothing, ignore_index=ignore_index,
                    reduction=reduction)
     want = grads(lambda a, b: torch_kd_composition(a, b, y, **options), s, t)
     target = y.to(backend.device) if kind == "classes" else y.to(dtype).to(backend.device)
@@ -483,7 +483,7 @@ def test_cross_entropy_alone_is_f_cross_entropy(backend, kind, label_smoothing, 
     g = torch.Generator().manual_seed(5)
     s = rounded((9, 6), torch.float64, g, 3.0, randn=True).to(backend.device)
     y = make_targets(kind, 9, 6, torch.float64, g, ignore_index).to(backend.device)
-    got = agkd_ops.kd_loss(s, s.flip(0), y, alpha=0.0, label_smoothing=label_smoothing, ignore_index=ignore_index)
+    got = agkd_ops.kd_loss(s, s.flip(0), y, kd_weight=0.0, label_smoothing=label_smoothing, ignore_index=ignore_index)
     want = F.cross_entropy(s, y, label_smoothing=label_smoothing,
                            ignore_index=IGNORE if ignore_index is None else ignore_index)
     close(got, want, 1e-12)
@@ -505,12 +505,12 @@ def test_a_batch_with_every_row_ignored_has_loss_zero_not_nan(backend):
 
 
 def test_ignored_rows_leave_the_kl_term_too(backend):
-    # alpha = 1: no cross-entropy at all, yet an ignored row still counts for nothing.
+    # kd_weight = 1: no cross-entropy at all, yet an ignored row still counts for nothing.
     g = torch.Generator().manual_seed(2)
     s, t = torch.randn(6, 8, generator=g).to(backend.device), torch.randn(6, 8, generator=g).to(backend.device)
     y = torch.tensor([0, IGNORE, 2, 3, IGNORE, 5], device=backend.device)
     kept = y != IGNORE
-    got = agkd_ops.kd_loss(s, t, y, alpha=1.0, ignore_index=IGNORE)
+    got = agkd_ops.kd_loss(s, t, y, kd_weight=1.0, ignore_index=IGNORE)
     want = agkd_ops.kd_kl_div(s[kept], t[kept])
     close(got, want.double(), 1e-6)
 
@@ -524,7 +524,7 @@ def test_gradcheck_options_float64(backend, kind, label_smoothing, ignore_index)
     y = make_targets(kind, 6, 5, torch.float64, g, ignore_index).to(backend.device)
     for reduction in ("mean", "none"):
         assert torch.autograd.gradcheck(
-            lambda a, b: agkd_ops.kd_loss(a, b, y, temperature=2.0, alpha=0.4, label_smoothing=label_smoothing,
+            lambda a, b: agkd_ops.kd_loss(a, b, y, temperature=2.0, kd_weight=0.4, label_smoothing=label_smoothing,
                                           ignore_index=ignore_index, reduction=reduction), (s, t))
 
 
@@ -611,9 +611,9 @@ BAD_INPUTS = [
     (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), torch.zeros(4, dtype=torch.bool)), TypeError,
      ["kd_loss", "target", "bool"]),
     (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), [0, 1, 2, 3]), TypeError, ["kd_loss", "target", "Tensor"]),
-    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 3), alpha=1.5), ValueError,
-     ["kd_loss", "alpha", "[0, 1]"]),
-    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 3), alpha=-0.1), ValueError, ["alpha"]),
+    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 3), kd_weight=1.5), ValueError,
+     ["kd_loss", "kd_weight", "[0, 1]"]),
+    (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 3), kd_weight=-0.1), ValueError, ["kd_weight"]),
     (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 6), classes(0, 1, 2, 3), reduction="batchmean"), ValueError,
      ["kd_loss", "reduction"]),
     (lambda: agkd_ops.kd_loss(logits(4, 6), logits(4, 5), classes(0, 1, 2, 3)), ValueError, ["kd_loss", "same shape"]),
@@ -651,9 +651,9 @@ def test_modules_mirror_functions():
     s, t, y = logits(4, 6), logits(4, 6), classes(0, 5, 2, 2)
     assert torch.equal(agkd_ops.KDKLDivLoss(temperature=2, reduction="sum")(s, t),
                        agkd_ops.kd_kl_div(s, t, temperature=2, reduction="sum"))
-    assert torch.equal(agkd_ops.KDLoss(temperature=3.0, alpha=0.25)(s, t, y),
-                       agkd_ops.kd_loss(s, t, y, temperature=3.0, alpha=0.25))
-    assert "alpha=0.25" in repr(agkd_ops.KDLoss(alpha=0.25))
+    assert torch.equal(agkd_ops.KDLoss(temperature=3.0, kd_weight=0.25)(s, t, y),
+                       agkd_ops.kd_loss(s, t, y, temperature=3.0, kd_weight=0.25))
+    assert "kd_weight=0.25" in repr(agkd_ops.KDLoss(kd_weight=0.25))
 
 
 def test_target_on_another_device_rejected():

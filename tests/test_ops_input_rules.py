@@ -26,16 +26,16 @@ def _logits(seed=0, n=6, k=5, dtype=torch.float64):
 # ------------------------------------------------------- a bad target, whatever the weights
 
 
-@pytest.mark.parametrize("alpha", [1.0, 0.9, 0.0])
-def test_an_out_of_range_class_is_an_error_whatever_alpha(backend, alpha):
+@pytest.mark.parametrize("kd_weight", [1.0, 0.9, 0.0])
+def test_an_out_of_range_class_is_an_error_whatever_alpha(backend, kd_weight):
     s, t = (x.to(backend.device) for x in _logits())
     for bad in (5, -1, -100):
         target = torch.tensor([0, 1, 2, 3, 4, bad], device=backend.device)
         if backend.cuda_kernels:  # no host sync to look: the row's loss is NaN instead
-            per_row = agkd_ops.kd_loss(s, t, target, alpha=alpha, reduction="none")
+            per_row = agkd_ops.kd_loss(s, t, target, kd_weight=kd_weight, reduction="none")
             assert torch.isnan(per_row[5]) and torch.isfinite(per_row[:5]).all()
         else:
-            assert_clear_error(lambda: agkd_ops.kd_loss(s, t, target, alpha=alpha), ValueError,
+            assert_clear_error(lambda: agkd_ops.kd_loss(s, t, target, kd_weight=kd_weight), ValueError,
                                ["agkd_ops.kd_loss", "target", "[0, 5)"])
 
 
@@ -44,10 +44,10 @@ def test_a_negative_probability_is_an_error_whatever_alpha(backend):
     q = torch.softmax(torch.randn(6, 5, dtype=torch.float64), 1).to(backend.device)
     q[2, 3] = -0.1
     if backend.cuda_kernels:
-        per_row = agkd_ops.kd_loss(s, t, q, alpha=1.0, reduction="none")
+        per_row = agkd_ops.kd_loss(s, t, q, kd_weight=1.0, reduction="none")
         assert torch.isnan(per_row[2]) and torch.isfinite(per_row[[0, 1, 3, 4, 5]]).all()
     else:
-        assert_clear_error(lambda: agkd_ops.kd_loss(s, t, q, alpha=1.0), ValueError,
+        assert_clear_error(lambda: agkd_ops.kd_loss(s, t, q, kd_weight=1.0), ValueError,
                            ["agkd_ops.kd_loss", "probability", ">= 0"])
 
 
@@ -60,20 +60,20 @@ def test_a_float_target_of_the_wrong_shape_names_target():
 # ------------------------------------------------ the gradient of a probability target
 
 
-def _torch_kd(s, t, q, alpha, tau, eps, reduction):
+def _torch_kd(s, t, q, kd_weight, tau, eps, reduction):
     """Hinton's loss written with torch's own functions (an independent oracle):
     F.cross_entropy differentiates a probability target."""
     ce = TF.cross_entropy(s, q, label_smoothing=eps, reduction="none")
     kl = TF.kl_div(TF.log_softmax(s / tau, 1), TF.log_softmax(t / tau, 1), log_target=True,
                    reduction="none").sum(1)
-    per_row = (1 - alpha) * ce + alpha * tau**2 * kl
+    per_row = (1 - kd_weight) * ce + kd_weight * tau**2 * kl
     return {"mean": per_row.mean(), "sum": per_row.sum(), "none": per_row}[reduction]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
-def test_probability_targets_get_their_gradient(backend, reduction, eps, alpha):
+@pytest.mark.parametrize("kd_weight", [0.0, 0.3, 1.0])
+def test_probability_targets_get_their_gradient(backend, reduction, eps, kd_weight):
     s0, t0 = _logits(1, n=5, k=7)
     q0 = torch.softmax(torch.randn(5, 7, dtype=torch.float64), 1)
     weights = torch.linspace(0.5, 1.5, 5, dtype=torch.float64)
@@ -84,9 +84,9 @@ def test_probability_targets_get_their_gradient(backend, reduction, eps, alpha):
         total = (out * weights.to(device)).sum() if reduction == "none" else out
         return [g.cpu() for g in torch.autograd.grad(total, (s, t, q))]
 
-    got = grads(lambda s, t, q: agkd_ops.kd_loss(s, t, q, alpha=alpha, temperature=2.0, label_smoothing=eps,
+    got = grads(lambda s, t, q: agkd_ops.kd_loss(s, t, q, kd_weight=kd_weight, temperature=2.0, label_smoothing=eps,
                                                  reduction=reduction), backend.device)
-    want = grads(lambda s, t, q: _torch_kd(s, t, q, alpha, 2.0, eps, reduction), "cpu")
+    want = grads(lambda s, t, q: _torch_kd(s, t, q, kd_weight, 2.0, eps, reduction), "cpu")
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
@@ -144,14 +144,14 @@ def test_a_huge_window_is_refused_before_any_memory_is_taken(backend):
 
 @pytest.mark.parametrize("build, words", [
     (lambda: agkd_ops.KDLoss(temperature=0), ["kd_loss", "temperature"]),
-    (lambda: agkd_ops.KDLoss(alpha=1.5), ["kd_loss", "alpha"]),
+    (lambda: agkd_ops.KDLoss(kd_weight=1.5), ["kd_loss", "kd_weight"]),
     (lambda: agkd_ops.KDLoss(ignore_index=1.5), ["kd_loss", "ignore_index"]),
     (lambda: agkd_ops.KDKLDivLoss(reduction="mean"), ["kd_kl_div", "batchmean"]),
     (lambda: agkd_ops.KDKLDivLoss(temperature=-1), ["kd_kl_div", "temperature"]),
     (lambda: agkd_ops.SSIMLoss(window_size=4), ["ssim_loss", "window_size"]),
     (lambda: agkd_ops.SSIMLoss(padding="same"), ["ssim_loss", "padding"]),
     (lambda: agkd_ops.CosineLoss(eps=0), ["cosine_loss", "eps"]),
-    (lambda: agkd_ops.HybridLoss(alpha=-1), ["hybrid_loss", "alpha"]),
+    (lambda: agkd_ops.HybridLoss(ssim_weight=-1), ["hybrid_loss", "ssim_weight"]),
     (lambda: agkd_ops.HybridLoss(data_range=1e300), ["hybrid_loss", "data_range"]),
     (lambda: agkd_ops.AttentionAlignLoss(loss="l1"), ["attention_align_loss", "loss"]),
     (lambda: agkd_ops.AttentionAlignLoss(loss="mse", window_size=3), ["attention_align_loss", "window_size"]),

@@ -89,8 +89,8 @@ class AGKD(Distiller):
             return agkd_ops.attention_align_loss(s, t, loss="ssim", window_size=settings.window_size,
                                                  padding=settings.padding)
         if loss == "hybrid":
-            return agkd_ops.attention_align_loss(s, t, loss="hybrid", alpha=settings.ssim_weight,
-                                                 beta=settings.cosine_weight, window_size=settings.window_size,
+            return agkd_ops.attention_align_loss(s, t, loss="hybrid", ssim_weight=settings.ssim_weight,
+                                                 cosine_weight=settings.cosine_weight, window_size=settings.window_size,
                                                  padding=settings.padding)
         s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
         as_rgb = lambda m: m.mean(1, keepdim=True).expand(-1, 3, -1, -1)
@@ -99,7 +99,7 @@ class AGKD(Distiller):
     def loss_terms(self, s: StudentOutput, t, targets: torch.Tensor, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         settings = self.settings
         logits = agkd_ops.kd_loss(s.logits, t.logits, targets, temperature=settings.temperature,
-                                  alpha=settings.kd_weight, label_smoothing=self.label_smoothing)
+                                  kd_weight=settings.kd_weight, label_smoothing=self.label_smoothing)
         teacher_map = t.attention.to(s.attention[0].dtype)
         attention = torch.stack([self.attention_term(m, teacher_map) for m in s.attention]).mean()
         total = settings.logit_weight * logits + settings.attention_weight * attention

@@ -45,5 +45,5 @@ class LogitKD(Distiller):
 
     def loss_terms(self, s: StudentOutput, t, targets: torch.Tensor, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         kd = agkd_ops.kd_loss(s.logits, t.logits, targets, temperature=self.settings.temperature,
-                              alpha=self.settings.kd_weight, label_smoothing=self.label_smoothing)
+                              kd_weight=self.settings.kd_weight, label_smoothing=self.label_smoothing)
         return {"kd": kd, "total": kd}
