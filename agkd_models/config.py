@@ -51,7 +51,8 @@ class DataConfig(Settings, section="data"):
     download: bool = setting(False, "allow fetching the data set (CIFAR)", resume="any")
     limit_train: Optional[int] = setting(None, "use only this many training samples", minimum=1)
     limit_val: Optional[int] = setting(None, "use only this many validation samples", minimum=1)
-    limit_test: Optional[int] = setting(None, "use only this many test samples", minimum=1)
+    limit_test: Optional[int] = setting(None, "use only this many test samples (evaluated after training, never "
+                                        "trained or validated on)", minimum=1, resume="any")
 
 
 @dataclass
@@ -94,7 +95,7 @@ SECTIONS: Dict[str, Type[Settings]] = {"data": DataConfig, "teacher": TeacherCon
 
 class Config:
     """A whole configuration: one section object per entry of :data:`SECTIONS`, as an
-    attribute of the same name (``cfg.train.lr``, ``cfg.agkd.attention_weight``)."""
+    attribute of the same name (``cfg.train.lr``; a method's section likewise, by its name)."""
 
     data: DataConfig
     teacher: TeacherConfig

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import agkd_ops
 from agkd_models import AGKD, CAKD, LogitKD
 from agkd_models.config import ConfigError, TrainConfig, load_config
+from agkd_models.distillers import build_task
 from agkd_models.engine import SupervisedTask, Task, TaskOutput, Trainer
 from agkd_models.experiments.pipeline import distill
 
@@ -49,28 +50,36 @@ def _config(**kw):
     return TrainConfig(**{"epochs": 1, "batch_size": 4, "progress": False, "device": "cpu", **kw})
 
 
-def test_the_trainer_hands_label_smoothing_to_its_task(tmp_path):
-    task = _Recorder()
-    Trainer(task, _config(label_smoothing=0.2), tmp_path)
-    assert task.label_smoothing == 0.2
+def test_a_task_gets_its_label_smoothing_when_built_and_the_trainer_checks_it(tmp_path):
+    model = torch.nn.Linear(12, 3)
+    Trainer(SupervisedTask(model, label_smoothing=0.2), _config(label_smoothing=0.2), tmp_path)
+    with pytest.raises(ValueError, match="built with label_smoothing=0.0, but train.label_smoothing is 0.2"):
+        Trainer(SupervisedTask(model), _config(label_smoothing=0.2), tmp_path)
+
+
+def test_the_pipeline_builds_every_task_with_train_label_smoothing():
+    cfg = load_config("digits", ["train.label_smoothing=0.15"])
+    for method in ("none", "logit", "agkd", "cakd"):
+        task = build_task(method, tiny_teacher(), tiny_student(), cfg.section(method) if method != "none" else None,
+                          label_smoothing=cfg.train.label_smoothing)
+        assert task.label_smoothing == 0.15, method
 
 
 def test_supervised_cross_entropy_is_smoothed():
     model = torch.nn.Linear(5, 4)
-    task = SupervisedTask(model)
-    task.label_smoothing = 0.3
+    task = SupervisedTask(model, label_smoothing=0.3)
     x, y = torch.randn(6, 5), torch.arange(6) % 4
     out = task(x, y)
     torch.testing.assert_close(out.terms["ce"], F.cross_entropy(model(x), y, label_smoothing=0.3))
 
 
-@pytest.mark.parametrize("build", [lambda t, s: LogitKD(t, s), lambda t, s: AGKD(t, s, attention_loss="mse")])
+@pytest.mark.parametrize("build", [lambda t, s: LogitKD(t, s, label_smoothing=0.1),
+                                   lambda t, s: AGKD(t, s, attention_loss="mse", label_smoothing=0.1)])
 def test_distillers_pass_label_smoothing_and_probability_targets_to_kd_loss(build, monkeypatch):
     calls = []
     real = agkd_ops.kd_loss
     monkeypatch.setattr(agkd_ops, "kd_loss", lambda *a, **kw: calls.append((a, kw)) or real(*a, **kw))
     task = build(tiny_teacher(), tiny_student())
-    task.label_smoothing = 0.1
     images = torch.randn(4, 3, 32, 32)
     soft = torch.softmax(torch.randn(4, NUM_CLASSES), 1)
     out = task(images, soft)
@@ -83,8 +92,7 @@ def test_cakd_cross_entropy_is_smoothed(monkeypatch):
     seen = []
     real = F.cross_entropy
     monkeypatch.setattr(F, "cross_entropy", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
-    task = CAKD(tiny_teacher(), tiny_student())
-    task.label_smoothing = 0.25
+    task = CAKD(tiny_teacher(), tiny_student(), label_smoothing=0.25)
     task(torch.randn(4, 3, 32, 32), torch.arange(4))
     assert seen and all(kw.get("label_smoothing") == 0.25 for kw in seen)
 

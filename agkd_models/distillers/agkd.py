@@ -32,6 +32,8 @@ class AGKDSettings(LogitKDSettings, section="agkd"):
     ssim_weight: float = setting(0.5, "hybrid loss: weight of 1 - SSIM", minimum=0)
     cosine_weight: float = setting(0.5, "hybrid loss: weight of 1 - cos", minimum=0)
     window_size: int = setting(3, "ssim/hybrid: SSIM window", minimum=1, odd=True)
+    sigma: float = setting(1.5, "ssim/hybrid: the SSIM Gaussian window's standard deviation (1.5 is Wang et al.'s "
+                           "for 11 taps; on 3 taps it weighs the centre 1 : 0.80 against its neighbours)", minimum=1e-3)
     padding: str = setting("zeros", "ssim/hybrid: SSIM padding", choices=agkd_ops.PADDINGS)
     perceptual_layers: int = setting(4, "perceptual loss: feature layers of the extractor compared", minimum=1)
 
@@ -65,8 +67,8 @@ class AGKD(Distiller):
     settings_class = AGKDSettings
 
     def __init__(self, teacher: HybridTeacher, student: Student, settings: Optional[AGKDSettings] = None, *,
-                 perceptual_extractor: Optional[nn.Module] = None, **changes):
-        super().__init__(teacher, student)
+                 perceptual_extractor: Optional[nn.Module] = None, label_smoothing: float = 0.0, **changes):
+        super().__init__(teacher, student, label_smoothing=label_smoothing)
         self.settings = settings = self.settings_from(settings, changes)
         if settings.attention_loss == "perceptual":
             if perceptual_extractor is None:
@@ -87,11 +89,11 @@ class AGKD(Distiller):
         s, t = minmax_normalize(student_map), minmax_normalize(teacher_map)
         if loss == "ssim":
             return agkd_ops.attention_align_loss(s, t, loss="ssim", window_size=settings.window_size,
-                                                 padding=settings.padding)
+                                                 sigma=settings.sigma, padding=settings.padding)
         if loss == "hybrid":
             return agkd_ops.attention_align_loss(s, t, loss="hybrid", ssim_weight=settings.ssim_weight,
                                                  cosine_weight=settings.cosine_weight, window_size=settings.window_size,
-                                                 padding=settings.padding)
+                                                 sigma=settings.sigma, padding=settings.padding)
         s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
         as_rgb = lambda m: m.mean(1, keepdim=True).expand(-1, 3, -1, -1)
         return F.mse_loss(self.perceptual(as_rgb(s)), self.perceptual(as_rgb(t)))

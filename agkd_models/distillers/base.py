@@ -10,7 +10,7 @@ checkpoints leave it out (it is rebuilt from its own file).
 """
 from __future__ import annotations
 
-from typing import ClassVar, Dict, Iterator, Mapping, Optional, Tuple
+from typing import ClassVar, Dict, Iterator, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -20,7 +20,14 @@ from ..models.student import StudentOutput
 from ..models.teacher import TeacherOutput
 from ..settings import Settings
 
-__all__ = ["Distiller"]
+__all__ = ["Distiller", "ModelFacts"]
+
+
+class ModelFacts(NamedTuple):
+    """What a method's settings are checked against before any work (a method's ``check``
+    in the registry): the chosen student and how many stages it has."""
+    student: str          # the timm name (student.name)
+    student_stages: int   # len(student.blocks): stages 0 to student_stages - 1
 
 
 class Distiller(Task):
@@ -34,9 +41,10 @@ class Distiller(Task):
     # Whether loss_terms traces whole under torch.compile(fullgraph=True).
     compiles_whole: ClassVar[bool] = True
 
-    def __init__(self, teacher: nn.Module, student: nn.Module):
+    def __init__(self, teacher: nn.Module, student: nn.Module, *, label_smoothing: float = 0.0):
         super().__init__()
         self.teacher, self.student = teacher, student
+        self.label_smoothing = float(label_smoothing)  # of the method's cross-entropy terms
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.teacher.eval()

@@ -21,8 +21,8 @@ from ..engine.distributed import average_gradients
 from ..engine.task import TaskOutput
 from ..models.student import Student, StudentOutput
 from ..models.teacher import HybridTeacher, TeacherOutput
-from ..settings import Settings, setting
-from .base import Distiller
+from ..settings import ConfigError, Settings, setting
+from .base import Distiller, ModelFacts
 
 __all__ = ["PCAProjector", "GLProjector", "MultiViewGenerator", "MultiViewDiscriminator", "CAKD", "CAKDSettings",
            "pca_loss", "match_teacher_grid", "PCA_ATTENTION", "VIEW_TERMS"]
@@ -253,6 +253,14 @@ class CAKDSettings(Settings, section="cakd"):
     renamed = {"lam": "adversarial_weight"}
 
 
+def check_cakd_settings(settings: CAKDSettings, facts: ModelFacts) -> None:
+    """The projected stage must be one of the chosen student's (before any work)."""
+    stage = settings.projected_stage
+    if stage is not None and not 0 <= stage < facts.student_stages:
+        raise ConfigError(f"cakd.projected_stage: stage {stage} does not exist in {facts.student!r}, which has "
+                          f"{facts.student_stages} stages (0 to {facts.student_stages - 1})")
+
+
 class CAKD(Distiller):
     """Cross-architecture KD (Liu et al., "Cross-Architecture Knowledge Distillation",
     ACCV 2022). For the student (and projectors) the loss is
@@ -303,9 +311,9 @@ class CAKD(Distiller):
     ddp_self_synced = ("discriminator",)
     ddp_find_unused_parameters = True
 
-    def __init__(self, teacher: HybridTeacher, student: Student, settings: Optional[CAKDSettings] = None,
-                 **changes):
-        super().__init__(teacher, student)
+    def __init__(self, teacher: HybridTeacher, student: Student, settings: Optional[CAKDSettings] = None, *,
+                 label_smoothing: float = 0.0, **changes):
+        super().__init__(teacher, student, label_smoothing=label_smoothing)
         self.settings = settings = self.settings_from(settings, changes)
         vit = teacher.vit
         dim, heads = vit.embed_dim, vit.blocks[-1].attn.num_heads

@@ -38,9 +38,9 @@ class LogitKD(Distiller):
 
     settings_class = LogitKDSettings
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, settings: Optional[LogitKDSettings] = None,
-                 **changes):
-        super().__init__(teacher, student)
+    def __init__(self, teacher: nn.Module, student: nn.Module, settings: Optional[LogitKDSettings] = None, *,
+                 label_smoothing: float = 0.0, **changes):
+        super().__init__(teacher, student, label_smoothing=label_smoothing)
         self.settings = self.settings_from(settings, changes)
 
     def loss_terms(self, s: StudentOutput, t, targets: torch.Tensor, images: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -37,9 +37,9 @@ class TaskOutput(NamedTuple):
 class Task(nn.Module):
     """Base class of everything the trainer trains (see the module docstring)."""
 
-    # Label smoothing of the task's cross-entropy terms; the trainer sets it from its
-    # configuration (train.label_smoothing). ``targets`` are class indices (N,), or
-    # probabilities (N, K) when the trainer mixes batches (mixup / cutmix).
+    # Label smoothing of the task's cross-entropy terms, given when the task is built (the
+    # trainer checks that it is its train.label_smoothing). ``targets`` are class indices
+    # (N,), or probabilities (N, K) when the trainer mixes batches (mixup / cutmix).
     label_smoothing: float = 0.0
 
     # Submodule names whose gradients the task averages itself (DDP must ignore them), and
@@ -84,9 +84,9 @@ class SupervisedTask(Task):
     """Cross-entropy training of a model whose output has ``.logits`` (or is the logits):
     the teacher's training, and a student trained on the labels alone."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, label_smoothing: float = 0.0):
         super().__init__()
-        self.model = model
+        self.model, self.label_smoothing = model, float(label_smoothing)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return self.model.parameters()

@@ -41,7 +41,8 @@ class TrainConfig(Settings, section="train"):
     progress: bool = setting(True, "progress bars and per-epoch lines", resume="any")
     amp: str = setting("off", "autocast precision", choices=AMP_MODES)
     channels_last: bool = setting(False, "channels_last memory format")
-    compile: bool = setting(False, "torch.compile the model and the loss path")
+    compile: bool = setting(False, "torch.compile the model and the loss path (how the run executes: like the "
+                            "device, it may change float rounding, not what is trained)", resume="any")
     sync_bn: bool = setting(False, "SyncBatchNorm across GPU processes")
 
     def __setattr__(self, name: str, value: Any) -> None:

@@ -114,7 +114,9 @@ class Trainer:
                  run_record: Optional[Dict[str, Any]] = None):
         self.task, self.config, self.out_dir = task, config, Path(out_dir)
         self.run_record = run_record  # what the run was made from, kept in every checkpoint (resume checks it)
-        task.label_smoothing = config.label_smoothing
+        if task.label_smoothing != config.label_smoothing:
+            raise ValueError(f"Trainer: the task was built with label_smoothing={task.label_smoothing}, but "
+                             f"train.label_smoothing is {config.label_smoothing}: build it with the trainer's value")
         self.mixup = _batch_mixer(config, num_classes)
         self.world, self.device = distributed.setup(config.device)
         autocast(self.device, config.amp)  # validates the mode early

@@ -10,11 +10,11 @@ from typing import Any, Dict, NamedTuple, Optional
 
 import torch
 
-from ..config import Config, ConfigError, resume_conflicts, save_config
+from ..config import SECTIONS, Config, ConfigError, resume_conflicts, save_config
 from ..data.cache import (CachedTeacherDataset, TeacherCache, TeacherCacheError, cache_identity,
                           write_teacher_cache)
 from ..data.datasets import build_datasets, fingerprint, limit
-from ..distillers import METHODS, build_task
+from ..distillers import METHODS, ModelFacts, build_task
 from ..engine import distributed
 from ..engine.checkpoint import load_model_weights, save_file
 from ..engine.run_folder import mark_run_folder
@@ -60,9 +60,10 @@ def build_student(cfg: Config, num_classes: int) -> Student:
 def check_model_settings(cfg: Config) -> None:
     """The settings that concern more than one section checked together, before any work:
     the image size against each model (the ViT's image and patch size, a CNN's smallest
-    input), and the student stages (attention stages and CAKD's projected stage) against
-    the chosen student. The models are built on the meta device (no memory, no weights)
-    and run on a blank batch of the configured size; a ConfigError names the settings."""
+    input), the student's attention stages against the chosen student, and each method's
+    own checks of its settings (``Method.check`` in the registry, e.g. CAKD's projected
+    stage). The models are built on the meta device (no memory, no weights) and run on a
+    blank batch of the configured size; a ConfigError names the settings."""
     import timm
 
     size, t, s = cfg.data.image_size, cfg.teacher, cfg.student
@@ -100,13 +101,14 @@ def check_model_settings(cfg: Config) -> None:
     if not hasattr(student, "blocks"):
         raise ConfigError(f"student.name={s.name!r} has no 'blocks' stage list to tap")
     stages = len(student.blocks)
-    projected = cfg.cakd.projected_stage
-    for key, values in (("student.stages", s.stages), ("cakd.projected_stage", [] if projected is None
-                                                         else [projected])):
-        bad = [v for v in values if not 0 <= v < stages]
-        if bad:
-            raise ConfigError(f"{key}: stage {bad[0]} does not exist in {s.name!r}, which has {stages} stages "
-                              f"(0 to {stages - 1})")
+    bad = [v for v in s.stages if not 0 <= v < stages]
+    if bad:
+        raise ConfigError(f"student.stages: stage {bad[0]} does not exist in {s.name!r}, which has {stages} stages "
+                          f"(0 to {stages - 1})")
+    facts = ModelFacts(student=s.name, student_stages=stages)
+    for name, method in METHODS.items():  # each method checks its own settings against the models
+        if method.check is not None:
+            method.check(cfg.section(name) if method.settings else None, facts)
     runs(student, s.name, "student.name")
     _check_batch_fits(cfg)
 
@@ -151,16 +153,14 @@ def _seeded(cfg: Config) -> None:
     torch.manual_seed(cfg.train.seed)
 
 
-# Settings that do not change what a teacher learns (where and how visibly it runs).
-_RUN_ONLY = {"data": ("root", "download", "limit_val", "limit_test"),
-             "train": ("device", "progress", "num_workers", "compile")}
-
-
 def teacher_identity(cfg: Config, data: Data) -> Dict[str, Any]:
     """What a trained teacher was made from: its architecture, the data and training
-    settings, and fingerprints of the training and validation samples."""
-    section = lambda name: {k: v for k, v in cfg.section(name).to_dict().items()  # noqa: E731
-                            if k not in _RUN_ONLY.get(name, ())}
+    settings that change the result (the same rule as a resume's: every setting but those
+    declared ``resume="any"``, where and how visibly it runs), and fingerprints of the
+    training and validation samples."""
+    def section(name: str) -> Dict[str, Any]:
+        rules = SECTIONS[name].rules()
+        return {k: v for k, v in cfg.section(name).to_dict().items() if rules[k].resume != "any"}
     return {"teacher": section("teacher"), "data": section("data"), "train": section("train"),
             "train_set": fingerprint(data.train), "val_set": fingerprint(data.val)}
 
@@ -241,7 +241,8 @@ def train_teacher(cfg: Config, out: Path, resume: bool = False) -> Dict[str, Any
     data = build_data(cfg)
     _seeded(cfg)
     teacher = build_teacher(cfg, data.num_classes)
-    trainer = Trainer(SupervisedTask(teacher), cfg.train, out, num_classes=data.num_classes,
+    trainer = Trainer(SupervisedTask(teacher, label_smoothing=cfg.train.label_smoothing), cfg.train, out,
+                      num_classes=data.num_classes,
                       run_record=run_record(cfg, data))
     history = _fit(trainer, cfg, data, data.train, out, resume, "train-teacher")
     if trainer.world.is_main:
@@ -280,7 +281,8 @@ def distill(cfg: Config, teacher_path: str, method: str, out: Path, resume: bool
                   f"epoch n mod {cache.epochs}", flush=True)
         train_set = CachedTeacherDataset(train_set, cache)
     student = build_student(cfg, num_classes)
-    task = build_task(method, teacher, student, cfg.section(method) if METHODS[method].settings else None)
+    task = build_task(method, teacher, student, cfg.section(method) if METHODS[method].settings else None,
+                      label_smoothing=cfg.train.label_smoothing)
     trainer = Trainer(task, cfg.train, out, num_classes=num_classes, run_record=run_record(cfg, data))
     history = _fit(trainer, cfg, data, train_set, out, resume, "distill")
     if trainer.world.is_main:
