@@ -22,7 +22,9 @@ from .data.datasets import DATASETS
 from .distillers import METHODS as _METHOD_REGISTRY
 from .engine.amp import AMP_MODES
 from .engine.train_config import TrainConfig
-from .settings import ConfigError, Rule, Settings, setting
+from .models.student import Student
+from .models.teacher import HybridTeacher
+from .settings import ConfigError, Rule, Settings, default_of, setting
 
 __all__ = ["PRESETS", "SECTIONS", "METHODS", "AMP_MODES", "Config", "DataConfig", "TeacherConfig", "StudentConfig",
            "DistillConfig", "TrainConfig", "load_config", "apply_overrides", "validate_config", "default_config",
@@ -57,24 +59,24 @@ class DataConfig(Settings, section="data"):
 
 @dataclass
 class TeacherConfig(Settings, section="teacher"):
-    cnn: str = setting("vgg19", "timm CNN branch", model=True)
+    cnn: str = setting(default_of(HybridTeacher, "cnn"), "timm CNN branch", model=True)
     cnn_kwargs: Dict[str, Any] = setting({}, "keyword arguments for the CNN's timm constructor")
-    vit: str = setting("vit_base_patch16_224", "timm ViT branch", model=True)
+    vit: str = setting(default_of(HybridTeacher, "vit"), "timm ViT branch", model=True)
     vit_kwargs: Dict[str, Any] = setting({}, "keyword arguments for the ViT's timm constructor")
-    vit_attention: str = setting("cls", "ViT attention map: last block's CLS row, or rollout",
+    vit_attention: str = setting(default_of(HybridTeacher, "vit_attention"), "ViT attention map: last block's CLS row, or rollout",
                                  choices=("cls", "rollout"))
-    combine: str = setting("add", "how the CNN and ViT attention maps combine", choices=("add", "concat"))
+    combine: str = setting(default_of(HybridTeacher, "combine"), "how the CNN and ViT attention maps combine", choices=("add", "concat"))
     cnn_weights: Optional[str] = setting(None, "local weights file for the CNN branch", file=True)
     vit_weights: Optional[str] = setting(None, "local weights file for the ViT branch", file=True)
-    pretrained: bool = setting(False, "fetch timm's pretrained weights (needs a network)")
+    pretrained: bool = setting(default_of(HybridTeacher, "pretrained"), "fetch timm's pretrained weights (needs a network)")
 
 
 @dataclass
 class StudentConfig(Settings, section="student"):
-    name: str = setting("efficientnet_b0", "timm student with a 'blocks' stage list", model=True)
-    stages: List[int] = setting([3, 4, 5], "stages whose attention maps are aligned with the teacher's", minimum=0)
+    name: str = setting(default_of(Student, "name"), "timm student with a 'blocks' stage list", model=True)
+    stages: List[int] = setting(default_of(Student, "stages"), "stages whose attention maps are aligned with the teacher's", minimum=0)
     weights: Optional[str] = setting(None, "local weights file", file=True)
-    pretrained: bool = setting(False, "fetch timm's pretrained weights (needs a network)")
+    pretrained: bool = setting(default_of(Student, "pretrained"), "fetch timm's pretrained weights (needs a network)")
 
 
 @dataclass

@@ -14,13 +14,14 @@ import copy
 import dataclasses
 import difflib
 import functools
+import inspect
 import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence
 
-__all__ = ["ConfigError", "Rule", "setting", "Settings", "check_value", "unreadable"]
+__all__ = ["ConfigError", "Rule", "setting", "default_of", "Settings", "check_value", "unreadable"]
 
 
 class ConfigError(ValueError):
@@ -63,6 +64,15 @@ class Rule:
         if self.file:
             words = "the path of an existing file"
         return words + (" " + " and ".join(bounds) if bounds else "")
+
+
+def default_of(function: Any, parameter: str) -> Any:
+    """The default of ``function``'s ``parameter`` (a class: of its constructor), for a
+    setting whose default is that of the code it configures: declared there, once."""
+    default = inspect.signature(function).parameters[parameter].default
+    if default is inspect.Parameter.empty:
+        raise TypeError(f"{getattr(function, '__qualname__', function)}: {parameter} has no default")
+    return list(default) if isinstance(default, tuple) else default
 
 
 def setting(default: Any, help: str, **rules: Any) -> Any:

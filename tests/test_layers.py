@@ -14,7 +14,7 @@ ALLOWED = {
     "engine": {"settings"},
     "distillers": {"models", "engine", "settings"},
     "data": {"engine"},
-    "config": {"data", "distillers", "engine", "settings"},
+    "config": {"data", "distillers", "engine", "models", "settings"},
     "experiments": {"config", "data", "distillers", "engine", "models", "settings"},
     "cli": {"config", "data", "distillers", "engine", "experiments", "models", "settings"},
     "__init__": {"data", "distillers", "engine", "experiments", "models", "settings"},

@@ -62,3 +62,32 @@ def test_no_module_outside_the_distillers_names_a_methods_settings():
             if pattern.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_each_default_is_the_one_of_the_code_it_configures():
+    """A setting that configures a model or a loss has that code's default: two places that
+    disagree fail here (the settings read them with ``default_of``)."""
+    import inspect
+
+    import agkd_ops
+    from agkd_models.models.student import Student
+    from agkd_models.models.teacher import HybridTeacher
+
+    def defaults(function):
+        return {k: p.default for k, p in inspect.signature(function).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+
+    same_as = {"teacher": (HybridTeacher,), "student": (Student,), "logit": (agkd_ops.kd_loss,),
+               "agkd": (agkd_ops.kd_loss, agkd_ops.hybrid_loss)}
+    checked = 0
+    for section, functions in same_as.items():
+        ours = SECTIONS[section]().to_dict()
+        for function in functions:
+            for key, theirs in defaults(function).items():
+                if key in ours and key not in ("window_size", "padding"):  # AGKD's own window, on purpose
+                    want = {} if theirs is None and isinstance(ours[key], dict) else theirs  # None: no kwargs
+                    want = list(want) if isinstance(want, tuple) else want
+                    assert ours[key] == want, (section, key, ours[key], theirs)
+                    checked += 1
+    assert SECTIONS["agkd"]().sigma == inspect.signature(agkd_ops.ssim).parameters["sigma"].default
+    assert checked >= 12

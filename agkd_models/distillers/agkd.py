@@ -13,7 +13,7 @@ import agkd_ops
 from ..models.attention import minmax_normalize
 from ..models.student import Student, StudentOutput
 from ..models.teacher import HybridTeacher
-from ..settings import setting
+from ..settings import default_of, setting
 from .base import Distiller
 from .logit import LogitKDSettings
 
@@ -29,10 +29,12 @@ class AGKDSettings(LogitKDSettings, section="agkd"):
     attention_loss: str = setting("hybrid", "attention-map loss", choices=ATTENTION_LOSSES)
     logit_weight: float = setting(1.0, "weight of the logit (KD) term", minimum=0)
     attention_weight: float = setting(1.0, "weight of the attention term", minimum=0)
-    ssim_weight: float = setting(0.5, "hybrid loss: weight of 1 - SSIM", minimum=0)
-    cosine_weight: float = setting(0.5, "hybrid loss: weight of 1 - cos", minimum=0)
+    ssim_weight: float = setting(default_of(agkd_ops.hybrid_loss, "ssim_weight"), "hybrid loss: weight of 1 - SSIM",
+                                 minimum=0)
+    cosine_weight: float = setting(default_of(agkd_ops.hybrid_loss, "cosine_weight"), "hybrid loss: weight of "
+                                   "1 - cos", minimum=0)
     window_size: int = setting(3, "ssim/hybrid: SSIM window", minimum=1, odd=True)
-    sigma: float = setting(1.5, "ssim/hybrid: the SSIM Gaussian window's standard deviation (1.5 is Wang et al.'s "
+    sigma: float = setting(default_of(agkd_ops.ssim, "sigma"), "ssim/hybrid: the SSIM Gaussian window's standard deviation (1.5 is Wang et al.'s "
                            "for 11 taps; on 3 taps it weighs the centre 1 : 0.80 against its neighbours)", minimum=1e-3)
     padding: str = setting("zeros", "ssim/hybrid: SSIM padding", choices=agkd_ops.PADDINGS)
     perceptual_layers: int = setting(4, "perceptual loss: feature layers of the extractor compared", minimum=1)

@@ -10,7 +10,7 @@ from torch import nn
 import agkd_ops
 
 from ..models.student import StudentOutput
-from ..settings import Settings, setting
+from ..settings import Settings, default_of, setting
 from .base import Distiller
 
 __all__ = ["LogitKD", "LogitKDSettings"]
@@ -23,9 +23,10 @@ class LogitKDSettings(Settings, section="logit"):
     ``kd_weight`` defaults to Hinton's 0.9, as ``agkd_ops.kd_loss`` does; the presets set
     0.5, which was as good with a strong teacher and far safer with a modest one in the
     digits budget study (``docs/results/digits/budget.md``)."""
-    temperature: float = setting(4.0, "softmax temperature τ of the KD term", above=0)
-    kd_weight: float = setting(0.9, "weight α of the KL term in (1-α)·CE + α·τ²·KL (the CE gets 1-α)",
-                               minimum=0, maximum=1)
+    temperature: float = setting(default_of(agkd_ops.kd_loss, "temperature"), "softmax temperature τ of the KD "
+                                 "term", above=0)
+    kd_weight: float = setting(default_of(agkd_ops.kd_loss, "kd_weight"), "weight α of the KL term in "
+                               "(1-α)·CE + α·τ²·KL (the CE gets 1-α)", minimum=0, maximum=1)
 
     renamed = {"kd_alpha": "kd_weight"}
 
