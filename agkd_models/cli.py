@@ -87,13 +87,14 @@ def _train_teacher(args, cfg, out: Path):
 
 def cmd_distill(args, cfg):
     out = Path(args.out)
-    cfg.distill.method = args.method or cfg.distill.method
+    if args.method:
+        cfg.distill.method = args.method
     with _own_run_folder(args, cfg, out, "distill"):
         _distill(args, cfg, out)
 
 
 def _distill(args, cfg, out: Path):
-    run = distill(cfg, args.teacher, cfg.distill.method, out, args.resume, args.teacher_cache)
+    run = distill(cfg, args.teacher, out, args.resume, args.teacher_cache)
     if not _is_main():
         return
     device = resolve_device(cfg.train.device)

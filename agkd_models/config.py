@@ -31,7 +31,8 @@ __all__ = ["PRESETS", "SECTIONS", "METHODS", "AMP_MODES", "Config", "DataConfig"
            "save_config", "read_saved_config", "resume_conflicts", "ConfigError", "Rule"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+# A file whose name starts with "_" is a base other presets build on, not a preset itself.
+PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("_"))
 METHODS = tuple(_METHOD_REGISTRY)  # the distillers' registry (agkd_models.distillers)
 
 
@@ -223,7 +224,31 @@ def load_config(preset_or_path: str, overrides: Iterable[str] = ()) -> Config:
         path = CONFIG_DIR / f"{preset_or_path}.yaml"
     if not path.is_file():
         raise ConfigError(f"no preset or config file {preset_or_path!r}; presets: {', '.join(PRESETS)}")
-    return apply_overrides(Config.from_dict(_read_yaml(path)), overrides)
+    return apply_overrides(Config.from_dict(_read_preset(path)), overrides)
+
+
+def _read_preset(path: Path, within: tuple = ()) -> Dict[str, Any]:
+    """A configuration file's sections, on top of those of the file its ``base:`` names
+    (a preset such as ``_paper``, or a file beside it): each section's keys replace the
+    base's, the rest of the base's stay."""
+    values = _read_yaml(path)
+    if not isinstance(values, dict) or "base" not in values:
+        return values
+    base = values.pop("base")
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: base must name a preset or a YAML file, got {base!r}")
+    base_path = CONFIG_DIR / f"{base}.yaml" if not Path(base).suffix else (path.parent / base)
+    if not base_path.is_file():
+        raise ConfigError(f"config file {path}: base {base!r} is no preset or file")
+    if base_path.resolve() in within:
+        raise ConfigError(f"config file {path}: base {base!r} leads back to itself")
+    merged = _read_preset(base_path, within + (path.resolve(),))
+    for section, entries in values.items():
+        if isinstance(entries, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **entries}
+        else:
+            merged[section] = entries
+    return merged
 
 
 def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:

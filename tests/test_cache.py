@@ -81,8 +81,9 @@ def _history(run):
 
 @pytest.mark.parametrize("method", ["agkd", "logit"])
 def test_cached_distillation_equals_online(teacher_file, caches, tmp_path, method):
-    online = distill(config(), str(teacher_file), method, tmp_path / "online")
-    cached = distill(config(), str(teacher_file), method, tmp_path / "cached", teacher_cache=str(caches["float32"]))
+    online = distill(config(f"distill.method={method}"), str(teacher_file), tmp_path / "online")
+    cached = distill(config(f"distill.method={method}"), str(teacher_file), tmp_path / "cached",
+                     teacher_cache=str(caches["float32"]))
     assert _history(cached) == _history(online)  # float32 storage: exactly the same losses
     for (name, a), (_, b) in zip(online["model"].state_dict().items(), cached["model"].state_dict().items()):
         assert torch.equal(a, b), name
@@ -140,7 +141,8 @@ def test_topk_keeps_the_largest_logits_and_minus_inf_elsewhere(teacher_file, cac
         assert int(finite.sum()) == 3
         assert set(finite.nonzero().flatten().tolist()) == set(want.topk(3).indices.tolist())
         assert torch.equal(logits[finite], want[finite])
-    run = distill(config("train.epochs=1"), str(teacher_file), "agkd", tmp_path / "run", teacher_cache=str(path))
+    run = distill(config("train.epochs=1", "distill.method=agkd"), str(teacher_file), tmp_path / "run",
+                  teacher_cache=str(path))
     assert np.isfinite(run["history"][-1]["train_loss"])
 
 

@@ -125,6 +125,6 @@ def test_an_odd_batch_keeps_its_class_targets(tmp_path):
 
 
 def test_the_teacher_cache_refuses_mixed_batches(tmp_path):
-    cfg = load_config("digits", ["train.mixup=0.2"])
+    cfg = load_config("digits", ["train.mixup=0.2", "distill.method=logit"])
     with pytest.raises(ConfigError, match="teacher-cache cannot serve train.mixup"):
-        distill(cfg, str(tmp_path / "teacher.pt"), "logit", tmp_path / "out", teacher_cache=str(tmp_path / "cache"))
+        distill(cfg, str(tmp_path / "teacher.pt"), tmp_path / "out", teacher_cache=str(tmp_path / "cache"))

@@ -18,7 +18,7 @@ from agkd_models.cli import main
 from agkd_models.config import SECTIONS, load_config, resume_conflicts
 from agkd_models.engine.run_folder import LOCK_NAME, RunFolder, RunFolderError
 
-from .commands import TINY, agkd_folder, assert_one_line_error, run_cli, teacher_file  # noqa: F401 (a fixture)
+from .commands import TINY, assert_one_line_error, run_cli, teacher_file  # noqa: F401 (a fixture)
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
 

@@ -264,7 +264,6 @@ def run_comparison(cfg: Config, out: Path, *, methods: Sequence[str], seeds: Seq
                                                             for m in methods}
     caches: Dict[int, str] = {}
     for seed, name, index, run_cfg, folder, identity, earlier in plan:
-        method = run_cfg.distill.method
         where = f"{LABELS[name]}{_point_label(points[name][index])}, seed {seed}"
         if earlier is not None:
             log(f"{where}: done before, test acc {earlier['test_acc']:.4f}")
@@ -276,7 +275,7 @@ def run_comparison(cfg: Config, out: Path, *, methods: Sequence[str], seeds: Seq
             caches[seed] = _teacher_cache(_method_config(cfg, "none", seed, epochs)[1], teacher, teacher_path,
                                           out / "cache" / f"seed{seed}", epochs, log)
         log(where)
-        run = distill(run_cfg, str(teacher_path), method, folder, teacher_cache=caches[seed] if cached else None)
+        run = distill(run_cfg, str(teacher_path), folder, teacher_cache=caches[seed] if cached else None)
         report = student_report(run_cfg, run, device, costs=False)
         result = {"identity": identity, "test_acc": report["test_acc"], "val_acc": run["history"][-1]["val_acc"],
                   "compare": report["compare"], "history": run["history"]}

@@ -259,10 +259,11 @@ def open_teacher_cache(path: str, cfg: Config, train_set, teacher) -> TeacherCac
     return TeacherCache.open(path, expect=cache_identity(train_set, teacher, cfg.teacher.to_dict()))
 
 
-def distill(cfg: Config, teacher_path: str, method: str, out: Path, resume: bool = False,
+def distill(cfg: Config, teacher_path: str, out: Path, resume: bool = False,
             teacher_cache: Optional[str] = None) -> Dict[str, Any]:
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    """Distils ``cfg``'s student from the teacher file with the method ``cfg.distill.method``
+    (with its own section's settings) into ``out``."""
+    method = cfg.distill.method  # checked against the registry when it was set
     if teacher_cache and method not in CACHEABLE:
         raise ConfigError(f"--teacher-cache serves the methods that read only the teacher's logits and attention "
                           f"({', '.join(CACHEABLE)}); {method!r} needs the online teacher")
