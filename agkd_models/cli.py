@@ -22,14 +22,13 @@ from .data.datasets import DataError
 from .distillers import ATTENTION_LOSSES
 from .engine import distributed
 from .engine.checkpoint import CheckpointError, check_readable
-from .engine.evaluation import classification_metrics
 from .engine.distributed import check_device, resolve_device
 from .engine.run_folder import RunFolder, RunFolderError, check_out_path
 from .engine.trainer import NonFiniteLossError
 from .experiments.compare import COMPARE_METHODS, LABELS, parse_grid, parse_methods, prepare_teacher, run_comparison
 from .experiments.pipeline import (build_data, build_student, build_teacher, cache_teacher, check_model_settings,
-                                   distill, evaluate_model, load_student_weights, load_teacher_weights,
-                                   student_report, test_accuracy, train_teacher, write_run_report)
+                                   distill, evaluate_checkpoint, load_teacher_weights, student_report,
+                                   test_accuracy, train_teacher, write_run_report)
 from .experiments.report import model_costs, plot_curves, write_report
 from .models.teacher import WeightsFileError
 
@@ -105,19 +104,7 @@ def _distill(args, cfg, out: Path):
 
 
 def cmd_evaluate(args, cfg):
-    data = build_data(cfg)
-    num_classes = data.num_classes
-    if args.model == "teacher":
-        model = build_teacher(cfg, num_classes)
-        load_teacher_weights(model, args.checkpoint, cfg, num_classes)
-    else:
-        model = build_student(cfg, num_classes)
-        load_student_weights(model, args.checkpoint, cfg, num_classes)
-    device = resolve_device(cfg.train.device)
-    logits, targets = evaluate_model(model, getattr(data, args.split), cfg, device)
-    m = classification_metrics(logits, targets)
-    result = {"model": args.model, "split": args.split, f"{args.split}_loss": m["loss_sum"] / m["count"],
-              f"{args.split}_acc": m["correct"] / m["count"], "samples": m["count"]}
+    result = evaluate_checkpoint(cfg, args.checkpoint, args.model, args.split)
     print(json.dumps(result))
     return result
 

@@ -18,7 +18,7 @@ from ..distillers import METHODS, ModelFacts, build_task
 from ..engine import distributed
 from ..engine.checkpoint import load_model_weights, save_file
 from ..engine.run_folder import mark_run_folder
-from ..engine.evaluation import evaluate_logits
+from ..engine.evaluation import classification_metrics, evaluate_logits
 from ..engine.task import SupervisedTask
 from ..engine.trainer import Trainer
 from ..models.student import Student
@@ -319,6 +319,22 @@ def evaluate_model(model, dataset, cfg: Config, device):
     model.to(device).eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size)
     return evaluate_logits(model, loader, device)
+
+
+def evaluate_checkpoint(cfg: Config, path: str, model: str, split: str) -> Dict[str, Any]:
+    """Loss and accuracy of a saved ``model`` ("teacher" or "student") on ``split`` ("val"
+    or "test") of ``cfg``'s data: what ``agkd evaluate`` prints."""
+    data = build_data(cfg)
+    if model == "teacher":
+        net = build_teacher(cfg, data.num_classes)
+        load_teacher_weights(net, path, cfg, data.num_classes)
+    else:
+        net = build_student(cfg, data.num_classes)
+        load_student_weights(net, path, cfg, data.num_classes)
+    logits, targets = evaluate_model(net, getattr(data, split), cfg, distributed.resolve_device(cfg.train.device))
+    m = classification_metrics(logits, targets)
+    return {"model": model, "split": split, f"{split}_loss": m["loss_sum"] / m["count"],
+            f"{split}_acc": m["correct"] / m["count"], "samples": m["count"]}
 
 
 def test_accuracy(model, data: Data, cfg: Config, device) -> float:
