@@ -214,7 +214,8 @@ def test_metrics():
 # Each AGKD setting, a value unlike its default, and the attention loss under which it acts.
 AGKD_CHANGES = {"temperature": (2.0, "hybrid"), "kd_weight": (0.3, "hybrid"), "logit_weight": (0.5, "hybrid"),
                 "attention_weight": (2.0, "hybrid"), "ssim_weight": (0.9, "hybrid"), "cosine_weight": (0.1, "hybrid"),
-                "window_size": (5, "ssim"), "padding": ("reflect", "ssim"), "perceptual_layers": (2, "perceptual"),
+                "window_size": (5, "ssim"), "sigma": (0.5, "ssim"), "padding": ("reflect", "ssim"),
+                "perceptual_layers": (2, "perceptual"),
                 "attention_loss": ("mse", "hybrid")}
 
 
