@@ -64,18 +64,22 @@ class TeacherConfig(Settings, section="teacher"):
     cnn_kwargs: Dict[str, Any] = setting({}, "keyword arguments for the CNN's timm constructor")
     vit: str = setting(default_of(HybridTeacher, "vit"), "timm ViT branch", model=True)
     vit_kwargs: Dict[str, Any] = setting({}, "keyword arguments for the ViT's timm constructor")
-    vit_attention: str = setting(default_of(HybridTeacher, "vit_attention"), "ViT attention map: last block's CLS row, or rollout",
+    vit_attention: str = setting(default_of(HybridTeacher, "vit_attention"),
+                                 "ViT attention map: last block's CLS row, or rollout",
                                  choices=("cls", "rollout"))
-    combine: str = setting(default_of(HybridTeacher, "combine"), "how the CNN and ViT attention maps combine", choices=("add", "concat"))
+    combine: str = setting(default_of(HybridTeacher, "combine"), "how the CNN and ViT attention maps combine",
+                           choices=("add", "concat"))
     cnn_weights: Optional[str] = setting(None, "local weights file for the CNN branch", file=True)
     vit_weights: Optional[str] = setting(None, "local weights file for the ViT branch", file=True)
-    pretrained: bool = setting(default_of(HybridTeacher, "pretrained"), "fetch timm's pretrained weights (needs a network)")
+    pretrained: bool = setting(default_of(HybridTeacher, "pretrained"),
+                               "fetch timm's pretrained weights (needs a network)")
 
 
 @dataclass
 class StudentConfig(Settings, section="student"):
     name: str = setting(default_of(Student, "name"), "timm student with a 'blocks' stage list", model=True)
-    stages: List[int] = setting(default_of(Student, "stages"), "stages whose attention maps are aligned with the teacher's", minimum=0)
+    stages: List[int] = setting(default_of(Student, "stages"),
+                                "stages whose attention maps are aligned with the teacher's", minimum=0)
     weights: Optional[str] = setting(None, "local weights file", file=True)
     pretrained: bool = setting(default_of(Student, "pretrained"), "fetch timm's pretrained weights (needs a network)")
 

@@ -106,7 +106,7 @@ def renamed(fn: str, new: str, value, default, old: str, old_value, stacklevel: 
     is used, with a FutureWarning naming the new one; both at once is a TypeError."""
     if old_value is None:
         return value
-    if value is not default and value != default:
+    if value != default:
         raise TypeError(f"agkd_ops.{fn}: {old} is the old name of {new}; give {new} alone")
     warnings.warn(f"agkd_ops.{fn}: {old} is deprecated, call it {new}", FutureWarning, stacklevel=stacklevel)
     return old_value
@@ -237,9 +237,9 @@ def check_window_size(fn: str, window_size) -> int:
     return window_size
 
 
-def check_window(fn: str, x: torch.Tensor, window_size, padding: str, names=("x", "y")) -> int:
-    """window_size must be a positive odd int that fits the map under this padding."""
-    window_size = check_window_size(fn, window_size)
+def check_window(fn: str, x: torch.Tensor, window_size: int, padding: str, names=("x", "y")) -> int:
+    """A window_size (already checked by :func:`check_window_size`) must fit the map under
+    this padding."""
     h, w = x.shape[-2], x.shape[-1]
     pair = " and ".join(names)
     if padding == "valid" and (h < window_size or w < window_size):

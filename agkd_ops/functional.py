@@ -43,8 +43,8 @@ from . import _backend, reference
 from ._defaults import (ATTENTION_P, COSINE_EPS, HYBRID_COSINE_WEIGHT, HYBRID_SSIM_WEIGHT, KD_TEMPERATURE,
                         KD_WEIGHT, NORMALIZE_EPS, SSIM)
 from ._defaults import reduce_per_sample as _reduce
-from ._validation import (ATTENTION_P_RANGE, LOGITS, REDUCTIONS, check_choice, check_in_range, check_fraction, check_kl_reduction,
-                          check_ignore_index, check_ignore_index_type, check_number, check_pair,
+from ._validation import (ATTENTION_P_RANGE, LOGITS, REDUCTIONS, check_choice, check_fraction, check_ignore_index,
+                          check_ignore_index_type, check_in_range, check_kl_reduction, check_number, check_pair,
                           check_ssim_options, check_target, check_target_range, check_temperature,
                           check_tensor, check_window, renamed)
 
@@ -454,9 +454,9 @@ def _renamed_align_kwargs(fn, loss, loss_kwargs, stacklevel=4):
 
 def _align_options(fn, loss, align_corners, reduction, loss_kwargs):
     """The fused kernel's (alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps):
-    alpha, beta and gamma weigh 1 - SSIM, 1 - cos and MSE."""
+    alpha, beta and gamma weigh 1 - SSIM, 1 - cos and MSE. ``loss_kwargs`` carry the new
+    names (:func:`_renamed_align_kwargs` first)."""
     check_choice(fn, "loss", loss, ALIGN_LOSSES)
-    loss_kwargs = _renamed_align_kwargs(fn, loss, loss_kwargs)
     accepted = _ALIGN_DEFAULTS[loss]
     unknown = sorted(set(loss_kwargs) - set(accepted))
     if unknown:
@@ -467,9 +467,11 @@ def _align_options(fn, loss, align_corners, reduction, loss_kwargs):
         raise TypeError(f"agkd_ops.{fn}: align_corners must be a bool, got {type(align_corners).__name__}")
     check_choice(fn, "reduction", reduction, REDUCTIONS)
     kw = {**accepted, **loss_kwargs}
-    hybrid = loss == "hybrid"
-    alpha = check_number(fn, "ssim_weight", kw["ssim_weight"], nonnegative=True) if hybrid else float(loss == "ssim")
-    beta = check_number(fn, "cosine_weight", kw["cosine_weight"], nonnegative=True) if hybrid else float(loss == "cosine")
+    if loss == "hybrid":
+        alpha = check_number(fn, "ssim_weight", kw["ssim_weight"], nonnegative=True)
+        beta = check_number(fn, "cosine_weight", kw["cosine_weight"], nonnegative=True)
+    else:
+        alpha, beta = float(loss == "ssim"), float(loss == "cosine")
     gamma = float(loss == "mse")
     window_size, sigma, c1, c2, padding = 1, 1.0, 1.0, 1.0, "valid"  # unused without SSIM
     if loss in ("ssim", "hybrid"):

@@ -107,7 +107,8 @@ class AttentionAlignLoss(nn.Module):
 
     Example:
         >>> import torch, agkd_ops
-        >>> criterion = agkd_ops.AttentionAlignLoss(loss="hybrid", ssim_weight=0.5, cosine_weight=0.5, padding="reflect")
+        >>> criterion = agkd_ops.AttentionAlignLoss(loss="hybrid", ssim_weight=0.5, cosine_weight=0.5,
+        ...                                         padding="reflect")
         >>> student = torch.rand(8, 1, 28, 28, requires_grad=True)
         >>> criterion(student, torch.rand(8, 1, 56, 56)).backward()
     """

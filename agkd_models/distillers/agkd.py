@@ -34,8 +34,9 @@ class AGKDSettings(LogitKDSettings, section="agkd"):
     cosine_weight: float = setting(default_of(agkd_ops.hybrid_loss, "cosine_weight"), "hybrid loss: weight of "
                                    "1 - cos", minimum=0)
     window_size: int = setting(3, "ssim/hybrid: SSIM window", minimum=1, odd=True)
-    sigma: float = setting(default_of(agkd_ops.ssim, "sigma"), "ssim/hybrid: the SSIM Gaussian window's standard deviation (1.5 is Wang et al.'s "
-                           "for 11 taps; on 3 taps it weighs the centre 1 : 0.80 against its neighbours)", minimum=1e-3)
+    sigma: float = setting(default_of(agkd_ops.ssim, "sigma"),
+                           "ssim/hybrid: the SSIM Gaussian window's standard deviation (1.5 is Wang et al.'s for 11 "
+                           "taps; on 3 taps it weighs the centre 1 : 0.80 against its neighbours)", minimum=1e-3)
     padding: str = setting("zeros", "ssim/hybrid: SSIM padding", choices=agkd_ops.PADDINGS)
     perceptual_layers: int = setting(4, "perceptual loss: feature layers of the extractor compared", minimum=1)
 

@@ -25,8 +25,8 @@ from torch import nn
 
 from ..settings import unreadable
 
-__all__ = ["CheckpointError", "unreadable", "check_readable", "atomic_save", "atomic_write_text", "save_file", "previous_path",
-           "save_rotating", "read_checkpoint",
+__all__ = ["CheckpointError", "unreadable", "check_readable", "atomic_save", "atomic_write_text", "save_file",
+           "previous_path", "save_rotating", "read_checkpoint",
            "read_newest_checkpoint",
            "read_weights", "load_model_weights", "describe_weights"]
 

@@ -153,20 +153,20 @@ def _seeded(cfg: Config) -> None:
     torch.manual_seed(cfg.train.seed)
 
 
-def teacher_identity(cfg: Config, data: Data) -> Dict[str, Any]:
+def teacher_identity(cfg: Config, record: Dict[str, Any]) -> Dict[str, Any]:
     """What a trained teacher was made from: its architecture, the data and training
     settings that change the result (the same rule as a resume's: every setting but those
-    declared ``resume="any"``, where and how visibly it runs), and fingerprints of the
-    training and validation samples."""
+    declared ``resume="any"``, where and how visibly it runs), and the fingerprints of the
+    training and validation samples in ``record`` (:func:`run_record`, computed once)."""
     def section(name: str) -> Dict[str, Any]:
         rules = SECTIONS[name].rules()
         return {k: v for k, v in cfg.section(name).to_dict().items() if rules[k].resume != "any"}
     return {"teacher": section("teacher"), "data": section("data"), "train": section("train"),
-            "train_set": fingerprint(data.train), "val_set": fingerprint(data.val)}
+            "train_set": record["train_set"], "val_set": record["val_set"]}
 
 
-def write_teacher_identity(out: Path, cfg: Config, data: Data) -> None:
-    (out / "teacher_identity.json").write_text(json.dumps(teacher_identity(cfg, data), indent=1, sort_keys=True))
+def write_teacher_identity(out: Path, cfg: Config, record: Dict[str, Any]) -> None:
+    (out / "teacher_identity.json").write_text(json.dumps(teacher_identity(cfg, record), indent=1, sort_keys=True))
 
 
 def reusable_teacher(out: Path, cfg: Config, data: Data) -> tuple:
@@ -178,7 +178,7 @@ def reusable_teacher(out: Path, cfg: Config, data: Data) -> tuple:
         saved = json.loads((out / "teacher_identity.json").read_text())
     except (OSError, ValueError) as exc:
         return False, f"{out}/teacher_identity.json is unreadable ({exc})"
-    now = json.loads(json.dumps(teacher_identity(cfg, data)))  # same JSON types as the saved one
+    now = json.loads(json.dumps(teacher_identity(cfg, run_record(cfg, data))))  # the saved one's JSON types
     differ = []
     for key in sorted(set(saved) | set(now)):
         if isinstance(now.get(key), dict) and isinstance(saved.get(key), dict):
@@ -247,7 +247,7 @@ def train_teacher(cfg: Config, out: Path, resume: bool = False) -> Dict[str, Any
     history = _fit(trainer, cfg, data, data.train, out, resume, "train-teacher")
     if trainer.world.is_main:
         save_file(teacher.state_dict(), out / "teacher.pt", "the teacher")
-        write_teacher_identity(out, cfg, data)
+        write_teacher_identity(out, cfg, trainer.run_record)  # the record's fingerprints, not new ones
     return {"history": history, "model": teacher, "data": data}
 
 
