@@ -32,6 +32,36 @@ HYBRID_COSINE_WEIGHT = 0.5  # weight of 1 - cos
 ATTENTION_P = 2.0        # exponent of the attention map, mean_c |F|^p
 KD_TEMPERATURE = 4.0
 KD_WEIGHT = 0.9          # weight of the KL term in Hinton's loss (the cross-entropy gets 1 - it)
+STANDARDIZE_EPS = 1e-7   # added to a row's std by standardize=True, as the logit-standardization code
+
+
+class DKDDefaults(NamedTuple):
+    """Decoupled KD (Zhao et al., CVPR 2022): mdistiller's CIFAR-100 recipe, α = 1 for the
+    target-class term, β = 8 for the non-target term, τ = 4."""
+    tckd_weight: float = 1.0
+    nckd_weight: float = 8.0
+    temperature: float = 4.0
+
+
+class DISTDefaults(NamedTuple):
+    """DIST (Huang et al., NeurIPS 2022): the authors' β = γ = 1 and τ = 1 (their ImageNet
+    setting)."""
+    inter_weight: float = 1.0
+    intra_weight: float = 1.0
+    temperature: float = 1.0
+
+
+class OFADefaults(NamedTuple):
+    """OFA (Hao et al., NeurIPS 2023): the target-enhancing exponent ε = 1 (plain
+    cross-entropy with the teacher's soft targets, the target class raised) and τ = 1."""
+    eps: float = 1.0
+    temperature: float = 1.0
+
+
+DKD = DKDDefaults()
+DIST = DISTDefaults()
+OFA = OFADefaults()
+DIST_EPS = 1e-8          # in the Pearson correlation's denominator, as the DIST authors' code
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:

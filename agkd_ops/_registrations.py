@@ -61,6 +61,48 @@ def _kd_bwd_fake(grad_loss, student, teacher, target, stats, temperature, ce_wei
     return _grad_or_empty(student, needs_grad_student), _grad_or_empty(teacher, needs_grad_teacher)
 
 
+# ------------------------------------------- the logit-KD family (gradients in the forward)
+
+def _loss(like: torch.Tensor, reduction: str):
+    return like.new_empty((like.shape[0],) if reduction == "none" else (), dtype=_accumulate_dtype(like.dtype))
+
+
+def _forward_grad(like: torch.Tensor, needed: bool, dtype: torch.dtype) -> torch.Tensor:
+    # The gradients these ops return with the loss are contiguous, in the accumulate dtype.
+    return like.new_empty(like.shape if needed else (0,), dtype=dtype)
+
+
+@torch.library.register_fake("agkd::kd_family_fwd")
+def _kd_family_fwd_fake(student, teacher, temperature, teacher_temperature, standardize, reduction,
+                        needs_grad_student, needs_grad_teacher, needs_grad_temperature):
+    acc = _accumulate_dtype(student.dtype)
+    return (_loss(student, reduction), _forward_grad(student, needs_grad_student, acc),
+            _forward_grad(teacher, needs_grad_teacher, acc), _forward_grad(temperature, needs_grad_temperature, acc))
+
+
+@torch.library.register_fake("agkd::dkd_fwd")
+def _dkd_fwd_fake(student, teacher, target, temperature, tckd_weight, nckd_weight, reduction,
+                  needs_grad_student, needs_grad_teacher):
+    acc = _accumulate_dtype(student.dtype)
+    return (_loss(student, reduction), _forward_grad(student, needs_grad_student, acc),
+            _forward_grad(teacher, needs_grad_teacher, acc))
+
+
+@torch.library.register_fake("agkd::ofa_fwd")
+def _ofa_fwd_fake(student, teacher, target, temperature, eps, reduction, needs_grad_student, needs_grad_teacher):
+    acc = _accumulate_dtype(student.dtype)
+    return (_loss(student, reduction), _forward_grad(student, needs_grad_student, acc),
+            _forward_grad(teacher, needs_grad_teacher, acc))
+
+
+@torch.library.register_fake("agkd::dist_fwd")
+def _dist_fwd_fake(student, teacher, temperature, inter_weight, intra_weight, needs_grad_student,
+                   needs_grad_teacher):
+    acc = _accumulate_dtype(student.dtype)
+    return (_loss(student, "mean"), _forward_grad(student, needs_grad_student, acc),
+            _forward_grad(teacher, needs_grad_teacher, acc))
+
+
 # ------------------------------------------------------------ agkd::align_fwd/bwd
 
 @torch.library.register_fake("agkd::align_fwd")

@@ -84,6 +84,69 @@ def check_temperature(fn: str, name: str, value) -> float:
                           "beyond that range the temperature-scaled logits or the τ² factor overflow")
 
 
+def check_temperatures(fn: str, temperature, logits, name: str = "temperature"):
+    """The logit-KD family's temperature: a number (returned as a float), a non-empty
+    sequence of numbers (a tuple of floats: the loss is summed over them), or a floating
+    tensor, 0-dim or (N,), on the logits' device (one per row; it may require grad). Every
+    number must be in TEMPERATURE_RANGE; a tensor's values are checked where that costs no
+    device sync (on the CPU), and elsewhere a row with a bad temperature is NaN. ``logits``
+    (N, K) is needed for a tensor only."""
+    if isinstance(temperature, torch.Tensor):
+        n = logits.shape[0]
+        if not temperature.is_floating_point():
+            raise TypeError(f"agkd_ops.{fn}: {name} must be a floating tensor, got {temperature.dtype}")
+        if temperature.shape not in ((), (n,)):
+            raise ValueError(f"agkd_ops.{fn}: a {name} tensor must be 0-dim or ({n},) (one per row), "
+                             f"got shape {_shape(temperature)}")
+        if temperature.device != logits.device:
+            raise ValueError(f"agkd_ops.{fn}: {name} must be on the logits' device {logits.device}, "
+                             f"got {temperature.device}")
+        if temperature.device.type == "cpu" and not torch.compiler.is_compiling():
+            low, high = TEMPERATURE_RANGE
+            values = temperature.detach()
+            bad = ~((values >= low) & (values <= high))
+            if bool(bad.any()):
+                raise ValueError(f"agkd_ops.{fn}: {name} must hold values in [{low:g}, {high:g}], got "
+                                 f"{float(values.reshape(-1)[bad.reshape(-1)][0]):g}")
+        return temperature
+    if isinstance(temperature, (list, tuple)):
+        if len(temperature) == 0:
+            raise ValueError(f"agkd_ops.{fn}: {name} is an empty sequence; give at least one temperature")
+        return tuple(check_temperature(fn, f"{name}[{i}]", value) for i, value in enumerate(temperature))
+    return check_temperature(fn, name, temperature)
+
+
+def check_optional_temperature(fn: str, name: str, value):
+    return None if value is None else check_temperature(fn, name, value)
+
+
+def check_flag(fn: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"agkd_ops.{fn}: {name} must be True or False, got {type(value).__name__}")
+    return value
+
+
+# A half-precision teacher (a float16 or bfloat16 teacher cache) beside a float32 student is
+# the one dtype mix the logit losses take: the teacher is computed in float32.
+_HALF_TEACHER = (torch.float16, torch.bfloat16)
+
+
+def check_logits(fn: str, student, teacher, names=("student_logits", "teacher_logits")) -> torch.Tensor:
+    """Two (N, K) logit tensors of one shape and device, of one dtype or a half-precision
+    teacher with a float32 student; returns the teacher in the student's dtype."""
+    if (isinstance(student, torch.Tensor) and isinstance(teacher, torch.Tensor)
+            and student.dtype == torch.float32 and teacher.dtype in _HALF_TEACHER):
+        check_tensor(fn, names[1], teacher, ranks=(2,), layout=LOGITS)
+        teacher = teacher.to(torch.float32)
+    check_pair(fn, student, teacher, names=names, ranks=(2,), layout=LOGITS)
+    return teacher
+
+
+def check_min_classes(fn: str, logits: torch.Tensor, minimum: int, why: str) -> None:
+    if logits.shape[1] < minimum:
+        raise ValueError(f"agkd_ops.{fn}: needs at least {minimum} classes ({why}), got K={logits.shape[1]}")
+
+
 # The attention map's exponent: |F|^p overflows float32 for |F| > 3.4e38^(1/p), so a large
 # p turns ordinary activations into inf (a NaN map) or, below 1, into 0 (a map of zeros).
 ATTENTION_P_RANGE = (1e-3, 16.0)

@@ -40,16 +40,18 @@ from typing import Optional
 import torch
 
 from . import _backend, reference
-from ._defaults import (ATTENTION_P, COSINE_EPS, HYBRID_COSINE_WEIGHT, HYBRID_SSIM_WEIGHT, KD_TEMPERATURE,
-                        KD_WEIGHT, NORMALIZE_EPS, SSIM)
+from ._defaults import (ATTENTION_P, COSINE_EPS, DIST, DKD, HYBRID_COSINE_WEIGHT, HYBRID_SSIM_WEIGHT,
+                        KD_TEMPERATURE, KD_WEIGHT, NORMALIZE_EPS, OFA, SSIM)
+from ._defaults import accumulate_dtype as _accumulate_dtype
 from ._defaults import reduce_per_sample as _reduce
 from ._validation import (ATTENTION_P_RANGE, LOGITS, REDUCTIONS, check_choice, check_fraction, check_ignore_index,
                           check_ignore_index_type, check_in_range, check_kl_reduction, check_number, check_pair,
+                          check_flag, check_logits, check_min_classes, check_optional_temperature,
                           check_ssim_options, check_target, check_target_range, check_temperature,
-                          check_tensor, check_window, renamed)
+                          check_temperatures, check_tensor, check_window, renamed)
 
 __all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "attention_map",
-           "attention_align_loss", "kd_kl_div", "kd_loss"]
+           "attention_align_loss", "kd_kl_div", "kd_loss", "dkd_loss", "dist_loss", "ofa_loss"]
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")  # meta tensors have no autocast state
@@ -112,20 +114,22 @@ def _hybrid_options(fn, ssim_weight, cosine_weight, window_size, sigma, data_ran
     return ssim_weight, cosine_weight, window_size, sigma, c1, c2, check_number(fn, "eps", eps, positive=True)
 
 
-def _kd_kl_div_options(fn, temperature, reduction) -> float:
-    temperature = check_temperature(fn, "temperature", temperature)
+def _kd_kl_div_options(fn, temperature, reduction, teacher_temperature=None, standardize=False):
+    """(temperature, teacher_temperature, standardize)"""
+    options = _kl_family_options(fn, temperature, teacher_temperature, standardize)
     check_kl_reduction(fn, reduction)
-    return temperature
+    return options
 
 
-def _kd_loss_options(fn, temperature, kd_weight, label_smoothing, ignore_index, reduction):
-    """(temperature, kd_weight, label_smoothing, ignore_index)"""
-    temperature = check_temperature(fn, "temperature", temperature)
+def _kd_loss_options(fn, temperature, kd_weight, label_smoothing, ignore_index, reduction,
+                     teacher_temperature=None, standardize=False, logits=None):
+    """(temperature, teacher_temperature, standardize, kd_weight, label_smoothing, ignore_index)"""
+    family = _kl_family_options(fn, temperature, teacher_temperature, standardize, logits)
     kd_weight = check_fraction(fn, "kd_weight", kd_weight)
     label_smoothing = check_fraction(fn, "label_smoothing", label_smoothing)
     ignore_index = check_ignore_index_type(fn, ignore_index)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
-    return temperature, kd_weight, label_smoothing, ignore_index
+    return (*family, kd_weight, label_smoothing, ignore_index)
 
 
 @_float32_under_autocast
@@ -277,25 +281,76 @@ def hybrid_loss(x: torch.Tensor, y: torch.Tensor, *, ssim_weight: float = HYBRID
 _KD_NAMES = ("student_logits", "teacher_logits")
 
 
+def _grad_needed(t: torch.Tensor) -> bool:
+    return t.requires_grad and torch.is_grad_enabled()
+
+
+def _temperature_tensor(temperature, like: torch.Tensor) -> torch.Tensor:
+    """A checked temperature (float, tuple or tensor) as the (N, M) columns the native
+    family ops read, in the accumulate dtype; a tensor stays differentiable."""
+    acc = _accumulate_dtype(like.dtype)
+    n = like.shape[0]
+    if isinstance(temperature, torch.Tensor):
+        return temperature.to(acc).reshape(-1, 1).expand(n, 1)
+    values = (temperature,) if isinstance(temperature, float) else temperature
+    return torch.tensor(values, dtype=acc, device=like.device).expand(n, len(values))
+
+
+def _native_kl_family(student, teacher, temperature, teacher_temperature, standardize, reduction):
+    """Σ_m τ_m²·KL per row from agkd::kd_family_fwd (loss only; the gradients it returns
+    are its autograd's business)."""
+    tau = _temperature_tensor(temperature, student)
+    tau_t = None if teacher_temperature is None else _temperature_tensor(teacher_temperature, student).expand_as(tau)
+    loss, *_grads = torch.ops.agkd.kd_family_fwd(
+        student, teacher, tau, tau_t, standardize, reduction,
+        _grad_needed(student), _grad_needed(teacher), _grad_needed(tau))
+    return loss
+
+
+def _is_plain_kd(temperature, teacher_temperature, standardize) -> bool:
+    """Hinton's KD at one float temperature: the agkd::kd_fwd kernel serves it."""
+    return isinstance(temperature, float) and teacher_temperature is None and not standardize
+
+
 @_float32_under_autocast
 def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
-              temperature: float = KD_TEMPERATURE, reduction: str = "batchmean") -> torch.Tensor:
+              temperature=KD_TEMPERATURE, teacher_temperature: Optional[float] = None,
+              standardize: bool = False, reduction: str = "batchmean") -> torch.Tensor:
     r"""Temperature-scaled KL divergence of the student from the teacher (Hinton et al.):
 
-    .. math:: \tau^2\,\mathrm{KL}\big(\mathrm{softmax}(t/\tau)\,\big\|\,\mathrm{softmax}(s/\tau)\big)
+    .. math:: \tau^2\,\mathrm{KL}\big(\mathrm{softmax}(\tilde t/\tau_t)\,\big\|\,
+              \mathrm{softmax}(\tilde s/\tau)\big)
               = \tau^2 \sum_k p_{t,k} \log\frac{p_{t,k}}{p_{s,k}}
 
-    per row, fused: one pass over both logit rows gives the loss; the backward recomputes
-    both gradients from the logits and seven saved numbers per row. ``τ²`` keeps the gradient
-    scale independent of ``τ``. Equal to ``τ**2 * F.kl_div(F.log_softmax(s / τ, 1),
-    F.log_softmax(t / τ, 1), log_target=True, reduction="batchmean")``, and stable for any
-    logits (max-shifted exponents; logits of ±1e4 are fine; a teacher logit of ``-inf``
-    contributes 0).
+    per row, fused. ``τ²`` keeps the gradient scale independent of ``τ``. With the default
+    options this is ``τ**2 * F.kl_div(F.log_softmax(s / τ, 1), F.log_softmax(t / τ, 1),
+    log_target=True, reduction="batchmean")``: one pass over both logit rows gives the loss;
+    the backward recomputes both gradients from the logits and seven saved numbers per row.
+    Stable for any logits (max-shifted exponents; logits of ±1e4 are fine; a teacher logit
+    of ``-inf`` contributes 0).
+
+    The logit-KD family's options (their gradients are computed in the same pass as the
+    loss, so the backward only scales them):
+
+    * ``teacher_temperature=τ_t``: the teacher's softmax at its own temperature (transformed
+      teacher matching, Zheng & Yang 2024: the student at ``τ = 1``, the teacher at ``1/γ``).
+    * ``standardize=True``: ``s̃, t̃`` are each row's z-score ``(z − mean) / (std + 1e-7)``
+      (std with Bessel's correction; logit standardization, Sun et al. 2024, as their
+      ``normalize``); otherwise ``s̃ = s``, ``t̃ = t``.
+    * ``temperature=(τ_1, …, τ_M)``: the sum of the loss at each temperature (the instance
+      term of multi-level logit distillation, Jin et al. 2023), from one read of the logits.
+    * ``temperature=tensor``: 0-dim or ``(N,)``, which may require grad: the backward gives
+      ``dL/dτ`` (CTKD's learnable temperature, Li et al. 2023). The ``τ²`` factor is the
+      student's temperature, and with ``teacher_temperature=None`` the teacher shares it.
 
     Args:
-        student_logits, teacher_logits: ``(N, K)`` logits of the same shape and dtype. The
+        student_logits, teacher_logits: ``(N, K)`` logits of the same shape and dtype, or a
+            float16/bfloat16 teacher with a float32 student (computed in float32). The
             teacher gets a gradient too if it requires one.
-        temperature: ``τ > 0``.
+        temperature: ``τ`` in ``[1e-3, 1e3]``: a number, a sequence, or a tensor (above).
+            A tensor's values are checked on the CPU; on CUDA a row with a bad value is NaN.
+        teacher_temperature: ``τ_t`` in ``[1e-3, 1e3]``, or ``None`` for ``τ``.
+        standardize: z-score each row of both logits first (needs ``K ≥ 2``).
         reduction: ``"batchmean"`` (sum over classes, mean over samples), ``"sum"`` or
             ``"none"`` for ``(N,)``. ``"mean"`` is rejected: in ``torch.nn.KLDivLoss`` it
             divides by ``N·K``, a known trap in KD code.
@@ -307,35 +362,52 @@ def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
         >>> agkd_ops.kd_kl_div(student, teacher, temperature=4.0).backward()
         >>> student.grad.shape
         torch.Size([8, 10])
+        >>> agkd_ops.kd_kl_div(student, teacher, temperature=(2.0, 3.0, 4.0), standardize=True).shape
+        torch.Size([])
+        >>> tau = torch.tensor(4.0, requires_grad=True)  # a learnable temperature
+        >>> agkd_ops.kd_kl_div(student, teacher, temperature=tau).backward()
+        >>> tau.grad.shape
+        torch.Size([])
     """
     fn = "kd_kl_div"
-    check_pair(fn, student_logits, teacher_logits, names=_KD_NAMES, ranks=(2,), layout=LOGITS)
-    temperature = _kd_kl_div_options(fn, temperature, reduction)
-    if _backend.use_native(fn, "kd_fwd", student_logits):
-        loss, _stats = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, None, temperature, 0.0,
-                                             1.0, 0.0, None, "mean" if reduction == "batchmean" else reduction)
-        return _in_dtype(loss, student_logits.dtype)
+    teacher_logits = check_logits(fn, student_logits, teacher_logits)
+    temperature, teacher_temperature, standardize = _kl_family_options(
+        fn, temperature, teacher_temperature, standardize, student_logits)
+    check_kl_reduction(fn, reduction)
+    op_reduction = "mean" if reduction == "batchmean" else reduction
+    if _is_plain_kd(temperature, teacher_temperature, standardize):
+        if _backend.use_native(fn, "kd_fwd", student_logits):
+            loss, _stats = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, None, temperature, 0.0,
+                                                 1.0, 0.0, None, op_reduction)
+            return _in_dtype(loss, student_logits.dtype)
+    elif _backend.use_native(fn, "kd_family_fwd", student_logits):
+        return _in_dtype(_native_kl_family(student_logits, teacher_logits, temperature, teacher_temperature,
+                                           standardize, op_reduction), student_logits.dtype)
     return reference.kd_kl_div(student_logits, teacher_logits, temperature=temperature,
+                               teacher_temperature=teacher_temperature, standardize=standardize,
                                reduction=reduction)
 
 
 @_float32_under_autocast
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
-            temperature: float = KD_TEMPERATURE, kd_weight: float = KD_WEIGHT,
+            temperature=KD_TEMPERATURE, kd_weight: float = KD_WEIGHT,
             label_smoothing: float = 0.0, ignore_index: Optional[int] = None,
+            teacher_temperature: Optional[float] = None, standardize: bool = False,
             reduction: str = "mean", alpha: Optional[float] = None) -> torch.Tensor:
     r"""Hinton's knowledge-distillation loss, fused: per row
 
     .. math:: (1 - w)\,\mathrm{CE}(s, y) + w\,\tau^2\,
-              \mathrm{KL}\big(\mathrm{softmax}(t/\tau)\,\big\|\,\mathrm{softmax}(s/\tau)\big)
+              \mathrm{KL}\big(\mathrm{softmax}(\tilde t/\tau_t)\,\big\|\,\mathrm{softmax}(\tilde s/\tau)\big)
 
-    with the cross-entropy at temperature 1 exactly as ``F.cross_entropy(s, y,
-    label_smoothing=ε)`` defines it: ``CE = -Σ_k q'_k log softmax(s)_k`` with the smoothed
-    target ``q' = (1 - ε)·q + ε/K``, where ``q`` is the one-hot row of a class index or a
-    given probability row (mixup / cutmix targets; used as given, as torch does). The loss
-    is ``(1 - w) * F.cross_entropy(s, y, label_smoothing=ε) + w * kd_kl_div(s, t,
-    temperature=τ)``, from one pass over the logits; both gradients come from one backward
-    pass. The per-row state kept for the backward is seven numbers.
+    with the cross-entropy at temperature 1 on the raw student logits, exactly as
+    ``F.cross_entropy(s, y, label_smoothing=ε)`` defines it: ``CE = -Σ_k q'_k log
+    softmax(s)_k`` with the smoothed target ``q' = (1 - ε)·q + ε/K``, where ``q`` is the
+    one-hot row of a class index or a given probability row (mixup / cutmix targets; used
+    as given, as torch does). The KL term is :func:`kd_kl_div`'s, with the same
+    ``temperature``, ``teacher_temperature`` and ``standardize`` options. With the default
+    options the loss comes from one pass over the logits and both gradients from one
+    backward pass, keeping seven numbers per row; with a family option it is the fused
+    cross-entropy plus the fused family KL (two passes over the student).
 
     ``ignore_index=i``: rows whose class target is ``i`` contribute nothing to either
     term, get a zero gradient, and are left out of the ``"mean"`` denominator (as in
@@ -345,19 +417,22 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
     there is nothing in such a batch to learn from.
 
     Args:
-        student_logits, teacher_logits: ``(N, K)`` logits of the same shape and dtype.
+        student_logits, teacher_logits: ``(N, K)`` logits of the same shape and dtype, or a
+            float16/bfloat16 teacher with a float32 student.
         target: ``(N,)`` class indices (int64 or int32) in ``[0, K)``. An out-of-range
             value (``-100`` included: there is no ``ignore_index``) is a ``ValueError`` on
             the CPU and with the reference; the CUDA kernels, which never sync the device to
             look, give that row a NaN loss instead (never an out-of-bounds read). Or
             ``(N, K)`` probabilities in the logits' dtype; a negative entry is a
             ``ValueError`` on the CPU and a NaN row on CUDA.
-        temperature: ``τ > 0``.
+        temperature: ``τ``: a number in ``[1e-3, 1e3]``, a sequence or a tensor, as in
+            :func:`kd_kl_div`.
         kd_weight: ``w``, the weight of the KL term, in ``[0, 1]`` (the cross-entropy gets
             ``1 - w``). ``alpha`` is its old name, still accepted with a FutureWarning.
         label_smoothing: ``ε`` in ``[0, 1]``, applied to the cross-entropy's target.
         ignore_index: a class index whose rows are skipped, or ``None`` (every row counts;
             class-index targets only).
+        teacher_temperature, standardize: as in :func:`kd_kl_div`.
         reduction: ``"mean"`` over samples, ``"sum"`` or ``"none"`` for ``(N,)``.
 
     Example:
@@ -371,23 +446,248 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
         torch.Size([])
     """
     fn = "kd_loss"
-    check_pair(fn, student_logits, teacher_logits, names=_KD_NAMES, ranks=(2,), layout=LOGITS)
+    teacher_logits = check_logits(fn, student_logits, teacher_logits)
     target = check_target(fn, target, student_logits)
     kd_weight = renamed(fn, "kd_weight", kd_weight, KD_WEIGHT, "alpha", alpha)
-    temperature, kd_weight, label_smoothing, ignore_index = _kd_loss_options(
-        fn, temperature, kd_weight, label_smoothing, ignore_index, reduction)
+    temperature, teacher_temperature, standardize, kd_weight, label_smoothing, ignore_index = _kd_loss_options(
+        fn, temperature, kd_weight, label_smoothing, ignore_index, reduction, teacher_temperature, standardize,
+        student_logits)
     check_ignore_index(fn, ignore_index, target)
-    if _backend.use_native(fn, "kd_fwd", student_logits):
-        # Target values are checked by the kernels, with no device-to-host sync: a
-        # ValueError before any logit is read on the CPU, a NaN loss for that row on CUDA.
-        loss, _stats = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, target, temperature,
-                                             1.0 - kd_weight, kd_weight, label_smoothing, ignore_index,
-                                             reduction)
-        return _in_dtype(loss, student_logits.dtype)
+    if _is_plain_kd(temperature, teacher_temperature, standardize):
+        if _backend.use_native(fn, "kd_fwd", student_logits):
+            # Target values are checked by the kernels, with no device-to-host sync: a
+            # ValueError before any logit is read on the CPU, a NaN loss for that row on CUDA.
+            loss, _stats = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, target, temperature,
+                                                 1.0 - kd_weight, kd_weight, label_smoothing, ignore_index,
+                                                 reduction)
+            return _in_dtype(loss, student_logits.dtype)
+    elif _backend.use_native(fn, "kd_family_fwd", student_logits) and _backend.use_native(
+            fn, "kd_fwd", student_logits):
+        return _in_dtype(_native_kd_family_loss(student_logits, teacher_logits, target, temperature, kd_weight,
+                                                label_smoothing, ignore_index, teacher_temperature, standardize,
+                                                reduction), student_logits.dtype)
     check_target_range(fn, target, student_logits.shape[1], ignore_index)
     return reference.kd_loss(student_logits, teacher_logits, target, temperature=temperature,
                              kd_weight=kd_weight, label_smoothing=label_smoothing,
-                             ignore_index=ignore_index, reduction=reduction)
+                             ignore_index=ignore_index, teacher_temperature=teacher_temperature,
+                             standardize=standardize, reduction=reduction)
+
+
+def _native_kd_family_loss(student, teacher, target, temperature, kd_weight, label_smoothing, ignore_index,
+                           teacher_temperature, standardize, reduction):
+    """kd_loss with a family option: agkd::kd_fwd's cross-entropy (its target rules, the
+    smoothing and ignore_index) plus agkd::kd_family_fwd's KL, per row, then reduced."""
+    if kd_weight < 1.0:
+        ce, _stats = torch.ops.agkd.kd_fwd(student, teacher, target, 1.0, 1.0 - kd_weight, 0.0,
+                                           label_smoothing, ignore_index, "none")
+    else:  # no cross-entropy to compute, but a bad target is still an error
+        check_target_range("kd_loss", target, student.shape[1], ignore_index)
+        ce = None
+    kl = kd_weight * _native_kl_family(student, teacher, temperature, teacher_temperature, standardize, "none")
+    per_sample = kl if ce is None else ce + kl
+    if ignore_index is None:
+        return _reduce(per_sample, reduction, per_sample.dtype)
+    counts = target != ignore_index
+    per_sample = torch.where(counts, per_sample, 0.0)
+    if reduction == "mean":
+        return per_sample.sum() / counts.sum().clamp_min(1)
+    return _reduce(per_sample, reduction, per_sample.dtype)
+
+
+def _kl_family_options(fn, temperature, teacher_temperature, standardize, logits=None):
+    """(temperature, teacher_temperature, standardize) of the logit-KD family, checked. A
+    temperature tensor is checked against the logits when they are given (a module checks
+    it at each call)."""
+    if isinstance(temperature, torch.Tensor) and logits is None:
+        if not temperature.is_floating_point():
+            raise TypeError(f"agkd_ops.{fn}: temperature must be a floating tensor, got {temperature.dtype}")
+    else:
+        temperature = check_temperatures(fn, temperature, logits)
+    teacher_temperature = check_optional_temperature(fn, "teacher_temperature", teacher_temperature)
+    standardize = check_flag(fn, "standardize", standardize)
+    if standardize and logits is not None:
+        check_min_classes(fn, logits, 2, "standardize=True takes each row's std with Bessel's correction")
+    return temperature, teacher_temperature, standardize
+
+
+def _class_target(fn, target, logits):
+    """Class indices (N,) as int64: the targets of dkd_loss and ofa_loss."""
+    target = check_target(fn, target, logits)
+    if target.is_floating_point():
+        raise TypeError(f"agkd_ops.{fn}: target must hold integer class indices (int64 or int32); "
+                        f"probability targets are for kd_loss only, got {target.dtype}")
+    return target
+
+
+def _dkd_options(fn, tckd_weight, nckd_weight, temperature, reduction):
+    """(tckd_weight, nckd_weight, temperature)"""
+    tckd_weight = check_number(fn, "tckd_weight", tckd_weight, nonnegative=True)
+    nckd_weight = check_number(fn, "nckd_weight", nckd_weight, nonnegative=True)
+    temperature = check_temperature(fn, "temperature", temperature)
+    check_choice(fn, "reduction", reduction, REDUCTIONS)
+    return tckd_weight, nckd_weight, temperature
+
+
+def _dist_options(fn, inter_weight, intra_weight, temperature):
+    """(inter_weight, intra_weight, temperature)"""
+    return (check_number(fn, "inter_weight", inter_weight, nonnegative=True),
+            check_number(fn, "intra_weight", intra_weight, nonnegative=True),
+            check_temperature(fn, "temperature", temperature))
+
+
+# OFA raises probabilities to the power eps: beyond this range (p + m)^eps under- or
+# overflows float32 for ordinary probabilities.
+OFA_EPS_RANGE = (1e-3, 16.0)
+
+
+def _ofa_options(fn, eps, temperature, reduction):
+    """(eps, temperature)"""
+    eps = check_in_range(fn, "eps", eps, OFA_EPS_RANGE, "the teacher's probabilities are raised to this power")
+    temperature = check_temperature(fn, "temperature", temperature)
+    check_choice(fn, "reduction", reduction, REDUCTIONS)
+    return eps, temperature
+
+
+@_float32_under_autocast
+def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
+             tckd_weight: float = DKD.tckd_weight, nckd_weight: float = DKD.nckd_weight,
+             temperature: float = DKD.temperature, reduction: str = "mean") -> torch.Tensor:
+    r"""Decoupled knowledge distillation (Zhao et al., CVPR 2022), fused: per row
+
+    .. math:: \tau^2\big(\alpha\,\mathrm{KL}(b_t \,\|\, b_s) + \beta\,\mathrm{KL}(q_t \,\|\, q_s)\big)
+
+    with ``p = softmax(z/τ)``, the binary target / non-target split ``b = [p_y, 1 − p_y]``
+    (TCKD) and ``q`` the softmax over the classes other than ``y`` (NCKD), ``α =
+    tckd_weight``, ``β = nckd_weight``. As mdistiller's ``DKD.py`` computes it, except that
+    the target class is excluded from ``q`` exactly (mdistiller subtracts 1000 from its
+    logit) and ``log(1 − p_y)`` is a log-sum-exp over the other classes, so no probability
+    underflows to ``log 0``. With ``K = 2`` the NCKD term is 0. mdistiller's DKD adds the
+    cross-entropy separately (and warms the KD term up over its first epochs).
+
+    One pass over both logit rows gives the loss and both gradients; the backward only
+    scales them.
+
+    Args:
+        student_logits, teacher_logits: ``(N, K)`` logits, ``K ≥ 2``, of the same shape and
+            dtype, or a float16/bfloat16 teacher with a float32 student.
+        target: ``(N,)`` class indices (int64 or int32) in ``[0, K)`` (a ``ValueError``
+            otherwise, whatever the weights).
+        tckd_weight, nckd_weight: ``α, β ≥ 0`` (mdistiller's CIFAR-100 values: 1 and 8).
+        temperature: ``τ`` in ``[1e-3, 1e3]``.
+        reduction: ``"mean"`` over samples, ``"sum"`` or ``"none"`` for ``(N,)``.
+
+    Example:
+        >>> import torch, agkd_ops
+        >>> student = torch.randn(8, 100, requires_grad=True)
+        >>> loss = agkd_ops.dkd_loss(student, torch.randn(8, 100), torch.randint(0, 100, (8,)))
+        >>> loss.backward()
+        >>> loss.shape
+        torch.Size([])
+    """
+    fn = "dkd_loss"
+    teacher_logits = check_logits(fn, student_logits, teacher_logits)
+    target = _class_target(fn, target, student_logits)
+    tckd_weight, nckd_weight, temperature = _dkd_options(fn, tckd_weight, nckd_weight, temperature, reduction)
+    check_min_classes(fn, student_logits, 2, "the target / non-target split needs a non-target class")
+    if _backend.use_native(fn, "dkd_fwd", student_logits):
+        loss, *_grads = torch.ops.agkd.dkd_fwd(student_logits, teacher_logits, target, temperature, tckd_weight,
+                                               nckd_weight, reduction, _grad_needed(student_logits),
+                                               _grad_needed(teacher_logits))
+        return _in_dtype(loss, student_logits.dtype)
+    check_target_range(fn, target, student_logits.shape[1])
+    return reference.dkd_loss(student_logits, teacher_logits, target, tckd_weight=tckd_weight,
+                              nckd_weight=nckd_weight, temperature=temperature, reduction=reduction)
+
+
+@_float32_under_autocast
+def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+              inter_weight: float = DIST.inter_weight, intra_weight: float = DIST.intra_weight,
+              temperature: float = DIST.temperature) -> torch.Tensor:
+    r"""DIST, distillation from a stronger teacher (Huang et al., NeurIPS 2022), fused:
+
+    .. math:: \tau^2\Big(\beta\big(1 - \tfrac1N\textstyle\sum_i \rho(p_s[i,:], p_t[i,:])\big)
+              + \gamma\big(1 - \tfrac1K\textstyle\sum_j \rho(p_s[:,j], p_t[:,j])\big)\Big)
+
+    with ``p = softmax(z/τ)`` per row and ``ρ(a, b) = Σ(a−ā)(b−b̄) / (‖a−ā‖·‖b−b̄‖ + 1e-8)``
+    the Pearson correlation, over each row (inter-class relation) and each class column of
+    the batch (intra-class relation), ``β = inter_weight``, ``γ = intra_weight``; as the
+    DIST authors' ``DIST`` module computes it. The intra term couples the rows, so the
+    result is one 0-dim tensor (no ``reduction``).
+
+    One pass over the rows, one over the class columns and one more over the rows give the
+    loss and both gradients; the backward only scales them.
+
+    Args:
+        student_logits, teacher_logits: ``(N, K)`` logits of the same shape and dtype, or a
+            float16/bfloat16 teacher with a float32 student.
+        inter_weight, intra_weight: ``β, γ ≥ 0``.
+        temperature: ``τ`` in ``[1e-3, 1e3]``.
+
+    Example:
+        >>> import torch, agkd_ops
+        >>> student = torch.randn(8, 100, requires_grad=True)
+        >>> loss = agkd_ops.dist_loss(student, torch.randn(8, 100))
+        >>> loss.backward()
+        >>> loss.shape
+        torch.Size([])
+    """
+    fn = "dist_loss"
+    teacher_logits = check_logits(fn, student_logits, teacher_logits)
+    inter_weight, intra_weight, temperature = _dist_options(fn, inter_weight, intra_weight, temperature)
+    if _backend.use_native(fn, "dist_fwd", student_logits):
+        loss, *_grads = torch.ops.agkd.dist_fwd(student_logits, teacher_logits, temperature, inter_weight,
+                                                intra_weight, _grad_needed(student_logits),
+                                                _grad_needed(teacher_logits))
+        return _in_dtype(loss, student_logits.dtype)
+    return reference.dist_loss(student_logits, teacher_logits, inter_weight=inter_weight,
+                               intra_weight=intra_weight, temperature=temperature)
+
+
+@_float32_under_autocast
+def ofa_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
+             eps: float = OFA.eps, temperature: float = OFA.temperature, reduction: str = "mean"
+) -> torch.Tensor:
+    r"""The OFA loss for heterogeneous architectures (Hao et al., NeurIPS 2023), fused: per row
+
+    .. math:: -\sum_k \big((p_{t,k} + m_k)^{\varepsilon} - m_k\big)\,\log p_{s,k}
+
+    with ``p = softmax(z/τ)`` and ``m`` the one-hot target: a cross-entropy with the
+    teacher's soft targets in which the target class is raised by the exponent ``ε``
+    (``ε = 1``: the soft target plus the one-hot; ``ε > 1`` weights the target class more
+    where the teacher is confident). As the OFA authors' ``ofa_loss`` computes it, with
+    ``log_softmax`` for ``log p_s``; no ``τ²`` factor.
+
+    One pass over both logit rows gives the loss and both gradients; the backward only
+    scales them.
+
+    Args:
+        student_logits, teacher_logits: ``(N, K)`` logits of the same shape and dtype, or a
+            float16/bfloat16 teacher with a float32 student.
+        target: ``(N,)`` class indices (int64 or int32) in ``[0, K)``.
+        eps: ``ε`` in ``[1e-3, 16]``.
+        temperature: ``τ`` in ``[1e-3, 1e3]``.
+        reduction: ``"mean"`` over samples, ``"sum"`` or ``"none"`` for ``(N,)``.
+
+    Example:
+        >>> import torch, agkd_ops
+        >>> student = torch.randn(8, 100, requires_grad=True)
+        >>> loss = agkd_ops.ofa_loss(student, torch.randn(8, 100), torch.randint(0, 100, (8,)), eps=1.5)
+        >>> loss.backward()
+        >>> loss.shape
+        torch.Size([])
+    """
+    fn = "ofa_loss"
+    teacher_logits = check_logits(fn, student_logits, teacher_logits)
+    target = _class_target(fn, target, student_logits)
+    eps, temperature = _ofa_options(fn, eps, temperature, reduction)
+    if _backend.use_native(fn, "ofa_fwd", student_logits):
+        loss, *_grads = torch.ops.agkd.ofa_fwd(student_logits, teacher_logits, target, temperature, eps,
+                                               reduction, _grad_needed(student_logits),
+                                               _grad_needed(teacher_logits))
+        return _in_dtype(loss, student_logits.dtype)
+    check_target_range(fn, target, student_logits.shape[1])
+    return reference.ofa_loss(student_logits, teacher_logits, target, eps=eps, temperature=temperature,
+                              reduction=reduction)
 
 
 

@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 from . import functional as F
-from ._defaults import COSINE_EPS, HYBRID_COSINE_WEIGHT, HYBRID_SSIM_WEIGHT, KD_TEMPERATURE, KD_WEIGHT, SSIM
+from ._defaults import (COSINE_EPS, DIST, DKD, HYBRID_COSINE_WEIGHT, HYBRID_SSIM_WEIGHT, KD_TEMPERATURE, KD_WEIGHT,
+                        OFA, SSIM)
 from ._validation import renamed
 
-__all__ = ["SSIMLoss", "CosineLoss", "HybridLoss", "AttentionAlignLoss", "KDKLDivLoss", "KDLoss"]
+__all__ = ["SSIMLoss", "CosineLoss", "HybridLoss", "AttentionAlignLoss", "KDKLDivLoss", "KDLoss",
+           "DKDLoss", "DISTLoss", "OFALoss"]
 
 
 class SSIMLoss(nn.Module):
@@ -131,32 +133,38 @@ class AttentionAlignLoss(nn.Module):
 
 
 class KDKLDivLoss(nn.Module):
-    """``τ²·KL(softmax(t/τ) ‖ softmax(s/τ))``; see :func:`agkd_ops.kd_kl_div`.
+    """``τ²·KL(softmax(t̃/τ_t) ‖ softmax(s̃/τ))`` and the logit-KD family's options; see
+    :func:`agkd_ops.kd_kl_div`.
 
     Example:
         >>> import torch, agkd_ops
         >>> criterion = agkd_ops.KDKLDivLoss(temperature=4.0)
         >>> criterion(torch.randn(8, 10), torch.randn(8, 10)).shape
         torch.Size([])
+        >>> lskd = agkd_ops.KDKLDivLoss(temperature=2.0, standardize=True)  # logit standardization
+        >>> ttm = agkd_ops.KDKLDivLoss(temperature=1.0, teacher_temperature=1 / 0.2)  # TTM, γ = 0.2
     """
 
-    def __init__(self, *, temperature: float = KD_TEMPERATURE, reduction: str = "batchmean"
-    ) -> None:
+    def __init__(self, *, temperature=KD_TEMPERATURE, teacher_temperature: Optional[float] = None,
+                 standardize: bool = False, reduction: str = "batchmean") -> None:
         super().__init__()
-        F._kd_kl_div_options("kd_kl_div", temperature, reduction)
-        self.temperature, self.reduction = temperature, reduction
+        F._kd_kl_div_options("kd_kl_div", temperature, reduction, teacher_temperature, standardize)
+        self.temperature, self.teacher_temperature = temperature, teacher_temperature
+        self.standardize, self.reduction = standardize, reduction
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         return F.kd_kl_div(student_logits, teacher_logits, temperature=self.temperature,
+                           teacher_temperature=self.teacher_temperature, standardize=self.standardize,
                            reduction=self.reduction)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, reduction={self.reduction!r}"
+        return (f"temperature={self.temperature}, teacher_temperature={self.teacher_temperature}, "
+                f"standardize={self.standardize}, reduction={self.reduction!r}")
 
 
 class KDLoss(nn.Module):
-    """Hinton's ``(1-w)·CE + w·τ²·KL`` (``w = kd_weight``) with ``F.cross_entropy``'s options; see
-    :func:`agkd_ops.kd_loss`.
+    """Hinton's ``(1-w)·CE + w·τ²·KL`` (``w = kd_weight``) with ``F.cross_entropy``'s options
+    and the logit-KD family's; see :func:`agkd_ops.kd_loss`.
 
     Example:
         >>> import torch, agkd_ops
@@ -165,23 +173,103 @@ class KDLoss(nn.Module):
         >>> criterion(student, torch.randn(8, 10), torch.randint(0, 10, (8,))).backward()
     """
 
-    def __init__(self, *, temperature: float = KD_TEMPERATURE, kd_weight: float = KD_WEIGHT,
+    def __init__(self, *, temperature=KD_TEMPERATURE, kd_weight: float = KD_WEIGHT,
                  label_smoothing: float = 0.0, ignore_index: Optional[int] = None,
+                 teacher_temperature: Optional[float] = None, standardize: bool = False,
                  reduction: str = "mean", alpha: Optional[float] = None) -> None:
         super().__init__()
         kd_weight = renamed("KDLoss", "kd_weight", kd_weight, KD_WEIGHT, "alpha", alpha, 3)
-        F._kd_loss_options("kd_loss", temperature, kd_weight, label_smoothing, ignore_index, reduction)
+        F._kd_loss_options("kd_loss", temperature, kd_weight, label_smoothing, ignore_index, reduction,
+                           teacher_temperature, standardize)
         self.temperature, self.kd_weight, self.reduction = temperature, kd_weight, reduction
         self.label_smoothing, self.ignore_index = label_smoothing, ignore_index
+        self.teacher_temperature, self.standardize = teacher_temperature, standardize
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 target: torch.Tensor) -> torch.Tensor:
         return F.kd_loss(student_logits, teacher_logits, target, temperature=self.temperature,
                          kd_weight=self.kd_weight, label_smoothing=self.label_smoothing,
-                         ignore_index=self.ignore_index, reduction=self.reduction)
+                         ignore_index=self.ignore_index, teacher_temperature=self.teacher_temperature,
+                         standardize=self.standardize, reduction=self.reduction)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, kd_weight={self.kd_weight}, "
                 f"label_smoothing={self.label_smoothing}, ignore_index={self.ignore_index}, "
+                f"teacher_temperature={self.teacher_temperature}, standardize={self.standardize}, "
                 f"reduction={self.reduction!r}")
 
+
+class DKDLoss(nn.Module):
+    """Decoupled KD, ``τ²·(α·TCKD + β·NCKD)``; see :func:`agkd_ops.dkd_loss`.
+
+    Example:
+        >>> import torch, agkd_ops
+        >>> criterion = agkd_ops.DKDLoss(tckd_weight=1.0, nckd_weight=8.0, temperature=4.0)
+        >>> criterion(torch.randn(8, 100), torch.randn(8, 100), torch.randint(0, 100, (8,))).shape
+        torch.Size([])
+    """
+
+    def __init__(self, *, tckd_weight: float = DKD.tckd_weight, nckd_weight: float = DKD.nckd_weight,
+                 temperature: float = DKD.temperature, reduction: str = "mean") -> None:
+        super().__init__()
+        F._dkd_options("dkd_loss", tckd_weight, nckd_weight, temperature, reduction)
+        self.tckd_weight, self.nckd_weight = tckd_weight, nckd_weight
+        self.temperature, self.reduction = temperature, reduction
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                target: torch.Tensor) -> torch.Tensor:
+        return F.dkd_loss(student_logits, teacher_logits, target, tckd_weight=self.tckd_weight,
+                          nckd_weight=self.nckd_weight, temperature=self.temperature, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"tckd_weight={self.tckd_weight}, nckd_weight={self.nckd_weight}, "
+                f"temperature={self.temperature}, reduction={self.reduction!r}")
+
+
+class DISTLoss(nn.Module):
+    """DIST's inter- and intra-class Pearson relations; see :func:`agkd_ops.dist_loss`.
+
+    Example:
+        >>> import torch, agkd_ops
+        >>> agkd_ops.DISTLoss(inter_weight=1.0, intra_weight=1.0)(torch.randn(8, 100), torch.randn(8, 100)).shape
+        torch.Size([])
+    """
+
+    def __init__(self, *, inter_weight: float = DIST.inter_weight, intra_weight: float = DIST.intra_weight,
+                 temperature: float = DIST.temperature) -> None:
+        super().__init__()
+        F._dist_options("dist_loss", inter_weight, intra_weight, temperature)
+        self.inter_weight, self.intra_weight, self.temperature = inter_weight, intra_weight, temperature
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return F.dist_loss(student_logits, teacher_logits, inter_weight=self.inter_weight,
+                           intra_weight=self.intra_weight, temperature=self.temperature)
+
+    def extra_repr(self) -> str:
+        return (f"inter_weight={self.inter_weight}, intra_weight={self.intra_weight}, "
+                f"temperature={self.temperature}")
+
+
+class OFALoss(nn.Module):
+    """OFA's target-enhanced soft cross-entropy; see :func:`agkd_ops.ofa_loss`.
+
+    Example:
+        >>> import torch, agkd_ops
+        >>> criterion = agkd_ops.OFALoss(eps=1.5)
+        >>> criterion(torch.randn(8, 100), torch.randn(8, 100), torch.randint(0, 100, (8,))).shape
+        torch.Size([])
+    """
+
+    def __init__(self, *, eps: float = OFA.eps, temperature: float = OFA.temperature,
+                 reduction: str = "mean") -> None:
+        super().__init__()
+        F._ofa_options("ofa_loss", eps, temperature, reduction)
+        self.eps, self.temperature, self.reduction = eps, temperature, reduction
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                target: torch.Tensor) -> torch.Tensor:
+        return F.ofa_loss(student_logits, teacher_logits, target, eps=self.eps, temperature=self.temperature,
+                          reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, temperature={self.temperature}, reduction={self.reduction!r}"

@@ -12,13 +12,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._defaults import (ATTENTION_P, COSINE_EPS, HYBRID_COSINE_WEIGHT, HYBRID_SSIM_WEIGHT, KD_TEMPERATURE,
-                        KD_WEIGHT, NORMALIZE_EPS, SSIM, accumulate_dtype)
+from ._defaults import (ATTENTION_P, COSINE_EPS, DIST, DIST_EPS, DKD, HYBRID_COSINE_WEIGHT, HYBRID_SSIM_WEIGHT,
+                        KD_TEMPERATURE, KD_WEIGHT, NORMALIZE_EPS, OFA, SSIM, STANDARDIZE_EPS, accumulate_dtype)
 from ._defaults import reduce_per_sample as _reduce
-from ._validation import renamed
+from ._validation import TEMPERATURE_RANGE, renamed
 
 __all__ = ["ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "attention_map",
-           "attention_align_loss", "kd_kl_div", "kd_loss", "gaussian_window"]
+           "attention_align_loss", "kd_kl_div", "kd_loss", "dkd_loss", "dist_loss", "ofa_loss",
+           "standardize_logits", "gaussian_window"]
 
 
 def gaussian_window(window_size: int, sigma: float, dtype=torch.float64, device=None
@@ -130,23 +131,86 @@ def _kl_per_sample(student_logits, teacher_logits, temperature):
     return (p_t * log_ratio).sum(dim=1)
 
 
+def standardize_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Each row as ``(z - mean(z)) / (std(z) + 1e-7)``, std with Bessel's correction (the
+    logit-standardization authors' ``normalize``)."""
+    std, mean = torch.std_mean(logits, dim=1, keepdim=True)
+    return (logits - mean) / (std + STANDARDIZE_EPS)
+
+
+def _temperature_columns(temperature, like: torch.Tensor) -> torch.Tensor:
+    """A temperature as (N, M) columns in ``like``'s dtype: a number (M = 1), a sequence (M =
+    its length) or a 0-dim / (N,) tensor (M = 1, differentiable). A value outside the
+    accepted range (a tensor's values are checked only on the CPU) becomes NaN, so that row
+    is NaN rather than a number."""
+    n = like.shape[0]
+    if torch.is_tensor(temperature):
+        tau = temperature.to(like.dtype).reshape(-1, 1).expand(n, 1)
+    else:
+        values = (temperature,) if isinstance(temperature, float) else tuple(temperature)
+        tau = torch.tensor(values, dtype=like.dtype, device=like.device).expand(n, len(values))
+    low, high = TEMPERATURE_RANGE
+    return torch.where((tau >= low) & (tau <= high), tau, torch.nan)
+
+
+def _kl_family_per_sample(student_logits, teacher_logits, temperature, teacher_temperature, standardize):
+    """Σ_m τ_m²·KL(softmax(t̃/τ_t,m) ‖ softmax(s̃/τ_m)) per row, with s̃, t̃ the logits or
+    their standardized rows, and τ_t,m = teacher_temperature or τ_m."""
+    dtype = accumulate_dtype(student_logits.dtype)
+    s, t = student_logits.to(dtype), teacher_logits.to(dtype)
+    if standardize:
+        s, t = standardize_logits(s), standardize_logits(t)
+    tau = _temperature_columns(temperature, s)
+    tau_t = tau if teacher_temperature is None else _temperature_columns(teacher_temperature, s).expand_as(tau)
+    total = torch.zeros(s.shape[0], dtype=dtype, device=s.device)
+    for m in range(tau.shape[1]):
+        log_p_s = torch.log_softmax(s / tau[:, m:m + 1], dim=1)
+        log_p_t = torch.log_softmax(t / tau_t[:, m:m + 1], dim=1)
+        total = total + tau[:, m] ** 2 * _xlogx_ratio(log_p_t, log_p_s)
+    return total
+
+
+def _xlogx_ratio(log_p, log_q):
+    """Σ_k p_k (log p_k − log q_k) per row with 0·log 0 = 0, masking the log-ratio rather
+    than the product so that the gradient stays finite where p_k = 0 (only an exact 0 is
+    masked: a NaN row stays NaN)."""
+    p = log_p.exp()
+    return (p * torch.where(p == 0, torch.zeros_like(p), log_p - log_q)).sum(dim=1)
+
+
+def _plain_temperature(temperature, teacher_temperature, standardize) -> bool:
+    return isinstance(temperature, float) and teacher_temperature is None and not standardize
+
+
+def _kl_rows(student_logits, teacher_logits, temperature, teacher_temperature, standardize):
+    """τ²·KL per row, summed over the temperatures."""
+    if _plain_temperature(temperature, teacher_temperature, standardize):
+        return temperature**2 * _kl_per_sample(student_logits, teacher_logits, temperature)
+    return _kl_family_per_sample(student_logits, teacher_logits, temperature, teacher_temperature, standardize)
+
+
 def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
-              temperature: float = KD_TEMPERATURE, reduction: str = "batchmean") -> torch.Tensor:
-    """``τ²·KL(softmax(t/τ) ‖ softmax(s/τ))`` per row; ``"batchmean"`` averages the rows."""
-    per_sample = temperature**2 * _kl_per_sample(student_logits, teacher_logits, temperature)
+              temperature=KD_TEMPERATURE, teacher_temperature: Optional[float] = None,
+              standardize: bool = False, reduction: str = "batchmean") -> torch.Tensor:
+    """``τ²·KL(softmax(t/τ_t) ‖ softmax(s/τ))`` per row (summed over several temperatures);
+    ``"batchmean"`` averages the rows. See :func:`agkd_ops.kd_kl_div`."""
+    teacher_logits = teacher_logits.to(student_logits.dtype)
+    per_sample = _kl_rows(student_logits, teacher_logits, temperature, teacher_temperature, standardize)
     return _reduce(per_sample, reduction, student_logits.dtype)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
-            temperature: float = KD_TEMPERATURE, kd_weight: float = KD_WEIGHT,
+            temperature=KD_TEMPERATURE, kd_weight: float = KD_WEIGHT,
             label_smoothing: float = 0.0, ignore_index: Optional[int] = None,
+            teacher_temperature: Optional[float] = None, standardize: bool = False,
             reduction: str = "mean", alpha: Optional[float] = None) -> torch.Tensor:
     """Hinton's ``(1-w)·CE + w·τ²·KL`` per row (``w = kd_weight``; ``alpha``: its old name,
-    with a FutureWarning); CE at temperature 1 against the smoothed target
-    ``q' = (1-ε)·q + ε/K`` (q: the one-hot of a class index, or the given probabilities).
-    Rows whose class is ``ignore_index`` are 0 and leave the "mean" denominator, which is
-    at least 1."""
+    with a FutureWarning); CE at temperature 1 on the raw student logits against the
+    smoothed target ``q' = (1-ε)·q + ε/K`` (q: the one-hot of a class index, or the given
+    probabilities). Rows whose class is ``ignore_index`` are 0 and leave the "mean"
+    denominator, which is at least 1."""
     kd_weight = renamed("kd_loss", "kd_weight", kd_weight, KD_WEIGHT, "alpha", alpha)
+    teacher_logits = teacher_logits.to(student_logits.dtype)
     dtype = accumulate_dtype(student_logits.dtype)
     n, k = student_logits.shape
     counts = torch.ones(n, dtype=torch.bool, device=student_logits.device)
@@ -158,11 +222,74 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
         q = F.one_hot(torch.where(counts, target, 0).long(), k).to(dtype)
     q = (1 - label_smoothing) * q + label_smoothing / k
     ce = -(q * torch.log_softmax(student_logits.to(dtype), dim=1)).sum(dim=1)
-    kl = _kl_per_sample(student_logits, teacher_logits, temperature)
-    per_sample = torch.where(counts, (1 - kd_weight) * ce + kd_weight * temperature**2 * kl, 0.0)
+    kl = _kl_rows(student_logits, teacher_logits, temperature, teacher_temperature, standardize)
+    per_sample = torch.where(counts, (1 - kd_weight) * ce + kd_weight * kl, 0.0)
     if reduction == "mean" and ignore_index is not None:
         mean = per_sample.sum() / counts.sum().clamp_min(1)
         return mean.to(student_logits.dtype)
+    return _reduce(per_sample, reduction, student_logits.dtype)
+
+
+def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
+             tckd_weight: float = DKD.tckd_weight, nckd_weight: float = DKD.nckd_weight,
+             temperature: float = DKD.temperature, reduction: str = "mean") -> torch.Tensor:
+    """Decoupled KD per row: ``τ²·(α·KL(b_t ‖ b_s) + β·KL(q_t ‖ q_s))`` with ``b = [p_y, 1 −
+    p_y]``, ``p = softmax(z/τ)``, and ``q`` the softmax over the classes other than y (the
+    target excluded exactly). See :func:`agkd_ops.dkd_loss`."""
+    teacher_logits = teacher_logits.to(student_logits.dtype)
+    dtype = accumulate_dtype(student_logits.dtype)
+    s, t = student_logits.to(dtype) / temperature, teacher_logits.to(dtype) / temperature
+    y = target.long().unsqueeze(1)
+    is_target = torch.zeros_like(s, dtype=torch.bool).scatter_(1, y, True)
+    s_other, t_other = s.masked_fill(is_target, -torch.inf), t.masked_fill(is_target, -torch.inf)
+    lse_s, lse_t = torch.logsumexp(s, 1), torch.logsumexp(t, 1)
+    lse_s_other, lse_t_other = torch.logsumexp(s_other, 1), torch.logsumexp(t_other, 1)
+    # log b = [log p_y, log(1 − p_y)], the second as a log-sum-exp over the other classes.
+    log_b_s = torch.stack([s.gather(1, y)[:, 0] - lse_s, lse_s_other - lse_s], dim=1)
+    log_b_t = torch.stack([t.gather(1, y)[:, 0] - lse_t, lse_t_other - lse_t], dim=1)
+    tckd = _xlogx_ratio(log_b_t, log_b_s)
+    # q over the other classes; the target column is exp(-inf) = 0 and drops out.
+    log_q_s = (s_other - lse_s_other.unsqueeze(1)).masked_fill(is_target, 0.0)
+    log_q_t = (t_other - lse_t_other.unsqueeze(1)).masked_fill(is_target, -torch.inf)
+    nckd = _xlogx_ratio(log_q_t, log_q_s)
+    per_sample = temperature**2 * (tckd_weight * tckd + nckd_weight * nckd)
+    return _reduce(per_sample, reduction, student_logits.dtype)
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of each row of a with the same row of b, with DIST's 1e-8 in the
+    denominator: Σ(a−ā)(b−b̄) / (‖a−ā‖·‖b−b̄‖ + 1e-8)."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + DIST_EPS)
+
+
+def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+              inter_weight: float = DIST.inter_weight, intra_weight: float = DIST.intra_weight,
+              temperature: float = DIST.temperature) -> torch.Tensor:
+    """DIST: ``τ²·(β·(1 − mean_i ρ(p_s[i], p_t[i])) + γ·(1 − mean_j ρ(p_s[:, j], p_t[:, j])))``
+    with ``p = softmax(z/τ)``, a 0-dim tensor. See :func:`agkd_ops.dist_loss`."""
+    teacher_logits = teacher_logits.to(student_logits.dtype)
+    dtype = accumulate_dtype(student_logits.dtype)
+    p_s = torch.softmax(student_logits.to(dtype) / temperature, dim=1)
+    p_t = torch.softmax(teacher_logits.to(dtype) / temperature, dim=1)
+    inter = 1 - _pearson(p_s, p_t).mean()
+    intra = 1 - _pearson(p_s.t(), p_t.t()).mean()
+    return (temperature**2 * (inter_weight * inter + intra_weight * intra)).to(student_logits.dtype)
+
+
+def ofa_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
+             eps: float = OFA.eps, temperature: float = OFA.temperature, reduction: str = "mean"
+) -> torch.Tensor:
+    """OFA per row: ``−Σ_k ((p_t,k + m_k)^eps − m_k)·log p_s,k`` with ``p = softmax(z/τ)``
+    and ``m`` the one-hot target. See :func:`agkd_ops.ofa_loss`."""
+    teacher_logits = teacher_logits.to(student_logits.dtype)
+    dtype = accumulate_dtype(student_logits.dtype)
+    log_p_s = torch.log_softmax(student_logits.to(dtype) / temperature, dim=1)
+    p_t = torch.softmax(teacher_logits.to(dtype) / temperature, dim=1)
+    m = F.one_hot(target.long(), student_logits.shape[1]).to(dtype)
+    weight = (p_t + m).pow(eps) - m
+    per_sample = -(weight * log_p_s).sum(dim=1)
     return _reduce(per_sample, reduction, student_logits.dtype)
 
 

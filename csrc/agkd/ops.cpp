@@ -83,6 +83,38 @@ TORCH_LIBRARY(agkd, m) {
       "int? ignore_index, bool needs_grad_student, bool needs_grad_teacher) -> "
       "(Tensor grad_student, Tensor grad_teacher)");
 
+  // The logit-KD family (math/logit.h). Each returns the loss (reduced as `reduction`
+  // says) and, where asked for, the gradient of that output with respect to each input,
+  // computed in the same pass (logit.h); an input whose gradient is not asked for gets an
+  // empty tensor. Gradients are in the accumulate dtype.
+  //
+  // Σ_m τ_m²·KL(softmax(t̃/τ_t[n, m]) ‖ softmax(s̃/τ[n, m])) per row, with s̃, t̃ the rows
+  // z-scored when `standardize`; temperature (N, M) (any strides; a row's temperatures
+  // outside [1e-3, 1e3] make its loss NaN), teacher_temperature the same shape or None
+  // (the teacher at the student's temperature, which then also gets that gradient).
+  m.def(
+      "kd_family_fwd(Tensor student, Tensor teacher, Tensor temperature, Tensor? teacher_temperature, "
+      "bool standardize, str reduction, bool needs_grad_student, bool needs_grad_teacher, "
+      "bool needs_grad_temperature) -> (Tensor loss, Tensor grad_student, Tensor grad_teacher, "
+      "Tensor grad_temperature)");
+  // Decoupled KD per row: T²·(tckd_weight·KL(b_t ‖ b_s) + nckd_weight·KL(q_t ‖ q_s)),
+  // target (N,) int64 class indices.
+  m.def(
+      "dkd_fwd(Tensor student, Tensor teacher, Tensor target, float temperature, float tckd_weight, "
+      "float nckd_weight, str reduction, bool needs_grad_student, bool needs_grad_teacher) -> "
+      "(Tensor loss, Tensor grad_student, Tensor grad_teacher)");
+  // OFA per row: −Σ_k ((p_t,k + [k = y])^eps − [k = y])·log p_s,k at temperature T.
+  m.def(
+      "ofa_fwd(Tensor student, Tensor teacher, Tensor target, float temperature, float eps, "
+      "str reduction, bool needs_grad_student, bool needs_grad_teacher) -> "
+      "(Tensor loss, Tensor grad_student, Tensor grad_teacher)");
+  // DIST: T²·(inter_weight·(1 − mean row Pearson) + intra_weight·(1 − mean column
+  // Pearson)) of the softmax probabilities at T; a 0-dim loss.
+  m.def(
+      "dist_fwd(Tensor student, Tensor teacher, float temperature, float inter_weight, "
+      "float intra_weight, bool needs_grad_student, bool needs_grad_teacher) -> "
+      "(Tensor loss, Tensor grad_student, Tensor grad_teacher)");
+
   // Attention transfer map of (N, C, H, W) features: map (N, 1, H, W) = mean_c |F|^p,
   // divided by max(‖·‖₂, eps) per sample when normalize; norm (N,) is ‖mean_c |F|^p‖₂
   // (accumulate dtype), what the backward needs besides the map.

@@ -31,6 +31,7 @@ inline variable_list as_variables(const std::tuple<at::Tensor, at::Tensor>& pair
   return {std::get<0>(pair), std::get<1>(pair)};
 }
 inline variable_list as_variables(const at::Tensor& tensor) { return {tensor}; }
+inline variable_list as_variables(variable_list tensors) { return tensors; }
 
 // Autograd of a backward op: its forward is `BackwardOp::call` below autograd; its
 // backward, reached only when a gradient is differentiated, raises NotImplementedError.

@@ -1,0 +1,229 @@
+// Autograd of the logit-KD family's ops (agkd::kd_family_fwd, dkd_fwd, ofa_fwd, dist_fwd;
+// schemas in ops.cpp, kernels in cpu/logit_cpu.cpp). Their forward returns the gradients
+// of its loss output with the loss (logit.h), so the forward saves those and the backward
+// scales them by the upstream gradient: no kernel runs in the backward.
+#include <ATen/ops/empty.h>
+
+#include <optional>
+#include <string>
+
+#include "agkd/autograd/autograd.h"
+#include "agkd/logit.h"
+
+namespace agkd {
+namespace {
+
+// One saved gradient as its input receives it: scaled by the upstream gradient (a scalar,
+// or one value per row for reduction "none"), in the input's dtype. A gradient the forward
+// did not compute stays the empty tensor (an autograd output must be defined).
+at::Tensor scale_saved_grad(const at::Tensor& saved, const at::Tensor& grad_loss, const at::Tensor& like_input) {
+  if (saved.numel() == 0) return saved;
+  const at::Tensor g = grad_loss.to(saved.scalar_type());
+  const at::Tensor scaled = g.dim() == 0 ? saved.mul(g) : saved.mul(g.unsqueeze(1));
+  return scaled.to(like_input.scalar_type());
+}
+
+// The backward of a gradient-in-forward op: the saved gradients times the upstream one.
+// Run through FirstOrderOnly, so differentiating it again is a clear error rather than a
+// silently incomplete second derivative.
+template <const char* kName>
+struct ScaleSavedGrads {
+  static constexpr const char* kForwardName = kName;
+  static variable_list call(const at::Tensor& grad_loss, const at::Tensor& saved_a, const at::Tensor& like_a,
+                            const at::Tensor& saved_b, const at::Tensor& like_b, const at::Tensor& saved_c,
+                            const at::Tensor& like_c) {
+    return {scale_saved_grad(saved_a, grad_loss, like_a), scale_saved_grad(saved_b, grad_loss, like_b),
+            scale_saved_grad(saved_c, grad_loss, like_c)};
+  }
+};
+
+// A differentiable input that asked for no gradient in the forward cannot get one now.
+void check_computed(const char* op, const char* flag, bool needed, bool computed) {
+  TORCH_CHECK(!needed || computed, "agkd::", op, ": a gradient is needed but the forward was called with ", flag,
+              "=False; pass True where the input requires grad");
+}
+
+constexpr char kKdFamily[] = "kd_family_fwd";
+constexpr char kDkd[] = "dkd_fwd";
+constexpr char kOfa[] = "ofa_fwd";
+constexpr char kDist[] = "dist_fwd";
+
+using KdFamilySignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool,
+    c10::string_view, bool, bool, bool);
+using DkdSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                    const at::Tensor&, double, double, double,
+                                                                    c10::string_view, bool, bool);
+using OfaSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                    const at::Tensor&, double, double,
+                                                                    c10::string_view, bool, bool);
+using DistSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double,
+                                                                     double, double, bool, bool);
+
+// What every forward of this family keeps: its gradient outputs and the inputs' dtypes.
+void save_forward_grads(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& like_a, const at::Tensor& b,
+                        const at::Tensor& like_b, const at::Tensor& c = at::Tensor(),
+                        const at::Tensor& like_c = at::Tensor()) {
+  auto& d = ctx->saved_data;
+  d["grad_a"] = a, d["grad_b"] = b, d["grad_c"] = c.defined() ? c : at::empty({0}, a.options());
+  // Only the dtype of each input is needed: keep 0-element stand-ins, not the inputs.
+  d["like_a"] = at::empty({0}, like_a.options());
+  d["like_b"] = at::empty({0}, like_b.options());
+  d["like_c"] = like_c.defined() ? at::empty({0}, like_c.options()) : at::empty({0}, a.options());
+}
+
+template <const char* kName>
+variable_list scaled_grads(AutogradContext* ctx, const at::Tensor& grad_loss) {
+  const auto& d = ctx->saved_data;
+  return FirstOrderOnly<ScaleSavedGrads<kName>>::apply(grad_loss, d.at("grad_a").toTensor(),
+                                                       d.at("like_a").toTensor(), d.at("grad_b").toTensor(),
+                                                       d.at("like_b").toTensor(), d.at("grad_c").toTensor(),
+                                                       d.at("like_c").toTensor());
+}
+
+class KdFamilyFunction : public torch::autograd::Function<KdFamilyFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
+                               const at::Tensor& temperature, const std::optional<at::Tensor>& teacher_temperature,
+                               bool standardize, c10::string_view reduction, bool needs_grad_student,
+                               bool needs_grad_teacher, bool needs_grad_temperature) {
+    static const auto op = find_op<KdFamilySignature>("agkd::kd_family_fwd");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, gs, gt, gtau] = op.call(student, teacher, temperature, teacher_temperature, standardize, reduction,
+                                        needs_grad_student, needs_grad_teacher, needs_grad_temperature);
+    save_forward_grads(ctx, gs, student, gt, teacher, gtau, temperature);
+    ctx->saved_data["flags"] = std::vector<bool>{needs_grad_student, needs_grad_teacher, needs_grad_temperature};
+    ctx->mark_non_differentiable({gs, gt, gtau});
+    ctx->set_materialize_grads(false);
+    return {loss, gs, gt, gtau};
+  }
+
+  static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
+    variable_list out(9);
+    if (!grads[0].defined()) return out;
+    const auto flags = ctx->saved_data.at("flags").toBoolList();
+    check_computed(kKdFamily, "needs_grad_student", ctx->needs_input_grad(0), flags.get(0));
+    check_computed(kKdFamily, "needs_grad_teacher", ctx->needs_input_grad(1), flags.get(1));
+    check_computed(kKdFamily, "needs_grad_temperature", ctx->needs_input_grad(2), flags.get(2));
+    const variable_list g = scaled_grads<kKdFamily>(ctx, grads[0]);
+    out[0] = ctx->needs_input_grad(0) ? g[0] : at::Tensor();
+    out[1] = ctx->needs_input_grad(1) ? g[1] : at::Tensor();
+    out[2] = ctx->needs_input_grad(2) ? g[2] : at::Tensor();
+    return out;
+  }
+};
+
+// DKD and OFA share their argument layout up to the parameters: (student, teacher, target,
+// params..., reduction, needs_grad_student, needs_grad_teacher).
+template <const char* kName, typename Signature, typename... Params>
+class TargetLossFunction : public torch::autograd::Function<TargetLossFunction<kName, Signature, Params...>> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
+                               const at::Tensor& target, Params... params, c10::string_view reduction,
+                               bool needs_grad_student, bool needs_grad_teacher) {
+    static const auto op = find_op<Signature>((std::string("agkd::") + kName).c_str());
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, gs, gt] = op.call(student, teacher, target, params..., reduction, needs_grad_student,
+                                  needs_grad_teacher);
+    save_forward_grads(ctx, gs, student, gt, teacher);
+    ctx->saved_data["flags"] = std::vector<bool>{needs_grad_student, needs_grad_teacher};
+    ctx->mark_non_differentiable({gs, gt});
+    ctx->set_materialize_grads(false);
+    return {loss, gs, gt};
+  }
+
+  static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
+    variable_list out(6 + sizeof...(Params));
+    if (!grads[0].defined()) return out;
+    const auto flags = ctx->saved_data.at("flags").toBoolList();
+    check_computed(kName, "needs_grad_student", ctx->needs_input_grad(0), flags.get(0));
+    check_computed(kName, "needs_grad_teacher", ctx->needs_input_grad(1), flags.get(1));
+    const variable_list g = scaled_grads<kName>(ctx, grads[0]);
+    out[0] = ctx->needs_input_grad(0) ? g[0] : at::Tensor();
+    out[1] = ctx->needs_input_grad(1) ? g[1] : at::Tensor();
+    return out;
+  }
+};
+
+using DkdFunction = TargetLossFunction<kDkd, DkdSignature, double, double, double>;
+using OfaFunction = TargetLossFunction<kOfa, OfaSignature, double, double>;
+
+class DistFunction : public torch::autograd::Function<DistFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
+                               double temperature, double inter_weight, double intra_weight,
+                               bool needs_grad_student, bool needs_grad_teacher) {
+    static const auto op = find_op<DistSignature>("agkd::dist_fwd");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, gs, gt] = op.call(student, teacher, temperature, inter_weight, intra_weight, needs_grad_student,
+                                  needs_grad_teacher);
+    save_forward_grads(ctx, gs, student, gt, teacher);
+    ctx->saved_data["flags"] = std::vector<bool>{needs_grad_student, needs_grad_teacher};
+    ctx->mark_non_differentiable({gs, gt});
+    ctx->set_materialize_grads(false);
+    return {loss, gs, gt};
+  }
+
+  static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
+    variable_list out(7);
+    if (!grads[0].defined()) return out;
+    const auto flags = ctx->saved_data.at("flags").toBoolList();
+    check_computed(kDist, "needs_grad_student", ctx->needs_input_grad(0), flags.get(0));
+    check_computed(kDist, "needs_grad_teacher", ctx->needs_input_grad(1), flags.get(1));
+    const variable_list g = scaled_grads<kDist>(ctx, grads[0]);
+    out[0] = ctx->needs_input_grad(0) ? g[0] : at::Tensor();
+    out[1] = ctx->needs_input_grad(1) ? g[1] : at::Tensor();
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_family_fwd_autograd(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& temperature,
+    const std::optional<at::Tensor>& teacher_temperature, bool standardize, c10::string_view reduction,
+    bool needs_grad_student, bool needs_grad_teacher, bool needs_grad_temperature) {
+  const variable_list out = KdFamilyFunction::apply(student, teacher, temperature, teacher_temperature, standardize,
+                                                    reduction, needs_grad_student, needs_grad_teacher,
+                                                    needs_grad_temperature);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dkd_fwd_autograd(const at::Tensor& student,
+                                                                const at::Tensor& teacher,
+                                                                const at::Tensor& target, double temperature,
+                                                                double tckd_weight, double nckd_weight,
+                                                                c10::string_view reduction,
+                                                                bool needs_grad_student, bool needs_grad_teacher) {
+  const variable_list out = DkdFunction::apply(student, teacher, target, temperature, tckd_weight, nckd_weight,
+                                               reduction, needs_grad_student, needs_grad_teacher);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ofa_fwd_autograd(const at::Tensor& student,
+                                                                const at::Tensor& teacher,
+                                                                const at::Tensor& target, double temperature,
+                                                                double eps, c10::string_view reduction,
+                                                                bool needs_grad_student, bool needs_grad_teacher) {
+  const variable_list out = OfaFunction::apply(student, teacher, target, temperature, eps, reduction,
+                                               needs_grad_student, needs_grad_teacher);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_fwd_autograd(const at::Tensor& student,
+                                                                 const at::Tensor& teacher, double temperature,
+                                                                 double inter_weight, double intra_weight,
+                                                                 bool needs_grad_student, bool needs_grad_teacher) {
+  const variable_list out = DistFunction::apply(student, teacher, temperature, inter_weight, intra_weight,
+                                                needs_grad_student, needs_grad_teacher);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(agkd, Autograd, m) {
+  m.impl("kd_family_fwd", &kd_family_fwd_autograd);
+  m.impl("dkd_fwd", &dkd_fwd_autograd);
+  m.impl("ofa_fwd", &ofa_fwd_autograd);
+  m.impl("dist_fwd", &dist_fwd_autograd);
+}
+
+}  // namespace agkd
