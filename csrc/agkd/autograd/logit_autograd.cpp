@@ -15,9 +15,10 @@ namespace {
 
 // One saved gradient as its input receives it: scaled by the upstream gradient (a scalar,
 // or one value per row for reduction "none"), in the input's dtype. A gradient the forward
-// did not compute stays the empty tensor (an autograd output must be defined).
+// did not compute stays the empty tensor (an autograd output must be defined): it is the
+// (0,) stand-in, where every computed gradient is 2-D (and its size may be symbolic).
 at::Tensor scale_saved_grad(const at::Tensor& saved, const at::Tensor& grad_loss, const at::Tensor& like_input) {
-  if (saved.numel() == 0) return saved;
+  if (saved.dim() < 2) return saved;
   const at::Tensor g = grad_loss.to(saved.scalar_type());
   const at::Tensor scaled = g.dim() == 0 ? saved.mul(g) : saved.mul(g.unsqueeze(1));
   return scaled.to(like_input.scalar_type());
@@ -60,25 +61,25 @@ using OfaSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Te
 using DistSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double,
                                                                      double, double, bool, bool);
 
-// What every forward of this family keeps: its gradient outputs and the inputs' dtypes.
+// What every forward of this family keeps: its gradient outputs, and the inputs (for their
+// dtypes, and so that a gradient taken with create_graph=True depends on them: its
+// double backward is then FirstOrderOnly's clear error, not a silently missing term).
 void save_forward_grads(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& like_a, const at::Tensor& b,
                         const at::Tensor& like_b, const at::Tensor& c = at::Tensor(),
                         const at::Tensor& like_c = at::Tensor()) {
   auto& d = ctx->saved_data;
   d["grad_a"] = a, d["grad_b"] = b, d["grad_c"] = c.defined() ? c : at::empty({0}, a.options());
-  // Only the dtype of each input is needed: keep 0-element stand-ins, not the inputs.
-  d["like_a"] = at::empty({0}, like_a.options());
-  d["like_b"] = at::empty({0}, like_b.options());
-  d["like_c"] = like_c.defined() ? at::empty({0}, like_c.options()) : at::empty({0}, a.options());
+  ctx->save_for_backward({like_a, like_b, like_c.defined() ? like_c : at::Tensor()});
 }
 
 template <const char* kName>
 variable_list scaled_grads(AutogradContext* ctx, const at::Tensor& grad_loss) {
   const auto& d = ctx->saved_data;
-  return FirstOrderOnly<ScaleSavedGrads<kName>>::apply(grad_loss, d.at("grad_a").toTensor(),
-                                                       d.at("like_a").toTensor(), d.at("grad_b").toTensor(),
-                                                       d.at("like_b").toTensor(), d.at("grad_c").toTensor(),
-                                                       d.at("like_c").toTensor());
+  const variable_list inputs = ctx->get_saved_variables();
+  const at::Tensor like_c = inputs[2].defined() ? inputs[2] : inputs[0];
+  return FirstOrderOnly<ScaleSavedGrads<kName>>::apply(grad_loss, d.at("grad_a").toTensor(), inputs[0],
+                                                       d.at("grad_b").toTensor(), inputs[1],
+                                                       d.at("grad_c").toTensor(), like_c);
 }
 
 class KdFamilyFunction : public torch::autograd::Function<KdFamilyFunction> {
