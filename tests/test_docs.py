@@ -1,6 +1,9 @@
 """The examples in agkd_ops' docstrings run as written and print what they show."""
 import doctest
 import importlib
+from pathlib import Path
+
+import torch
 
 import pytest
 
@@ -40,3 +43,14 @@ def test_the_readme_training_loop_runs_and_scales_a_constant_map_to_zero_gradien
     constant = torch.zeros(2, 1, 5, 5, requires_grad=True)
     scope["minmax"](constant).sum().backward()
     assert torch.equal(constant.grad, torch.zeros_like(constant))
+
+
+def test_the_readme_logit_family_block_runs():
+    """The README's logit-KD family block, run as written."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### The logit-KD family"):]
+    block = section[section.index("```python") + len("```python"):]
+    block = block[:block.index("```")]
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["student"].grad is not None and torch.isfinite(scope["student"].grad).all()
