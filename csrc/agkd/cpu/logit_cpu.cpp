@@ -88,7 +88,7 @@ bool temperature_ok(acc_t tau) {
 
 // One side's logits as the KL terms read them: the row itself, or its z-score in `buffer`.
 template <typename acc_t>
-const acc_t* standardized_row(const acc_t* z, int64_t K, std::vector<acc_t>& buffer,
+AGKD_CPU_INLINE const acc_t* standardized_row(const acc_t* z, int64_t K, std::vector<acc_t>& buffer,
                               RowStandardization<acc_t>& st) {
   double sum = 0, unused_b = 0, unused_c = 0;
   sum3<acc_t>(0, K, [&](int64_t k, acc_t& a, acc_t&, acc_t&) { a += z[k]; }, sum, unused_b, unused_c);
@@ -106,7 +106,7 @@ const acc_t* standardized_row(const acc_t* z, int64_t K, std::vector<acc_t>& buf
 
 // The chain rule through the z-score, in place: g (∂L/∂u) becomes ∂L/∂z.
 template <typename acc_t>
-void standardized_backward(acc_t* g, const acc_t* u, int64_t K, const RowStandardization<acc_t>& st) {
+AGKD_CPU_INLINE void standardized_backward(acc_t* g, const acc_t* u, int64_t K, const RowStandardization<acc_t>& st) {
   double g_sum = 0, g_dot_u = 0, unused = 0;
   sum3<acc_t>(0, K, [&](int64_t k, acc_t& a, acc_t& b, acc_t&) { a += g[k], b += g[k] * u[k]; }, g_sum, g_dot_u,
               unused);
@@ -125,8 +125,8 @@ struct FamilyArgs {
   acc_t *loss, *grad_s, *grad_t, *grad_tau;  // grads null where not asked for
 };
 
-template <typename scalar_t>
-void kd_family_rows(const FamilyArgs<scalar_t>& a, int64_t begin, int64_t end) {
+template <typename scalar_t, bool kTied>
+AGKD_CPU_MULTIVERSION void kd_family_rows(const FamilyArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t K = a.student.K, M = a.tau.M;
   const bool grads = a.grad_s || a.grad_t || a.grad_tau;
@@ -141,7 +141,7 @@ void kd_family_rows(const FamilyArgs<scalar_t>& a, int64_t begin, int64_t end) {
     if (grads) std::fill(gs.begin(), gs.end(), acc_t(0)), std::fill(gt.begin(), gt.end(), acc_t(0));
     double loss = 0;
     for (int64_t m = 0; m < M; ++m) {
-      acc_t tau = a.tau.at(n, m), tau_t = a.tied ? tau : a.tau_t.at(n, m);
+      acc_t tau = a.tau.at(n, m), tau_t = kTied ? tau : a.tau_t.at(n, m);
       if (!temperature_ok(tau) || !temperature_ok(tau_t)) tau = tau_t = std::numeric_limits<acc_t>::quiet_NaN();
       const acc_t inv_tau = acc_t(1) / tau, inv_tau_t = acc_t(1) / tau_t;
       double z_s = 0, z_t = 0, w = 0;
@@ -159,7 +159,7 @@ void kd_family_rows(const FamilyArgs<scalar_t>& a, int64_t begin, int64_t end) {
       AGKD_SIMD_REDUCTION(+ : share)
       for (int64_t k = 0; k < K; ++k) {
         const acc_t b = (us[k] - max_s) * inv_tau, at = (ut[k] - max_t) * inv_tau_t;
-        const KlGrads<acc_t> g = kl_term_grads(term, b, at, tau, tau_t, a.tied, SimdExp{});
+        const KlGrads<acc_t> g = kl_term_grads(term, b, at, tau, tau_t, kTied, SimdExp{});
         gs[k] += g.student, gt[k] += g.teacher, share += g.tau_share;
       }
       if (a.grad_tau) a.grad_tau[n * M + m] = (acc_t(2) * tau * term.kl + share) * a.scale;
@@ -209,8 +209,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_family_fwd_cpu(
                                     needs_grad_student ? grad_s.mutable_data_ptr<acc_t>() : nullptr,
                                     needs_grad_teacher ? grad_t.mutable_data_ptr<acc_t>() : nullptr,
                                     needs_grad_temperature ? grad_tau.mutable_data_ptr<acc_t>() : nullptr};
-    at::parallel_for(0, N, rows_per_task(K), [&](int64_t begin, int64_t end) {
-      kd_family_rows<scalar_t>(args, begin, end);
+    dispatch_flag(tied, [&]<bool kTied>() {
+      at::parallel_for(0, N, rows_per_task(K), [&](int64_t begin, int64_t end) {
+        kd_family_rows<scalar_t, kTied>(args, begin, end);
+      });
     });
   });
   return {reduce_loss(loss, r), grad_s, grad_t, grad_tau};
@@ -229,7 +231,7 @@ struct DkdArgs {
 
 // One side of a DKD row (math/logit.h, DkdSide): the non-target maximum and normaliser.
 template <typename acc_t>
-DkdSide<acc_t> dkd_side(const acc_t* z, int64_t K, int64_t y, acc_t inv_tau) {
+AGKD_CPU_INLINE DkdSide<acc_t> dkd_side(const acc_t* z, int64_t K, int64_t y, acc_t inv_tau) {
   const acc_t shift = std::max(row_max(z, y), row_max(z + y + 1, K - y - 1));
   double z_other = 0, unused_b = 0, unused_c = 0;
   const auto terms = [&](int64_t k, acc_t& a, acc_t&, acc_t&) { a += exp_simd((z[k] - shift) * inv_tau); };
@@ -239,7 +241,7 @@ DkdSide<acc_t> dkd_side(const acc_t* z, int64_t K, int64_t y, acc_t inv_tau) {
 }
 
 template <typename scalar_t>
-void dkd_rows(const DkdArgs<scalar_t>& a, int64_t begin, int64_t end) {
+AGKD_CPU_MULTIVERSION void dkd_rows(const DkdArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t K = a.student.K;
   const acc_t inv_tau = acc_t(1) / a.tau, grad_factor = a.tau * a.scale;  // τ²·(1/τ)
@@ -263,13 +265,18 @@ void dkd_rows(const DkdArgs<scalar_t>& a, int64_t begin, int64_t end) {
     if (!a.grad_s && !a.grad_t) continue;
     acc_t* gs = a.grad_s ? a.grad_s + n * K : nullptr;
     acc_t* gt = a.grad_t ? a.grad_t + n * K : nullptr;
+    // Every class with the non-target formulas (a branch-free lane loop), then the target.
+    AGKD_SIMD
     for (int64_t k = 0; k < K; ++k) {
       const acc_t b = (s[k] - ss.shift) * inv_tau, at = (t[k] - ts.shift) * inv_tau;
-      const DkdGrads<acc_t> g =
-          dkd_grads_at(k == y, b, at, ss, ts, row, a.tckd_weight, a.nckd_weight, SimdExp{});
+      const DkdGrads<acc_t> g = dkd_grads_at(false, b, at, ss, ts, row, a.tckd_weight, a.nckd_weight, SimdExp{});
       if (gs) gs[k] = grad_factor * g.student;
       if (gt) gt[k] = grad_factor * g.teacher;
     }
+    const DkdGrads<acc_t> g_y = dkd_grads_at(true, ss.b_target, ts.b_target, ss, ts, row, a.tckd_weight,
+                                             a.nckd_weight, SimdExp{});
+    if (gs) gs[y] = grad_factor * g_y.student;
+    if (gt) gt[y] = grad_factor * g_y.teacher;
   }
 }
 
@@ -323,7 +330,7 @@ struct OfaArgs {
 //   loss = −Σ w_k log p_s,k;  ∂/∂s_j = (W·p_s,j − w_j)/τ, W = Σ w_k;
 //   ∂/∂t_j = (e_j − p_t,j·E)/τ, e_k = −(∂w_k/∂log p_t,k)·log p_s,k, E = Σ e_k.
 template <typename scalar_t>
-void ofa_rows(const OfaArgs<scalar_t>& a, int64_t begin, int64_t end) {
+AGKD_CPU_MULTIVERSION void ofa_rows(const OfaArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t K = a.student.K;
   const acc_t inv_tau = acc_t(1) / a.tau, grad_factor = a.scale * inv_tau;
@@ -338,15 +345,27 @@ void ofa_rows(const OfaArgs<scalar_t>& a, int64_t begin, int64_t end) {
       zs += exp_simd((s[k] - max_s) * inv_tau), zt += exp_simd((t[k] - max_t) * inv_tau);
     }, z_s, z_t, unused);
     const acc_t log_z_s = static_cast<acc_t>(std::log(z_s)), log_z_t = static_cast<acc_t>(std::log(z_t));
-    double loss = 0, weight_sum = 0, e_sum = 0;
-    for (int64_t k = 0; k < K; ++k) {
+    // Off-target weights in a branch-free lane loop (then the target class is redone):
+    // w_k = p_t,k^ε and e_k = −ε·w_k·log p_s,k, with 0·log 0 = 0.
+    double loss_l = 0, weight_l = 0, e_l = 0;
+    sum3<acc_t>(0, K, [&](int64_t k, acc_t& lo, acc_t& we, acc_t& e) {
       const acc_t log_p_s = (s[k] - max_s) * inv_tau - log_z_s, log_p_t = (t[k] - max_t) * inv_tau - log_z_t;
-      const OfaWeight<acc_t> w = ofa_weight(k == y, log_p_t, a.eps, SimdExp{});
+      const OfaWeight<acc_t> w = ofa_weight(false, log_p_t, a.eps, SimdExp{});
       weight[k] = w.weight;
       teacher_e[k] = w.teacher_factor == acc_t(0) ? acc_t(0) : -w.teacher_factor * log_p_s;
-      if (w.weight != acc_t(0)) loss -= static_cast<double>(w.weight) * log_p_s;  // 0·log 0 = 0
-      weight_sum += w.weight, e_sum += teacher_e[k];
+      lo -= w.weight == acc_t(0) ? acc_t(0) : w.weight * log_p_s;
+      we += w.weight, e += teacher_e[k];
+    }, loss_l, weight_l, e_l);
+    {
+      const acc_t log_p_s = (s[y] - max_s) * inv_tau - log_z_s, log_p_t = (t[y] - max_t) * inv_tau - log_z_t;
+      const OfaWeight<acc_t> w = ofa_weight(true, log_p_t, a.eps, SimdExp{});
+      const acc_t e_y = w.teacher_factor == acc_t(0) ? acc_t(0) : -w.teacher_factor * log_p_s;
+      loss_l += static_cast<double>(weight[y] == acc_t(0) ? acc_t(0) : weight[y] * log_p_s) -
+                static_cast<double>(w.weight == acc_t(0) ? acc_t(0) : w.weight * log_p_s);
+      weight_l += static_cast<double>(w.weight) - weight[y], e_l += static_cast<double>(e_y) - teacher_e[y];
+      weight[y] = w.weight, teacher_e[y] = e_y;
     }
+    const double loss = loss_l, weight_sum = weight_l, e_sum = e_l;
     a.loss[n] = static_cast<acc_t>(loss);
     const acc_t W = static_cast<acc_t>(weight_sum), E = static_cast<acc_t>(e_sum);
     if (a.grad_s) {
@@ -405,7 +424,7 @@ constexpr int64_t kColumnBlock = 256;  // classes per task of the column pass
 // Row pass: p = softmax(z/τ) into `p` (N, K), and each row's centred sums
 // (Σ c_s c_t, Σ c_s², Σ c_t² with c = p − mean(p)).
 template <typename scalar_t>
-void dist_probabilities(const LogitRows<scalar_t>& z, at::opmath_type<scalar_t> inv_tau, int64_t n,
+AGKD_CPU_INLINE void dist_probabilities(const LogitRows<scalar_t>& z, at::opmath_type<scalar_t> inv_tau, int64_t n,
                         std::vector<at::opmath_type<scalar_t>>& buffer, at::opmath_type<scalar_t>* p) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t K = z.K;
@@ -421,7 +440,7 @@ void dist_probabilities(const LogitRows<scalar_t>& z, at::opmath_type<scalar_t> 
 }
 
 template <typename acc_t>
-Pearson<acc_t> centred_pearson(const acc_t* a, const acc_t* b, int64_t K) {
+AGKD_CPU_INLINE Pearson<acc_t> centred_pearson(const acc_t* a, const acc_t* b, int64_t K) {
   double sum_a = 0, sum_b = 0, unused = 0;
   sum3<acc_t>(0, K, [&](int64_t k, acc_t& x, acc_t& y, acc_t&) { x += a[k], y += b[k]; }, sum_a, sum_b, unused);
   const acc_t mean_a = static_cast<acc_t>(sum_a / K), mean_b = static_cast<acc_t>(sum_b / K);
