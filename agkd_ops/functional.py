@@ -12,7 +12,13 @@ C++ files are under csrc/agkd, and each op's autograd is ``autograd/<op>_autogra
 * ``attention_map`` -> ``agkd::attention_map_fwd/bwd``: ``attention_map.h``,
   ``cpu/attention_map_cpu.cpp``, ``cuda/attention_map_cuda.cu``, ``math/attention.h``;
 * ``kd_kl_div``, ``kd_loss`` -> ``agkd::kd_fwd/bwd``: ``kd.h``, ``cpu/kd_cpu.cpp``,
-  ``cuda/kd_cuda.cu``, ``math/kd.h``.
+  ``cuda/kd_cuda.cu``, ``math/kd.h``;
+* the logit-KD family — ``kd_kl_div``/``kd_loss`` with ``teacher_temperature``,
+  ``standardize`` or a sequence / tensor temperature, ``dkd_loss``, ``ofa_loss``,
+  ``dist_loss`` -> ``agkd::kd_family_fwd``, ``dkd_fwd``, ``ofa_fwd``, ``dist_fwd``
+  (gradients computed in the forward): ``logit.h``, ``cpu/logit_cpu.cpp``,
+  ``math/logit.h``, ``autograd/logit_autograd.cpp``; no CUDA kernels yet (the reference
+  serves CUDA tensors).
 
 Every schema is in csrc/agkd/ops.cpp; fake kernels in :mod:`._registrations` (a section
 per op); the reference of each function in :mod:`.reference` under the same name; the

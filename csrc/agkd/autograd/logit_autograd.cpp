@@ -82,6 +82,32 @@ variable_list scaled_grads(AutogradContext* ctx, const at::Tensor& grad_loss) {
                                                        d.at("grad_c").toTensor(), like_c);
 }
 
+// The forward and backward shared by the ops whose differentiable inputs are the two
+// logit tensors (DKD, OFA, DIST): keep the gradients, then hand back the needed ones.
+variable_list keep_pair_grads(AutogradContext* ctx, const std::tuple<at::Tensor, at::Tensor, at::Tensor>& outputs,
+                              const at::Tensor& student, const at::Tensor& teacher, bool needs_grad_student,
+                              bool needs_grad_teacher) {
+  const auto& [loss, gs, gt] = outputs;
+  save_forward_grads(ctx, gs, student, gt, teacher);
+  ctx->saved_data["flags"] = std::vector<bool>{needs_grad_student, needs_grad_teacher};
+  ctx->mark_non_differentiable({gs, gt});
+  ctx->set_materialize_grads(false);
+  return {loss, gs, gt};
+}
+
+template <const char* kName>
+variable_list pair_backward(AutogradContext* ctx, const variable_list& grads, size_t n_arguments) {
+  variable_list out(n_arguments);  // one per forward argument; undefined: no gradient
+  if (!grads[0].defined()) return out;
+  const auto flags = ctx->saved_data.at("flags").toBoolList();
+  check_computed(kName, "needs_grad_student", ctx->needs_input_grad(0), flags.get(0));
+  check_computed(kName, "needs_grad_teacher", ctx->needs_input_grad(1), flags.get(1));
+  const variable_list g = scaled_grads<kName>(ctx, grads[0]);
+  out[0] = ctx->needs_input_grad(0) ? g[0] : at::Tensor();
+  out[1] = ctx->needs_input_grad(1) ? g[1] : at::Tensor();
+  return out;
+}
+
 class KdFamilyFunction : public torch::autograd::Function<KdFamilyFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
@@ -124,25 +150,13 @@ class TargetLossFunction : public torch::autograd::Function<TargetLossFunction<k
                                bool needs_grad_student, bool needs_grad_teacher) {
     static const auto op = find_op<Signature>((std::string("agkd::") + kName).c_str());
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, gs, gt] = op.call(student, teacher, target, params..., reduction, needs_grad_student,
-                                  needs_grad_teacher);
-    save_forward_grads(ctx, gs, student, gt, teacher);
-    ctx->saved_data["flags"] = std::vector<bool>{needs_grad_student, needs_grad_teacher};
-    ctx->mark_non_differentiable({gs, gt});
-    ctx->set_materialize_grads(false);
-    return {loss, gs, gt};
+    return keep_pair_grads(ctx, op.call(student, teacher, target, params..., reduction, needs_grad_student,
+                                         needs_grad_teacher),
+                           student, teacher, needs_grad_student, needs_grad_teacher);
   }
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
-    variable_list out(6 + sizeof...(Params));
-    if (!grads[0].defined()) return out;
-    const auto flags = ctx->saved_data.at("flags").toBoolList();
-    check_computed(kName, "needs_grad_student", ctx->needs_input_grad(0), flags.get(0));
-    check_computed(kName, "needs_grad_teacher", ctx->needs_input_grad(1), flags.get(1));
-    const variable_list g = scaled_grads<kName>(ctx, grads[0]);
-    out[0] = ctx->needs_input_grad(0) ? g[0] : at::Tensor();
-    out[1] = ctx->needs_input_grad(1) ? g[1] : at::Tensor();
-    return out;
+    return pair_backward<kName>(ctx, grads, 6 + sizeof...(Params));
   }
 };
 
@@ -156,25 +170,13 @@ class DistFunction : public torch::autograd::Function<DistFunction> {
                                bool needs_grad_student, bool needs_grad_teacher) {
     static const auto op = find_op<DistSignature>("agkd::dist_fwd");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, gs, gt] = op.call(student, teacher, temperature, inter_weight, intra_weight, needs_grad_student,
-                                  needs_grad_teacher);
-    save_forward_grads(ctx, gs, student, gt, teacher);
-    ctx->saved_data["flags"] = std::vector<bool>{needs_grad_student, needs_grad_teacher};
-    ctx->mark_non_differentiable({gs, gt});
-    ctx->set_materialize_grads(false);
-    return {loss, gs, gt};
+    return keep_pair_grads(ctx, op.call(student, teacher, temperature, inter_weight, intra_weight,
+                                         needs_grad_student, needs_grad_teacher),
+                           student, teacher, needs_grad_student, needs_grad_teacher);
   }
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
-    variable_list out(7);
-    if (!grads[0].defined()) return out;
-    const auto flags = ctx->saved_data.at("flags").toBoolList();
-    check_computed(kDist, "needs_grad_student", ctx->needs_input_grad(0), flags.get(0));
-    check_computed(kDist, "needs_grad_teacher", ctx->needs_input_grad(1), flags.get(1));
-    const variable_list g = scaled_grads<kDist>(ctx, grads[0]);
-    out[0] = ctx->needs_input_grad(0) ? g[0] : at::Tensor();
-    out[1] = ctx->needs_input_grad(1) ? g[1] : at::Tensor();
-    return out;
+    return pair_backward<kDist>(ctx, grads, 7);
   }
 };
 
