@@ -1,6 +1,6 @@
 """The logit-KD family against the compositions its authors ship, forward + backward.
 
-    python -m benchmarks.logit_family [--device cpu] [--repeats 15] [--out benchmarks/results]
+    python -m benchmarks.logit_family [--device cpu] [--repeats 15] [--memory] [--out benchmarks/results]
 
 Each case times our fused op (native backend) and the plain PyTorch composition of the
 method's authors (as they write it: mdistiller's DKD with its masks, DIST's Pearson
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import statistics
@@ -141,21 +142,63 @@ def run(device="cpu", repeats=15):
     return rows
 
 
+def peak_extra_bytes(case: int, implementation: str, shape) -> int:
+    """Peak extra host memory of one forward + backward of one case, in a fresh process:
+    the growth of its maximum resident set size over a warm-up call at a tiny size
+    (the method of benchmarks/memory.py)."""
+    import subprocess
+    import sys
+    code = (
+        "import resource, torch, agkd_ops\n"
+        "from benchmarks.logit_family import cases, make_inputs, step\n"
+        f"name, ours, theirs = cases()[{case}]\n"
+        f"fn = ours if {implementation!r} == 'fused' else theirs\n"
+        "agkd_ops.set_backend('native')\n"
+        "step(fn, *make_inputs((4, 10), 'cpu'))\n"
+        f"args = make_inputs({tuple(shape)!r}, 'cpu')\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "step(fn, *args)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)\n")
+    # A fixed mmap threshold: large blocks come from mmap and go back when freed, so the
+    # resident-set peak is the step's own (glibc otherwise raises the threshold after the
+    # first free and serves later blocks from a heap that stays resident).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure the peak extra host memory at 4096x1000 (CPU only)")
     args = parser.parse_args(argv)
     rows = run(args.device, args.repeats)
+    if args.memory and args.device == "cpu":
+        for index, (name, _ours, _theirs) in enumerate(cases()):
+            fused, composed = (peak_extra_bytes(index, impl, (4096, 1000)) for impl in ("fused", "composed"))
+            for r in rows:
+                if r["loss"] == name and r["shape"] == "4096x1000":
+                    r["fused_peak_mb"], r["composed_peak_mb"] = fused / 2**20, composed / 2**20
     machine = (torch.cuda.get_device_name() if args.device == "cuda"
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     lines = [f"# The logit-KD family against its authors' compositions ({args.device})", "",
              f"Forward + backward, float32, median of {args.repeats} alternating runs; machine: {machine}; "
-             f"torch {torch.__version__}. Command: `python -m benchmarks.logit_family --device {args.device}`.", "",
+             f"torch {torch.__version__}. Command: `python -m benchmarks.logit_family --device {args.device}"
+             f"{' --memory' if args.memory else ''}`.", "",
              "| loss | shape | fused (ms) | composition (ms) | composition / fused |", "|---|---|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['loss']} | {r['shape']} | {r['fused_ms']:.3f} | {r['composed_ms']:.3f} | {r['ratio']:.2f}× |")
+    peaks = [r for r in rows if "fused_peak_mb" in r]
+    if peaks:
+        lines += ["", "Peak extra host memory of one forward + backward at 4096x1000 (growth of the maximum "
+                  "resident set in a fresh process; the inputs are 15.6 MiB each):", "",
+                  "| loss | fused (MiB) | composition (MiB) | fused / composition |", "|---|---:|---:|---:|"]
+        for r in peaks:
+            share = r["fused_peak_mb"] / r["composed_peak_mb"] if r["composed_peak_mb"] else float("nan")
+            lines.append(f"| {r['loss']} | {r['fused_peak_mb']:.1f} | {r['composed_peak_mb']:.1f} | {share:.2f} |")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"logit_family_{args.device}.md").write_text("\n".join(lines) + "\n")
