@@ -144,21 +144,26 @@ def run(device="cpu", repeats=15):
 
 def peak_extra_bytes(case: int, implementation: str, shape) -> int:
     """Peak extra host memory of one forward + backward of one case, in a fresh process:
-    the growth of its maximum resident set size over a warm-up call at a tiny size
-    (the method of benchmarks/memory.py)."""
+    the growth of its resident-set high-water mark (VmHWM: per address space, so not the
+    parent's, which getrusage's maxrss would carry over a fork) over a warm-up call at a
+    tiny size."""
     import subprocess
     import sys
     code = (
-        "import resource, torch, agkd_ops\n"
+        "import torch, agkd_ops\n"
+        "def hwm():\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith('VmHWM:'):\n"
+        "            return int(line.split()[1]) * 1024\n"
         "from benchmarks.logit_family import cases, make_inputs, step\n"
         f"name, ours, theirs = cases()[{case}]\n"
         f"fn = ours if {implementation!r} == 'fused' else theirs\n"
         "agkd_ops.set_backend('native')\n"
         "step(fn, *make_inputs((4, 10), 'cpu'))\n"
         f"args = make_inputs({tuple(shape)!r}, 'cpu')\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "before = hwm()\n"
         "step(fn, *args)\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)\n")
+        "print(hwm() - before)\n")
     # A fixed mmap threshold: large blocks come from mmap and go back when freed, so the
     # resident-set peak is the step's own (glibc otherwise raises the threshold after the
     # first free and serves later blocks from a heap that stays resident).
