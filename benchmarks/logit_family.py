@@ -198,8 +198,8 @@ def main(argv=None):
         lines.append(f"| {r['loss']} | {r['shape']} | {r['fused_ms']:.3f} | {r['composed_ms']:.3f} | {r['ratio']:.2f}× |")
     peaks = [r for r in rows if "fused_peak_mb" in r]
     if peaks:
-        lines += ["", "Peak extra host memory of one forward + backward at 4096x1000 (growth of the maximum "
-                  "resident set in a fresh process; the inputs are 15.6 MiB each):", "",
+        lines += ["", "Peak extra host memory of one forward + backward at 4096x1000 (growth of the "
+                  "resident-set high-water mark in a fresh process; the inputs are 15.6 MiB each):", "",
                   "| loss | fused (MiB) | composition (MiB) | fused / composition |", "|---|---:|---:|---:|"]
         for r in peaks:
             share = r["fused_peak_mb"] / r["composed_peak_mb"] if r["composed_peak_mb"] else float("nan")
