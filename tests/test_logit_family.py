@@ -425,3 +425,29 @@ def test_bad_input_is_one_clear_error(backend, case):
 def test_modules_check_their_options_at_construction(make):
     with pytest.raises((ValueError, TypeError), match=r"agkd_ops\."):
         make()
+
+
+@pytest.mark.parametrize("name", ["dkd", "ofa", "dist", "lskd", "mlkd"])
+def test_strided_and_expanded_logits_match_their_contiguous_copies(backend, name):
+    g = torch.Generator().manual_seed(13)
+    s = torch.randn(10, 6, generator=g).t()                    # transposed: strides (1, 6)
+    t = torch.randn(1, 10, generator=g).expand(6, 10)          # one row for every sample: stride 0
+    y = torch.randint(0, 10, (6,), generator=g)
+    options = CASES[0][1] if name == "dkd" else dict(CASES)[name]
+    ours, _ = _ours(name, options)
+    strided = grads(lambda a, b: ours(a, b, y), s, t)
+    dense = grads(lambda a, b: ours(a, b, y), s.contiguous(), t.contiguous())
+    for a, b in zip(strided, dense):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["dkd", "ofa", "dist", "lskd", "mlkd"])
+def test_half_inputs_give_half_results_computed_in_float32(backend, name, dtype):
+    s, t, y = _inputs(8, 40, dtype, seed=14, scale=1.0)
+    options = CASES[0][1] if name == "dkd" else dict(CASES)[name]
+    ours, _ = _ours(name, options)
+    loss, grad_s, _grad_t = grads(lambda a, b: ours(a, b, y), s, t)
+    want = ours(s.float(), t.float(), y)
+    assert loss.dtype == dtype and grad_s.dtype == dtype
+    torch.testing.assert_close(loss.float(), want, rtol=1e-2, atol=1e-2)
