@@ -49,6 +49,14 @@ AGKD_CPU_INLINE void sum3(int64_t begin, int64_t end, const Terms& f, double& a,
   }
 }
 
+// Σ_{k in [begin, end)} f(k) for one quantity, as sum3 takes it.
+template <typename acc_t, typename Term>
+AGKD_CPU_INLINE double sum1(int64_t begin, int64_t end, const Term& f) {
+  double total = 0, unused_b = 0, unused_c = 0;
+  sum3<acc_t>(begin, end, [&](int64_t k, acc_t& a, acc_t&, acc_t&) { a += f(k); }, total, unused_b, unused_c);
+  return total;
+}
+
 // A row's gradient in acc_t, written out scaled by the reduction's factor.
 template <typename acc_t>
 AGKD_CPU_INLINE void store_scaled(const acc_t* __restrict g, int64_t K, acc_t scale, acc_t* __restrict out) {
@@ -90,14 +98,9 @@ bool temperature_ok(acc_t tau) {
 template <typename acc_t>
 AGKD_CPU_INLINE const acc_t* standardized_row(const acc_t* z, int64_t K, std::vector<acc_t>& buffer,
                               RowStandardization<acc_t>& st) {
-  double sum = 0, unused_b = 0, unused_c = 0;
-  sum3<acc_t>(0, K, [&](int64_t k, acc_t& a, acc_t&, acc_t&) { a += z[k]; }, sum, unused_b, unused_c);
-  const acc_t mean = static_cast<acc_t>(sum / static_cast<double>(K));
-  double square = 0;
-  sum3<acc_t>(0, K, [&](int64_t k, acc_t& a, acc_t&, acc_t&) { a += (z[k] - mean) * (z[k] - mean); },
-              square, unused_b, unused_c);
-  st = make_standardization<acc_t>(static_cast<acc_t>(sum), static_cast<acc_t>(square), K, acc_t(kStandardizeEps));
-  st.mean = mean;
+  const acc_t mean = static_cast<acc_t>(sum1<acc_t>(0, K, [&](int64_t k) { return z[k]; }) / static_cast<double>(K));
+  const double square = sum1<acc_t>(0, K, [&](int64_t k) { return (z[k] - mean) * (z[k] - mean); });
+  st = make_standardization<acc_t>(mean, static_cast<acc_t>(square), K, acc_t(kStandardizeEps));
   buffer.resize(K);
   AGKD_SIMD
   for (int64_t k = 0; k < K; ++k) buffer[k] = (z[k] - mean) * st.inv;
@@ -233,10 +236,8 @@ struct DkdArgs {
 template <typename acc_t>
 AGKD_CPU_INLINE DkdSide<acc_t> dkd_side(const acc_t* z, int64_t K, int64_t y, acc_t inv_tau) {
   const acc_t shift = std::max(row_max(z, y), row_max(z + y + 1, K - y - 1));
-  double z_other = 0, unused_b = 0, unused_c = 0;
-  const auto terms = [&](int64_t k, acc_t& a, acc_t&, acc_t&) { a += exp_simd((z[k] - shift) * inv_tau); };
-  sum3<acc_t>(0, y, terms, z_other, unused_b, unused_c);
-  sum3<acc_t>(y + 1, K, terms, z_other, unused_b, unused_c);
+  const auto term = [&](int64_t k) { return exp_simd((z[k] - shift) * inv_tau); };
+  const double z_other = sum1<acc_t>(0, y, term) + sum1<acc_t>(y + 1, K, term);
   return make_dkd_side<acc_t>(shift, static_cast<acc_t>(z_other), (z[y] - shift) * inv_tau);
 }
 
@@ -430,10 +431,9 @@ AGKD_CPU_INLINE void dist_probabilities(const LogitRows<scalar_t>& z, at::opmath
   const int64_t K = z.K;
   const acc_t* row = z.row(n, buffer);
   const acc_t max = row_max(row, K);
-  double total = 0, unused_b = 0, unused_c = 0;
   AGKD_SIMD
   for (int64_t k = 0; k < K; ++k) p[k] = exp_simd((row[k] - max) * inv_tau);
-  sum3<acc_t>(0, K, [&](int64_t k, acc_t& a, acc_t&, acc_t&) { a += p[k]; }, total, unused_b, unused_c);
+  const double total = sum1<acc_t>(0, K, [&](int64_t k) { return p[k]; });
   const acc_t inv_total = static_cast<acc_t>(1.0 / total);
   AGKD_SIMD
   for (int64_t k = 0; k < K; ++k) p[k] *= inv_total;
@@ -534,14 +534,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_typed(const at::Tensor& stud
           const std::vector<acc_t>& cm = side == 0 ? col_mean_s : col_mean_t;
           const std::vector<acc_t>& cm_other = side == 0 ? col_mean_t : col_mean_s;
           const std::vector<acc_t>& self_col = side == 0 ? col_self_s : col_self_t;
-          double dot = 0, unused_b = 0, unused_c = 0;
-          sum3<acc_t>(0, K, [&](int64_t k, acc_t& d, acc_t&, acc_t&) {
+          // G[n, k] into g, and Σ_k G[n, k]·p[n, k] in the same sweep
+          const acc_t weighted = static_cast<acc_t>(sum1<acc_t>(0, K, [&](int64_t k) {
             const acc_t d_row = rho_inv_d * (other[k] - other_mean) - self_row * (p[k] - mean);
             const acc_t d_col = col_inv_d[k] * (other[k] - cm_other[k]) - self_col[k] * (p[k] - cm[k]);
             g[k] = row_w * d_row + col_w * d_col;
-            d += g[k] * p[k];
-          }, dot, unused_b, unused_c);
-          const acc_t weighted = static_cast<acc_t>(dot);
+            return g[k] * p[k];
+          }));
           acc_t* o = out + n * K;
           AGKD_SIMD
           for (int64_t k = 0; k < K; ++k) o[k] = p[k] * (g[k] - weighted) * inv_tau;

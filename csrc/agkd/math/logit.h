@@ -27,8 +27,7 @@ struct RowStandardization {
 };
 
 template <typename T>
-AGKD_HOST_DEVICE RowStandardization<T> make_standardization(T sum, T centered_square_sum, int64_t K, T eps) {
-  const T mean = sum / static_cast<T>(K);
+AGKD_HOST_DEVICE RowStandardization<T> make_standardization(T mean, T centered_square_sum, int64_t K, T eps) {
   const T std = std::sqrt(centered_square_sum / static_cast<T>(K - 1));
   return {mean, std, T(1) / (std + eps)};
 }
