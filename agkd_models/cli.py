@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
@@ -25,11 +24,10 @@ from .engine.checkpoint import CheckpointError, check_readable
 from .engine.distributed import check_device, resolve_device
 from .engine.run_folder import RunFolder, RunFolderError, check_out_path
 from .engine.trainer import NonFiniteLossError
-from .experiments.compare import COMPARE_METHODS, LABELS, parse_grid, parse_methods, prepare_teacher, run_comparison
-from .experiments.pipeline import (build_data, build_student, build_teacher, cache_teacher, check_model_settings,
-                                   distill, evaluate_checkpoint, load_teacher_weights, student_report,
-                                   test_accuracy, train_teacher, write_run_report)
-from .experiments.report import model_costs, plot_curves, write_report
+from .experiments.compare import COMPARE_METHODS, parse_grid, parse_methods, run_comparison, run_demo
+from .experiments.experiment import Experiment
+from .experiments.pipeline import check_model_settings, test_accuracy, train_teacher, write_run_report
+from .experiments.report import model_costs
 from .models.teacher import WeightsFileError
 
 # Errors about the user's input (configuration, files, data), reported in one line; any
@@ -93,25 +91,26 @@ def cmd_distill(args, cfg):
 
 
 def _distill(args, cfg, out: Path):
-    run = distill(cfg, args.teacher, out, args.resume, args.teacher_cache)
+    experiment = Experiment(cfg, args.teacher)
+    run = experiment.distill(cfg, out, args.resume, args.teacher_cache)
     if not _is_main():
         return
     device = resolve_device(cfg.train.device)
-    report = {f"student ({cfg.distill.method})": student_report(cfg, run, device)}
+    report = {f"student ({cfg.distill.method})": experiment.student_report(cfg, run, device)}
     write_run_report(out, f"Distillation ({cfg.distill.method})", report)
     print(f"student: val acc {run['history'][-1]['val_acc']:.4f}, test acc "
           f"{report[next(iter(report))]['test_acc']:.4f}; wrote {out}/student.pt, report.md")
 
 
 def cmd_evaluate(args, cfg):
-    result = evaluate_checkpoint(cfg, args.checkpoint, args.model, args.split)
+    result = Experiment(cfg).evaluate(args.checkpoint, args.model, args.split)
     print(json.dumps(result))
     return result
 
 
 def cmd_cache_teacher(args, cfg):
-    out = cache_teacher(cfg, args.teacher, Path(args.out), epochs=args.epochs, dtype=args.dtype, topk=args.topk,
-                        overwrite=args.overwrite)
+    out = Experiment(cfg, args.teacher).write_cache(args.out, epochs=args.epochs, dtype=args.dtype, topk=args.topk,
+                                                    overwrite=args.overwrite)
     if _is_main():
         manifest = TeacherCache.open(out).manifest
         size = sum((out / f["file"]).stat().st_size for f in manifest["fields"].values())
@@ -133,16 +132,14 @@ def cmd_compare(args, cfg):
 
 
 def _compare(args, cfg, out: Path, methods, grid):
-    if args.teacher:
-        teacher_path = Path(args.teacher)
-    else:
-        teacher_path = prepare_teacher(cfg, out / "teacher",
-                                       cfg.train.epochs if args.teacher_epochs is None else args.teacher_epochs,
-                                       log=_log("compare"))["path"]
+    experiment = Experiment(cfg, args.teacher)
+    if not args.teacher:
+        experiment.prepare_teacher(out / "teacher", cfg.train.epochs if args.teacher_epochs is None
+                                   else args.teacher_epochs, log=_log("compare"))
     seeds = [cfg.train.seed + i for i in range(args.seeds)]
     student_epochs = cfg.train.epochs if args.student_epochs is None else args.student_epochs
-    run_comparison(cfg, out, methods=methods, seeds=seeds, teacher_path=teacher_path,
-                   student_epochs=student_epochs, grid=grid, log=_log("compare"))
+    run_comparison(experiment, out, methods=methods, seeds=seeds, student_epochs=student_epochs, grid=grid,
+                   log=_log("compare"))
     print((out / "comparison.md").read_text())
 
 
@@ -157,42 +154,14 @@ def cmd_demo(args, cfg):
 
 def _demo(args, cfg):
     out = Path(args.out)
-    start = time.time()
     save_config(cfg, out / "config.yaml")
     losses = [loss.strip() for loss in args.attention_losses.split(",") if loss.strip()]
     unknown = sorted(set(losses) - set(ATTENTION_LOSSES))
     if unknown:
         raise ConfigError(f"--attention-losses: unknown {', '.join(unknown)}; choose from {', '.join(ATTENTION_LOSSES)}")
-    methods = ["none", "logit"] + [f"agkd-{loss}" for loss in losses]
-    teacher = prepare_teacher(cfg, out / "teacher", args.teacher_epochs, log=_log("demo"))
-    summary = run_comparison(cfg, out, methods=methods, seeds=[cfg.train.seed], teacher_path=teacher["path"],
-                             student_epochs=args.student_epochs, log=_log("demo"))
-    # The report: Table I, the students against the teacher, and every model's cost.
-    device = resolve_device(cfg.train.device)
-    data = build_data(cfg)
-    size = cfg.data.image_size
-    teacher_model = build_teacher(cfg, data.num_classes)
-    load_teacher_weights(teacher_model, str(teacher["path"]), cfg, data.num_classes)
-    student = build_student(cfg, data.num_classes)
-    runs = {"teacher": {"history": teacher["history"], "costs": model_costs(teacher_model, size, device)}}
-    student_costs = model_costs(student.to(device), size, device)  # the same architecture for every student
-    seed = cfg.train.seed
-    for name in methods:
-        result = summary["runs"][name][seed]
-        runs[LABELS[name]] = {"history": result["history"], "compare": result["compare"], "costs": student_costs}
-    teacher_note = ("reused from an earlier run with the same configuration and data" if teacher["reused"]
-                    else f"trained {args.teacher_epochs} epochs")
-    notes = [f"Digits ({size} px): teacher {teacher_note}, test accuracy {summary['teacher']['test_acc']:.4f}; "
-             f"students {args.student_epochs} epochs each, seed {seed}; total {time.time() - start:.0f} s on "
-             f"{device}. Test accuracies are in comparison.md. One seed on a small data set: differences of a "
-             f"point or two are noise; `agkd compare --seeds 3` gives mean ± std."]
-    write_report(out / "report.md", "agkd demo: a teacher and its students on digits", runs, notes)
-    plot_curves(out / "curves.png", {name: run["history"] for name, run in runs.items() if run["history"]})
-    (out / "summary.json").write_text(json.dumps({
-        "teacher": {"test_acc": summary["teacher"]["test_acc"], "reused": teacher["reused"]},
-        "students": {LABELS[name]: summary["runs"][name][seed]["test_acc"] for name in methods},
-        "test_samples": summary["test_samples"], "seconds": time.time() - start}, indent=1))
-    print((out / "report.md").read_text())
+    report = run_demo(Experiment(cfg), out, attention_losses=losses, teacher_epochs=args.teacher_epochs,
+                      student_epochs=args.student_epochs, log=_log("demo"))
+    print(report.read_text())
     print((out / "comparison.md").read_text())
 
 

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from agkd_models.data import cache as cache_module
-from agkd_models.data.cache import CachedTeacherDataset, TeacherCache, TeacherCacheError, cache_identity
+from agkd_models.data.cache import (CachedTeacherDataset, TeacherCache, TeacherCacheError, cache_identity,
+                                    teacher_identity)
 from agkd_models.cli import main
-from agkd_models.experiments.pipeline import build_data, build_teacher, cache_teacher, distill
+from agkd_models.experiments.experiment import cache_teacher, distill
+from agkd_models.experiments.pipeline import build_data, build_teacher
 from agkd_models.config import load_config
 
 TINY = ["data.limit_train=48", "data.limit_val=16", "train.epochs=2", "train.batch_size=16",
@@ -151,7 +153,7 @@ def test_topk_keeps_the_largest_logits_and_minus_inf_elsewhere(teacher_file, cac
 
 def _expect(teacher_file, *extra):
     train_set = build_data(config(*extra)).train
-    return cache_identity(train_set, _teacher(teacher_file), config(*extra).teacher.to_dict())
+    return cache_identity(train_set, teacher_identity(_teacher(teacher_file), config(*extra).teacher.to_dict()))
 
 
 def test_matching_identity_opens(teacher_file, caches):
@@ -286,7 +288,7 @@ def test_cli_cache_errors_are_clear(teacher_file, caches, tmp_path, capsys):
 def test_cache_identity_needs_replayable_augmentation(teacher_file):
     val_set = build_data(config()).val
     with pytest.raises(TeacherCacheError, match="AugmentedDataset"):
-        cache_identity(val_set, _teacher(teacher_file), config().teacher.to_dict())
+        cache_identity(val_set, teacher_identity(_teacher(teacher_file), config().teacher.to_dict()))
     assert cache_module.CACHE_VERSION == 2
 
 

@@ -14,7 +14,8 @@ import torch
 
 from agkd_models.cli import main
 from agkd_models.distillers import build_task
-from agkd_models.experiments.pipeline import build_student, build_teacher, cache_teacher
+from agkd_models.experiments.experiment import cache_teacher
+from agkd_models.experiments.pipeline import build_student, build_teacher
 from agkd_models.config import load_config
 from agkd_models.data.datasets import build_datasets, limit
 from agkd_models.config import TrainConfig

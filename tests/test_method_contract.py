@@ -9,7 +9,7 @@ import torch
 
 from agkd_models.config import SECTIONS, ConfigError, load_config
 from agkd_models.distillers import METHODS, Method, ModelFacts
-from agkd_models.experiments.pipeline import Data, check_model_settings, run_record, teacher_identity
+from agkd_models.experiments.pipeline import Data, check_model_settings, run_record, teacher_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,10 +42,10 @@ def test_a_methods_own_check_runs_before_any_work(monkeypatch):
     assert seen == [ModelFacts(student="efficientnet_b0", student_stages=7)]
 
 
-def test_teacher_identity_follows_each_settings_resume_rule():
+def test_teacher_recipe_follows_each_settings_resume_rule():
     cfg = load_config("digits")
     data = Data(_InMemory(6), _InMemory(3), _InMemory(3), 10, False)
-    identity = teacher_identity(cfg, run_record(cfg, data))
+    identity = teacher_recipe(cfg, run_record(cfg, data))
     for section in ("data", "train", "teacher"):
         for key, rule in SECTIONS[section].rules().items():
             assert (key in identity[section]) == (rule.resume != "any"), (section, key, rule.resume)

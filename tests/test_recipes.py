@@ -11,7 +11,7 @@ from agkd_models import AGKD, CAKD, LogitKD
 from agkd_models.config import ConfigError, TrainConfig, load_config
 from agkd_models.distillers import build_task
 from agkd_models.engine import SupervisedTask, Task, TaskOutput, Trainer
-from agkd_models.experiments.pipeline import distill
+from agkd_models.experiments.experiment import distill
 
 from .test_models import NUM_CLASSES, tiny_student, tiny_teacher
 

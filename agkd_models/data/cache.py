@@ -60,7 +60,7 @@ from ..engine.run_folder import pid_alive
 from .datasets import AugmentedDataset, DataError, fingerprint
 
 __all__ = ["CACHE_VERSION", "TeacherCacheError", "CachedTeacherOutput", "TeacherCache", "CachedTeacherDataset",
-           "write_teacher_cache", "teacher_fingerprint", "cache_identity"]
+           "write_teacher_cache", "teacher_fingerprint", "teacher_identity", "cache_identity"]
 
 CACHE_FORMAT = "agkd-teacher-cache"
 CACHE_VERSION = 2  # 2: a SHA-256 of every field's file in the manifest
@@ -100,16 +100,23 @@ def teacher_fingerprint(teacher: nn.Module, config: Dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def cache_identity(train_set: AugmentedDataset, teacher: nn.Module, teacher_config: Dict[str, Any]) -> Dict[str, Any]:
-    """What a cache must have been made from to serve this run."""
+def teacher_identity(teacher: nn.Module, teacher_config: Dict[str, Any]) -> str:
+    """The teacher's one identity: a SHA-256 of its architecture settings and its weights
+    (:func:`teacher_fingerprint`), not of where the weights came from, so that a weights
+    file moved or saved again is the same teacher. Teacher caches and comparison results
+    record it."""
+    architecture = {k: v for k, v in teacher_config.items() if k not in ("cnn_weights", "vit_weights", "pretrained")}
+    return teacher_fingerprint(teacher, architecture)
+
+
+def cache_identity(train_set: AugmentedDataset, teacher: str) -> Dict[str, Any]:
+    """What a cache must have been made from to serve a run on ``train_set`` with the
+    teacher whose :func:`teacher_identity` is ``teacher``."""
     if not isinstance(train_set, AugmentedDataset):
         raise TeacherCacheError(f"the teacher cache replays augmentation draws and needs an AugmentedDataset, "
                                 f"got a {type(train_set).__name__}")
-    # Weight files may move; the weights themselves are in the fingerprint.
-    architecture = {k: v for k, v in teacher_config.items() if k not in ("cnn_weights", "vit_weights", "pretrained")}
     return {"dataset": fingerprint(train_set), "num_samples": len(train_set),
-            "augment": {**train_set.augment.config(), "seed": train_set.seed},
-            "teacher": teacher_fingerprint(teacher, architecture)}
+            "augment": {**train_set.augment.config(), "seed": train_set.seed}, "teacher": teacher}
 
 
 def _open_npy(path: Path, mode: str = "r") -> np.ndarray:
@@ -445,7 +452,7 @@ def write_teacher_cache(teacher: nn.Module, train_set: AugmentedDataset, out: Pa
     if here.is_main:
         _remove_leftovers(out)
     teacher.eval().to(device)
-    identity = cache_identity(train_set, teacher, teacher_config)
+    identity = cache_identity(train_set, teacher_identity(teacher, teacher_config))
     num_samples = len(train_set)
 
     # One probe batch gives the output shapes.

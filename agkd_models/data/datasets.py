@@ -152,6 +152,10 @@ class AugmentedDataset(Dataset):
     def subset(self, indices: Sequence[int]) -> "AugmentedDataset":
         return AugmentedDataset(Subset(self.base, list(indices)), self.augment, self.seed)
 
+    def with_seed(self, seed: int) -> "AugmentedDataset":
+        """The same samples with the augmentation drawn from another training seed."""
+        return AugmentedDataset(self.base, self.augment, seed)
+
 
 def limit(dataset: Dataset, count: Optional[int], seed: int) -> Dataset:
     """A fixed random subset of ``count`` samples (all when None); an augmented data set

@@ -36,7 +36,8 @@ __all__ = ["RunFolder", "RunFolderError", "WORK_FILES", "RUN_FILES", "check_out_
 # with only a configuration (a run stopped before its first epoch ended) is free.
 WORK_FILES = ("checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl", "teacher.pt", "student.pt")
 # What --overwrite deletes: everything a training run writes.
-RUN_FILES = WORK_FILES + ("metrics.csv", "teacher_identity.json", "report.md", "curves.png", "config.yaml")
+RUN_FILES = WORK_FILES + ("metrics.csv", "teacher_recipe.json", "teacher_identity.json", "report.md", "curves.png",
+                          "config.yaml")  # teacher_identity.json: the recipe file's earlier name
 LOCK_NAME = ".agkd.lock"
 MARK_NAME = ".agkd-run"
 RUN_KINDS = ("train-teacher", "distill", "compare")

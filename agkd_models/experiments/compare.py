@@ -2,10 +2,12 @@
 method over several training seeds, and a table, a JSON file and a plot of the test
 accuracies (mean ± standard deviation) with the review's metrics against the teacher.
 
-``agkd compare`` and ``agkd demo`` both run :func:`run_comparison`. The teacher's work is
-shared: a teacher already trained in the output folder from the same configuration and
-data is reused, and the methods that read only the teacher's logits and attention maps
-replay one float32 teacher cache per seed instead of running the teacher again.
+``agkd compare`` and ``agkd demo`` both run :func:`run_comparison` over one
+:class:`~agkd_models.experiments.experiment.Experiment`, so the data and the teacher are
+built once for all runs. The teacher's work is shared: a teacher already trained in the
+output folder from the same configuration and data is reused, and the methods that read
+only the teacher's logits and attention maps replay one float32 teacher cache per seed
+instead of running the teacher again.
 A finished run is not repeated: each writes ``result.json`` beside its checkpoint, and a
 comparison started again over the same folder picks those up.
 
@@ -18,7 +20,6 @@ whole grid is in ``comparison.json``.
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
 import json
 import math
@@ -31,15 +32,15 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 import yaml
 
 from ..config import SECTIONS, Config, ConfigError
-from ..data.cache import TeacherCache, TeacherCacheError, cache_identity
 from ..distillers import METHODS
-from ..engine.checkpoint import CheckpointError, atomic_write_text, read_newest_checkpoint
+from ..engine.checkpoint import atomic_write_text
 from ..engine.distributed import resolve_device
-from .pipeline import (CACHEABLE, build_data, build_teacher, cache_teacher, distill, evaluate_model,
-                       load_teacher_weights, reusable_teacher, student_report, train_teacher)
+from .experiment import Experiment
+from .pipeline import CACHEABLE, build_student
+from .report import model_costs, plot_curves, write_report
 
-__all__ = ["COMPARE_METHODS", "parse_methods", "parse_grid", "choose_on_validation", "prepare_teacher",
-           "run_comparison", "write_comparison"]
+__all__ = ["COMPARE_METHODS", "parse_methods", "parse_grid", "choose_on_validation", "run_comparison", "run_demo",
+           "write_comparison"]
 
 
 def _compare_names() -> Dict[str, str]:
@@ -151,52 +152,15 @@ def _result_relevant(run_cfg: Config, method: str) -> Dict[str, Any]:
     return {name: values for name, values in run_cfg.to_dict().items() if name == method or name not in METHODS}
 
 
-def prepare_teacher(cfg: Config, folder: Path, epochs: int, log: Callable[[str], None] = print) -> Dict:
-    """The teacher in ``folder``, trained for ``epochs`` unless one trained from the same
-    configuration and data is already there."""
-    teacher_cfg = copy.deepcopy(cfg)
-    teacher_cfg.train.epochs = epochs
-    data = build_data(teacher_cfg)
-    reuse, why = reusable_teacher(folder, teacher_cfg, data)
-    if reuse:
-        log(f"reusing the teacher trained in {folder} (same configuration and data fingerprint)")
-        history = _read_history(folder)
-    else:
-        log(f"training the hybrid teacher ({cfg.teacher.cnn} + {cfg.teacher.vit}), {epochs} epochs "
-            f"({why})")
-        history = train_teacher(teacher_cfg, folder)["history"]
-    return {"path": folder / "teacher.pt", "history": history, "reused": reuse}
-
-
-def _read_history(folder: Path) -> List[Dict[str, float]]:
-    """A finished run's per-epoch history: from ``metrics.jsonl``, or where that is damaged
-    (a full disk, an edit) from the checkpoint, which holds it too; [] when neither can be read."""
-    try:
-        return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    except (OSError, ValueError):
-        pass
-    try:
-        state = read_newest_checkpoint(folder / "checkpoint.pt", warn=False)
-        return list(state["history"]) if state is not None else []
-    except CheckpointError:
-        return []
-
-
-def _teacher_cache(cfg: Config, teacher, teacher_path: Path, folder: Path, epochs: int, log) -> str:
-    """A float32 cache of ``teacher`` over the seed's ``epochs`` augmentation draws (float32,
-    so that replaying it gives the same numbers as running the teacher)."""
-    data = build_data(cfg)  # this seed's augmentation
-    if folder.is_dir():
-        try:
-            cache = TeacherCache.open(folder, expect=cache_identity(data.train, teacher, cfg.teacher.to_dict()))
-            if cache.epochs >= epochs and cache.manifest["dtype"] == "float32":
-                return str(folder)
-        except TeacherCacheError:
-            pass
-    log(f"caching the teacher over {epochs} epochs of seed {cfg.train.seed}'s augmentation")
-    cache_teacher(cfg, str(teacher_path), folder, epochs=epochs, dtype="float32", overwrite=True, teacher=teacher,
-                  data=data)
-    return str(folder)
+def _teacher_cache(experiment: Experiment, seed: int, folder: Path, epochs: int, log) -> Path:
+    """A float32 cache of the teacher over ``epochs`` augmentation draws of ``seed`` in
+    ``folder`` (float32, so that replaying it gives the same numbers as running the
+    teacher), written unless one that serves is there."""
+    cache = experiment.find_cache(folder, seed)
+    if cache is None or cache.epochs < epochs or cache.manifest["dtype"] != "float32":
+        log(f"caching the teacher over {epochs} epochs of seed {seed}'s augmentation")
+        experiment.write_cache(folder, epochs=epochs, seed=seed, dtype="float32", overwrite=True)
+    return folder
 
 
 def _mean_std(values: Sequence[float]):
@@ -227,23 +191,20 @@ class _Run(NamedTuple):
     earlier: Optional[Dict[str, Any]]
 
 
-def run_comparison(cfg: Config, out: Path, *, methods: Sequence[str], seeds: Sequence[int],
-                   teacher_path: Path, student_epochs: int, grid: Optional[Grid] = None,
+def run_comparison(experiment: Experiment, out: Path, *, methods: Sequence[str], seeds: Sequence[int],
+                   student_epochs: int, grid: Optional[Grid] = None,
                    log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Trains a student per method, grid point and seed and returns the comparison (also
-    written to ``out/comparison.{json,md,png}``); per run: test accuracy, final validation
-    accuracy, the review's metrics against the teacher on the test set, and the history.
-    With a grid, each method is reported at the point chosen on validation
-    (:func:`choose_on_validation`)."""
+    """Trains a student per method, grid point and seed from ``experiment``'s teacher and
+    returns the comparison (also written to ``out/comparison.{json,md,png}``); per run:
+    test accuracy, final validation accuracy, the review's metrics against the teacher on
+    the test set, and the history. With a grid, each method is reported at the point
+    chosen on validation (:func:`choose_on_validation`)."""
     start = time.time()
     grid = grid or {}
+    cfg, data = experiment.cfg, experiment.data()
     device = resolve_device(cfg.train.device)
-    data = build_data(cfg)
-    teacher = build_teacher(cfg, data.num_classes)
-    load_teacher_weights(teacher, str(teacher_path), cfg, data.num_classes)
-    t_logits, targets = evaluate_model(teacher, data.test, cfg, device)
+    t_logits, targets = experiment.teacher_test_logits(device)
     teacher_acc = (t_logits.argmax(1) == targets).float().mean().item()
-    teacher_fingerprint = fingerprint_file(teacher_path)
     points = {name: grid_points(grid, name.partition("-")[0]) for name in methods}
 
     plan: List[_Run] = []
@@ -255,14 +216,14 @@ def run_comparison(cfg: Config, out: Path, *, methods: Sequence[str], seeds: Seq
                     section, _, setting_name = key.partition(".")
                     setattr(run_cfg.section(section), setting_name, value)
                 folder = out / name / _point_folder(point) / f"seed{seed}"
-                identity = {"config": _result_relevant(run_cfg, method), "teacher": teacher_fingerprint}
+                identity = {"config": _result_relevant(run_cfg, method), "teacher": experiment.teacher_identity}
                 plan.append(_Run(seed, name, index, run_cfg, folder, identity, _earlier_result(folder, identity)))
     cache_epochs = {seed: max(step.cfg.train.epochs for step in plan if step.seed == seed) for seed in seeds}
-    _say_what_it_costs(plan, methods, points, seeds, cache_epochs, out, log)
+    _say_what_it_costs(experiment, plan, methods, points, seeds, cache_epochs, out, log)
 
     runs: Dict[str, Dict[int, Dict[int, Dict[str, Any]]]] = {m: {i: {} for i in range(len(points[m]))}
                                                             for m in methods}
-    caches: Dict[int, str] = {}
+    caches: Dict[int, Path] = {}
     for seed, name, index, run_cfg, folder, identity, earlier in plan:
         where = f"{LABELS[name]}{_point_label(points[name][index])}, seed {seed}"
         if earlier is not None:
@@ -272,18 +233,17 @@ def run_comparison(cfg: Config, out: Path, *, methods: Sequence[str], seeds: Seq
         cached = _replays_cache(run_cfg)
         if cached and seed not in caches:
             epochs = cache_epochs[seed]  # the longest run of the seed: every budget replays the same draws
-            caches[seed] = _teacher_cache(_method_config(cfg, "none", seed, epochs)[1], teacher, teacher_path,
-                                          out / "cache" / f"seed{seed}", epochs, log)
+            caches[seed] = _teacher_cache(experiment, seed, out / "cache" / f"seed{seed}", epochs, log)
         log(where)
-        run = distill(run_cfg, str(teacher_path), folder, teacher_cache=caches[seed] if cached else None)
-        report = student_report(run_cfg, run, device, costs=False)
+        run = experiment.distill(run_cfg, folder, teacher_cache=caches[seed] if cached else None)
+        report = experiment.student_report(run_cfg, run, device, costs=False)
         result = {"identity": identity, "test_acc": report["test_acc"], "val_acc": run["history"][-1]["val_acc"],
                   "compare": report["compare"], "history": run["history"]}
         atomic_write_text(folder / "result.json", json.dumps(result, indent=1))  # never a truncated result
         log(f"  test acc {result['test_acc']:.4f}")
         runs[name][index][seed] = result
 
-    summary = {"teacher": {"path": str(teacher_path), "test_acc": teacher_acc}, "seeds": list(seeds),
+    summary = {"teacher": {"path": str(experiment.teacher_path), "test_acc": teacher_acc}, "seeds": list(seeds),
                "student_epochs": student_epochs, "test_is_val": data.test_is_val,
                "test_samples": len(data.test), "device": str(device), "seconds": time.time() - start,
                "grid": grid, "methods": {}}
@@ -324,7 +284,8 @@ def _point_label(point: Dict[str, Any]) -> str:
     return f" [{', '.join(f'{k}={v}' for k, v in point.items())}]" if point else ""
 
 
-def _say_what_it_costs(plan, methods, points, seeds, cache_epochs: Dict[int, int], out: Path, log) -> None:
+def _say_what_it_costs(experiment: Experiment, plan, methods, points, seeds, cache_epochs: Dict[int, int], out: Path,
+                       log) -> None:
     """One line before any work: how many student runs, how many done before, (from the
     finished runs' epoch times) about how long the rest will take, and how many teacher
     caches are still to be made."""
@@ -341,24 +302,53 @@ def _say_what_it_costs(plan, methods, points, seeds, cache_epochs: Dict[int, int
     if todo and seconds:
         line += f", about {epochs * sum(seconds) / len(seconds) / 60:.0f} min at the finished runs' pace"
     to_cache = sorted({step.seed for step in todo if _replays_cache(step.cfg)
-                       and _cached_epochs(out / "cache" / f"seed{step.seed}") < cache_epochs[step.seed]})
+                       and _cached_epochs(experiment, out / "cache", step.seed) < cache_epochs[step.seed]})
     if to_cache:
         line += (f"; first the teacher is cached over {plural(cache_epochs[to_cache[0]], 'epoch')} of "
                  f"augmentation for {plural(len(to_cache), 'seed')} (one teacher pass per epoch and seed)")
     log(line)
 
 
-def _cached_epochs(folder: Path) -> int:
-    """How many epochs a finished cache in ``folder`` holds (0 if none); its identity and
-    checksums are checked when a run opens it."""
-    try:
-        return TeacherCache.open(folder, verify=False).epochs
-    except TeacherCacheError:
-        return 0
+def _cached_epochs(experiment: Experiment, caches: Path, seed: int) -> int:
+    """How many epochs the cache of ``seed`` in ``caches`` holds (0 if none serves): opened
+    and verified once, here, for the whole comparison."""
+    cache = experiment.find_cache(caches / f"seed{seed}", seed)
+    return cache.epochs if cache is not None and cache.manifest["dtype"] == "float32" else 0
 
 
-def fingerprint_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def run_demo(experiment: Experiment, out: Path, *, attention_losses: Sequence[str], teacher_epochs: int,
+             student_epochs: int, log: Callable[[str], None] = print) -> Path:
+    """``agkd demo``: a teacher trained in ``out/teacher`` (or reused), then one seed of
+    students without KD, with logit KD and with AGKD for each of ``attention_losses``;
+    writes the comparison and ``report.md`` (Table I, the students against the teacher,
+    every model's cost) and returns the report's path."""
+    start = time.time()
+    cfg = experiment.cfg
+    methods = ["none", "logit"] + [f"agkd-{loss}" for loss in attention_losses]
+    teacher = experiment.prepare_teacher(out / "teacher", teacher_epochs, log=log)
+    summary = run_comparison(experiment, out, methods=methods, seeds=[cfg.train.seed],
+                             student_epochs=student_epochs, log=log)
+    device = resolve_device(cfg.train.device)
+    size, seed = cfg.data.image_size, cfg.train.seed
+    runs = {"teacher": {"history": teacher["history"], "costs": model_costs(experiment.teacher, size, device)}}
+    student = build_student(cfg, experiment.data().num_classes).to(device)
+    student_costs = model_costs(student, size, device)  # the same architecture for every student
+    for name in methods:
+        result = summary["runs"][name][seed]
+        runs[LABELS[name]] = {"history": result["history"], "compare": result["compare"], "costs": student_costs}
+    teacher_note = ("reused from an earlier run with the same configuration and data" if teacher["reused"]
+                    else f"trained {teacher_epochs} epochs")
+    notes = [f"Digits ({size} px): teacher {teacher_note}, test accuracy {summary['teacher']['test_acc']:.4f}; "
+             f"students {student_epochs} epochs each, seed {seed}; total {time.time() - start:.0f} s on "
+             f"{device}. Test accuracies are in comparison.md. One seed on a small data set: differences of a "
+             f"point or two are noise; `agkd compare --seeds 3` gives mean ± std."]
+    write_report(out / "report.md", "agkd demo: a teacher and its students on digits", runs, notes)
+    plot_curves(out / "curves.png", {name: run["history"] for name, run in runs.items() if run["history"]})
+    (out / "summary.json").write_text(json.dumps({
+        "teacher": {"test_acc": summary["teacher"]["test_acc"], "reused": teacher["reused"]},
+        "students": {LABELS[name]: summary["runs"][name][seed]["test_acc"] for name in methods},
+        "test_samples": summary["test_samples"], "seconds": time.time() - start}, indent=1))
+    return out / "report.md"
 
 
 def write_comparison(out: Path, summary: Dict[str, Any], title: Optional[str] = None) -> None:

@@ -1,29 +1,27 @@
-"""What the commands do, as functions: build the data, models and distillers from a
-resolved configuration, train a teacher, distil a student, write a teacher cache, and
-evaluate on the test set. ``agkd_models.cli`` parses arguments and calls these;
-``agkd_models.compare`` runs them over methods and seeds."""
+"""The parts every run is made of: the data, teacher and student built from a resolved
+configuration, the checks of settings that span sections, a run's record and the resume
+check against it, teacher training and the teacher's recipe. Runs that share a teacher
+are made from an :class:`~agkd_models.experiments.experiment.Experiment`."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 
 from ..config import SECTIONS, Config, ConfigError, resume_conflicts, save_config
-from ..data.cache import (CachedTeacherDataset, TeacherCache, TeacherCacheError, cache_identity,
-                          write_teacher_cache)
 from ..data.datasets import build_datasets, fingerprint, limit
-from ..distillers import METHODS, ModelFacts, build_task
+from ..distillers import METHODS, ModelFacts
 from ..engine import distributed
-from ..engine.checkpoint import load_model_weights, save_file
+from ..engine.checkpoint import CheckpointError, load_model_weights, read_newest_checkpoint, save_file
 from ..engine.run_folder import mark_run_folder
-from ..engine.evaluation import classification_metrics, evaluate_logits
+from ..engine.evaluation import evaluate_logits
 from ..engine.task import SupervisedTask
 from ..engine.trainer import Trainer
 from ..models.student import Student
 from ..models.teacher import HybridTeacher
-from .report import comparison_metrics, model_costs, plot_curves, write_report
+from .report import plot_curves, write_report
 
 
 class Data(NamedTuple):
@@ -153,8 +151,9 @@ def _seeded(cfg: Config) -> None:
     torch.manual_seed(cfg.train.seed)
 
 
-def teacher_identity(cfg: Config, record: Dict[str, Any]) -> Dict[str, Any]:
-    """What a trained teacher was made from: its architecture, the data and training
+def teacher_recipe(cfg: Config, record: Dict[str, Any]) -> Dict[str, Any]:
+    """What a trained teacher was made from (its recipe; the teacher's identity is its
+    weights, :func:`~agkd_models.data.cache.teacher_identity`): its architecture, the data and training
     settings that change the result (the same rule as a resume's: every setting but those
     declared ``resume="any"``, where and how visibly it runs), and the fingerprints of the
     training and validation samples in ``record`` (:func:`run_record`, computed once)."""
@@ -165,20 +164,25 @@ def teacher_identity(cfg: Config, record: Dict[str, Any]) -> Dict[str, Any]:
             "train_set": record["train_set"], "val_set": record["val_set"]}
 
 
-def write_teacher_identity(out: Path, cfg: Config, record: Dict[str, Any]) -> None:
-    (out / "teacher_identity.json").write_text(json.dumps(teacher_identity(cfg, record), indent=1, sort_keys=True))
+RECIPE_FILE = "teacher_recipe.json"
+_OLD_RECIPE_FILE = "teacher_identity.json"  # its earlier name: teachers trained then are still reused
+
+
+def write_teacher_recipe(out: Path, cfg: Config, record: Dict[str, Any]) -> None:
+    (out / RECIPE_FILE).write_text(json.dumps(teacher_recipe(cfg, record), indent=1, sort_keys=True))
 
 
 def reusable_teacher(out: Path, cfg: Config, data: Data) -> tuple:
     """``(True, "")`` when ``out`` holds a teacher trained from the same configuration and
     data; else ``(False, why)``."""
-    if not (out / "teacher.pt").is_file() or not (out / "teacher_identity.json").is_file():
+    recipe = next((out / name for name in (RECIPE_FILE, _OLD_RECIPE_FILE) if (out / name).is_file()), None)
+    if not (out / "teacher.pt").is_file() or recipe is None:
         return False, f"no trained teacher in {out}"
     try:
-        saved = json.loads((out / "teacher_identity.json").read_text())
+        saved = json.loads(recipe.read_text())
     except (OSError, ValueError) as exc:
-        return False, f"{out}/teacher_identity.json is unreadable ({exc})"
-    now = json.loads(json.dumps(teacher_identity(cfg, run_record(cfg, data))))  # the saved one's JSON types
+        return False, f"{recipe} is unreadable ({exc})"
+    now = json.loads(json.dumps(teacher_recipe(cfg, run_record(cfg, data))))  # the saved one's JSON types
     differ = []
     for key in sorted(set(saved) | set(now)):
         if isinstance(now.get(key), dict) and isinstance(saved.get(key), dict):
@@ -189,6 +193,20 @@ def reusable_teacher(out: Path, cfg: Config, data: Data) -> tuple:
     if differ:
         return False, f"the teacher in {out} was trained with a different {', '.join(differ)}"
     return True, ""
+
+
+def read_history(folder: Path) -> List[Dict[str, float]]:
+    """A finished run's per-epoch history: from ``metrics.jsonl``, or where that is damaged
+    (a full disk, an edit) from the checkpoint, which holds it too; [] when neither can be read."""
+    try:
+        return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    except (OSError, ValueError):
+        pass
+    try:
+        state = read_newest_checkpoint(folder / "checkpoint.pt", warn=False)
+        return list(state["history"]) if state is not None else []
+    except CheckpointError:
+        return []
 
 
 def run_record(cfg: Config, data: Data) -> Dict[str, Any]:
@@ -225,7 +243,7 @@ def check_resume(state: Dict[str, Any], cfg: Config, now: Dict[str, Any], out: P
                               f"changed); start a new run (another --out, or --overwrite) to train on them")
 
 
-def _fit(trainer: Trainer, cfg: Config, data: Data, train_set, out: Path, resume: bool, kind: str):
+def fit(trainer: Trainer, cfg: Config, data: Data, train_set, out: Path, resume: bool, kind: str):
     """Checks a resumed run against its checkpoint, writes ``config.yaml`` (the settings
     this run trains with, once they are accepted), then trains."""
     state = trainer.read_resume_state() if resume else None
@@ -237,77 +255,23 @@ def _fit(trainer: Trainer, cfg: Config, data: Data, train_set, out: Path, resume
     return trainer.fit(train_set, data.val, resume=resume, state=state)
 
 
-def train_teacher(cfg: Config, out: Path, resume: bool = False) -> Dict[str, Any]:
-    data = build_data(cfg)
+def train_teacher(cfg: Config, out: Path, resume: bool = False, data: Optional[Data] = None) -> Dict[str, Any]:
+    """Trains ``cfg``'s teacher into ``out`` (on ``data`` where the caller has built it)."""
+    data = data if data is not None else build_data(cfg)
     _seeded(cfg)
     teacher = build_teacher(cfg, data.num_classes)
     trainer = Trainer(SupervisedTask(teacher, label_smoothing=cfg.train.label_smoothing), cfg.train, out,
                       num_classes=data.num_classes,
                       run_record=run_record(cfg, data))
-    history = _fit(trainer, cfg, data, data.train, out, resume, "train-teacher")
+    history = fit(trainer, cfg, data, data.train, out, resume, "train-teacher")
     if trainer.world.is_main:
         save_file(teacher.state_dict(), out / "teacher.pt", "the teacher")
-        write_teacher_identity(out, cfg, trainer.run_record)  # the record's fingerprints, not new ones
+        write_teacher_recipe(out, cfg, trainer.run_record)  # the record's fingerprints, not new ones
     return {"history": history, "model": teacher, "data": data}
 
 
 # Methods that need only the teacher's logits and attention map, which a cache holds.
 CACHEABLE = tuple(name for name, method in METHODS.items() if method.cacheable)
-
-
-def open_teacher_cache(path: str, cfg: Config, train_set, teacher) -> TeacherCache:
-    return TeacherCache.open(path, expect=cache_identity(train_set, teacher, cfg.teacher.to_dict()))
-
-
-def distill(cfg: Config, teacher_path: str, out: Path, resume: bool = False,
-            teacher_cache: Optional[str] = None) -> Dict[str, Any]:
-    """Distils ``cfg``'s student from the teacher file with the method ``cfg.distill.method``
-    (with its own section's settings) into ``out``."""
-    method = cfg.distill.method  # checked against the registry when it was set
-    if teacher_cache and method not in CACHEABLE:
-        raise ConfigError(f"--teacher-cache serves the methods that read only the teacher's logits and attention "
-                          f"({', '.join(CACHEABLE)}); {method!r} needs the online teacher")
-    if teacher_cache and (cfg.train.mixup > 0 or cfg.train.cutmix > 0):
-        raise ConfigError("--teacher-cache cannot serve train.mixup / train.cutmix: the cache holds the teacher's "
-                          "outputs for each image, and mixing pairs images per batch; run without the cache")
-    data = build_data(cfg)
-    train_set, num_classes = data.train, data.num_classes
-    _seeded(cfg)
-    teacher = build_teacher(cfg, num_classes)
-    load_teacher_weights(teacher, teacher_path, cfg, num_classes)
-    if teacher_cache:
-        cache = open_teacher_cache(teacher_cache, cfg, train_set, teacher)
-        if cfg.train.epochs > cache.epochs and distributed.world().is_main:
-            print(f"note: {cfg.train.epochs} epochs from a cache of {cache.epochs}: epoch n replays cached "
-                  f"epoch n mod {cache.epochs}", flush=True)
-        train_set = CachedTeacherDataset(train_set, cache)
-    student = build_student(cfg, num_classes)
-    task = build_task(method, teacher, student, cfg.section(method) if METHODS[method].settings else None,
-                      label_smoothing=cfg.train.label_smoothing)
-    trainer = Trainer(task, cfg.train, out, num_classes=num_classes, run_record=run_record(cfg, data))
-    history = _fit(trainer, cfg, data, train_set, out, resume, "distill")
-    if trainer.world.is_main:
-        save_file(student.state_dict(), out / "student.pt", "the student")  # the student alone, for inference
-    return {"history": history, "model": student, "teacher": teacher, "data": data}
-
-
-def cache_teacher(cfg: Config, teacher_path: str, out: Path, *, epochs: int, dtype: str = "float16",
-                  topk: Optional[int] = None, overwrite: bool = False, teacher: Optional[HybridTeacher] = None,
-                  data: Optional[Data] = None) -> Path:
-    """Writes the teacher cache of ``cfg``'s training set; ``teacher`` and ``data``, where
-    the caller has them already, save loading them again."""
-    if teacher_path and Path(out).is_dir() and Path(out).resolve() in Path(teacher_path).resolve().parents:
-        raise TeacherCacheError(f"--out {out} holds the teacher {teacher_path}; a cache folder is replaced whole, so "
-                                f"give the cache a folder of its own")
-    _world, device = distributed.setup(cfg.train.device)
-    data = data if data is not None else build_data(cfg)
-    if teacher is None:
-        teacher = build_teacher(cfg, data.num_classes)
-        load_teacher_weights(teacher, teacher_path, cfg, data.num_classes)
-    t = cfg.train
-    return write_teacher_cache(teacher, data.train, out, epochs=epochs, teacher_config=cfg.teacher.to_dict(),
-                               dtype=dtype, topk=topk, batch_size=t.batch_size, num_workers=t.num_workers,
-                               device=device, overwrite=overwrite, progress=t.progress)
 
 
 def write_run_report(out: Path, title: str, runs: Dict[str, Dict]) -> None:
@@ -321,35 +285,6 @@ def evaluate_model(model, dataset, cfg: Config, device):
     return evaluate_logits(model, loader, device)
 
 
-def evaluate_checkpoint(cfg: Config, path: str, model: str, split: str) -> Dict[str, Any]:
-    """Loss and accuracy of a saved ``model`` ("teacher" or "student") on ``split`` ("val"
-    or "test") of ``cfg``'s data: what ``agkd evaluate`` prints."""
-    data = build_data(cfg)
-    if model == "teacher":
-        net = build_teacher(cfg, data.num_classes)
-        load_teacher_weights(net, path, cfg, data.num_classes)
-    else:
-        net = build_student(cfg, data.num_classes)
-        load_student_weights(net, path, cfg, data.num_classes)
-    logits, targets = evaluate_model(net, getattr(data, split), cfg, distributed.resolve_device(cfg.train.device))
-    m = classification_metrics(logits, targets)
-    return {"model": model, "split": split, f"{split}_loss": m["loss_sum"] / m["count"],
-            f"{split}_acc": m["correct"] / m["count"], "samples": m["count"]}
-
-
 def test_accuracy(model, data: Data, cfg: Config, device) -> float:
     logits, targets = evaluate_model(model, data.test, cfg, device)
     return (logits.argmax(1) == targets).float().mean().item()
-
-
-def student_report(cfg: Config, run, device, costs: bool = True) -> Dict[str, Any]:
-    """The student's test accuracy and the review's metrics against the teacher, on the test set."""
-    s_logits, targets = evaluate_model(run["model"], run["data"].test, cfg, device)
-    t_logits, _ = evaluate_model(run["teacher"], run["data"].test, cfg, device)
-    compare = comparison_metrics(s_logits, t_logits, targets, sum(p.numel() for p in run["teacher"].parameters()),
-                                 sum(p.numel() for p in run["model"].parameters()))
-    result = {"history": run["history"], "compare": compare,
-              "test_acc": (s_logits.argmax(1) == targets).float().mean().item()}
-    if costs:
-        result["costs"] = model_costs(run["model"], cfg.data.image_size, device)
-    return result
