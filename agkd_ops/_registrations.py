@@ -73,7 +73,7 @@ def _forward_grad(like: torch.Tensor, needed: bool, dtype: torch.dtype) -> torch
 
 
 @torch.library.register_fake("agkd::kd_family_fwd")
-def _kd_family_fwd_fake(student, teacher, temperature, teacher_temperature, standardize, reduction,
+def _kd_family_fwd_fake(student, teacher, temperature, teacher_temperature, standardize, standardize_eps, reduction,
                         needs_grad_student, needs_grad_teacher, needs_grad_temperature):
     acc = _accumulate_dtype(student.dtype)
     return (_loss(student, reduction), _forward_grad(student, needs_grad_student, acc),
@@ -96,7 +96,7 @@ def _ofa_fwd_fake(student, teacher, target, temperature, eps, reduction, needs_g
 
 
 @torch.library.register_fake("agkd::dist_fwd")
-def _dist_fwd_fake(student, teacher, temperature, inter_weight, intra_weight, needs_grad_student,
+def _dist_fwd_fake(student, teacher, temperature, inter_weight, intra_weight, eps, needs_grad_student,
                    needs_grad_teacher):
     acc = _accumulate_dtype(student.dtype)
     return (_loss(student, "mean"), _forward_grad(student, needs_grad_student, acc),

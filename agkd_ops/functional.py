@@ -46,8 +46,8 @@ from typing import Optional
 import torch
 
 from . import _backend, reference
-from ._defaults import (ATTENTION_P, COSINE_EPS, DIST, DKD, HYBRID_COSINE_WEIGHT, HYBRID_SSIM_WEIGHT,
-                        KD_TEMPERATURE, KD_WEIGHT, NORMALIZE_EPS, OFA, SSIM)
+from ._defaults import (ATTENTION_P, COSINE_EPS, DIST, DIST_EPS, DKD, HYBRID_COSINE_WEIGHT, HYBRID_SSIM_WEIGHT,
+                        KD_TEMPERATURE, KD_WEIGHT, NORMALIZE_EPS, OFA, SSIM, STANDARDIZE_EPS)
 from ._defaults import accumulate_dtype as _accumulate_dtype
 from ._defaults import reduce_per_sample as _reduce
 from ._validation import (ATTENTION_P_RANGE, LOGITS, REDUCTIONS, check_choice, check_fraction, check_ignore_index,
@@ -89,9 +89,8 @@ def _in_dtype(loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _native_hybrid(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps, reduction):
     """``alpha*(1-SSIM) + beta*(1-cos)`` from agkd::hybrid_fwd, reduced by the op (the
     accumulate dtype: per sample for ``"none"``)."""
-    loss, _stats = torch.ops.agkd.hybrid_fwd(
-        x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps, reduction
-    )
+    loss, _stats = torch.ops.agkd.hybrid_fwd(x, y, alpha=alpha, beta=beta, window_size=window_size, sigma=sigma,
+                                             c1=c1, c2=c2, padding=padding, eps=eps, reduction=reduction)
     return loss
 
 
@@ -308,8 +307,9 @@ def _native_kl_family(student, teacher, temperature, teacher_temperature, standa
     tau = _temperature_tensor(temperature, student)
     tau_t = None if teacher_temperature is None else _temperature_tensor(teacher_temperature, student).expand_as(tau)
     loss, *_grads = torch.ops.agkd.kd_family_fwd(
-        student, teacher, tau, tau_t, standardize, reduction,
-        _grad_needed(student), _grad_needed(teacher), _grad_needed(tau))
+        student, teacher, tau, tau_t, standardize=standardize, standardize_eps=STANDARDIZE_EPS, reduction=reduction,
+        needs_grad_student=_grad_needed(student), needs_grad_teacher=_grad_needed(teacher),
+        needs_grad_temperature=_grad_needed(tau))
     return loss
 
 
@@ -383,8 +383,9 @@ def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     op_reduction = "mean" if reduction == "batchmean" else reduction
     if _is_plain_kd(temperature, teacher_temperature, standardize):
         if _backend.use_native(fn, "kd_fwd", student_logits):
-            loss, _stats = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, None, temperature, 0.0,
-                                                 1.0, 0.0, None, op_reduction)
+            loss, _stats = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, None, temperature=temperature,
+                                                 ce_weight=0.0, kl_weight=1.0, label_smoothing=0.0,
+                                                 ignore_index=None, reduction=op_reduction)
             return _in_dtype(loss, student_logits.dtype)
     elif _backend.use_native(fn, "kd_family_fwd", student_logits):
         return _in_dtype(_native_kl_family(student_logits, teacher_logits, temperature, teacher_temperature,
@@ -463,9 +464,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
         if _backend.use_native(fn, "kd_fwd", student_logits):
             # Target values are checked by the kernels, with no device-to-host sync: a
             # ValueError before any logit is read on the CPU, a NaN loss for that row on CUDA.
-            loss, _stats = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, target, temperature,
-                                                 1.0 - kd_weight, kd_weight, label_smoothing, ignore_index,
-                                                 reduction)
+            loss, _stats = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, target, temperature=temperature,
+                                                 ce_weight=1.0 - kd_weight, kl_weight=kd_weight,
+                                                 label_smoothing=label_smoothing, ignore_index=ignore_index,
+                                                 reduction=reduction)
             return _in_dtype(loss, student_logits.dtype)
     elif _backend.use_native(fn, "kd_family_fwd", student_logits) and _backend.use_native(
             fn, "kd_fwd", student_logits):
@@ -484,8 +486,9 @@ def _native_kd_family_loss(student, teacher, target, temperature, kd_weight, lab
     """kd_loss with a family option: agkd::kd_fwd's cross-entropy (its target rules, the
     smoothing and ignore_index) plus agkd::kd_family_fwd's KL, per row, then reduced."""
     if kd_weight < 1.0:
-        ce, _stats = torch.ops.agkd.kd_fwd(student, teacher, target, 1.0, 1.0 - kd_weight, 0.0,
-                                           label_smoothing, ignore_index, "none")
+        ce, _stats = torch.ops.agkd.kd_fwd(student, teacher, target, temperature=1.0, ce_weight=1.0 - kd_weight,
+                                           kl_weight=0.0, label_smoothing=label_smoothing,
+                                           ignore_index=ignore_index, reduction="none")
     else:  # no cross-entropy to compute, but a bad target is still an error
         check_target_range("kd_loss", target, student.shape[1], ignore_index)
         ce = None
@@ -596,9 +599,10 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
     tckd_weight, nckd_weight, temperature = _dkd_options(fn, tckd_weight, nckd_weight, temperature, reduction)
     check_min_classes(fn, student_logits, 2, "the target / non-target split needs a non-target class")
     if _backend.use_native(fn, "dkd_fwd", student_logits):
-        loss, *_grads = torch.ops.agkd.dkd_fwd(student_logits, teacher_logits, target, temperature, tckd_weight,
-                                               nckd_weight, reduction, _grad_needed(student_logits),
-                                               _grad_needed(teacher_logits))
+        loss, *_grads = torch.ops.agkd.dkd_fwd(student_logits, teacher_logits, target, temperature=temperature,
+                                               tckd_weight=tckd_weight, nckd_weight=nckd_weight, reduction=reduction,
+                                               needs_grad_student=_grad_needed(student_logits),
+                                               needs_grad_teacher=_grad_needed(teacher_logits))
         return _in_dtype(loss, student_logits.dtype)
     check_target_range(fn, target, student_logits.shape[1])
     return reference.dkd_loss(student_logits, teacher_logits, target, tckd_weight=tckd_weight,
@@ -641,9 +645,10 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     teacher_logits = check_logits(fn, student_logits, teacher_logits)
     inter_weight, intra_weight, temperature = _dist_options(fn, inter_weight, intra_weight, temperature)
     if _backend.use_native(fn, "dist_fwd", student_logits):
-        loss, *_grads = torch.ops.agkd.dist_fwd(student_logits, teacher_logits, temperature, inter_weight,
-                                                intra_weight, _grad_needed(student_logits),
-                                                _grad_needed(teacher_logits))
+        loss, *_grads = torch.ops.agkd.dist_fwd(student_logits, teacher_logits, temperature=temperature,
+                                                inter_weight=inter_weight, intra_weight=intra_weight, eps=DIST_EPS,
+                                                needs_grad_student=_grad_needed(student_logits),
+                                                needs_grad_teacher=_grad_needed(teacher_logits))
         return _in_dtype(loss, student_logits.dtype)
     return reference.dist_loss(student_logits, teacher_logits, inter_weight=inter_weight,
                                intra_weight=intra_weight, temperature=temperature)
@@ -687,9 +692,10 @@ def ofa_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
     target = _class_target(fn, target, student_logits)
     eps, temperature = _ofa_options(fn, eps, temperature, reduction)
     if _backend.use_native(fn, "ofa_fwd", student_logits):
-        loss, *_grads = torch.ops.agkd.ofa_fwd(student_logits, teacher_logits, target, temperature, eps,
-                                               reduction, _grad_needed(student_logits),
-                                               _grad_needed(teacher_logits))
+        loss, *_grads = torch.ops.agkd.ofa_fwd(student_logits, teacher_logits, target, temperature=temperature,
+                                               eps=eps, reduction=reduction,
+                                               needs_grad_student=_grad_needed(student_logits),
+                                               needs_grad_teacher=_grad_needed(teacher_logits))
         return _in_dtype(loss, student_logits.dtype)
     check_target_range(fn, target, student_logits.shape[1])
     return reference.ofa_loss(student_logits, teacher_logits, target, eps=eps, temperature=temperature,
@@ -728,7 +734,7 @@ def attention_map(features: torch.Tensor, *, p: float = ATTENTION_P, normalize: 
     if not isinstance(normalize, bool):
         raise TypeError(f"agkd_ops.{fn}: normalize must be a bool, got {type(normalize).__name__}")
     if _backend.use_native(fn, "attention_map_fwd", features):
-        amap, _norm = torch.ops.agkd.attention_map_fwd(features, p, normalize, NORMALIZE_EPS)
+        amap, _norm = torch.ops.agkd.attention_map_fwd(features, p=p, normalize=normalize, eps=NORMALIZE_EPS)
         return amap
     return reference.attention_map(features, p=p, normalize=normalize, eps=NORMALIZE_EPS)
 
@@ -838,8 +844,9 @@ def attention_align_loss(student: torch.Tensor, teacher: torch.Tensor, *, loss: 
     if loss in ("ssim", "hybrid"):
         check_window(fn, teacher, window_size, padding, names=("teacher",))
     if _backend.use_native(fn, "align_fwd", student):
-        loss, _stats = torch.ops.agkd.align_fwd(student, teacher, alpha, beta, gamma, window_size,
-                                                sigma, c1, c2, padding, eps, align_corners, reduction)
+        loss, _stats = torch.ops.agkd.align_fwd(student, teacher, alpha=alpha, beta=beta, gamma=gamma,
+                                                window_size=window_size, sigma=sigma, c1=c1, c2=c2, padding=padding,
+                                                eps=eps, align_corners=align_corners, reduction=reduction)
         return _in_dtype(loss, student.dtype)
     return reference.attention_align_loss(student, teacher, loss=loss, align_corners=align_corners,
                                           reduction=reduction, **loss_kwargs)

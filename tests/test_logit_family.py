@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import agkd_ops
+from agkd_ops._defaults import DIST_EPS, STANDARDIZE_EPS
 
 from .backends import assert_clear_error, assert_nan_stays_in_its_sample, grads
 
@@ -293,12 +294,13 @@ def _op_calls(device):
     y = torch.randint(0, 11, (5,), generator=g).to(device)
     tau = torch.tensor([2.0, 3.0], device=device).expand(5, 2)
     return [
-        (torch.ops.agkd.kd_family_fwd, (s, t, tau, None, True, "mean", True, True, False)),
+        (torch.ops.agkd.kd_family_fwd, (s, t, tau, None, True, STANDARDIZE_EPS, "mean", True, True, False)),
         (torch.ops.agkd.kd_family_fwd, (s, t.detach(), tau.clone().requires_grad_(),
-                                        3.0 * torch.ones(5, 2, device=device), False, "none", True, False, True)),
+                                        3.0 * torch.ones(5, 2, device=device), False, STANDARDIZE_EPS, "none",
+                                        True, False, True)),
         (torch.ops.agkd.dkd_fwd, (s, t, y, 4.0, 1.0, 8.0, "mean", True, True)),
         (torch.ops.agkd.ofa_fwd, (s, t.detach(), y, 1.0, 1.5, "sum", True, False)),
-        (torch.ops.agkd.dist_fwd, (s, t, 1.0, 1.0, 2.0, True, True)),
+        (torch.ops.agkd.dist_fwd, (s, t, 1.0, 1.0, 2.0, DIST_EPS, True, True)),
     ]
 
 
@@ -451,3 +453,28 @@ def test_half_inputs_give_half_results_computed_in_float32(backend, name, dtype)
     want = ours(s.float(), t.float(), y)
     assert loss.dtype == dtype and grad_s.dtype == dtype
     torch.testing.assert_close(loss.float(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_the_kernels_accept_the_temperatures_the_api_accepts(native):
+    from agkd_ops import _C
+    from agkd_ops._validation import TEMPERATURE_RANGE
+
+    assert (_C.min_temperature, _C.max_temperature) == TEMPERATURE_RANGE
+    s, t, _y = (x.to(native.device) for x in _inputs(3, 7, torch.float32, seed=2))
+    low, high = TEMPERATURE_RANGE
+    tau = torch.tensor([[low], [high], [low / 2]], device=native.device)  # the last row's is below the range
+    loss, *_grads = torch.ops.agkd.kd_family_fwd(s, t, tau, None, False, STANDARDIZE_EPS, "none", False, False,
+                                                 False)
+    assert loss[:2].isfinite().all() and loss[2].isnan()
+
+
+@pytest.mark.parametrize("op,args,name", [
+    ("kd_family_fwd", lambda s, t, y: (s, t, torch.ones(3, 1, device=s.device), None, True, 0.0, "mean", False,
+                                       False, False),
+     "standardize_eps"),
+    ("dist_fwd", lambda s, t, y: (s, t, 1.0, 1.0, 1.0, -1e-8, False, False), "eps"),
+])
+def test_a_direct_op_call_with_a_bad_eps_is_refused(native, op, args, name):
+    s, t, y = (x.to(native.device) for x in _inputs(3, 7, torch.float32, seed=2))
+    with pytest.raises(RuntimeError, match=f"{name} must be > 0"):
+        getattr(torch.ops.agkd, op)(*args(s, t, y))

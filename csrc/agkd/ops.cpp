@@ -1,11 +1,12 @@
-// Every agkd operator schema, declared once. Kernels register per device in cpu/ and
-// cuda/, autograd (C++, at the Autograd key) per op in autograd/, and the fake (meta)
-// implementations from Python in agkd_ops/_registrations.py.
+// Every agkd operator schema, declared once (their C++ signatures: ops.h). Kernels register
+// per device in cpu/ and cuda/, autograd (C++, at the Autograd key) per op in autograd/,
+// and the fake (meta) implementations from Python in agkd_ops/_registrations.py.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "agkd/math/hybrid.h"  // kHybridStats
 #include "agkd/math/kd.h"      // kKdStats
+#include "agkd/math/logit.h"   // kMinTemperature, kMaxTemperature
 
 // The extension module's name: _C, or _C_cuda_emu for the build that runs the CUDA
 // kernels on the CPU emulator (setup.py, AGKD_CUDA_EMULATION).
@@ -38,6 +39,9 @@ PyMODINIT_FUNC AGKD_CONCAT(PyInit_, AGKD_EXTENSION_NAME)(void) {
   // The stats widths the fake kernels (agkd_ops/_registrations.py) need, from their owner.
   PyModule_AddIntConstant(m, "hybrid_stats", agkd::kHybridStats);
   PyModule_AddIntConstant(m, "kd_stats", agkd::kKdStats);
+  // The kernels' own temperature bounds, which tests hold equal to agkd_ops's.
+  PyModule_AddObject(m, "min_temperature", PyFloat_FromDouble(agkd::kMinTemperature));
+  PyModule_AddObject(m, "max_temperature", PyFloat_FromDouble(agkd::kMaxTemperature));
   PyModule_AddStringConstant(m, "cuda_archs", AGKD_CUDA_ARCHS);
   PyModule_AddStringConstant(m, "torch_version", AGKD_TORCH_VERSION);
 #ifdef _OPENMP
@@ -89,14 +93,15 @@ TORCH_LIBRARY(agkd, m) {
   // empty tensor. Gradients are in the accumulate dtype.
   //
   // Σ_m τ_m²·KL(softmax(t̃/τ_t[n, m]) ‖ softmax(s̃/τ[n, m])) per row, with s̃, t̃ the rows
-  // z-scored when `standardize`; temperature (N, M) (any strides; a row's temperatures
+  // z-scored when `standardize` (σ with Bessel's correction, plus standardize_eps);
+  // temperature (N, M) (any strides; a row's temperatures
   // outside [1e-3, 1e3] make its loss NaN), teacher_temperature the same shape or None
   // (the teacher at the student's temperature, which then also gets that gradient).
   m.def(
       "kd_family_fwd(Tensor student, Tensor teacher, Tensor temperature, Tensor? teacher_temperature, "
-      "bool standardize, str reduction, bool needs_grad_student, bool needs_grad_teacher, "
-      "bool needs_grad_temperature) -> (Tensor loss, Tensor grad_student, Tensor grad_teacher, "
-      "Tensor grad_temperature)");
+      "bool standardize, float standardize_eps, str reduction, bool needs_grad_student, "
+      "bool needs_grad_teacher, bool needs_grad_temperature) -> (Tensor loss, Tensor grad_student, "
+      "Tensor grad_teacher, Tensor grad_temperature)");
   // Decoupled KD per row: T²·(tckd_weight·KL(b_t ‖ b_s) + nckd_weight·KL(q_t ‖ q_s)),
   // target (N,) int64 class indices.
   m.def(
@@ -109,10 +114,11 @@ TORCH_LIBRARY(agkd, m) {
       "str reduction, bool needs_grad_student, bool needs_grad_teacher) -> "
       "(Tensor loss, Tensor grad_student, Tensor grad_teacher)");
   // DIST: T²·(inter_weight·(1 − mean row Pearson) + intra_weight·(1 − mean column
-  // Pearson)) of the softmax probabilities at T; a 0-dim loss.
+  // Pearson)) of the softmax probabilities at T, with eps added to each Pearson
+  // denominator; a 0-dim loss.
   m.def(
       "dist_fwd(Tensor student, Tensor teacher, float temperature, float inter_weight, "
-      "float intra_weight, bool needs_grad_student, bool needs_grad_teacher) -> "
+      "float intra_weight, float eps, bool needs_grad_student, bool needs_grad_teacher) -> "
       "(Tensor loss, Tensor grad_student, Tensor grad_teacher)");
 
   // Attention transfer map of (N, C, H, W) features: map (N, 1, H, W) = mean_c |F|^p,

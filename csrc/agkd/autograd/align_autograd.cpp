@@ -8,23 +8,16 @@
 namespace agkd {
 namespace {
 
-using AlignFwdSignature = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, double, double, double, int64_t, double, double,
-    double, c10::string_view, double, bool, c10::string_view);
-using AlignBwdSignature = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double,
-    double, int64_t, double, double, double, c10::string_view, double, bool, bool, bool);
-
 struct AlignBwdOp {
-  static constexpr const char* kForwardName = "align_fwd";
+  static constexpr const char* kForwardName = op::AlignFwd::kName;
   static std::tuple<at::Tensor, at::Tensor> call(
       const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
       const at::Tensor& stats, double alpha, double beta, double gamma, int64_t window_size,
       double sigma, double c1, double c2, c10::string_view padding, double eps,
       bool align_corners, bool needs_grad_student, bool needs_grad_teacher) {
-    static const auto op = find_op<AlignBwdSignature>("agkd::align_bwd");
-    return op.call(grad_loss, student, teacher, stats, alpha, beta, gamma, window_size, sigma, c1,
-                   c2, padding, eps, align_corners, needs_grad_student, needs_grad_teacher);
+    return op_handle<op::AlignBwd>().call(grad_loss, student, teacher, stats, alpha, beta, gamma, window_size,
+                                          sigma, c1, c2, padding, eps, align_corners, needs_grad_student,
+                                          needs_grad_teacher);
   }
 };
 
@@ -35,10 +28,9 @@ class AlignFunction : public torch::autograd::Function<AlignFunction> {
                                int64_t window_size, double sigma, double c1, double c2,
                                c10::string_view padding, double eps, bool align_corners,
                                c10::string_view reduction) {
-    static const auto op = find_op<AlignFwdSignature>("agkd::align_fwd");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, stats] = op.call(student, teacher, alpha, beta, gamma, window_size, sigma, c1, c2,
-                                 padding, eps, align_corners, reduction);
+    auto [loss, stats] = op_handle<op::AlignFwd>().call(student, teacher, alpha, beta, gamma, window_size, sigma,
+                                                        c1, c2, padding, eps, align_corners, reduction);
     ctx->save_for_backward({student, teacher, stats});
     SavedHybridTerms{alpha, beta, window_size, sigma, c1, c2, std::string(padding), eps}.save(ctx);
     ctx->saved_data["gamma"] = gamma;
@@ -92,8 +84,8 @@ std::tuple<at::Tensor, at::Tensor> align_bwd_autograd(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(agkd, Autograd, m) {
-  m.impl("align_fwd", &align_fwd_autograd);
-  m.impl("align_bwd", &align_bwd_autograd);
+  register_kernel<op::AlignFwd>(m, &align_fwd_autograd);
+  register_kernel<op::AlignBwd>(m, &align_bwd_autograd);
 }
 
 }  // namespace agkd

@@ -6,19 +6,12 @@
 namespace agkd {
 namespace {
 
-using AttentionMapFwdSignature =
-    std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, bool, double);
-using AttentionMapBwdSignature = at::Tensor(const at::Tensor&, const at::Tensor&,
-                                            const at::Tensor&, const at::Tensor&, double, bool,
-                                            double);
-
 struct AttentionMapBwdOp {
-  static constexpr const char* kForwardName = "attention_map_fwd";
+  static constexpr const char* kForwardName = op::AttentionMapFwd::kName;
   static at::Tensor call(const at::Tensor& grad_map, const at::Tensor& features,
                          const at::Tensor& map, const at::Tensor& norm, double p, bool normalize,
                          double eps) {
-    static const auto op = find_op<AttentionMapBwdSignature>("agkd::attention_map_bwd");
-    return op.call(grad_map, features, map, norm, p, normalize, eps);
+    return op_handle<op::AttentionMapBwd>().call(grad_map, features, map, norm, p, normalize, eps);
   }
 };
 
@@ -26,9 +19,8 @@ class AttentionMapFunction : public torch::autograd::Function<AttentionMapFuncti
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& features, double p,
                                bool normalize, double eps) {
-    static const auto op = find_op<AttentionMapFwdSignature>("agkd::attention_map_fwd");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [map, norm] = op.call(features, p, normalize, eps);
+    auto [map, norm] = op_handle<op::AttentionMapFwd>().call(features, p, normalize, eps);
     ctx->save_for_backward({features, map, norm});
     ctx->saved_data["p"] = p;
     ctx->saved_data["normalize"] = normalize;
@@ -66,8 +58,8 @@ at::Tensor attention_map_bwd_autograd(const at::Tensor& grad_map, const at::Tens
 }  // namespace
 
 TORCH_LIBRARY_IMPL(agkd, Autograd, m) {
-  m.impl("attention_map_fwd", &attention_map_fwd_autograd);
-  m.impl("attention_map_bwd", &attention_map_bwd_autograd);
+  register_kernel<op::AttentionMapFwd>(m, &attention_map_fwd_autograd);
+  register_kernel<op::AttentionMapBwd>(m, &attention_map_bwd_autograd);
 }
 
 }  // namespace agkd

@@ -15,16 +15,20 @@
 #include <utility>
 
 #include "agkd/host.h"
+#include "agkd/ops.h"
 
 namespace agkd {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The dispatcher's handle of an op ("agkd::kd_bwd"); callers keep it in a static.
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+// The dispatcher's handle of `Op` (ops.h), typed by its signature; found once.
+template <typename Op>
+const c10::TypedOperatorHandle<typename Op::Signature>& op_handle() {
+  static const auto handle = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow((std::string("agkd::") + Op::kName).c_str(), "")
+                                 .template typed<typename Op::Signature>();
+  return handle;
 }
 
 inline variable_list as_variables(const std::tuple<at::Tensor, at::Tensor>& pair) {

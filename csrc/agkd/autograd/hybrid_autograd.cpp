@@ -8,23 +8,15 @@
 namespace agkd {
 namespace {
 
-using HybridFwdSignature = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, double, double, int64_t, double, double, double,
-    c10::string_view, double, c10::string_view);
-using HybridBwdSignature = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double,
-    int64_t, double, double, double, c10::string_view, double, bool, bool);
-
 struct HybridBwdOp {
-  static constexpr const char* kForwardName = "hybrid_fwd";
+  static constexpr const char* kForwardName = op::HybridFwd::kName;
   static std::tuple<at::Tensor, at::Tensor> call(
       const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y,
       const at::Tensor& stats, double alpha, double beta, int64_t window_size, double sigma,
       double c1, double c2, c10::string_view padding, double eps, bool needs_grad_x,
       bool needs_grad_y) {
-    static const auto op = find_op<HybridBwdSignature>("agkd::hybrid_bwd");
-    return op.call(grad_loss, x, y, stats, alpha, beta, window_size, sigma, c1, c2, padding, eps,
-                   needs_grad_x, needs_grad_y);
+    return op_handle<op::HybridBwd>().call(grad_loss, x, y, stats, alpha, beta, window_size, sigma, c1, c2,
+                                           padding, eps, needs_grad_x, needs_grad_y);
   }
 };
 
@@ -34,10 +26,9 @@ class HybridFunction : public torch::autograd::Function<HybridFunction> {
                                double alpha, double beta, int64_t window_size, double sigma,
                                double c1, double c2, c10::string_view padding, double eps,
                                c10::string_view reduction) {
-    static const auto op = find_op<HybridFwdSignature>("agkd::hybrid_fwd");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, stats] =
-        op.call(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps, reduction);
+        op_handle<op::HybridFwd>().call(x, y, alpha, beta, window_size, sigma, c1, c2, padding, eps, reduction);
     ctx->save_for_backward({x, y, stats});
     SavedHybridTerms{alpha, beta, window_size, sigma, c1, c2, std::string(padding), eps}.save(ctx);
     ctx->saved_data["reduction"] = std::string(reduction);
@@ -88,8 +79,8 @@ std::tuple<at::Tensor, at::Tensor> hybrid_bwd_autograd(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(agkd, Autograd, m) {
-  m.impl("hybrid_fwd", &hybrid_fwd_autograd);
-  m.impl("hybrid_bwd", &hybrid_bwd_autograd);
+  register_kernel<op::HybridFwd>(m, &hybrid_fwd_autograd);
+  register_kernel<op::HybridBwd>(m, &hybrid_bwd_autograd);
 }
 
 }  // namespace agkd

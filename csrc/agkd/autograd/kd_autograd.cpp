@@ -10,23 +10,16 @@
 namespace agkd {
 namespace {
 
-using KdFwdSignature = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double, double,
-    double, std::optional<int64_t>, c10::string_view);
-using KdBwdSignature = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    const at::Tensor&, double, double, double, double, std::optional<int64_t>, bool, bool);
-
 struct KdBwdOp {
-  static constexpr const char* kForwardName = "kd_fwd";
+  static constexpr const char* kForwardName = op::KdFwd::kName;
   static std::tuple<at::Tensor, at::Tensor> call(
       const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
       const std::optional<at::Tensor>& target, const at::Tensor& stats, double temperature,
       double ce_weight, double kl_weight, double label_smoothing,
       std::optional<int64_t> ignore_index, bool needs_grad_student, bool needs_grad_teacher) {
-    static const auto op = find_op<KdBwdSignature>("agkd::kd_bwd");
-    return op.call(grad_loss, student, teacher, target, stats, temperature, ce_weight, kl_weight,
-                   label_smoothing, ignore_index, needs_grad_student, needs_grad_teacher);
+    return op_handle<op::KdBwd>().call(grad_loss, student, teacher, target, stats, temperature, ce_weight,
+                                       kl_weight, label_smoothing, ignore_index, needs_grad_student,
+                                       needs_grad_teacher);
   }
 };
 
@@ -53,10 +46,9 @@ class KdFunction : public torch::autograd::Function<KdFunction> {
                                double temperature, double ce_weight, double kl_weight,
                                double label_smoothing, std::optional<int64_t> ignore_index,
                                c10::string_view reduction) {
-    static const auto op = find_op<KdFwdSignature>("agkd::kd_fwd");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, stats] = op.call(student, teacher, target, temperature, ce_weight, kl_weight,
-                                 label_smoothing, ignore_index, reduction);
+    auto [loss, stats] = op_handle<op::KdFwd>().call(student, teacher, target, temperature, ce_weight,
+                                                     kl_weight, label_smoothing, ignore_index, reduction);
     ctx->save_for_backward({student, teacher, target.value_or(at::Tensor()), stats});
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["ce_weight"] = ce_weight;
@@ -125,8 +117,8 @@ std::tuple<at::Tensor, at::Tensor> kd_bwd_autograd(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(agkd, Autograd, m) {
-  m.impl("kd_fwd", &kd_fwd_autograd);
-  m.impl("kd_bwd", &kd_bwd_autograd);
+  register_kernel<op::KdFwd>(m, &kd_fwd_autograd);
+  register_kernel<op::KdBwd>(m, &kd_bwd_autograd);
 }
 
 }  // namespace agkd

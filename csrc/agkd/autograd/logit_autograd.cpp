@@ -27,9 +27,9 @@ at::Tensor scale_saved_grad(const at::Tensor& saved, const at::Tensor& grad_loss
 // The backward of a gradient-in-forward op: the saved gradients times the upstream one.
 // Run through FirstOrderOnly, so differentiating it again is a clear error rather than a
 // silently incomplete second derivative.
-template <const char* kName>
+template <typename Op>
 struct ScaleSavedGrads {
-  static constexpr const char* kForwardName = kName;
+  static constexpr const char* kForwardName = Op::kName;
   static variable_list call(const at::Tensor& grad_loss, const at::Tensor& saved_a, const at::Tensor& like_a,
                             const at::Tensor& saved_b, const at::Tensor& like_b, const at::Tensor& saved_c,
                             const at::Tensor& like_c) {
@@ -44,23 +44,6 @@ void check_computed(const char* op, const char* flag, bool needed, bool computed
               "=False; pass True where the input requires grad");
 }
 
-constexpr char kKdFamily[] = "kd_family_fwd";
-constexpr char kDkd[] = "dkd_fwd";
-constexpr char kOfa[] = "ofa_fwd";
-constexpr char kDist[] = "dist_fwd";
-
-using KdFamilySignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool,
-    c10::string_view, bool, bool, bool);
-using DkdSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                    const at::Tensor&, double, double, double,
-                                                                    c10::string_view, bool, bool);
-using OfaSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                    const at::Tensor&, double, double,
-                                                                    c10::string_view, bool, bool);
-using DistSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double,
-                                                                     double, double, bool, bool);
-
 // What every forward of this family keeps: its gradient outputs, and the inputs (for their
 // dtypes, and so that a gradient taken with create_graph=True depends on them: its
 // double backward is then FirstOrderOnly's clear error, not a silently missing term).
@@ -72,12 +55,12 @@ void save_forward_grads(AutogradContext* ctx, const at::Tensor& a, const at::Ten
   ctx->save_for_backward({like_a, like_b, like_c.defined() ? like_c : at::Tensor()});
 }
 
-template <const char* kName>
+template <typename Op>
 variable_list scaled_grads(AutogradContext* ctx, const at::Tensor& grad_loss) {
   const auto& d = ctx->saved_data;
   const variable_list inputs = ctx->get_saved_variables();
   const at::Tensor like_c = inputs[2].defined() ? inputs[2] : inputs[0];
-  return FirstOrderOnly<ScaleSavedGrads<kName>>::apply(grad_loss, d.at("grad_a").toTensor(), inputs[0],
+  return FirstOrderOnly<ScaleSavedGrads<Op>>::apply(grad_loss, d.at("grad_a").toTensor(), inputs[0],
                                                        d.at("grad_b").toTensor(), inputs[1],
                                                        d.at("grad_c").toTensor(), like_c);
 }
@@ -95,14 +78,14 @@ variable_list keep_pair_grads(AutogradContext* ctx, const std::tuple<at::Tensor,
   return {loss, gs, gt};
 }
 
-template <const char* kName>
+template <typename Op>
 variable_list pair_backward(AutogradContext* ctx, const variable_list& grads, size_t n_arguments) {
   variable_list out(n_arguments);  // one per forward argument; undefined: no gradient
   if (!grads[0].defined()) return out;
   const auto flags = ctx->saved_data.at("flags").toBoolList();
-  check_computed(kName, "needs_grad_student", ctx->needs_input_grad(0), flags.get(0));
-  check_computed(kName, "needs_grad_teacher", ctx->needs_input_grad(1), flags.get(1));
-  const variable_list g = scaled_grads<kName>(ctx, grads[0]);
+  check_computed(Op::kName, "needs_grad_student", ctx->needs_input_grad(0), flags.get(0));
+  check_computed(Op::kName, "needs_grad_teacher", ctx->needs_input_grad(1), flags.get(1));
+  const variable_list g = scaled_grads<Op>(ctx, grads[0]);
   out[0] = ctx->needs_input_grad(0) ? g[0] : at::Tensor();
   out[1] = ctx->needs_input_grad(1) ? g[1] : at::Tensor();
   return out;
@@ -112,12 +95,12 @@ class KdFamilyFunction : public torch::autograd::Function<KdFamilyFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
                                const at::Tensor& temperature, const std::optional<at::Tensor>& teacher_temperature,
-                               bool standardize, c10::string_view reduction, bool needs_grad_student,
-                               bool needs_grad_teacher, bool needs_grad_temperature) {
-    static const auto op = find_op<KdFamilySignature>("agkd::kd_family_fwd");
+                               bool standardize, double standardize_eps, c10::string_view reduction,
+                               bool needs_grad_student, bool needs_grad_teacher, bool needs_grad_temperature) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, gs, gt, gtau] = op.call(student, teacher, temperature, teacher_temperature, standardize, reduction,
-                                        needs_grad_student, needs_grad_teacher, needs_grad_temperature);
+    auto [loss, gs, gt, gtau] = op_handle<op::KdFamilyFwd>().call(
+        student, teacher, temperature, teacher_temperature, standardize, standardize_eps, reduction,
+        needs_grad_student, needs_grad_teacher, needs_grad_temperature);
     save_forward_grads(ctx, gs, student, gt, teacher, gtau, temperature);
     ctx->saved_data["flags"] = std::vector<bool>{needs_grad_student, needs_grad_teacher, needs_grad_temperature};
     ctx->mark_non_differentiable({gs, gt, gtau});
@@ -126,13 +109,13 @@ class KdFamilyFunction : public torch::autograd::Function<KdFamilyFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
-    variable_list out(9);
+    variable_list out(10);  // one per forward argument; undefined: no gradient
     if (!grads[0].defined()) return out;
     const auto flags = ctx->saved_data.at("flags").toBoolList();
-    check_computed(kKdFamily, "needs_grad_student", ctx->needs_input_grad(0), flags.get(0));
-    check_computed(kKdFamily, "needs_grad_teacher", ctx->needs_input_grad(1), flags.get(1));
-    check_computed(kKdFamily, "needs_grad_temperature", ctx->needs_input_grad(2), flags.get(2));
-    const variable_list g = scaled_grads<kKdFamily>(ctx, grads[0]);
+    check_computed(op::KdFamilyFwd::kName, "needs_grad_student", ctx->needs_input_grad(0), flags.get(0));
+    check_computed(op::KdFamilyFwd::kName, "needs_grad_teacher", ctx->needs_input_grad(1), flags.get(1));
+    check_computed(op::KdFamilyFwd::kName, "needs_grad_temperature", ctx->needs_input_grad(2), flags.get(2));
+    const variable_list g = scaled_grads<op::KdFamilyFwd>(ctx, grads[0]);
     out[0] = ctx->needs_input_grad(0) ? g[0] : at::Tensor();
     out[1] = ctx->needs_input_grad(1) ? g[1] : at::Tensor();
     out[2] = ctx->needs_input_grad(2) ? g[2] : at::Tensor();
@@ -142,51 +125,50 @@ class KdFamilyFunction : public torch::autograd::Function<KdFamilyFunction> {
 
 // DKD and OFA share their argument layout up to the parameters: (student, teacher, target,
 // params..., reduction, needs_grad_student, needs_grad_teacher).
-template <const char* kName, typename Signature, typename... Params>
-class TargetLossFunction : public torch::autograd::Function<TargetLossFunction<kName, Signature, Params...>> {
+template <typename Op, typename... Params>
+class TargetLossFunction : public torch::autograd::Function<TargetLossFunction<Op, Params...>> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
                                const at::Tensor& target, Params... params, c10::string_view reduction,
                                bool needs_grad_student, bool needs_grad_teacher) {
-    static const auto op = find_op<Signature>((std::string("agkd::") + kName).c_str());
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return keep_pair_grads(ctx, op.call(student, teacher, target, params..., reduction, needs_grad_student,
-                                         needs_grad_teacher),
+    return keep_pair_grads(ctx, op_handle<Op>().call(student, teacher, target, params..., reduction,
+                                                      needs_grad_student, needs_grad_teacher),
                            student, teacher, needs_grad_student, needs_grad_teacher);
   }
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
-    return pair_backward<kName>(ctx, grads, 6 + sizeof...(Params));
+    return pair_backward<Op>(ctx, grads, 6 + sizeof...(Params));
   }
 };
 
-using DkdFunction = TargetLossFunction<kDkd, DkdSignature, double, double, double>;
-using OfaFunction = TargetLossFunction<kOfa, OfaSignature, double, double>;
+using DkdFunction = TargetLossFunction<op::DkdFwd, double, double, double>;
+using OfaFunction = TargetLossFunction<op::OfaFwd, double, double>;
 
 class DistFunction : public torch::autograd::Function<DistFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
-                               double temperature, double inter_weight, double intra_weight,
+                               double temperature, double inter_weight, double intra_weight, double eps,
                                bool needs_grad_student, bool needs_grad_teacher) {
-    static const auto op = find_op<DistSignature>("agkd::dist_fwd");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return keep_pair_grads(ctx, op.call(student, teacher, temperature, inter_weight, intra_weight,
-                                         needs_grad_student, needs_grad_teacher),
+    return keep_pair_grads(ctx, op_handle<op::DistFwd>().call(student, teacher, temperature, inter_weight,
+                                                               intra_weight, eps, needs_grad_student,
+                                                               needs_grad_teacher),
                            student, teacher, needs_grad_student, needs_grad_teacher);
   }
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
-    return pair_backward<kDist>(ctx, grads, 7);
+    return pair_backward<op::DistFwd>(ctx, grads, 8);
   }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_family_fwd_autograd(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& temperature,
-    const std::optional<at::Tensor>& teacher_temperature, bool standardize, c10::string_view reduction,
-    bool needs_grad_student, bool needs_grad_teacher, bool needs_grad_temperature) {
+    const std::optional<at::Tensor>& teacher_temperature, bool standardize, double standardize_eps,
+    c10::string_view reduction, bool needs_grad_student, bool needs_grad_teacher, bool needs_grad_temperature) {
   const variable_list out = KdFamilyFunction::apply(student, teacher, temperature, teacher_temperature, standardize,
-                                                    reduction, needs_grad_student, needs_grad_teacher,
-                                                    needs_grad_temperature);
+                                                    standardize_eps, reduction, needs_grad_student,
+                                                    needs_grad_teacher, needs_grad_temperature);
   return {out[0], out[1], out[2], out[3]};
 }
 
@@ -214,8 +196,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ofa_fwd_autograd(const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_fwd_autograd(const at::Tensor& student,
                                                                  const at::Tensor& teacher, double temperature,
                                                                  double inter_weight, double intra_weight,
-                                                                 bool needs_grad_student, bool needs_grad_teacher) {
-  const variable_list out = DistFunction::apply(student, teacher, temperature, inter_weight, intra_weight,
+                                                                 double eps, bool needs_grad_student,
+                                                                 bool needs_grad_teacher) {
+  const variable_list out = DistFunction::apply(student, teacher, temperature, inter_weight, intra_weight, eps,
                                                 needs_grad_student, needs_grad_teacher);
   return {out[0], out[1], out[2]};
 }
@@ -223,10 +206,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_fwd_autograd(const at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_IMPL(agkd, Autograd, m) {
-  m.impl("kd_family_fwd", &kd_family_fwd_autograd);
-  m.impl("dkd_fwd", &dkd_fwd_autograd);
-  m.impl("ofa_fwd", &ofa_fwd_autograd);
-  m.impl("dist_fwd", &dist_fwd_autograd);
+  register_kernel<op::KdFamilyFwd>(m, &kd_family_fwd_autograd);
+  register_kernel<op::DkdFwd>(m, &dkd_fwd_autograd);
+  register_kernel<op::OfaFwd>(m, &ofa_fwd_autograd);
+  register_kernel<op::DistFwd>(m, &dist_fwd_autograd);
 }
 
 }  // namespace agkd

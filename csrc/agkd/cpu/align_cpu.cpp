@@ -23,6 +23,7 @@
 #include "agkd/math/bilinear.h"
 #include "agkd/math/hybrid.h"
 #include "agkd/math/ssim.h"
+#include "agkd/ops.h"
 
 namespace agkd {
 namespace {
@@ -244,8 +245,8 @@ std::tuple<at::Tensor, at::Tensor> align_bwd_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(agkd, CPU, m) {
-  m.impl("align_fwd", &align_fwd_cpu);
-  m.impl("align_bwd", &align_bwd_cpu);
+  register_kernel<op::AlignFwd>(m, &align_fwd_cpu);
+  register_kernel<op::AlignBwd>(m, &align_bwd_cpu);
 }
 
 }  // namespace agkd

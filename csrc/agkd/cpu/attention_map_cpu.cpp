@@ -17,6 +17,7 @@
 #include "agkd/cpu/vectorize.h"
 #include "agkd/attention_map.h"
 #include "agkd/math/attention.h"
+#include "agkd/ops.h"
 
 namespace agkd {
 namespace {
@@ -147,8 +148,8 @@ at::Tensor attention_map_bwd_cpu(const at::Tensor& grad_map, const at::Tensor& f
 }  // namespace
 
 TORCH_LIBRARY_IMPL(agkd, CPU, m) {
-  m.impl("attention_map_fwd", &attention_map_fwd_cpu);
-  m.impl("attention_map_bwd", &attention_map_bwd_cpu);
+  register_kernel<op::AttentionMapFwd>(m, &attention_map_fwd_cpu);
+  register_kernel<op::AttentionMapBwd>(m, &attention_map_bwd_cpu);
 }
 
 }  // namespace agkd

@@ -15,6 +15,7 @@
 #include "agkd/hybrid.h"
 #include "agkd/math/hybrid.h"
 #include "agkd/math/ssim.h"
+#include "agkd/ops.h"
 
 namespace agkd {
 namespace {
@@ -98,8 +99,8 @@ std::tuple<at::Tensor, at::Tensor> hybrid_bwd_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(agkd, CPU, m) {
-  m.impl("hybrid_fwd", &hybrid_fwd_cpu);
-  m.impl("hybrid_bwd", &hybrid_bwd_cpu);
+  register_kernel<op::HybridFwd>(m, &hybrid_fwd_cpu);
+  register_kernel<op::HybridBwd>(m, &hybrid_bwd_cpu);
 }
 
 }  // namespace agkd

@@ -30,6 +30,7 @@
 #include "agkd/cpu/vectorize.h"
 #include "agkd/kd.h"
 #include "agkd/math/kd.h"
+#include "agkd/ops.h"
 
 namespace agkd {
 namespace {
@@ -262,8 +263,8 @@ std::tuple<at::Tensor, at::Tensor> kd_bwd_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(agkd, CPU, m) {
-  m.impl("kd_fwd", &kd_fwd_cpu);
-  m.impl("kd_bwd", &kd_bwd_cpu);
+  register_kernel<op::KdFwd>(m, &kd_fwd_cpu);
+  register_kernel<op::KdBwd>(m, &kd_bwd_cpu);
 }
 
 }  // namespace agkd

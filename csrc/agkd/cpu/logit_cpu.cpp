@@ -27,6 +27,7 @@
 #include "agkd/cpu/vectorize.h"
 #include "agkd/logit.h"
 #include "agkd/math/logit.h"
+#include "agkd/ops.h"
 
 namespace agkd {
 namespace {
@@ -77,8 +78,6 @@ void check_class_range(const char* fn, const at::Tensor& target, int64_t K) {
 
 // ============================================================ agkd::kd_family_fwd
 
-constexpr double kStandardizeEps = 1e-7;  // as the logit-standardization authors' code
-
 // (N, M) temperatures, read with their strides.
 template <typename acc_t>
 struct Temperatures {
@@ -89,18 +88,13 @@ struct Temperatures {
   acc_t at(int64_t n, int64_t m) const { return data[n * sN + m * sM]; }
 };
 
-template <typename acc_t>
-bool temperature_ok(acc_t tau) {
-  return tau >= acc_t(1e-3) && tau <= acc_t(1e3);  // NaN fails both
-}
-
 // One side's logits as the KL terms read them: the row itself, or its z-score in `buffer`.
 template <typename acc_t>
-AGKD_CPU_INLINE const acc_t* standardized_row(const acc_t* z, int64_t K, std::vector<acc_t>& buffer,
-                              RowStandardization<acc_t>& st) {
+AGKD_CPU_INLINE const acc_t* standardized_row(const acc_t* z, int64_t K, acc_t eps, std::vector<acc_t>& buffer,
+                                              RowStandardization<acc_t>& st) {
   const acc_t mean = static_cast<acc_t>(sum1<acc_t>(0, K, [&](int64_t k) { return z[k]; }) / static_cast<double>(K));
   const double square = sum1<acc_t>(0, K, [&](int64_t k) { return (z[k] - mean) * (z[k] - mean); });
-  st = make_standardization<acc_t>(mean, static_cast<acc_t>(square), K, acc_t(kStandardizeEps));
+  st = make_standardization<acc_t>(mean, static_cast<acc_t>(square), K, eps);
   buffer.resize(K);
   AGKD_SIMD
   for (int64_t k = 0; k < K; ++k) buffer[k] = (z[k] - mean) * st.inv;
@@ -124,6 +118,7 @@ struct FamilyArgs {
   LogitRows<scalar_t> student, teacher;
   Temperatures<acc_t> tau, tau_t;
   bool tied, standardize;
+  acc_t standardize_eps;
   acc_t scale;  // the reduction's factor of the gradients
   acc_t *loss, *grad_s, *grad_t, *grad_tau;  // grads null where not asked for
 };
@@ -138,14 +133,16 @@ AGKD_CPU_MULTIVERSION void kd_family_rows(const FamilyArgs<scalar_t>& a, int64_t
     const acc_t* s = a.student.row(n, s_buf);
     const acc_t* t = a.teacher.row(n, t_buf);
     RowStandardization<acc_t> st_s{}, st_t{};
-    const acc_t* us = a.standardize ? standardized_row(s, K, us_buf, st_s) : s;
-    const acc_t* ut = a.standardize ? standardized_row(t, K, ut_buf, st_t) : t;
+    const acc_t* us = a.standardize ? standardized_row(s, K, a.standardize_eps, us_buf, st_s) : s;
+    const acc_t* ut = a.standardize ? standardized_row(t, K, a.standardize_eps, ut_buf, st_t) : t;
     const acc_t max_s = row_max(us, K), max_t = row_max(ut, K);
     if (grads) std::fill(gs.begin(), gs.end(), acc_t(0)), std::fill(gt.begin(), gt.end(), acc_t(0));
     double loss = 0;
     for (int64_t m = 0; m < M; ++m) {
       acc_t tau = a.tau.at(n, m), tau_t = kTied ? tau : a.tau_t.at(n, m);
-      if (!temperature_ok(tau) || !temperature_ok(tau_t)) tau = tau_t = std::numeric_limits<acc_t>::quiet_NaN();
+      if (!temperature_in_range(tau) || !temperature_in_range(tau_t)) {
+        tau = tau_t = std::numeric_limits<acc_t>::quiet_NaN();
+      }
       const acc_t inv_tau = acc_t(1) / tau, inv_tau_t = acc_t(1) / tau_t;
       double z_s = 0, z_t = 0, w = 0;
       sum3<acc_t>(0, K, [&](int64_t k, acc_t& zs, acc_t& zt, acc_t& ww) {
@@ -179,8 +176,8 @@ AGKD_CPU_MULTIVERSION void kd_family_rows(const FamilyArgs<scalar_t>& a, int64_t
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_family_fwd_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& temperature,
-    const std::optional<at::Tensor>& teacher_temperature, bool standardize, c10::string_view reduction,
-    bool needs_grad_student, bool needs_grad_teacher, bool needs_grad_temperature) {
+    const std::optional<at::Tensor>& teacher_temperature, bool standardize, double standardize_eps,
+    c10::string_view reduction, bool needs_grad_student, bool needs_grad_teacher, bool needs_grad_temperature) {
   constexpr const char* op = "agkd::kd_family_fwd";
   check_logit_pair(op, student, teacher);
   check_temperature_columns(op, "temperature", temperature, student);
@@ -191,6 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_family_fwd_cpu(
                 ": teacher_temperature must have temperature's shape");
   }
   TORCH_CHECK(!standardize || student.size(1) >= 2, op, ": standardize needs K >= 2");
+  if (standardize) check_positive(op, "standardize_eps", standardize_eps);
   const Reduction r = parse_reduction(reduction);
   const int64_t N = student.size(0), K = student.size(1);
   const auto acc = accumulate_dtype(student.scalar_type());
@@ -207,6 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_family_fwd_cpu(
                                     Temperatures<acc_t>(tied ? temperature : *teacher_temperature),
                                     tied,
                                     standardize,
+                                    static_cast<acc_t>(standardize_eps),
                                     static_cast<acc_t>(output_grad_scale(r, N)),
                                     loss.mutable_data_ptr<acc_t>(),
                                     needs_grad_student ? grad_s.mutable_data_ptr<acc_t>() : nullptr,
@@ -419,7 +418,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ofa_fwd_cpu(const at::Tensor& stu
 
 // ============================================================ agkd::dist_fwd
 
-constexpr double kDistEps = 1e-8;     // in the Pearson denominator, as the DIST authors' code
 constexpr int64_t kColumnBlock = 256;  // classes per task of the column pass
 
 // Row pass: p = softmax(z/τ) into `p` (N, K), and each row's centred sums
@@ -440,7 +438,7 @@ AGKD_CPU_INLINE void dist_probabilities(const LogitRows<scalar_t>& z, at::opmath
 }
 
 template <typename acc_t>
-AGKD_CPU_INLINE Pearson<acc_t> centred_pearson(const acc_t* a, const acc_t* b, int64_t K) {
+AGKD_CPU_INLINE Pearson<acc_t> centred_pearson(const acc_t* a, const acc_t* b, int64_t K, acc_t eps) {
   double sum_a = 0, sum_b = 0, unused = 0;
   sum3<acc_t>(0, K, [&](int64_t k, acc_t& x, acc_t& y, acc_t&) { x += a[k], y += b[k]; }, sum_a, sum_b, unused);
   const acc_t mean_a = static_cast<acc_t>(sum_a / K), mean_b = static_cast<acc_t>(sum_b / K);
@@ -450,13 +448,14 @@ AGKD_CPU_INLINE Pearson<acc_t> centred_pearson(const acc_t* a, const acc_t* b, i
     d += ca * cb, x += ca * ca, y += cb * cb;
   }, dot, sq_a, sq_b);
   return make_pearson<acc_t>(static_cast<acc_t>(dot), static_cast<acc_t>(sq_a), static_cast<acc_t>(sq_b),
-                             acc_t(kDistEps));
+                             eps);
 }
 
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_typed(const at::Tensor& student, const at::Tensor& teacher,
                                                           double temperature, double inter_weight,
-                                                          double intra_weight, bool needs_s, bool needs_t) {
+                                                          double intra_weight, at::opmath_type<scalar_t> eps,
+                                                          bool needs_s, bool needs_t) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = student.size(0), K = student.size(1);
   const auto acc_options = student.options().dtype(accumulate_dtype(student.scalar_type()));
@@ -472,7 +471,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_typed(const at::Tensor& stud
     for (int64_t n = begin; n < end; ++n) {
       dist_probabilities(zs, inv_tau, n, buffer, ps + n * K);
       dist_probabilities(zt, inv_tau, n, buffer, pt + n * K);
-      const Pearson<acc_t> r = centred_pearson(ps + n * K, pt + n * K, K);
+      const Pearson<acc_t> r = centred_pearson(ps + n * K, pt + n * K, K, eps);
       rows[4 * n] = r.rho, rows[4 * n + 1] = r.inv_d, rows[4 * n + 2] = r.self_s, rows[4 * n + 3] = r.self_t;
     }
   });
@@ -496,7 +495,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_typed(const at::Tensor& stud
     }
     for (int64_t j = 0; j < width; ++j) {
       const Pearson<acc_t> r = make_pearson<acc_t>(static_cast<acc_t>(dot[j]), static_cast<acc_t>(sq_s[j]),
-                                                   static_cast<acc_t>(sq_t[j]), acc_t(kDistEps));
+                                                   static_cast<acc_t>(sq_t[j]), eps);
       col_rho[begin + j] = r.rho, col_inv_d[begin + j] = r.inv_d;
       col_self_s[begin + j] = r.self_s, col_self_t[begin + j] = r.self_t;
     }
@@ -555,17 +554,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_typed(const at::Tensor& stud
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                             double temperature, double inter_weight,
-                                                            double intra_weight, bool needs_grad_student,
-                                                            bool needs_grad_teacher) {
+                                                            double intra_weight, double eps,
+                                                            bool needs_grad_student, bool needs_grad_teacher) {
   constexpr const char* op = "agkd::dist_fwd";
   check_logit_pair(op, student, teacher);
   check_positive(op, "temperature", temperature);
   check_nonnegative(op, "inter_weight", inter_weight);
   check_nonnegative(op, "intra_weight", intra_weight);
+  check_positive(op, "eps", eps);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "dist_fwd_cpu", [&] {
-    out = dist_typed<scalar_t>(student, teacher, temperature, inter_weight, intra_weight, needs_grad_student,
-                               needs_grad_teacher);
+    out = dist_typed<scalar_t>(student, teacher, temperature, inter_weight, intra_weight,
+                               static_cast<at::opmath_type<scalar_t>>(eps), needs_grad_student, needs_grad_teacher);
   });
   return out;
 }
@@ -573,10 +573,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_fwd_cpu(const at::Tensor& st
 }  // namespace
 
 TORCH_LIBRARY_IMPL(agkd, CPU, m) {
-  m.impl("kd_family_fwd", &kd_family_fwd_cpu);
-  m.impl("dkd_fwd", &dkd_fwd_cpu);
-  m.impl("ofa_fwd", &ofa_fwd_cpu);
-  m.impl("dist_fwd", &dist_fwd_cpu);
+  register_kernel<op::KdFamilyFwd>(m, &kd_family_fwd_cpu);
+  register_kernel<op::DkdFwd>(m, &dkd_fwd_cpu);
+  register_kernel<op::OfaFwd>(m, &ofa_fwd_cpu);
+  register_kernel<op::DistFwd>(m, &dist_fwd_cpu);
 }
 
 }  // namespace agkd

@@ -28,6 +28,7 @@
 #include "agkd/math/align.h"
 #include "agkd/math/bilinear.h"
 #include "agkd/math/hybrid.h"
+#include "agkd/ops.h"
 
 namespace agkd {
 namespace {
@@ -276,8 +277,8 @@ std::tuple<at::Tensor, at::Tensor> align_bwd_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(agkd, CUDA, m) {
-  m.impl("align_fwd", &align_fwd_cuda);
-  m.impl("align_bwd", &align_bwd_cuda);
+  register_kernel<op::AlignFwd>(m, &align_fwd_cuda);
+  register_kernel<op::AlignBwd>(m, &align_bwd_cuda);
 }
 
 }  // namespace agkd

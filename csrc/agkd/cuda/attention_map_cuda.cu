@@ -16,6 +16,7 @@
 #include "agkd/cuda/block_reduce.cuh"
 #include "agkd/cuda/launch.cuh"
 #include "agkd/math/attention.h"
+#include "agkd/ops.h"
 
 namespace agkd {
 namespace {
@@ -147,8 +148,8 @@ at::Tensor attention_map_bwd_cuda(const at::Tensor& grad_map, const at::Tensor& 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(agkd, CUDA, m) {
-  m.impl("attention_map_fwd", &attention_map_fwd_cuda);
-  m.impl("attention_map_bwd", &attention_map_bwd_cuda);
+  register_kernel<op::AttentionMapFwd>(m, &attention_map_fwd_cuda);
+  register_kernel<op::AttentionMapBwd>(m, &attention_map_bwd_cuda);
 }
 
 }  // namespace agkd

@@ -29,6 +29,7 @@
 #include "agkd/math/cosine.h"
 #include "agkd/math/hybrid.h"
 #include "agkd/math/ssim.h"
+#include "agkd/ops.h"
 
 namespace agkd {
 namespace {
@@ -471,8 +472,8 @@ void hybrid_bwd_cuda_into(HybridBackward& b, const at::Tensor& x, const at::Tens
 }
 
 TORCH_LIBRARY_IMPL(agkd, CUDA, m) {
-  m.impl("hybrid_fwd", &hybrid_fwd_cuda);
-  m.impl("hybrid_bwd", &hybrid_bwd_cuda);
+  register_kernel<op::HybridFwd>(m, &hybrid_fwd_cuda);
+  register_kernel<op::HybridBwd>(m, &hybrid_bwd_cuda);
 }
 
 }  // namespace agkd

@@ -21,43 +21,18 @@
 
 #include "agkd/cuda/block_reduce.cuh"
 #include "agkd/cuda/launch.cuh"
+#include "agkd/cuda/rows.cuh"
 #include "agkd/kd.h"
 #include "agkd/math/kd.h"
+#include "agkd/ops.h"
 
 namespace agkd {
 namespace {
 
-constexpr int kMaxThreads = 512;        // forward block size for long rows
-constexpr int kGradThreads = 256;       // backward block size
-constexpr int kGradPerThread = 4;       // classes per backward thread
+constexpr int kMaxThreads = kRowThreads;  // forward block size for long rows
+constexpr int kGradThreads = 256;         // backward block size
+constexpr int kGradPerThread = 4;         // classes per backward thread
 constexpr int64_t kMaxGridY = 65535;
-
-struct DeviceExp {
-  __device__ __forceinline__ float operator()(float x) const { return expf(x); }
-  __device__ __forceinline__ double operator()(double x) const { return exp(x); }
-};
-
-// (N, K) logits of any strides, read as acc_t.
-template <typename scalar_t>
-struct Logits {
-  const scalar_t* data;
-  int64_t sN, sK;
-  __device__ __forceinline__ at::opmath_type<scalar_t> at(int64_t n, int64_t k) const {
-    return static_cast<at::opmath_type<scalar_t>>(data[n * sN + k * sK]);
-  }
-};
-
-template <typename scalar_t>
-Logits<scalar_t> logits_of(const at::Tensor& t) {
-  return {t.const_data_ptr<scalar_t>(), t.stride(0), t.stride(1)};
-}
-
-// A power of two between 32 and kMaxThreads, about one thread per four logits.
-int forward_threads(int64_t K) {
-  int threads = 32;
-  while (threads < kMaxThreads && threads * 4 < K) threads *= 2;
-  return threads;
-}
 
 // Everything a KD kernel reads besides the saved stats, by value.
 template <typename scalar_t>
@@ -207,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor> kd_fwd_cuda(const at::Tensor& student,
   // whatever the weights.
   const KdTarget tgt = kd_target(target, p);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int threads = forward_threads(g.K);
+  const int threads = row_threads(g.K);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const KdArgs<scalar_t> a = kd_args<scalar_t>(student, teacher, tgt, p);
@@ -255,8 +230,8 @@ std::tuple<at::Tensor, at::Tensor> kd_bwd_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(agkd, CUDA, m) {
-  m.impl("kd_fwd", &kd_fwd_cuda);
-  m.impl("kd_bwd", &kd_bwd_cuda);
+  register_kernel<op::KdFwd>(m, &kd_fwd_cuda);
+  register_kernel<op::KdBwd>(m, &kd_bwd_cuda);
 }
 
 }  // namespace agkd

@@ -18,6 +18,16 @@
 
 namespace agkd {
 
+// The temperatures a kernel accepts, as agkd_ops checks them (TEMPERATURE_RANGE, which a
+// test holds equal to these): a tensor temperature outside, which the API cannot check on
+// a GPU without a sync, makes its row's loss NaN.
+constexpr double kMinTemperature = 1e-3, kMaxTemperature = 1e3;
+
+template <typename T>
+AGKD_HOST_DEVICE bool temperature_in_range(T tau) {
+  return tau >= T(kMinTemperature) && tau <= T(kMaxTemperature);  // NaN fails both
+}
+
 // ------------------------------------------------------------------ standardization
 
 // The z-score of one row, (z − mean) / (std + eps), std with Bessel's correction.
