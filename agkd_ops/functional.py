@@ -17,10 +17,9 @@ C++ files are under csrc/agkd, and each op's autograd is ``autograd/<op>_autogra
   ``standardize`` or a sequence / tensor temperature, ``dkd_loss``, ``ofa_loss``,
   ``dist_loss`` -> ``agkd::kd_family_fwd``, ``dkd_fwd``, ``ofa_fwd``, ``dist_fwd``
   (gradients computed in the forward): ``logit.h``, ``cpu/logit_cpu.cpp``,
-  ``math/logit.h``, ``autograd/logit_autograd.cpp``; no CUDA kernels yet (the reference
-  serves CUDA tensors).
+  ``cuda/logit_cuda.cu``, ``math/logit.h``, ``autograd/logit_autograd.cpp``.
 
-Every schema is in csrc/agkd/ops.cpp; fake kernels in :mod:`._registrations` (a section
+Every schema is in csrc/agkd/ops.cpp (its C++ signature in ops.h); fake kernels in :mod:`._registrations` (a section
 per op); the reference of each function in :mod:`.reference` under the same name; the
 module in :mod:`.losses`; defaults in :mod:`._defaults`. A native call is one
 ``torch.ops.agkd.<op>_fwd`` (reduction included) and, in the backward, one C++ node.

@@ -31,9 +31,12 @@ def test_an_out_of_range_class_is_an_error_whatever_alpha(backend, kd_weight):
     s, t = (x.to(backend.device) for x in _logits())
     for bad in (5, -1, -100):
         target = torch.tensor([0, 1, 2, 3, 4, bad], device=backend.device)
-        if backend.cuda_kernels:  # no host sync to look: the row's loss is NaN instead
-            per_row = agkd_ops.kd_loss(s, t, target, kd_weight=kd_weight, reduction="none")
+        if backend.cuda_kernels:  # no host sync to look: the row's loss and gradient are NaN instead
+            student = s.clone().requires_grad_()
+            per_row = agkd_ops.kd_loss(student, t, target, kd_weight=kd_weight, reduction="none")
             assert torch.isnan(per_row[5]) and torch.isfinite(per_row[:5]).all()
+            per_row.sum().backward()
+            assert torch.isnan(student.grad[5]).all() and torch.isfinite(student.grad[:5]).all()
         else:
             assert_clear_error(lambda: agkd_ops.kd_loss(s, t, target, kd_weight=kd_weight), ValueError,
                                ["agkd_ops.kd_loss", "target", "[0, 5)"])

@@ -151,10 +151,17 @@ __global__ void __launch_bounds__(kGradThreads)
     }
     return;
   }
+  if (a.classes != nullptr && !kd_class_in_range(a.classes[n], K)) {  // its loss is NaN: so is its gradient
+    for (int64_t k = first; k < K; k += stride) {
+      if (grad_s) grad_s[n * K + k] = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+      if (grad_t) grad_t[n * K + k] = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+    }
+    return;
+  }
   const KdRowStats<acc_t> st = load_kd_stats(stats + n * kKdStats);
   const KdGradCoeffs<acc_t> c = kd_grad_coeffs(grad_loss[n], a.temperature, a.ce_weight, a.kl_weight);
   const acc_t inv_tau = acc_t(1) / a.temperature;
-  const int64_t y = kCE && !kProb ? a.classes[n] : -1;  // out of range: matches no class (loss is NaN)
+  const int64_t y = kCE && !kProb ? a.classes[n] : -1;
   for (int64_t k = first; k < K; k += stride) {
     const acc_t q = kProb ? target_probability(a.q.at(n, k)) : (k == y ? acc_t(1) : acc_t(0));
     const KdGradPair<acc_t> g = kd_grads_at<kCE, kKL>(st, c, a.s.at(n, k), kKL ? a.t.at(n, k) : acc_t(0),
