@@ -9,7 +9,7 @@ here; the configuration gains the section of its settings by itself (docs/design
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Type
+from typing import Callable, Dict, Mapping, Optional, Tuple, Type
 
 from torch import nn
 
@@ -19,9 +19,18 @@ from .agkd import AGKD, ATTENTION_LOSSES, AGKDSettings
 from .base import Distiller, ModelFacts
 from .cakd import (CAKD, PCA_ATTENTION, VIEW_TERMS, CAKDSettings, GLProjector, MultiViewDiscriminator,
                    MultiViewGenerator, PCAProjector, check_cakd_settings, match_teacher_grid, pca_loss)
+from .ctkd import CTKD, CTKDSettings
+from .dist import DIST, DISTSettings
+from .dkd import DKD, DKDSettings
 from .logit import LogitKD, LogitKDSettings
+from .lskd import LSKD, LSKDSettings
+from .ofa import OFA, OFASettings, check_ofa_settings
+from .ttm import TTM, TTMSettings
+from .wttm import WTTM, WTTMSettings
 
 __all__ = ["Distiller", "ModelFacts", "LogitKD", "AGKD", "CAKD", "LogitKDSettings", "AGKDSettings", "CAKDSettings",
+           "DKD", "DKDSettings", "DIST", "DISTSettings", "LSKD", "LSKDSettings", "TTM", "TTMSettings", "WTTM",
+           "WTTMSettings", "CTKD", "CTKDSettings", "OFA", "OFASettings",
            "ATTENTION_LOSSES", "Method", "METHODS", "build_task",
            "PCAProjector", "GLProjector", "MultiViewGenerator", "MultiViewDiscriminator", "pca_loss",
            "match_teacher_grid", "PCA_ATTENTION", "VIEW_TERMS"]
@@ -34,15 +43,22 @@ class Method:
     None for a method without settings), whether a teacher cache (logits and attention
     maps written ahead) can stand in for the online teacher, its name in reports, and the
     setting (if any) whose every choice ``agkd compare`` runs as a variant of its own
-    (``agkd-mse``, ``agkd-ssim``, ...), and the checks of its settings against the models
+    (``agkd-mse``, ``agkd-ssim``, ...), the checks of its settings against the models
     (``check(settings, facts)``, called by every command before any work: a ConfigError
-    naming the setting)."""
+    naming the setting), and the other methods' sections its loss is built from
+    (``reads(settings)``, e.g. AGKD's logit term ``agkd.logit_loss=dkd`` reads ``dkd``):
+    ``build`` then receives them as ``sections``, and a comparison counts them in a run's
+    identity."""
     build: Callable[..., Task]
     settings: Optional[Type[Settings]]
     cacheable: bool
     label: str
     variants: Optional[str] = None
     check: Optional[Callable[[Settings, ModelFacts], None]] = None
+    reads: Optional[Callable[[Settings], Tuple[str, ...]]] = None
+
+    def sections_read(self, settings: Optional[Settings]) -> Tuple[str, ...]:
+        return self.reads(settings) if self.reads is not None and settings is not None else ()
 
 
 def _student_alone(teacher: nn.Module, student: nn.Module, settings: None = None, *,
@@ -53,17 +69,32 @@ def _student_alone(teacher: nn.Module, student: nn.Module, settings: None = None
 METHODS: Dict[str, Method] = {
     "none": Method(_student_alone, None, cacheable=False, label="no KD"),  # the student on the labels alone
     "logit": Method(LogitKD, LogitKDSettings, cacheable=True, label="logit KD"),
-    "agkd": Method(AGKD, AGKDSettings, cacheable=True, label="AGKD", variants="attention_loss"),
+    "agkd": Method(AGKD, AGKDSettings, cacheable=True, label="AGKD", variants="attention_loss",
+                   reads=lambda s: () if s.logit_loss == "kd" else (s.logit_loss,)),
     "cakd": Method(CAKD, CAKDSettings, cacheable=False, label="CAKD", check=check_cakd_settings),
+    "dkd": Method(DKD, DKDSettings, cacheable=True, label="DKD"),
+    "dist": Method(DIST, DISTSettings, cacheable=True, label="DIST"),
+    "lskd": Method(LSKD, LSKDSettings, cacheable=True, label="logit-standardized KD"),
+    "ttm": Method(TTM, TTMSettings, cacheable=True, label="TTM"),
+    "wttm": Method(WTTM, WTTMSettings, cacheable=True, label="WTTM"),
+    "ctkd": Method(CTKD, CTKDSettings, cacheable=True, label="CTKD"),
+    "ofa": Method(OFA, OFASettings, cacheable=True, label="OFA", check=check_ofa_settings),  # branches read the student
 }
 
 
 def build_task(method: str, teacher: nn.Module, student: nn.Module, settings: Optional[Settings] = None, *,
-               label_smoothing: float = 0.0) -> Task:
-    """The task of ``method`` with its settings (default: the method's defaults) and the
-    label smoothing of its cross-entropy terms (``train.label_smoothing``)."""
+               label_smoothing: float = 0.0, sections: Optional[Mapping[str, Settings]] = None) -> Task:
+    """The task of ``method`` with its settings (default: the method's defaults), the label
+    smoothing of its cross-entropy terms (``train.label_smoothing``) and, for a method that
+    builds on other methods' sections (``Method.reads``), those sections (from
+    ``sections``; their defaults where absent)."""
     try:
         m = METHODS[method]
     except KeyError:
         raise ValueError(f"unknown distillation method {method!r}; choose one of {', '.join(METHODS)}") from None
-    return m.build(teacher, student, settings, label_smoothing=label_smoothing)
+    if m.reads is None:
+        return m.build(teacher, student, settings, label_smoothing=label_smoothing)
+    read = m.sections_read(settings if settings is not None else m.settings())
+    given = sections or {}
+    return m.build(teacher, student, settings, label_smoothing=label_smoothing,
+                   sections={name: given.get(name) or METHODS[name].settings() for name in read})

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,20 +13,32 @@ import agkd_ops
 from ..models.attention import minmax_normalize
 from ..models.student import Student, StudentOutput
 from ..models.teacher import HybridTeacher
-from ..settings import default_of, setting
+from ..settings import Settings, default_of, setting
 from .base import Distiller
-from .logit import LogitKDSettings
+from .dist import DISTTerm
+from .dkd import DKDTerm
+from .logit import KDTerm, LogitKDSettings
+from .lskd import LSKDTerm
+from .ttm import TTMTerm
 
-__all__ = ["AGKD", "AGKDSettings", "ATTENTION_LOSSES"]
+__all__ = ["AGKD", "AGKDSettings", "ATTENTION_LOSSES", "LOGIT_LOSSES"]
 
 ATTENTION_LOSSES = (*agkd_ops.ALIGN_LOSSES, "perceptual")
+# AGKD's logit term: Hinton KD with AGKD's own temperature and kd_weight, or another logit
+# method's loss with that method's section (agkd.logit_loss=dkd reads dkd.*).
+LOGIT_LOSSES = {"kd": KDTerm, "dkd": DKDTerm, "dist": DISTTerm, "lskd": LSKDTerm, "ttm": TTMTerm}
 
 
 @dataclass
 class AGKDSettings(LogitKDSettings, section="agkd"):
-    """AGKD's total ``logit_weight·L_logits + attention_weight·L_attention``; the logit
-    term's ``temperature`` and ``kd_weight`` are those of :class:`LogitKDSettings`."""
+    """AGKD's total ``logit_weight·L_logits + attention_weight·L_attention``. With
+    ``logit_loss="kd"`` (the paper's) the logit term is Hinton KD with this section's
+    ``temperature`` and ``kd_weight`` (those of :class:`LogitKDSettings`); with ``dkd``,
+    ``dist``, ``lskd`` or ``ttm`` it is that method's whole loss, configured by its own
+    section (``--set agkd.logit_loss=dkd --set dkd.nckd_weight=2``)."""
     attention_loss: str = setting("hybrid", "attention-map loss", choices=ATTENTION_LOSSES)
+    logit_loss: str = setting("kd", "the logit term: Hinton KD (kd, with this section's temperature and kd_weight) "
+                              "or another logit method's loss with that method's section", choices=tuple(LOGIT_LOSSES))
     logit_weight: float = setting(1.0, "weight of the logit (KD) term", minimum=0)
     attention_weight: float = setting(1.0, "weight of the attention term", minimum=0)
     ssim_weight: float = setting(default_of(agkd_ops.hybrid_loss, "ssim_weight"), "hybrid loss: weight of 1 - SSIM",
@@ -48,7 +60,8 @@ class AGKD(Distiller):
     """Attention-guided KD: ``logit_weight·L_logits + attention_weight·L_attention``
     (AGKD §III.B, there ``α·L_logits + β·L_attention``).
 
-    ``L_logits`` is the Hinton loss (``agkd_ops.kd_loss``); ``L_attention`` the mean over
+    ``L_logits`` is the Hinton loss (``agkd_ops.kd_loss``), or the loss of the logit method
+    ``logit_loss`` names (DKD, DIST, LSKD, TTM); ``L_attention`` the mean over
     the student's chosen stages of the distance between the student's attention map,
     resized bilinearly to the teacher's ``A_T``, and ``A_T``:
 
@@ -70,9 +83,13 @@ class AGKD(Distiller):
     settings_class = AGKDSettings
 
     def __init__(self, teacher: HybridTeacher, student: Student, settings: Optional[AGKDSettings] = None, *,
-                 perceptual_extractor: Optional[nn.Module] = None, label_smoothing: float = 0.0, **changes):
+                 perceptual_extractor: Optional[nn.Module] = None, label_smoothing: float = 0.0,
+                 sections: Optional[Mapping[str, Settings]] = None, **changes):
         super().__init__(teacher, student, label_smoothing=label_smoothing)
         self.settings = settings = self.settings_from(settings, changes)
+        term = LOGIT_LOSSES[settings.logit_loss]
+        term_settings = settings if settings.logit_loss == "kd" else (sections or {}).get(settings.logit_loss)
+        self.logit_term = term(term_settings or term.settings_class(), label_smoothing=label_smoothing)
         if settings.attention_loss == "perceptual":
             if perceptual_extractor is None:
                 # VGG keeps its layers in .features; ResNets and the like list them as children.
@@ -101,10 +118,12 @@ class AGKD(Distiller):
         as_rgb = lambda m: m.mean(1, keepdim=True).expand(-1, 3, -1, -1)
         return F.mse_loss(self.perceptual(as_rgb(s)), self.perceptual(as_rgb(t)))
 
+    def start_epoch(self, epoch: int, batches: int) -> None:
+        self.logit_term.start_epoch(epoch, batches)
+
     def loss_terms(self, s: StudentOutput, t, targets: torch.Tensor, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         settings = self.settings
-        logits = agkd_ops.kd_loss(s.logits, t.logits, targets, temperature=settings.temperature,
-                                  kd_weight=settings.kd_weight, label_smoothing=self.label_smoothing)
+        logits = self.logit_term(s.logits, t.logits, targets)["total"]
         teacher_map = t.attention.to(s.attention[0].dtype)
         attention = torch.stack([self.attention_term(m, teacher_map) for m in s.attention]).mean()
         total = settings.logit_weight * logits + settings.attention_weight * attention

@@ -147,9 +147,12 @@ def _method_config(cfg: Config, name: str, seed: int, epochs: int):
 
 
 def _result_relevant(run_cfg: Config, method: str) -> Dict[str, Any]:
-    """The run's configuration less the sections of the other methods, so that a new or
-    changed setting of one method does not void the finished runs of others."""
-    return {name: values for name, values in run_cfg.to_dict().items() if name == method or name not in METHODS}
+    """The run's configuration less the sections of the other methods (but those its loss
+    is built from, ``Method.reads``), so that a new or changed setting of one method does
+    not void the finished runs of others."""
+    m = METHODS[method]
+    kept = {method, *m.sections_read(run_cfg.section(method) if m.settings else None)}
+    return {name: values for name, values in run_cfg.to_dict().items() if name in kept or name not in METHODS}
 
 
 def _teacher_cache(experiment: Experiment, seed: int, folder: Path, epochs: int, log) -> Path:

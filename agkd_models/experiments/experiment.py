@@ -211,7 +211,8 @@ class Experiment:
             train_set = CachedTeacherDataset(train_set, cache)
         student = build_student(cfg, data.num_classes)
         task = build_task(method, teacher, student, cfg.section(method) if METHODS[method].settings else None,
-                          label_smoothing=cfg.train.label_smoothing)
+                          label_smoothing=cfg.train.label_smoothing,
+                          sections={name: cfg.section(name) for name, m in METHODS.items() if m.settings})
         trainer = Trainer(task, cfg.train, out, num_classes=data.num_classes, run_record=run_record(cfg, data))
         history = fit(trainer, cfg, data, train_set, out, resume, "distill")
         if trainer.world.is_main:
