@@ -13,7 +13,7 @@ from agkd_models.data.cache import (CachedTeacherDataset, TeacherCache, TeacherC
                                     teacher_identity)
 from agkd_models.cli import main
 from agkd_models.experiments.experiment import cache_teacher, distill
-from agkd_models.experiments.pipeline import build_data, build_teacher
+from agkd_models.experiments.pipeline import CACHEABLE, build_data, build_teacher
 from agkd_models.config import load_config
 
 TINY = ["data.limit_train=48", "data.limit_val=16", "train.epochs=2", "train.batch_size=16",
@@ -81,7 +81,7 @@ def _history(run):
     return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in run["history"]]
 
 
-@pytest.mark.parametrize("method", ["agkd", "logit"])
+@pytest.mark.parametrize("method", CACHEABLE)
 def test_cached_distillation_equals_online(teacher_file, caches, tmp_path, method):
     online = distill(config(f"distill.method={method}"), str(teacher_file), tmp_path / "online")
     cached = distill(config(f"distill.method={method}"), str(teacher_file), tmp_path / "cached",

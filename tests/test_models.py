@@ -216,7 +216,7 @@ AGKD_CHANGES = {"temperature": (2.0, "hybrid"), "kd_weight": (0.3, "hybrid"), "l
                 "attention_weight": (2.0, "hybrid"), "ssim_weight": (0.9, "hybrid"), "cosine_weight": (0.1, "hybrid"),
                 "window_size": (5, "ssim"), "sigma": (0.5, "ssim"), "padding": ("reflect", "ssim"),
                 "perceptual_layers": (2, "perceptual"),
-                "attention_loss": ("mse", "hybrid")}
+                "attention_loss": ("mse", "hybrid"), "logit_loss": ("dkd", "hybrid")}
 
 
 def test_every_logit_and_agkd_setting_changes_the_loss(batch):

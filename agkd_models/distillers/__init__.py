@@ -23,7 +23,7 @@ from .ctkd import CTKD, CTKDSettings
 from .dist import DIST, DISTSettings
 from .dkd import DKD, DKDSettings
 from .logit import LogitKD, LogitKDSettings
-from .lskd import LSKD, LSKDSettings
+from .lskd import LSKD, LSKDSettings, check_lskd_settings
 from .ofa import OFA, OFASettings, check_ofa_settings
 from .ttm import TTM, TTMSettings
 from .wttm import WTTM, WTTMSettings
@@ -74,7 +74,7 @@ METHODS: Dict[str, Method] = {
     "cakd": Method(CAKD, CAKDSettings, cacheable=False, label="CAKD", check=check_cakd_settings),
     "dkd": Method(DKD, DKDSettings, cacheable=True, label="DKD"),
     "dist": Method(DIST, DISTSettings, cacheable=True, label="DIST"),
-    "lskd": Method(LSKD, LSKDSettings, cacheable=True, label="logit-standardized KD"),
+    "lskd": Method(LSKD, LSKDSettings, cacheable=True, label="logit-standardized KD", check=check_lskd_settings),
     "ttm": Method(TTM, TTMSettings, cacheable=True, label="TTM"),
     "wttm": Method(WTTM, WTTMSettings, cacheable=True, label="WTTM"),
     "ctkd": Method(CTKD, CTKDSettings, cacheable=True, label="CTKD"),

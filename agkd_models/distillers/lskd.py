@@ -9,7 +9,7 @@ import agkd_ops
 from ..settings import ConfigError, Settings, setting
 from .logit import LogitMethod, LogitTerm
 
-__all__ = ["LSKD", "LSKDSettings", "LSKDTerm"]
+__all__ = ["LSKD", "LSKDSettings", "LSKDTerm", "check_lskd_settings"]
 
 
 @dataclass
@@ -26,9 +26,10 @@ class LSKDSettings(Settings, section="lskd"):
     temperature: float = setting(2.0, "base temperature τ (the authors' --base-temp)", above=0)
 
 
-def check_weights(settings, method: str) -> None:
+def check_lskd_settings(settings: LSKDSettings, facts=None) -> None:
+    """The two weights may not both be 0 (the loss would be 0; before any work)."""
     if settings.ce_weight + settings.kd_weight <= 0:
-        raise ConfigError(f"{method}.ce_weight and {method}.kd_weight are both 0: the loss would be 0")
+        raise ConfigError("lskd.ce_weight and lskd.kd_weight are both 0: the loss would be 0")
 
 
 class LSKDTerm(LogitTerm):
@@ -39,7 +40,7 @@ class LSKDTerm(LogitTerm):
     settings_class = LSKDSettings
 
     def __init__(self, settings, *, label_smoothing: float = 0.0):
-        check_weights(settings, "lskd")
+        check_lskd_settings(settings)
         super().__init__(settings, label_smoothing=label_smoothing)
 
     def __call__(self, student, teacher, targets):
