@@ -178,25 +178,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_family_fwd_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& temperature,
     const std::optional<at::Tensor>& teacher_temperature, bool standardize, double standardize_eps,
     c10::string_view reduction, bool needs_grad_student, bool needs_grad_teacher, bool needs_grad_temperature) {
-  constexpr const char* op = "agkd::kd_family_fwd";
-  check_logit_pair(op, student, teacher);
-  check_temperature_columns(op, "temperature", temperature, student);
-  const bool tied = !teacher_temperature.has_value() || !teacher_temperature->defined();
-  if (!tied) {
-    check_temperature_columns(op, "teacher_temperature", *teacher_temperature, student);
-    TORCH_CHECK(teacher_temperature->size(1) == temperature.size(1), op,
-                ": teacher_temperature must have temperature's shape");
-  }
-  TORCH_CHECK(!standardize || student.size(1) >= 2, op, ": standardize needs K >= 2");
-  if (standardize) check_positive(op, "standardize_eps", standardize_eps);
-  const Reduction r = parse_reduction(reduction);
-  const int64_t N = student.size(0), K = student.size(1);
-  const auto acc = accumulate_dtype(student.scalar_type());
-  at::Tensor loss = at::empty({N}, student.options().dtype(acc));
-  at::Tensor grad_s = forward_grad_or_empty(student, needs_grad_student);
-  at::Tensor grad_t = forward_grad_or_empty(teacher, needs_grad_teacher);
-  at::Tensor grad_tau = needs_grad_temperature ? at::empty(temperature.sizes(), temperature.options())
-                                               : at::empty({0}, temperature.options());
+  KdFamilyCall call = prepare_kd_family(student, teacher, temperature, teacher_temperature, standardize,
+                                        standardize_eps, reduction, needs_grad_student, needs_grad_teacher,
+                                        needs_grad_temperature);
+  const Reduction r = call.out.reduction;
+  const int64_t N = call.out.N, K = call.out.K;
+  at::Tensor &loss = call.out.loss, &grad_s = call.out.grad_s, &grad_t = call.out.grad_t;
+  const bool tied = call.tied;
+  at::Tensor& grad_tau = call.grad_tau;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_family_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const FamilyArgs<scalar_t> args{LogitRows<scalar_t>(student),
@@ -285,19 +274,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dkd_fwd_cpu(const at::Tensor& stu
                                                            double tckd_weight, double nckd_weight,
                                                            c10::string_view reduction, bool needs_grad_student,
                                                            bool needs_grad_teacher) {
-  constexpr const char* op = "agkd::dkd_fwd";
-  check_logit_pair(op, student, teacher);
-  check_positive(op, "temperature", temperature);
-  check_nonnegative(op, "tckd_weight", tckd_weight);
-  check_nonnegative(op, "nckd_weight", nckd_weight);
-  TORCH_CHECK(student.size(1) >= 2, op, ": needs K >= 2 classes");
-  const at::Tensor classes = class_targets(op, target, student);
-  const Reduction r = parse_reduction(reduction);
-  const int64_t N = student.size(0), K = student.size(1);
+  TargetLossCall call = prepare_dkd(student, teacher, target, temperature, tckd_weight, nckd_weight, reduction,
+                                    needs_grad_student, needs_grad_teacher);
+  const Reduction r = call.out.reduction;
+  const int64_t N = call.out.N, K = call.out.K;
+  at::Tensor &loss = call.out.loss, &grad_s = call.out.grad_s, &grad_t = call.out.grad_t;
+  const at::Tensor& classes = call.classes;
   check_class_range("dkd_loss", classes, K);
-  at::Tensor loss = at::empty({N}, student.options().dtype(accumulate_dtype(student.scalar_type())));
-  at::Tensor grad_s = forward_grad_or_empty(student, needs_grad_student);
-  at::Tensor grad_t = forward_grad_or_empty(teacher, needs_grad_teacher);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "dkd_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const DkdArgs<scalar_t> args{LogitRows<scalar_t>(student),
@@ -389,17 +372,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ofa_fwd_cpu(const at::Tensor& stu
                                                            const at::Tensor& target, double temperature, double eps,
                                                            c10::string_view reduction, bool needs_grad_student,
                                                            bool needs_grad_teacher) {
-  constexpr const char* op = "agkd::ofa_fwd";
-  check_logit_pair(op, student, teacher);
-  check_positive(op, "temperature", temperature);
-  check_positive(op, "eps", eps);
-  const at::Tensor classes = class_targets(op, target, student);
-  const Reduction r = parse_reduction(reduction);
-  const int64_t N = student.size(0), K = student.size(1);
+  TargetLossCall call = prepare_ofa(student, teacher, target, temperature, eps, reduction, needs_grad_student,
+                                    needs_grad_teacher);
+  const Reduction r = call.out.reduction;
+  const int64_t N = call.out.N, K = call.out.K;
+  at::Tensor &loss = call.out.loss, &grad_s = call.out.grad_s, &grad_t = call.out.grad_t;
+  const at::Tensor& classes = call.classes;
   check_class_range("ofa_loss", classes, K);
-  at::Tensor loss = at::empty({N}, student.options().dtype(accumulate_dtype(student.scalar_type())));
-  at::Tensor grad_s = forward_grad_or_empty(student, needs_grad_student);
-  at::Tensor grad_t = forward_grad_or_empty(teacher, needs_grad_teacher);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "ofa_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const OfaArgs<scalar_t> args{LogitRows<scalar_t>(student),
@@ -556,12 +535,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_fwd_cpu(const at::Tensor& st
                                                             double temperature, double inter_weight,
                                                             double intra_weight, double eps,
                                                             bool needs_grad_student, bool needs_grad_teacher) {
-  constexpr const char* op = "agkd::dist_fwd";
-  check_logit_pair(op, student, teacher);
-  check_positive(op, "temperature", temperature);
-  check_nonnegative(op, "inter_weight", inter_weight);
-  check_nonnegative(op, "intra_weight", intra_weight);
-  check_positive(op, "eps", eps);
+  check_dist(student, teacher, temperature, inter_weight, intra_weight, eps);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "dist_fwd_cpu", [&] {
     out = dist_typed<scalar_t>(student, teacher, temperature, inter_weight, intra_weight,

@@ -189,27 +189,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_family_fwd_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& temperature,
     const std::optional<at::Tensor>& teacher_temperature, bool standardize, double standardize_eps,
     c10::string_view reduction, bool needs_grad_student, bool needs_grad_teacher, bool needs_grad_temperature) {
-  constexpr const char* op = "agkd::kd_family_fwd";
-  check_logit_pair(op, student, teacher);
-  check_rows(op, student);
-  check_temperature_columns(op, "temperature", temperature, student);
-  const bool tied = !teacher_temperature.has_value() || !teacher_temperature->defined();
-  if (!tied) {
-    check_temperature_columns(op, "teacher_temperature", *teacher_temperature, student);
-    TORCH_CHECK(teacher_temperature->size(1) == temperature.size(1), op,
-                ": teacher_temperature must have temperature's shape");
-  }
-  TORCH_CHECK(!standardize || student.size(1) >= 2, op, ": standardize needs K >= 2");
-  if (standardize) check_positive(op, "standardize_eps", standardize_eps);
-  const Reduction r = parse_reduction(reduction);
-  const int64_t N = student.size(0), K = student.size(1);
   const c10::cuda::CUDAGuard guard(student.device());
-  const auto acc = accumulate_dtype(student.scalar_type());
-  at::Tensor loss = at::empty({N}, student.options().dtype(acc));
-  at::Tensor grad_s = forward_grad_or_empty(student, needs_grad_student);
-  at::Tensor grad_t = forward_grad_or_empty(teacher, needs_grad_teacher);
-  at::Tensor grad_tau = needs_grad_temperature ? at::empty({N, temperature.size(1)}, temperature.options())
-                                               : at::empty({0}, temperature.options());
+  KdFamilyCall call = prepare_kd_family(student, teacher, temperature, teacher_temperature, standardize,
+                                        standardize_eps, reduction, needs_grad_student, needs_grad_teacher,
+                                        needs_grad_temperature);
+  check_rows("agkd::kd_family_fwd", student);
+  const Reduction r = call.out.reduction;
+  const int64_t N = call.out.N, K = call.out.K;
+  at::Tensor &loss = call.out.loss, &grad_s = call.out.grad_s, &grad_t = call.out.grad_t;
+  const bool tied = call.tied;
+  at::Tensor& grad_tau = call.grad_tau;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_family_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -246,19 +235,19 @@ struct TargetArgs {  // DKD's and OFA's: two logit rows and a class per row
 };
 
 template <typename scalar_t>
-TargetArgs<scalar_t> target_args(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& classes,
-                                 double temperature, Reduction r, at::Tensor& loss, at::Tensor& grad_s,
-                                 at::Tensor& grad_t, bool needs_s, bool needs_t) {
+TargetArgs<scalar_t> target_args(const at::Tensor& student, const at::Tensor& teacher, TargetLossCall& call,
+                                 double temperature) {
   using acc_t = at::opmath_type<scalar_t>;
+  RowLossOutputs& out = call.out;
   return {logits_of<scalar_t>(student),
           logits_of<scalar_t>(teacher),
-          classes.const_data_ptr<int64_t>(),
-          student.size(1),
+          call.classes.const_data_ptr<int64_t>(),
+          out.K,
           static_cast<acc_t>(temperature),
-          static_cast<acc_t>(output_grad_scale(r, student.size(0))),
-          loss.mutable_data_ptr<acc_t>(),
-          needs_s ? grad_s.mutable_data_ptr<acc_t>() : nullptr,
-          needs_t ? grad_t.mutable_data_ptr<acc_t>() : nullptr};
+          static_cast<acc_t>(output_grad_scale(out.reduction, out.N)),
+          out.loss.mutable_data_ptr<acc_t>(),
+          out.grad_s.numel() ? out.grad_s.mutable_data_ptr<acc_t>() : nullptr,
+          out.grad_t.numel() ? out.grad_t.mutable_data_ptr<acc_t>() : nullptr};
 }
 
 // With b = (s − m_s)/τ and a = (t − m_t)/τ shifted by the non-target maxima (math/logit.h,
@@ -312,29 +301,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dkd_fwd_cuda(const at::Tensor& st
                                                             double tckd_weight, double nckd_weight,
                                                             c10::string_view reduction, bool needs_grad_student,
                                                             bool needs_grad_teacher) {
-  constexpr const char* op = "agkd::dkd_fwd";
-  check_logit_pair(op, student, teacher);
-  check_rows(op, student);
-  check_positive(op, "temperature", temperature);
-  check_nonnegative(op, "tckd_weight", tckd_weight);
-  check_nonnegative(op, "nckd_weight", nckd_weight);
-  TORCH_CHECK(student.size(1) >= 2, op, ": needs K >= 2 classes");
-  const at::Tensor classes = class_targets(op, target, student);
-  const Reduction r = parse_reduction(reduction);
-  const int64_t N = student.size(0), K = student.size(1);
   const c10::cuda::CUDAGuard guard(student.device());
-  at::Tensor loss = at::empty({N}, student.options().dtype(accumulate_dtype(student.scalar_type())));
-  at::Tensor grad_s = forward_grad_or_empty(student, needs_grad_student);
-  at::Tensor grad_t = forward_grad_or_empty(teacher, needs_grad_teacher);
+  TargetLossCall call = prepare_dkd(student, teacher, target, temperature, tckd_weight, nckd_weight, reduction,
+                                    needs_grad_student, needs_grad_teacher);
+  check_rows("agkd::dkd_fwd", student);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "dkd_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch_kernel(dkd_kernel<scalar_t>, N, row_threads(K), 0, stream,
-                  target_args<scalar_t>(student, teacher, classes, temperature, r, loss, grad_s, grad_t,
-                                        needs_grad_student, needs_grad_teacher),
-                  static_cast<acc_t>(tckd_weight), static_cast<acc_t>(nckd_weight));
+    launch_kernel(dkd_kernel<scalar_t>, call.out.N, row_threads(call.out.K), 0, stream,
+                  target_args<scalar_t>(student, teacher, call, temperature), static_cast<acc_t>(tckd_weight),
+                  static_cast<acc_t>(nckd_weight));
   });
-  return {reduce_loss(loss, r), grad_s, grad_t};
+  return {reduce_loss(call.out.loss, call.out.reduction), call.out.grad_s, call.out.grad_t};
 }
 
 // ============================================================ agkd::ofa_fwd
@@ -403,27 +381,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ofa_fwd_cuda(const at::Tensor& st
                                                             const at::Tensor& target, double temperature,
                                                             double eps, c10::string_view reduction,
                                                             bool needs_grad_student, bool needs_grad_teacher) {
-  constexpr const char* op = "agkd::ofa_fwd";
-  check_logit_pair(op, student, teacher);
-  check_rows(op, student);
-  check_positive(op, "temperature", temperature);
-  check_positive(op, "eps", eps);
-  const at::Tensor classes = class_targets(op, target, student);
-  const Reduction r = parse_reduction(reduction);
-  const int64_t N = student.size(0), K = student.size(1);
   const c10::cuda::CUDAGuard guard(student.device());
-  at::Tensor loss = at::empty({N}, student.options().dtype(accumulate_dtype(student.scalar_type())));
-  at::Tensor grad_s = forward_grad_or_empty(student, needs_grad_student);
-  at::Tensor grad_t = forward_grad_or_empty(teacher, needs_grad_teacher);
+  TargetLossCall call = prepare_ofa(student, teacher, target, temperature, eps, reduction, needs_grad_student,
+                                    needs_grad_teacher);
+  check_rows("agkd::ofa_fwd", student);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "ofa_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch_kernel(ofa_kernel<scalar_t>, N, row_threads(K), 0, stream,
-                  target_args<scalar_t>(student, teacher, classes, temperature, r, loss, grad_s, grad_t,
-                                        needs_grad_student, needs_grad_teacher),
-                  static_cast<acc_t>(eps));
+    launch_kernel(ofa_kernel<scalar_t>, call.out.N, row_threads(call.out.K), 0, stream,
+                  target_args<scalar_t>(student, teacher, call, temperature), static_cast<acc_t>(eps));
   });
-  return {reduce_loss(loss, r), grad_s, grad_t};
+  return {reduce_loss(call.out.loss, call.out.reduction), call.out.grad_s, call.out.grad_t};
 }
 
 // ============================================================ agkd::dist_fwd
@@ -565,13 +533,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_fwd_cuda(const at::Tensor& s
                                                              double temperature, double inter_weight,
                                                              double intra_weight, double eps,
                                                              bool needs_grad_student, bool needs_grad_teacher) {
-  constexpr const char* op = "agkd::dist_fwd";
-  check_logit_pair(op, student, teacher);
-  check_rows(op, student);
-  check_positive(op, "temperature", temperature);
-  check_nonnegative(op, "inter_weight", inter_weight);
-  check_nonnegative(op, "intra_weight", intra_weight);
-  check_positive(op, "eps", eps);
+  check_dist(student, teacher, temperature, inter_weight, intra_weight, eps);
+  check_rows("agkd::dist_fwd", student);
   const int64_t N = student.size(0), K = student.size(1);
   const c10::cuda::CUDAGuard guard(student.device());
   const auto acc_options = student.options().dtype(accumulate_dtype(student.scalar_type()));
