@@ -124,11 +124,11 @@ def _time(fn, args, device):
     return time.perf_counter() - start
 
 
-def run(device="cpu", repeats=15):
+def run(device="cpu", repeats=15, shapes=SHAPES):
     agkd_ops.set_backend("native")
     rows = []
     for name, ours, theirs in cases():
-        for shape in SHAPES:
+        for shape in shapes:
             args = make_inputs(shape, device)
             for _ in range(2):  # warm-up
                 step(ours, *args), step(theirs, *args)
@@ -179,8 +179,11 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--memory", action="store_true",
                         help="also measure the peak extra host memory at 4096x1000 (CPU only)")
+    parser.add_argument("--shapes", default=None, metavar="NxK,...",
+                        help=f"logit shapes (default: {','.join(f'{n}x{k}' for n, k in SHAPES)})")
     args = parser.parse_args(argv)
-    rows = run(args.device, args.repeats)
+    shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    rows = run(args.device, args.repeats, shapes)
     if args.memory and args.device == "cpu":
         for index, (name, _ours, _theirs) in enumerate(cases()):
             fused, composed = (peak_extra_bytes(index, impl, (4096, 1000)) for impl in ("fused", "composed"))

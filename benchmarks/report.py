@@ -18,7 +18,8 @@ from benchmarks.cases import IMPLEMENTATIONS, shape_label, shapes_for
 from benchmarks.memory import peak_extra_bytes, peak_extra_cuda_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
+# Where the reports go: the committed results, or another folder (.ci/gpu's OUT).
+RESULTS = os.environ.get("AGKD_BENCH_RESULTS") or os.path.join(ROOT, "benchmarks", "results")
 
 
 def case_label(shape, kw):

@@ -16,10 +16,24 @@ from agkd_models.data.cache import CachedTeacherDataset, TeacherCache, write_tea
 from agkd_models.distillers import build_task
 from agkd_models.experiments.pipeline import build_student, build_teacher
 from agkd_models.config import load_config
-from agkd_models.data.datasets import AugmentedDataset, ReplayableAugment, _Tensors
+from agkd_models.data.datasets import AugmentedDataset, ReplayableAugment
 
 BATCH, NUM_CLASSES = 4, 100
 SOURCES, BACKENDS = ("online", "cached"), ("native", "reference")
+
+
+class _UInt8Images(torch.utils.data.Dataset):
+    """In-memory (uint8 image, label) pairs; ``data``/``targets`` as torchvision's sets have
+    them, which is what the teacher cache's fingerprint reads."""
+
+    def __init__(self, data, targets):
+        self.data, self.targets = data, targets
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        return self.data[index], int(self.targets[index])
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +43,8 @@ def setup(tmp_path_factory):
     teacher = build_teacher(cfg, NUM_CLASSES)
     task = build_task("agkd", teacher, build_student(cfg, NUM_CLASSES), cfg.agkd).train()
     g = torch.Generator().manual_seed(0)
-    raw = _Tensors(torch.randint(0, 256, (BATCH, 3, 256, 256), dtype=torch.uint8, generator=g),
-                   torch.randint(0, NUM_CLASSES, (BATCH,), generator=g), None)
+    raw = _UInt8Images(torch.randint(0, 256, (BATCH, 3, 256, 256), dtype=torch.uint8, generator=g),
+                       torch.randint(0, NUM_CLASSES, (BATCH,), generator=g))
     online = AugmentedDataset(raw, ReplayableAugment(224), seed=0)
     path = write_teacher_cache(teacher, online, tmp_path_factory.mktemp("cache") / "cache", epochs=1,
                                teacher_config=cfg.teacher.to_dict(), batch_size=BATCH)
