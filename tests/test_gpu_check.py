@@ -15,7 +15,7 @@ def _run_folder(tmp_path):
         {"device": "NVIDIA H200", "torch": "2.11.0", "cuda": "13.0", "commit": "abcdef1234567", "dry_run": False}))
     (tmp_path / "stages.txt").write_text("build: 120 s\ntests: 60 s, FAILED (exit 1)\n")
     (tmp_path / "logit_family_cuda.json").write_text(json.dumps({"rows": [
-        {"loss": "dkd_loss", "shape": "128x100", "ratio": 1.5}, {"loss": "dkd_loss", "shape": "4096x1000", "ratio": 7.25}]}))
+        {"loss": "dkd_loss", "shape": "128x100", "ratio": 1.33}, {"loss": "dkd_loss", "shape": "4096x1000", "ratio": 7.25}]}))
     (tmp_path / "bandwidth_cuda.json").write_text(json.dumps({"shape": "8192x32000", "peak_tbps": 4.8, "rows": [
         {"op": "kd_loss", "floor_fraction": 0.5, "design_fraction": 0.834}]}))
     (tmp_path / "peers_cuda.json").write_text(json.dumps({"rows": [
@@ -27,7 +27,7 @@ def _run_folder(tmp_path):
 def test_the_summary_says_what_the_run_found(tmp_path):
     text = summary(_run_folder(tmp_path))
     assert "abcdef1234 on NVIDIA H200" in text and "tests: 60 s, FAILED (exit 1)" in text
-    assert "dkd_loss 7.25×" in text and "1.50×" not in text  # the largest shape only
+    assert "dkd_loss 7.25×" in text and "1.33×" not in text  # the largest shape only
     assert "kd_loss 50% / 83%" in text
     assert "Liger takes 1.50× ours" in text and "fused-ssim absent" in text
 
