@@ -129,8 +129,9 @@ class Experiment:
                 f"({why})")
             history = train_teacher(teacher_cfg, folder, data=data)["history"]
         # Loaded from its file like any teacher: the trained module may be compiled or on a device.
+        # (The generator states after a teacher's initialisation depend on its seed and
+        # architecture only, so those kept stay valid.)
         self.teacher_path, self._teacher, self._teacher_identity = folder / "teacher.pt", None, None
-        self._rng_after_teacher_init.clear()
         return {"path": self.teacher_path, "history": history, "reused": reuse}
 
     def teacher_test_logits(self, device: torch.device) -> tuple:
