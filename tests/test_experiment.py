@@ -113,6 +113,10 @@ def test_a_comparison_builds_data_and_teacher_once_and_verifies_each_cache_once(
     summary = run_comparison(experiment, tmp_path / "compare", methods=["none", "logit", "agkd-hybrid"],
                              seeds=[0, 1], student_epochs=1, log=lambda line: None)
     assert len(summary["runs"]) == 3 and all(len(by_seed) == 2 for by_seed in summary["runs"].values())
+    for name, method in summary["methods"].items():  # each method's cost per epoch, from its runs' histories
+        seconds = [r["epoch_seconds"] for run in summary["runs"][name].values() for r in run["history"]]
+        assert method["epoch_seconds_mean"] == pytest.approx(sum(seconds) / len(seconds))
+    assert "| s / epoch |" in (tmp_path / "compare" / "comparison.md").read_text()
     assert counted["build_data"].calls == 1
     assert counted["build_teacher"].calls <= 1 + 2  # the loaded teacher, and one initialisation per seed
     # The teacher on the test set once; each of the 6 students once.

@@ -178,9 +178,11 @@ def _seed_summary(by_seed: Dict[int, Dict[str, Any]], seeds: Sequence[int]) -> D
     mean, std = _mean_std([by_seed[s]["test_acc"] for s in seeds])
     metrics = {key: _mean_std([by_seed[s]["compare"][key] for s in seeds])[0]
                for key in ("relative_error", "kl", "correlation", "distillation_factor")}
+    epoch_seconds = [r["epoch_seconds"] for s in seeds for r in by_seed[s]["history"] if "epoch_seconds" in r]
     return {"test_acc_mean": mean, "test_acc_std": std, "test_acc": {str(s): by_seed[s]["test_acc"] for s in seeds},
             "val_acc_mean": _mean_std([by_seed[s]["val_acc"] for s in seeds])[0],
-            **{f"{k}_mean": v for k, v in metrics.items()}}
+            **{f"{k}_mean": v for k, v in metrics.items()},
+            "epoch_seconds_mean": _mean_std(epoch_seconds)[0] if epoch_seconds else None}
 
 
 class _Run(NamedTuple):
@@ -368,8 +370,8 @@ def write_comparison(out: Path, summary: Dict[str, Any], title: Optional[str] = 
              f"trained {epochs} epochs each. Teacher: test accuracy "
              f"{summary['teacher']['test_acc']:.4f}. Relative error E_s/E_t, KL(teacher ‖ student) and the "
              f"probability correlation are against the teacher on the same set, averaged over seeds.", "",
-             "| method | test acc (mean ± std) | per seed | vs no KD | val acc | E_s/E_t | KL | correlation |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+             "| method | test acc (mean ± std) | per seed | vs no KD | val acc | E_s/E_t | KL | correlation | s / epoch |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     grid = summary.get("grid") or {}
     if grid:
         lines[2] += (f" Grid: {'; '.join(f'{k} in {v}' for k, v in grid.items())}; each method at the point with "
@@ -383,10 +385,15 @@ def write_comparison(out: Path, summary: Dict[str, Any], title: Optional[str] = 
                   if grid else "")
         lines.append(f"| {m['label']} |{chosen} {m['test_acc_mean']:.4f} ± {m['test_acc_std']:.4f} | {per_seed} | "
                      f"{delta} | {m['val_acc_mean']:.4f} | {m['relative_error_mean']:.3f} | {m['kl_mean']:.4f} | "
-                     f"{m['correlation_mean']:.4f} |")
-    lines += ["", f"{summary['seconds']:.0f} s on {summary['device']}."]
+                     f"{m['correlation_mean']:.4f} | {_seconds(m.get('epoch_seconds_mean'))} |")
+    lines += ["", f"{summary['seconds']:.0f} s on {summary['device']}. s / epoch: the mean training epoch of the "
+              f"method's runs, from their histories (on a shared machine it varies with the load)."]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     _plot(out / "comparison.png", summary)
+
+
+def _seconds(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.1f}"
 
 
 def _plot(path: Path, summary: Dict[str, Any]) -> None:
