@@ -13,15 +13,27 @@ Environment switches:
   AGKD_CUDA_EMULATION=asan   the same, built with AddressSanitizer (run python with libasan
                              and libstdc++ in LD_PRELOAD; see the README)
 """
-import glob
+import importlib.util
 import os
-import platform
 import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_build_config():
+    """agkd_ops/_build.py, the sources and flags shared with the compile-on-first-use
+    fallback, loaded by path: the package cannot be imported before it is built."""
+    spec = importlib.util.spec_from_file_location("agkd_build", os.path.join(ROOT, "agkd_ops", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _load_build_config()
 
 
 def _log(msg):
@@ -45,15 +57,25 @@ def _resolve_cuda_home():
             return
 
 
-def _autograd_sources():
-    """Each op's C++ autograd (csrc/agkd/autograd): device-independent, in every build."""
-    return sorted(glob.glob("csrc/agkd/autograd/*.cpp"))
+class BuildPyWithSources(build_py):
+    """Ships the kernel sources (csrc/agkd, without the test-only emulator) inside the
+    package as agkd_ops/_csrc, so that an install without compiled kernels, or whose
+    kernels no longer load against the installed torch, can compile them on first use."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):  # an editable install reads csrc/ from the checkout
+            return
+        target = os.path.join(self.build_lib, "agkd_ops", "_csrc", "agkd")
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(os.path.join(ROOT, "csrc", "agkd"), target,
+                        ignore=shutil.ignore_patterns("cuda_emu", "__pycache__"))
 
 
 def _extensions():
     if os.environ.get("AGKD_NO_EXT", "0") == "1":
         _log("AGKD_NO_EXT=1: pure-Python install, no native kernels")
-        return [], {}
+        return [], {"build_py": BuildPyWithSources}
 
     _resolve_cuda_home()
     import torch
@@ -73,24 +95,15 @@ def _extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "detected") if use_cuda else ""
 
-    sources = ["csrc/agkd/ops.cpp"] + _autograd_sources() + sorted(glob.glob("csrc/agkd/cpu/*.cpp"))
-    # -fno-trapping-math: the kernels never read FP exception flags, and without it GCC
-    # will not if-convert float compares (clamps, NaN masks) in lane loops, so they stay
-    # scalar. It changes no rounding.
-    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fno-trapping-math"]
-    defines = [
-        ("AGKD_CUDA_ARCHS", f'"{archs}"'),
-        ("AGKD_TORCH_VERSION", f'"{torch.__version__}"'),
-    ]
-    link = []
-    if platform.system() != "Darwin":
-        cxx.append("-fopenmp")
-        link.append("-fopenmp")
+    sources = build.cpu_sources("csrc")  # setuptools wants paths relative to setup.py
+    cxx = build.cxx_flags()
+    defines = build.defines(archs, torch.__version__)
+    link = build.link_flags()
     if use_cuda:
-        sources += sorted(glob.glob("csrc/agkd/cuda/*.cu"))
+        sources += build.cuda_sources("csrc")
         defines.append(("AGKD_WITH_CUDA", "1"))
         ext_cls = CUDAExtension
-        extra = {"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "-lineinfo"]}
+        extra = {"cxx": cxx, "nvcc": build.NVCC_FLAGS}
     else:
         ext_cls = CppExtension
         extra = {"cxx": cxx}
@@ -111,7 +124,7 @@ def _extensions():
         raise RuntimeError(f"AGKD_CUDA_EMULATION must be 0, 1 or asan, got {emulation!r}")
     if emulation != "0":
         extensions.append(_cuda_emulation_extension(CppExtension, cxx, defines, link, emulation == "asan"))
-    return extensions, {"build_ext": BuildExtension}
+    return extensions, {"build_ext": BuildExtension, "build_py": BuildPyWithSources}
 
 
 def _cuda_emulation_extension(CppExtension, cxx, defines, link, asan):
@@ -121,8 +134,8 @@ def _cuda_emulation_extension(CppExtension, cxx, defines, link, asan):
     wrappers = os.path.join("build", "agkd_cuda_emu")
     os.makedirs(os.path.join(ROOT, wrappers), exist_ok=True)
     sources = (["csrc/agkd/ops.cpp", "csrc/agkd/cuda_emu/emulation.cpp", "csrc/agkd/cuda_emu/selftest.cpp"]
-               + _autograd_sources())
-    for cu in sorted(glob.glob("csrc/agkd/cuda/*.cu")):
+               + build.autograd_sources("csrc"))
+    for cu in build.cuda_sources("csrc"):
         # A .cu file would be handed to nvcc; a one-line C++ wrapper includes it instead.
         name = os.path.splitext(os.path.basename(cu))[0]
         path = os.path.join(wrappers, f"{name}_emu.cpp")
@@ -136,7 +149,7 @@ def _cuda_emulation_extension(CppExtension, cxx, defines, link, asan):
     if asan:
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
         link = link + ["-fsanitize=address"]
-    _log(f"CUDA emulation extension: yes ({len(glob.glob('csrc/agkd/cuda/*.cu'))} .cu files{', AddressSanitizer' if asan else ''})")
+    _log(f"CUDA emulation extension: yes ({len(build.cuda_sources('csrc'))} .cu files{', AddressSanitizer' if asan else ''})")
     return CppExtension(
         name="agkd_ops._C_cuda_emu",
         sources=sources,

@@ -228,7 +228,8 @@ def _os_error_line(exc: OSError) -> str:
     return f"{name}: {what}" if name else what
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `agkd` command line: every subcommand and its flags."""
     parser = argparse.ArgumentParser(prog="agkd", description=DESCRIPTION, epilog=EXAMPLES,
                                      formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
@@ -309,8 +310,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     for action in sub.choices.values():
         action.add_argument("--debug", action="store_true",
                             help="show the full traceback of an error (also: AGKD_DEBUG=1)")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         _check_environment()
