@@ -168,8 +168,9 @@ def _compile_kernels():
     defines += [("AGKD_EXTENSION_NAME", _JIT_NAME)] + ([("AGKD_WITH_CUDA", "1")] if use_cuda else [])
     # The flags pass through a shell (ninja), which would strip the string macros' quotes.
     flags = [f"-D{name}={value}".replace('"', '\\"') for name, value in defines]
-    print(f"agkd_ops: this install has no compiled kernels; compiling them for this machine "
-          f"({'CPU and CUDA' if use_cuda else 'CPU'}, once: torch caches the build)", file=sys.stderr, flush=True)
+    print(f"agkd_ops: this install has no compiled kernels; building them for this machine "
+          f"({'CPU and CUDA' if use_cuda else 'CPU'}) with torch.utils.cpp_extension: minutes the first time, "
+          f"then torch's cache", file=sys.stderr, flush=True)
     return cpp_extension.load(
         name=_JIT_NAME, sources=sources, extra_include_paths=[csrc],
         extra_cflags=_build.cxx_flags() + flags, extra_cuda_cflags=_build.NVCC_FLAGS + flags,

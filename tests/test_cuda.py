@@ -4,7 +4,7 @@ Each op's own file (test_hybrid.py, test_kd.py, test_align.py, test_attention_ma
 runs its checks on the CUDA kernels too, on a GPU or on the CPU emulator. The tests here
 take the ``kernel_device`` fixture: a GPU where there is one, otherwise the CPU emulator,
 which runs the same .cu sources with each block's threads as fibers (build with
-AGKD_CUDA_EMULATION=1, run with AGKD_OPS_CUDA_EMULATION=1; see the README). The emulator
+AGKD_CUDA_EMULATION=1, run with AGKD_OPS_CUDA_EMULATION=1; see docs/testing.md). The emulator
 checks the kernels' arithmetic, indexing, barriers and launch limits, not a GPU's memory
 model or timing. Tests that need a real device (streams) are marked ``cuda``.
 """

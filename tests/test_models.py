@@ -250,3 +250,31 @@ def test_checkpoints_leave_the_frozen_teacher_out_and_resume_into_a_rebuilt_one(
     history = Trainer(distiller, TrainConfig(epochs=2, **settings), tmp_path).fit(data, data, resume=True)
     assert [r["epoch"] for r in history] == [0, 1]
     assert distiller.iterations == 2  # the discriminator's schedule went on from the checkpoint's
+
+
+def test_minmax_normalize_sends_a_constant_map_to_zero_with_zero_gradient():
+    """A dead stage or a blank image gives a constant map; clamping its range to eps
+    would give it a gradient of ~1/eps (1e12)."""
+    from agkd_models import minmax_normalize
+
+    torch.manual_seed(0)
+    maps = torch.rand(3, 2, 5, 5)
+    maps[0, 1] = 0.0            # all zero
+    maps[1, 0] = 7.0            # constant
+    maps[2, 1] = 1.0 + torch.rand(5, 5) * 1e-13  # range below eps
+    maps.requires_grad_(True)
+    upstream = torch.randn(3, 2, 5, 5)
+    out = minmax_normalize(maps)
+    (out * upstream).sum().backward()
+    for n, c in ((0, 1), (1, 0), (2, 1)):
+        assert torch.equal(out[n, c], torch.zeros(5, 5))
+        assert torch.equal(maps.grad[n, c], torch.zeros(5, 5))
+    # The other maps: the plain formula, values and gradients (no ties in random maps).
+    plain = maps.detach().clone().requires_grad_(True)
+    flat = plain.flatten(2)
+    lo, hi = flat.amin(2, keepdim=True), flat.amax(2, keepdim=True)
+    ((flat - lo) / (hi - lo)).view_as(plain).mul(upstream).sum().backward()
+    for n, c in ((0, 0), (1, 1), (2, 0)):
+        expected = (maps[n, c] - maps[n, c].min()) / (maps[n, c].max() - maps[n, c].min())
+        torch.testing.assert_close(out[n, c], expected, rtol=0, atol=0)
+        torch.testing.assert_close(maps.grad[n, c], plain.grad[n, c])

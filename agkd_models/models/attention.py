@@ -74,11 +74,16 @@ def attention_rollout(attns: List[torch.Tensor], num_prefix_tokens: int,
 
 
 def minmax_normalize(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Scale every (sample, channel) map to [0, 1] (a constant map becomes 0)."""
+    """Scale every (sample, channel) map to [0, 1]: ``(m - min) / (max - min)``. A map whose
+    range is at most ``eps`` (a constant map: a dead stage, a blank image) becomes 0 with a
+    zero gradient; clamping the range instead would divide its gradient by ``eps``."""
     flat = maps.flatten(2)
-    lo = flat.min(dim=2, keepdim=True).values
-    hi = flat.max(dim=2, keepdim=True).values
-    return ((flat - lo) / (hi - lo).clamp_min(eps)).view_as(maps)
+    lo = flat.amin(dim=2, keepdim=True)
+    hi = flat.amax(dim=2, keepdim=True)
+    spread = hi - lo
+    varies = spread > eps
+    scaled = (flat - lo) / torch.where(varies, spread, torch.ones_like(spread))
+    return torch.where(varies, scaled, torch.zeros_like(scaled)).view_as(maps)
 
 
 def combine_attention(a_cnn: torch.Tensor, a_vit: torch.Tensor, mode: str = "add",
