@@ -47,18 +47,15 @@ def _hybrid_bwd_fake(grad_loss, x, y, stats, alpha, beta, window_size, sigma, c1
     return _grad_or_empty(x, needs_grad_x), _grad_or_empty(y, needs_grad_y)
 
 
-# ------------------------------------------------------------------- agkd::kd_fwd/bwd
+# ----------------------------------------------------------------------- agkd::kd_fwd
 
 @torch.library.register_fake("agkd::kd_fwd")
 def _kd_fwd_fake(student, teacher, target, temperature, ce_weight, kl_weight, label_smoothing,
-                 ignore_index, reduction):
-    return _loss_and_stats(student, reduction, _KD_STATS)
-
-
-@torch.library.register_fake("agkd::kd_bwd")
-def _kd_bwd_fake(grad_loss, student, teacher, target, stats, temperature, ce_weight, kl_weight,
-                 label_smoothing, ignore_index, needs_grad_student, needs_grad_teacher):
-    return _grad_or_empty(student, needs_grad_student), _grad_or_empty(teacher, needs_grad_teacher)
+                 ignore_index, reduction, needs_grad_student=False, needs_grad_teacher=False):
+    loss, stats = _loss_and_stats(student, reduction, _KD_STATS)
+    acc = _accumulate_dtype(student.dtype)
+    return (loss, stats, _forward_grad(student, needs_grad_student, acc),
+            _forward_grad(teacher, needs_grad_teacher, acc))
 
 
 # ------------------------------------------- the logit-KD family (gradients in the forward)

@@ -11,7 +11,7 @@ C++ files are under csrc/agkd, and each op's autograd is ``autograd/<op>_autogra
   ``cuda/align_cuda.cu``;
 * ``attention_map`` -> ``agkd::attention_map_fwd/bwd``: ``attention_map.h``,
   ``cpu/attention_map_cpu.cpp``, ``cuda/attention_map_cuda.cu``, ``math/attention.h``;
-* ``kd_kl_div``, ``kd_loss`` -> ``agkd::kd_fwd/bwd``: ``kd.h``, ``cpu/kd_cpu.cpp``,
+* ``kd_kl_div``, ``kd_loss`` -> ``agkd::kd_fwd``: ``kd.h``, ``cpu/kd_cpu.cpp``,
   ``cuda/kd_cuda.cu``, ``math/kd.h``;
 * the logit-KD family — ``kd_kl_div``/``kd_loss`` with ``teacher_temperature``,
   ``standardize`` or a sequence / tensor temperature, ``dkd_loss``, ``ofa_loss``,
@@ -329,8 +329,8 @@ def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
 
     per row, fused. ``τ²`` keeps the gradient scale independent of ``τ``. With the default
     options this is ``τ**2 * F.kl_div(F.log_softmax(s / τ, 1), F.log_softmax(t / τ, 1),
-    log_target=True, reduction="batchmean")``: one pass over both logit rows gives the loss;
-    the backward recomputes both gradients from the logits and seven saved numbers per row.
+    log_target=True, reduction="batchmean")``: one pass over both logit rows gives the loss
+    and, for the logits that require grad, their gradients, which the backward hands over.
     Stable for any logits (max-shifted exponents; logits of ±1e4 are fine; a teacher logit
     of ``-inf`` contributes 0).
 
@@ -382,9 +382,11 @@ def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     op_reduction = "mean" if reduction == "batchmean" else reduction
     if _is_plain_kd(temperature, teacher_temperature, standardize):
         if _backend.use_native(fn, "kd_fwd", student_logits):
-            loss, _stats = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, None, temperature=temperature,
-                                                 ce_weight=0.0, kl_weight=1.0, label_smoothing=0.0,
-                                                 ignore_index=None, reduction=op_reduction)
+            loss, *_ = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, None, temperature=temperature,
+                                             ce_weight=0.0, kl_weight=1.0, label_smoothing=0.0,
+                                             ignore_index=None, reduction=op_reduction,
+                                             needs_grad_student=_grad_needed(student_logits),
+                                             needs_grad_teacher=_grad_needed(teacher_logits))
             return _in_dtype(loss, student_logits.dtype)
     elif _backend.use_native(fn, "kd_family_fwd", student_logits):
         return _in_dtype(_native_kl_family(student_logits, teacher_logits, temperature, teacher_temperature,
@@ -463,10 +465,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
         if _backend.use_native(fn, "kd_fwd", student_logits):
             # Target values are checked by the kernels, with no device-to-host sync: a
             # ValueError before any logit is read on the CPU, a NaN loss for that row on CUDA.
-            loss, _stats = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, target, temperature=temperature,
-                                                 ce_weight=1.0 - kd_weight, kl_weight=kd_weight,
-                                                 label_smoothing=label_smoothing, ignore_index=ignore_index,
-                                                 reduction=reduction)
+            loss, *_ = torch.ops.agkd.kd_fwd(student_logits, teacher_logits, target, temperature=temperature,
+                                             ce_weight=1.0 - kd_weight, kl_weight=kd_weight,
+                                             label_smoothing=label_smoothing, ignore_index=ignore_index,
+                                             reduction=reduction, needs_grad_student=_grad_needed(student_logits),
+                                             needs_grad_teacher=_grad_needed(teacher_logits))
             return _in_dtype(loss, student_logits.dtype)
     elif _backend.use_native(fn, "kd_family_fwd", student_logits) and _backend.use_native(
             fn, "kd_fwd", student_logits):
@@ -485,9 +488,11 @@ def _native_kd_family_loss(student, teacher, target, temperature, kd_weight, lab
     """kd_loss with a family option: agkd::kd_fwd's cross-entropy (its target rules, the
     smoothing and ignore_index) plus agkd::kd_family_fwd's KL, per row, then reduced."""
     if kd_weight < 1.0:
-        ce, _stats = torch.ops.agkd.kd_fwd(student, teacher, target, temperature=1.0, ce_weight=1.0 - kd_weight,
-                                           kl_weight=0.0, label_smoothing=label_smoothing,
-                                           ignore_index=ignore_index, reduction="none")
+        # The cross-entropy alone does not depend on the teacher: it gets no gradient here.
+        ce, *_ = torch.ops.agkd.kd_fwd(student, teacher.detach(), target, temperature=1.0, ce_weight=1.0 - kd_weight,
+                                       kl_weight=0.0, label_smoothing=label_smoothing,
+                                       ignore_index=ignore_index, reduction="none",
+                                       needs_grad_student=_grad_needed(student), needs_grad_teacher=False)
     else:  # no cross-entropy to compute, but a bad target is still an error
         check_target_range("kd_loss", target, student.shape[1], ignore_index)
         ce = None

@@ -99,3 +99,18 @@ def test_opcheck(native):
 )
 def test_bad_inputs_raise_clear_errors(call, exc, words):
     assert_clear_error(call, exc, words)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_the_gradient_keeps_the_features_layout(native, memory_format):
+    """channels_last features (the trainer's --channels-last, most AMP training) are read
+    pixel by pixel and get a channels_last gradient, what the convolution before wants."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(3, 24, 7, 9, generator=g).to(native.device).contiguous(memory_format=memory_format)
+    f.requires_grad_(True)
+    weights = torch.rand(3, 1, 7, 9, generator=g).to(native.device)
+    (agkd_ops.attention_map(f) * weights).sum().backward()
+    assert f.grad.is_contiguous(memory_format=memory_format)
+    plain = f.detach().contiguous().requires_grad_(True)
+    (agkd_ops.attention_map(plain) * weights).sum().backward()
+    torch.testing.assert_close(f.grad, plain.grad, rtol=1e-6, atol=1e-7)

@@ -1,4 +1,4 @@
-"""agkd::kd_fwd/bwd and the functions on it: kd_kl_div and kd_loss.
+"""agkd::kd_fwd and the functions on it: kd_kl_div and kd_loss.
 
 On every backend (tests/backends.py): values against a NumPy oracle and the
 torch.nn.functional compositions users know, every dtype against the float64 reference (on
@@ -342,11 +342,88 @@ def test_opcheck(native, ce_weight, kl_weight, target, smoothing, ignore_index, 
         y = y.float()
     elif ignore_index is not None:
         y[0] = ignore_index
-    args = (s, t, y, 2.0, ce_weight, kl_weight, smoothing, ignore_index, reduction)
-    torch.library.opcheck(torch.ops.agkd.kd_fwd, args)
-    _loss, stats = torch.ops.agkd.kd_fwd(*args)
-    bwd_args = (torch.rand(5, device=native.device), s.detach(), t.detach(), y, stats) + args[3:-1] + (True, True)
-    torch.library.opcheck(torch.ops.agkd.kd_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
+    params = (2.0, ce_weight, kl_weight, smoothing, ignore_index, reduction)
+    torch.library.opcheck(torch.ops.agkd.kd_fwd, (s, t, y) + params + (True, True))
+    torch.library.opcheck(torch.ops.agkd.kd_fwd, (s, t.detach(), y) + params + (True, False))
+    # No gradient asked for: empty ones.
+    torch.library.opcheck(torch.ops.agkd.kd_fwd, (s.detach(), t.detach(), y) + params)
+
+
+# ------------------------------------------------- gradients written by the forward
+
+
+def _kd_case(device, dtype=torch.float32, target="classes"):
+    g = torch.Generator().manual_seed(3)
+    s = (3 * torch.randn(6, 13, generator=g)).to(device, dtype).requires_grad_(True)
+    t = (3 * torch.randn(6, 13, generator=g)).to(device, dtype).requires_grad_(True)
+    y = make_targets(target, 6, 13, dtype, g).to(device)
+    return s, t, y
+
+
+def test_the_forward_writes_no_gradient_unless_one_is_needed(native):
+    """Under no_grad, or for inputs that need none, the op is asked for none (the kernel
+    then writes nothing beyond the loss and stats)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Flags(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name == "agkd::kd_fwd":
+                named = {a.name: a.default_value for a in func._schema.arguments}
+                named.update(zip((a.name for a in func._schema.arguments), args), **(kwargs or {}))
+                self.seen.append((named["needs_grad_student"], named["needs_grad_teacher"]))
+            return func(*args, **(kwargs or {}))
+
+    s, t, y = _kd_case(native.device)
+    with Flags() as mode:
+        with torch.no_grad():
+            agkd_ops.kd_loss(s, t, y)
+        agkd_ops.kd_loss(s, t.detach(), y)
+        agkd_ops.kd_loss(s, t, y)
+        agkd_ops.kd_kl_div(s.detach(), t)
+    assert mode.seen == [(False, False), (True, False), (True, True), (False, True)]
+    loss, stats, grad_s, grad_t = torch.ops.agkd.kd_fwd(s.detach(), t.detach(), y, 2.0, 0.5, 0.5, 0.0, None, "mean")
+    assert grad_s.numel() == 0 and grad_t.numel() == 0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_forward_gradients_scale_by_the_upstream_gradient(native, reduction):
+    """loss.backward() hands over the forward's gradient; any other upstream gradient
+    scales it, exactly for a power of two; a retained graph gives the same gradient again
+    (the first backward must not have handed over, and so exposed, the saved tensor)."""
+    s, t, y = _kd_case(native.device)
+    upstream = torch.ones(6, device=native.device) if reduction == "none" else torch.tensor(1.0, device=native.device)
+
+    def grads(scale, retain=False):
+        s.grad = t.grad = None
+        loss = agkd_ops.kd_loss(s, t, y, reduction=reduction, label_smoothing=0.1)
+        loss.backward(upstream * scale, retain_graph=retain)
+        if retain:
+            loss.backward(upstream * scale)
+        return s.grad.clone(), t.grad.clone()
+
+    one, two, twice = grads(1.0), grads(2.0), grads(1.0, retain=True)
+    for a, b, c in zip(one, two, twice):
+        assert torch.equal(b, 2 * a) and torch.equal(c, 2 * a)
+    before = (s.detach().clone(), t.detach().clone())
+    grads(0.5)
+    assert torch.equal(s.detach(), before[0]) and torch.equal(t.detach(), before[1]), "an input was overwritten"
+
+
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.2, ignore_index=2), dict(kd_weight=1.0),
+                                     dict(kd_weight=0.0)])
+def test_forward_gradients_equal_the_float64_reference(native, options):
+    s, t, y = _kd_case(native.device)
+    if "ignore_index" in options:
+        y[1] = 2
+    loss = agkd_ops.kd_loss(s, t, y, temperature=3.0, **options)
+    gs, gt = torch.autograd.grad(loss * 0.75, (s, t))
+    s64, t64 = s.detach().double().requires_grad_(True), t.detach().double().requires_grad_(True)
+    want = R.kd_loss(s64, t64, y, temperature=3.0, **options)
+    ws, wt = torch.autograd.grad(want * 0.75, (s64, t64))
+    torch.testing.assert_close(gs.double(), ws, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gt.double(), wt, rtol=1e-5, atol=1e-6)
 
 
 def test_no_term_is_a_clear_error_in_a_direct_op_call(native):
@@ -404,8 +481,9 @@ def test_out_of_range_target_in_a_direct_op_call_is_never_read(native):
     s, t = torch.randn(2, 5, device=native.device), torch.randn(2, 5, device=native.device)
     target = torch.tensor([1, 7], device=native.device)
     if native.cuda_kernels:
-        loss, _ = torch.ops.agkd.kd_fwd(s, t, target, 1.0, 0.5, 0.5, 0.0, None, "none")
+        loss, _, grad_s, _ = torch.ops.agkd.kd_fwd(s, t, target, 1.0, 0.5, 0.5, 0.0, None, "none", True, False)
         assert torch.isfinite(loss[0]) and torch.isnan(loss[1])
+        assert torch.isfinite(grad_s[0]).all() and torch.isnan(grad_s[1]).all()
     else:
         with pytest.raises(ValueError, match=r"target must hold class indices in \[0, 5\)"):
             torch.ops.agkd.kd_fwd(s, t, target, 1.0, 0.5, 0.5, 0.0, None, "none")

@@ -17,6 +17,12 @@ struct FeatureGeometry {
   AGKD_HOST_DEVICE int64_t pixels() const { return H * W; }
   // Whether each channel plane is one dense run of H·W values (NCHW-contiguous planes).
   AGKD_HOST_DEVICE bool dense_planes() const { return sW == 1 && (sH == W || H == 1); }
+  // Whether each pixel's C channels are one dense run and the pixels follow each other
+  // (channels_last, NHWC): the channel mean is then a reduction along memory.
+  AGKD_HOST_DEVICE bool dense_pixels() const { return sC == 1 && (sW == C || W == 1) && (sH == W * C || H == 1); }
+  // The layout the kernels walk pixel by pixel: channels_last that is not also NCHW-dense
+  // (a single channel, or a 1x1 map, is both, and keeps the plane walk).
+  AGKD_HOST_DEVICE bool walk_pixels() const { return dense_pixels() && !dense_planes(); }
 };
 
 inline FeatureGeometry feature_geometry(const at::Tensor& f, double p, double eps) {

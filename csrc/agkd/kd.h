@@ -1,4 +1,4 @@
-// Host-side checks of one KD call (agkd::kd_fwd / agkd::kd_bwd, schemas in ops.cpp),
+// Host-side checks of one KD call (agkd::kd_fwd, schema in ops.cpp),
 // shared by the CPU and CUDA implementations. The per-row math is in math/kd.h.
 #pragma once
 
@@ -106,33 +106,40 @@ inline at::Tensor reduce_kd_loss(const at::Tensor& per_row, Reduction reduction,
 }
 
 
-// What agkd::kd_bwd hands its kernel, with the cases that need no kernel settled: an
-// unneeded gradient is an empty tensor, and the teacher's gradient of the cross-entropy
-// alone is zero.
-struct KdBackward {
-  at::Tensor grad_student, grad_teacher;  // the op's outputs
-  at::Tensor grad_loss, stats;            // contiguous inputs
-  KdTarget target;
-  bool student = false, teacher = false;  // which gradients the kernel must write
+// The gradients agkd::kd_fwd writes with the loss when asked: of the loss output (the
+// reduced loss for "mean"/"sum"; each row's own loss for "none"), in the accumulate dtype,
+// contiguous. Each row's gradient carries a factor, 1 or the "mean"'s 1/count; with an
+// ignore_index that count is a device tensor (kd_counted_rows), read by the kernel.
+struct KdForwardGrads {
+  at::Tensor student, teacher;   // the op's outputs: (N, K), or (0,) when not asked for
+  bool write_student = false, write_teacher = false;  // what the kernel writes
+  double row_factor = 1.0;       // 1, or 1/N for a "mean" without ignore_index
+  at::Tensor counted_rows;       // a "mean" with ignore_index: the 0-dim count; else undefined
 };
 
-inline KdBackward prepare_kd_backward(const at::Tensor& grad_loss, const at::Tensor& student,
-                                      const at::Tensor& teacher,
-                                      const std::optional<at::Tensor>& target,
-                                      const at::Tensor& stats, const KdParams& p,
-                                      bool needs_grad_student, bool needs_grad_teacher) {
-  const KdGeometry g = check_kd_inputs(student, teacher, target, p);
-  check_backward_inputs("agkd::kd_bwd", grad_loss, stats, student, g.N, kKdStats);
-  KdBackward b;
-  b.target = kd_target(target, p);
-  b.grad_student = input_grad_or_empty(student, needs_grad_student);
-  b.grad_teacher = input_grad_or_empty(teacher, needs_grad_teacher);
-  b.student = needs_grad_student;
-  b.teacher = needs_grad_teacher && p.with_kl();
-  if (needs_grad_teacher && !p.with_kl()) b.grad_teacher.zero_();
-  b.grad_loss = grad_loss.contiguous();
-  b.stats = stats.contiguous();
-  return b;
+inline KdForwardGrads kd_forward_grads(const at::Tensor& student, const KdParams& p, Reduction reduction,
+                                       const KdTarget& target, bool needs_grad_student, bool needs_grad_teacher) {
+  const auto options = student.options().dtype(accumulate_dtype(student.scalar_type()));
+  const auto grad = [&](bool needed) { return needed ? at::empty(student.sizes(), options) : at::empty({0}, options); };
+  KdForwardGrads g;
+  g.student = grad(needs_grad_student);
+  g.teacher = grad(needs_grad_teacher);
+  g.write_student = needs_grad_student;
+  g.write_teacher = needs_grad_teacher && p.with_kl();
+  if (needs_grad_teacher && !p.with_kl()) g.teacher.zero_();  // the cross-entropy alone: no teacher gradient
+  if (reduction == Reduction::kMean) {
+    if (target.ignores) g.counted_rows = kd_counted_rows(target.tensor, target.ignore_index, accumulate_dtype(student.scalar_type()));
+    else g.row_factor = 1.0 / static_cast<double>(student.size(0));
+  }
+  return g;
+}
+
+// The forward's loss output, with the "mean" over the rows that count taken from the same
+// count the gradients used.
+inline at::Tensor reduce_kd_loss(const at::Tensor& per_row, Reduction reduction, const KdTarget& t,
+                                 const KdForwardGrads& g) {
+  if (reduction == Reduction::kMean && g.counted_rows.defined()) return per_row.sum().div(g.counted_rows);
+  return reduce_kd_loss(per_row, reduction, t);
 }
 
 }  // namespace agkd

@@ -76,16 +76,15 @@ TORCH_LIBRARY(agkd, m) {
   // logits' dtype; unused (may be None) when ce_weight == 0 and there is no ignore_index.
   // A row whose class is ignore_index has loss 0 and gradient 0 and is left out of the
   // "mean". stats[n] holds the row maxima, log-normalisers, KL and the CE target's mass
-  // (math/kd.h, KdStat), from which the backward recomputes both gradients in one pass.
+  // (math/kd.h, KdStat). With needs_grad_student / needs_grad_teacher the same pass also
+  // returns the gradient of the loss output (of each row's loss, for "none") with respect
+  // to that input, (N, K) in the accumulate dtype; otherwise an empty tensor. The autograd
+  // backward scales these by the upstream gradient: no kernel runs in it.
   m.def(
       "kd_fwd(Tensor student, Tensor teacher, Tensor? target, float temperature, "
       "float ce_weight, float kl_weight, float label_smoothing, int? ignore_index, "
-      "str reduction) -> (Tensor loss, Tensor stats)");
-  m.def(
-      "kd_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? target, Tensor stats, "
-      "float temperature, float ce_weight, float kl_weight, float label_smoothing, "
-      "int? ignore_index, bool needs_grad_student, bool needs_grad_teacher) -> "
-      "(Tensor grad_student, Tensor grad_teacher)");
+      "str reduction, bool needs_grad_student=False, bool needs_grad_teacher=False) -> "
+      "(Tensor loss, Tensor stats, Tensor grad_student, Tensor grad_teacher)");
 
   // The logit-KD family (math/logit.h). Each returns the loss (reduced as `reduction`
   // says) and, where asked for, the gradient of that output with respect to each input,

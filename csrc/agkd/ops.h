@@ -36,16 +36,10 @@ struct HybridBwd {
 
 struct KdFwd {
   static constexpr const char* kName = "kd_fwd";
-  using Signature = Tensors2(const Tensor& student, const Tensor& teacher, const std::optional<Tensor>& target,
+  using Signature = Tensors4(const Tensor& student, const Tensor& teacher, const std::optional<Tensor>& target,
                              double temperature, double ce_weight, double kl_weight, double label_smoothing,
-                             std::optional<int64_t> ignore_index, c10::string_view reduction);
-};
-struct KdBwd {
-  static constexpr const char* kName = "kd_bwd";
-  using Signature = Tensors2(const Tensor& grad_loss, const Tensor& student, const Tensor& teacher,
-                             const std::optional<Tensor>& target, const Tensor& stats, double temperature,
-                             double ce_weight, double kl_weight, double label_smoothing,
-                             std::optional<int64_t> ignore_index, bool needs_grad_student, bool needs_grad_teacher);
+                             std::optional<int64_t> ignore_index, c10::string_view reduction,
+                             bool needs_grad_student, bool needs_grad_teacher);
 };
 
 struct KdFamilyFwd {

@@ -1,7 +1,8 @@
 // Autograd of the logit-KD family's ops (agkd::kd_family_fwd, dkd_fwd, ofa_fwd, dist_fwd;
 // schemas in ops.cpp, kernels in cpu/logit_cpu.cpp). Their forward returns the gradients
 // of its loss output with the loss (logit.h), so the forward saves those and the backward
-// scales them by the upstream gradient: no kernel runs in the backward.
+// hands them over, scaled by the upstream gradient where it is not 1: no kernel runs in
+// the backward (autograd.h, forward_grads_for_backward).
 #include <ATen/ops/empty.h>
 
 #include <optional>
@@ -13,56 +14,20 @@
 namespace agkd {
 namespace {
 
-// One saved gradient as its input receives it: scaled by the upstream gradient (a scalar,
-// or one value per row for reduction "none"), in the input's dtype. A gradient the forward
-// did not compute stays the empty tensor (an autograd output must be defined): it is the
-// (0,) stand-in, where every computed gradient is 2-D (and its size may be symbolic).
-at::Tensor scale_saved_grad(const at::Tensor& saved, const at::Tensor& grad_loss, const at::Tensor& like_input) {
-  if (saved.dim() < 2) return saved;
-  const at::Tensor g = grad_loss.to(saved.scalar_type());
-  const at::Tensor scaled = g.dim() == 0 ? saved.mul(g) : saved.mul(g.unsqueeze(1));
-  return scaled.to(like_input.scalar_type());
-}
-
-// The backward of a gradient-in-forward op: the saved gradients times the upstream one.
-// Run through FirstOrderOnly, so differentiating it again is a clear error rather than a
-// silently incomplete second derivative.
-template <typename Op>
-struct ScaleSavedGrads {
-  static constexpr const char* kForwardName = Op::kName;
-  static variable_list call(const at::Tensor& grad_loss, const at::Tensor& saved_a, const at::Tensor& like_a,
-                            const at::Tensor& saved_b, const at::Tensor& like_b, const at::Tensor& saved_c,
-                            const at::Tensor& like_c) {
-    return {scale_saved_grad(saved_a, grad_loss, like_a), scale_saved_grad(saved_b, grad_loss, like_b),
-            scale_saved_grad(saved_c, grad_loss, like_c)};
-  }
-};
-
-// A differentiable input that asked for no gradient in the forward cannot get one now.
-void check_computed(const char* op, const char* flag, bool needed, bool computed) {
-  TORCH_CHECK(!needed || computed, "agkd::", op, ": a gradient is needed but the forward was called with ", flag,
-              "=False; pass True where the input requires grad");
-}
-
-// What every forward of this family keeps: its gradient outputs, and the inputs (for their
-// dtypes, and so that a gradient taken with create_graph=True depends on them: its
-// double backward is then FirstOrderOnly's clear error, not a silently missing term).
+// What every forward of this family keeps, with save_for_backward: its gradient outputs,
+// and the inputs (for their dtypes, and so that a gradient taken with create_graph=True
+// depends on them: its double backward is then FirstOrderOnly's clear error, not a
+// silently missing term).
 void save_forward_grads(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& like_a, const at::Tensor& b,
                         const at::Tensor& like_b, const at::Tensor& c = at::Tensor(),
                         const at::Tensor& like_c = at::Tensor()) {
-  auto& d = ctx->saved_data;
-  d["grad_a"] = a, d["grad_b"] = b, d["grad_c"] = c.defined() ? c : at::empty({0}, a.options());
-  ctx->save_for_backward({like_a, like_b, like_c.defined() ? like_c : at::Tensor()});
+  ctx->save_for_backward({a, b, c, like_a, like_b, like_c});
 }
 
 template <typename Op>
-variable_list scaled_grads(AutogradContext* ctx, const at::Tensor& grad_loss) {
-  const auto& d = ctx->saved_data;
-  const variable_list inputs = ctx->get_saved_variables();
-  const at::Tensor like_c = inputs[2].defined() ? inputs[2] : inputs[0];
-  return FirstOrderOnly<ScaleSavedGrads<Op>>::apply(grad_loss, d.at("grad_a").toTensor(), inputs[0],
-                                                       d.at("grad_b").toTensor(), inputs[1],
-                                                       d.at("grad_c").toTensor(), like_c);
+variable_list scaled_grads(AutogradContext* ctx, const at::Tensor& grad_loss, const std::vector<bool>& needs) {
+  const variable_list v = ctx->get_saved_variables();
+  return forward_grads_for_backward<Op>(grad_loss, {v[0], v[1], v[2]}, {v[3], v[4], v[5]}, needs);
 }
 
 // The forward and backward shared by the ops whose differentiable inputs are the two
@@ -85,9 +50,8 @@ variable_list pair_backward(AutogradContext* ctx, const variable_list& grads, si
   const auto flags = ctx->saved_data.at("flags").toBoolList();
   check_computed(Op::kName, "needs_grad_student", ctx->needs_input_grad(0), flags.get(0));
   check_computed(Op::kName, "needs_grad_teacher", ctx->needs_input_grad(1), flags.get(1));
-  const variable_list g = scaled_grads<Op>(ctx, grads[0]);
-  out[0] = ctx->needs_input_grad(0) ? g[0] : at::Tensor();
-  out[1] = ctx->needs_input_grad(1) ? g[1] : at::Tensor();
+  const variable_list g = scaled_grads<Op>(ctx, grads[0], {ctx->needs_input_grad(0), ctx->needs_input_grad(1)});
+  out[0] = g[0], out[1] = g[1];
   return out;
 }
 
@@ -115,10 +79,9 @@ class KdFamilyFunction : public torch::autograd::Function<KdFamilyFunction> {
     check_computed(op::KdFamilyFwd::kName, "needs_grad_student", ctx->needs_input_grad(0), flags.get(0));
     check_computed(op::KdFamilyFwd::kName, "needs_grad_teacher", ctx->needs_input_grad(1), flags.get(1));
     check_computed(op::KdFamilyFwd::kName, "needs_grad_temperature", ctx->needs_input_grad(2), flags.get(2));
-    const variable_list g = scaled_grads<op::KdFamilyFwd>(ctx, grads[0]);
-    out[0] = ctx->needs_input_grad(0) ? g[0] : at::Tensor();
-    out[1] = ctx->needs_input_grad(1) ? g[1] : at::Tensor();
-    out[2] = ctx->needs_input_grad(2) ? g[2] : at::Tensor();
+    const variable_list g = scaled_grads<op::KdFamilyFwd>(
+        ctx, grads[0], {ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)});
+    out[0] = g[0], out[1] = g[1], out[2] = g[2];
     return out;
   }
 };

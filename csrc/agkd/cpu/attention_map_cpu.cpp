@@ -1,9 +1,11 @@
 // CPU kernels of agkd::attention_map_fwd / agkd::attention_map_bwd.
 //
 // One task per sample (at::parallel_for), so per-sample sums have a fixed order. The
-// forward reads every channel plane once, accumulating mean_c |F|^p into a per-sample
-// buffer, then normalises; the backward reads the features once more and writes their
-// gradient in the same sweep.
+// forward reads the features once, accumulating mean_c |F|^p into a per-sample buffer, then
+// normalises; the backward reads the features once more and writes their gradient in the
+// same sweep. Both walk the features in memory order: plane after plane for NCHW, and
+// pixel after pixel, reducing along the channels, for channels_last (NHWC), whose
+// gradient is channels_last too.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -32,7 +34,16 @@ AGKD_CPU_MULTIVERSION void attention_fwd_samples(const scalar_t* f, const Featur
   std::vector<acc_t> a(g.pixels());
   for (int64_t n = begin; n < end; ++n) {
     std::fill(a.begin(), a.end(), acc_t(0));
-    for (int64_t c = 0; c < g.C; ++c) {
+    if (g.walk_pixels()) {  // channels_last: each pixel's C values, summed along memory
+      for (int64_t k = 0; k < g.pixels(); ++k) {
+        const scalar_t* pixel = f + n * g.sN + k * g.C;
+        acc_t sum = 0;
+        AGKD_SIMD_REDUCTION(+ : sum)
+        for (int64_t c = 0; c < g.C; ++c) sum += abs_pow<kKind>(static_cast<acc_t>(pixel[c]), pw);
+        a[k] = sum;
+      }
+    }
+    for (int64_t c = 0; !g.walk_pixels() && c < g.C; ++c) {
       const scalar_t* plane = f + n * g.sN + c * g.sC;
       if (g.dense_planes()) {  // one loop over the plane: 7x7 maps make short rows
         AGKD_SIMD
@@ -92,13 +103,25 @@ AGKD_CPU_MULTIVERSION void attention_bwd_samples(const scalar_t* grad_map, const
     const scalar_t* m = map + n * g.pixels();
     double dot = 0;
     if (normalize) {
+      AGKD_SIMD_REDUCTION(+ : dot)
       for (int64_t k = 0; k < g.pixels(); ++k) dot += static_cast<double>(m[k]) * static_cast<acc_t>(gm[k]);
     }
-    for (int64_t k = 0; k < g.pixels(); ++k) {
-      const acc_t gk = static_cast<acc_t>(gm[k]);
-      grad_a[k] = inv_c * (normalize ? normalize_grad(gk, static_cast<acc_t>(m[k]), static_cast<acc_t>(dot),
-                                                      norms[n], static_cast<acc_t>(eps))
-                                     : gk);
+    const NormalizeGrad<acc_t> grad_of = normalize ? normalize_grad(static_cast<acc_t>(dot), norms[n],
+                                                                    static_cast<acc_t>(eps), inv_c)
+                                                   : NormalizeGrad<acc_t>{acc_t(0), inv_c};
+    AGKD_SIMD
+    for (int64_t k = 0; k < g.pixels(); ++k) grad_a[k] = grad_of(static_cast<acc_t>(gm[k]), static_cast<acc_t>(m[k]));
+    if (g.walk_pixels()) {  // channels_last in, channels_last out
+      for (int64_t k = 0; k < g.pixels(); ++k) {
+        const scalar_t* pixel = f + n * g.sN + k * g.C;
+        scalar_t* out = grad_f + (n * g.pixels() + k) * g.C;
+        const acc_t ga = grad_a[k];
+        AGKD_SIMD
+        for (int64_t c = 0; c < g.C; ++c) {
+          out[c] = static_cast<scalar_t>(ga * abs_pow_grad<kKind>(static_cast<acc_t>(pixel[c]), pw));
+        }
+      }
+      continue;
     }
     for (int64_t c = 0; c < g.C; ++c) {
       const scalar_t* plane = f + n * g.sN + c * g.sC;
@@ -128,7 +151,11 @@ at::Tensor attention_map_bwd_cpu(const at::Tensor& grad_map, const at::Tensor& f
   const FeatureGeometry g = check_attention_backward_inputs(grad_map, features, map, norms, p, eps);
   const at::Tensor gm = grad_map.contiguous().to(features.scalar_type());
   const at::Tensor m = map.contiguous(), nr = norms.contiguous();
-  at::Tensor grad_f = input_grad_or_empty(features, true);
+  // The gradient in the features' layout: channels_last for channels_last features (what
+  // the convolution that made them wants back), contiguous otherwise.
+  at::Tensor grad_f = g.walk_pixels()
+                          ? at::empty(features.sizes(), features.options().memory_format(at::MemoryFormat::ChannelsLast))
+                          : input_grad_or_empty(features, true);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "attention_map_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gmp = gm.const_data_ptr<scalar_t>();

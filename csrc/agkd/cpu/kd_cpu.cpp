@@ -1,16 +1,11 @@
-// CPU kernels of agkd::kd_fwd / agkd::kd_bwd (temperature-scaled KL and Hinton KD loss).
+// CPU kernel of agkd::kd_fwd (temperature-scaled KL and Hinton KD loss, and its gradients).
 //
 // Rows are independent, and at::parallel_for hands out whole rows, so every row's sums
-// are taken in one fixed order whatever the thread count. The forward reads a row twice
-// while it is in cache (maxima, then the sums of math/kd.h) and keeps seven numbers per row;
-// the backward reads the logits once more and writes the gradients in one sweep, with the
-// row's upstream gradient folded into two coefficients.
-//
-// Recompute rather than store: writing the gradient during the forward (and scaling it by
-// the upstream gradient in the backward) trades one more read of both logit tensors for
-// an (N, K) write plus a read-and-write pass, holds an (N, K) tensor alive between forward
-// and backward, and costs the gradient even when only the loss is wanted; a prototype of
-// the storing variant was slower on the CPU (benchmarks/results/design_choices.md).
+// are taken in one fixed order whatever the thread count. A row is read while it is in
+// cache: its maxima, then the sums of math/kd.h, and, when gradients are asked for, one
+// more sweep that writes them from the exponentials the sums took (kept in a row buffer),
+// so that every exponential is computed once. The autograd's backward then only scales
+// the saved gradients by the upstream one (autograd/kd_autograd.cpp).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -44,19 +39,31 @@ constexpr int64_t kChunk = 1024;
 int64_t rows_per_task(int64_t K) { return std::max<int64_t>(1, kLogitsPerTask / K); }
 
 // One row's sums (math/kd.h, KdRowSums): in acc_t lanes over chunks of kChunk classes,
-// then in double. `q` is the probability target row (kProb) or null.
-template <typename acc_t, bool kCE, bool kKL, bool kProb>
+// then in double. `q` is the probability target row (kProb) or null. With kKeep, every
+// class's exponentials also go to `kept` (for the gradient sweep).
+template <typename acc_t>
+struct KeptExps {  // one array per exponential, so that the lane loops store and load densely
+  std::vector<acc_t> b, a, ce;
+  explicit KeptExps(int64_t K) : b(K), a(K), ce(K) {}
+};
+
+template <typename acc_t, bool kCE, bool kKL, bool kProb, bool kKeep>
 AGKD_CPU_INLINE KdRowSums<double> row_sums(const acc_t* __restrict s, const acc_t* __restrict t,
                                            const acc_t* __restrict q, int64_t K, acc_t max_s,
-                                           acc_t max_t, acc_t inv_tau) {
+                                           acc_t max_t, acc_t inv_tau, acc_t* __restrict kept_b,
+                                           acc_t* __restrict kept_a, acc_t* __restrict kept_ce) {
   KdRowSums<double> total;
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
     const int64_t k1 = std::min(K, k0 + kChunk);
     acc_t z_s = 0, z_t = 0, w = 0, z_ce = 0, s_sum = 0, q_sum = 0, qs = 0;
     AGKD_SIMD_REDUCTION(+ : z_s, z_t, w, z_ce, s_sum, q_sum, qs)
     for (int64_t k = k0; k < k1; ++k) {
-      const KdRowSums<acc_t> terms = kd_sum_terms<kCE, kKL, kProb>(
-          s[k], kKL ? t[k] : acc_t(0), kProb ? q[k] : acc_t(0), max_s, max_t, inv_tau, SimdExp{});
+      const KdClass<acc_t> c = kd_class<kCE, kKL>(s[k], kKL ? t[k] : acc_t(0), max_s, max_t, inv_tau, SimdExp{});
+      if constexpr (kKeep) {
+        if constexpr (kKL) kept_b[k] = c.exps.b, kept_a[k] = c.exps.a;
+        if constexpr (kCE) kept_ce[k] = c.exps.ce;
+      }
+      const KdRowSums<acc_t> terms = kd_sum_terms_of<kCE, kKL, kProb>(c, kProb ? q[k] : acc_t(0));
       z_s += terms.z_s, z_t += terms.z_t, w += terms.w, z_ce += terms.z_ce;
       s_sum += terms.s_sum, q_sum += terms.q_sum, qs += terms.qs;
     }
@@ -64,6 +71,27 @@ AGKD_CPU_INLINE KdRowSums<double> row_sums(const acc_t* __restrict s, const acc_
     total.s_sum += s_sum, total.q_sum += q_sum, total.qs += qs;
   }
   return total;
+}
+
+// One row of both gradients from its kept exponentials. kGradS / kGradT select the
+// outputs, so the lane loop has no per-element branch on them.
+template <typename acc_t, bool kCE, bool kKL, bool kProb, bool kGradS, bool kGradT>
+AGKD_CPU_INLINE void grad_row(const acc_t* __restrict s, const acc_t* __restrict t, const acc_t* __restrict q,
+                              const acc_t* __restrict kept_b, const acc_t* __restrict kept_a,
+                              const acc_t* __restrict kept_ce, int64_t K, int64_t target,
+                              const KdRowStats<acc_t>& st, const KdGradCoeffs<acc_t>& c,
+                              const Smoothing<acc_t>& smoothing, acc_t inv_tau, acc_t* __restrict grad_s,
+                              acc_t* __restrict grad_t) {
+  const KdInverseSums<acc_t> inv = kd_inverse_sums(st);
+  AGKD_SIMD
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t q_k = kProb ? target_probability(q[k]) : (k == target ? acc_t(1) : acc_t(0));
+    const KdExps<acc_t> e{kKL ? kept_b[k] : acc_t(0), kKL ? kept_a[k] : acc_t(0), kCE ? kept_ce[k] : acc_t(0)};
+    const KdGradPair<acc_t> g =
+        kd_grads_from_exps<kCE, kKL>(st, inv, c, e, s[k], kKL ? t[k] : acc_t(0), q_k, smoothing, inv_tau);
+    if constexpr (kGradS) grad_s[k] = g.student;
+    if constexpr (kGradT) grad_t[k] = g.teacher;
+  }
 }
 
 // What a forward or backward pass reads besides the logits: the targets and the options
@@ -84,17 +112,31 @@ struct KdRowInputs {
         ce_weight(static_cast<acc_t>(p.ce_weight)), kl_weight(static_cast<acc_t>(p.kl_weight)) {}
 };
 
-template <typename scalar_t, bool kCE, bool kKL, bool kProb>
+// Where the forward writes: the per-row loss and stats, and the gradients when asked for
+// (null otherwise), each row's scaled by row_factor (kd.h, KdForwardGrads).
+template <typename acc_t>
+struct KdRowOutputs {
+  acc_t* loss;
+  acc_t* stats;
+  acc_t* grad_s;
+  acc_t* grad_t;
+  acc_t row_factor;
+};
+
+template <typename scalar_t, bool kCE, bool kKL, bool kProb, bool kGradS, bool kGradT>
 AGKD_CPU_MULTIVERSION void kd_fwd_rows(const KdRowInputs<scalar_t>& in, int64_t begin, int64_t end,
-                                       at::opmath_type<scalar_t>* loss,
-                                       at::opmath_type<scalar_t>* stats) {
+                                       const KdRowOutputs<at::opmath_type<scalar_t>>& out) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kGrad = kGradS || kGradT;
   const int64_t K = in.student.K;
   std::vector<acc_t> s_buffer, t_buffer, q_buffer;
+  KeptExps<acc_t> kept(kGrad ? K : 0);
   for (int64_t n = begin; n < end; ++n) {
-    if (in.mask.ignored(n)) {  // nothing is read: loss 0, stats 0
-      loss[n] = 0;
-      store_kd_stats(KdRowStats<acc_t>{}, stats + n * kKdStats);
+    if (in.mask.ignored(n)) {  // nothing is read: loss 0, stats 0, gradient exactly 0
+      out.loss[n] = 0;
+      store_kd_stats(KdRowStats<acc_t>{}, out.stats + n * kKdStats);
+      if constexpr (kGradS) std::fill_n(out.grad_s + n * K, K, acc_t(0));
+      if constexpr (kGradT) std::fill_n(out.grad_t + n * K, K, acc_t(0));
       continue;
     }
     const acc_t* s = in.student.row(n, s_buffer);
@@ -102,7 +144,9 @@ AGKD_CPU_MULTIVERSION void kd_fwd_rows(const KdRowInputs<scalar_t>& in, int64_t 
     const acc_t* q = kProb ? in.probabilities.row(n, q_buffer) : nullptr;
     const acc_t max_s = row_max(s, K);
     const acc_t max_t = kKL ? row_max(t, K) : acc_t(0);
-    const KdRowSums<double> sums = row_sums<acc_t, kCE, kKL, kProb>(s, t, q, K, max_s, max_t, in.inv_tau);
+    const KdRowSums<double> sums =
+        row_sums<acc_t, kCE, kKL, kProb, kGrad>(s, t, q, K, max_s, max_t, in.inv_tau, kept.b.data(),
+                                                kept.a.data(), kept.ce.data());
     KdRowStats<acc_t> st = kd_row_stats<acc_t>(max_s, max_t, sums, kKL, kCE);
     acc_t ce = 0;
     if constexpr (kCE) {
@@ -113,8 +157,14 @@ AGKD_CPU_MULTIVERSION void kd_fwd_rows(const KdRowInputs<scalar_t>& in, int64_t 
                                     max_s);
       ce = kd_row_ce(st, target, static_cast<acc_t>(sums.s_sum), in.smoothing);
     }
-    loss[n] = kd_row_loss(st, ce, in.tau, in.ce_weight, in.kl_weight);
-    store_kd_stats(st, stats + n * kKdStats);
+    out.loss[n] = kd_row_loss(st, ce, in.tau, in.ce_weight, in.kl_weight);
+    store_kd_stats(st, out.stats + n * kKdStats);
+    if constexpr (kGrad) {
+      const KdGradCoeffs<acc_t> c = kd_grad_coeffs(out.row_factor, in.tau, in.ce_weight, in.kl_weight);
+      grad_row<acc_t, kCE, kKL, kProb, kGradS, kGradT>(
+          s, t, q, kept.b.data(), kept.a.data(), kept.ce.data(), K, kCE && !kProb ? in.classes[n] : -1, st, c, in.smoothing, in.inv_tau,
+          kGradS ? out.grad_s + n * K : nullptr, kGradT ? out.grad_t + n * K : nullptr);
+    }
   }
 }
 
@@ -148,123 +198,44 @@ void check_probability_targets(const at::Tensor& target) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_fwd_cpu(const at::Tensor& student,
-                                              const at::Tensor& teacher,
-                                              const std::optional<at::Tensor>& target,
-                                              double temperature, double ce_weight,
-                                              double kl_weight, double label_smoothing,
-                                              std::optional<int64_t> ignore_index,
-                                              c10::string_view reduction) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_fwd_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
+    double temperature, double ce_weight, double kl_weight, double label_smoothing,
+    std::optional<int64_t> ignore_index, c10::string_view reduction, bool needs_grad_student,
+    bool needs_grad_teacher) {
   const KdParams p{temperature, ce_weight, kl_weight, label_smoothing, ignore_index};
   const Reduction r = parse_reduction(reduction);
   const KdGeometry g = check_kd_inputs(student, teacher, target, p);
   const KdTarget tgt = kd_target(target, p);
   auto [loss, stats] = per_sample_outputs(student, g.N, kKdStats);
+  KdForwardGrads grads = kd_forward_grads(student, p, r, tgt, needs_grad_student, needs_grad_teacher);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (tgt.probabilities) check_probability_targets<scalar_t>(tgt.tensor);
     else if (tgt.tensor.defined()) check_class_targets(tgt, g.N, g.K);
     const KdRowInputs<scalar_t> in(student, teacher, tgt, p);
-    acc_t* loss_out = loss.mutable_data_ptr<acc_t>();
-    acc_t* stats_out = stats.mutable_data_ptr<acc_t>();
+    // On the CPU the "mean" count is a host number: read it once.
+    const double factor = grads.counted_rows.defined() ? 1.0 / grads.counted_rows.item<double>() : grads.row_factor;
+    const KdRowOutputs<acc_t> out{loss.mutable_data_ptr<acc_t>(), stats.mutable_data_ptr<acc_t>(),
+                                  grads.write_student ? grads.student.mutable_data_ptr<acc_t>() : nullptr,
+                                  grads.write_teacher ? grads.teacher.mutable_data_ptr<acc_t>() : nullptr,
+                                  static_cast<acc_t>(factor)};
     dispatch_terms(p.with_ce(), p.with_kl(), [&]<bool kCE, bool kKL>() {
       dispatch_flag(kCE && tgt.probabilities, [&]<bool kProb>() {
-        at::parallel_for(0, g.N, rows_per_task(g.K), [&](int64_t begin, int64_t end) {
-          kd_fwd_rows<scalar_t, kCE, kKL, kProb>(in, begin, end, loss_out, stats_out);
-        });
-      });
-    });
-  });
-  return {reduce_kd_loss(loss, r, tgt), stats};
-}
-
-// --------------------------------------------------------------------------- backward
-
-// One row of both gradients. kGradS / kGradT select the outputs, so the lane loop has no
-// per-element branch on them.
-template <typename scalar_t, bool kCE, bool kKL, bool kProb, bool kGradS, bool kGradT>
-AGKD_CPU_INLINE void kd_grad_row(const at::opmath_type<scalar_t>* __restrict s,
-                                 const at::opmath_type<scalar_t>* __restrict t,
-                                 const at::opmath_type<scalar_t>* __restrict q, int64_t K,
-                                 int64_t target, const KdRowStats<at::opmath_type<scalar_t>>& st,
-                                 const KdGradCoeffs<at::opmath_type<scalar_t>>& c,
-                                 const Smoothing<at::opmath_type<scalar_t>>& smoothing,
-                                 at::opmath_type<scalar_t> inv_tau,
-                                 scalar_t* __restrict grad_s, scalar_t* __restrict grad_t) {
-  using acc_t = at::opmath_type<scalar_t>;
-  AGKD_SIMD
-  for (int64_t k = 0; k < K; ++k) {
-    const acc_t q_k = kProb ? target_probability(q[k]) : (k == target ? acc_t(1) : acc_t(0));
-    const KdGradPair<acc_t> grad = kd_grads_at<kCE, kKL>(st, c, s[k], kKL ? t[k] : acc_t(0), q_k,
-                                                         smoothing, inv_tau, SimdExp{});
-    if constexpr (kGradS) grad_s[k] = static_cast<scalar_t>(grad.student);
-    if constexpr (kGradT) grad_t[k] = static_cast<scalar_t>(grad.teacher);
-  }
-}
-
-template <typename scalar_t, bool kCE, bool kKL, bool kProb, bool kGradS, bool kGradT>
-AGKD_CPU_MULTIVERSION void kd_bwd_rows(const KdRowInputs<scalar_t>& in,
-                                       const at::opmath_type<scalar_t>* grad_loss,
-                                       const at::opmath_type<scalar_t>* stats, int64_t begin,
-                                       int64_t end, scalar_t* grad_s, scalar_t* grad_t) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t K = in.student.K;
-  std::vector<acc_t> s_buffer, t_buffer, q_buffer;
-  for (int64_t n = begin; n < end; ++n) {
-    if (in.mask.ignored(n)) {  // an ignored row's gradient is exactly zero
-      if constexpr (kGradS) std::fill_n(grad_s + n * K, K, scalar_t(0));
-      if constexpr (kGradT) std::fill_n(grad_t + n * K, K, scalar_t(0));
-      continue;
-    }
-    const KdRowStats<acc_t> st = load_kd_stats(stats + n * kKdStats);
-    const KdGradCoeffs<acc_t> c = kd_grad_coeffs(grad_loss[n], in.tau, in.ce_weight, in.kl_weight);
-    const acc_t* s = in.student.row(n, s_buffer);
-    const acc_t* t = kKL ? in.teacher.row(n, t_buffer) : nullptr;
-    const acc_t* q = kProb ? in.probabilities.row(n, q_buffer) : nullptr;
-    // An out-of-range class (direct op calls only) matches no class; the forward's loss
-    // for that row is already NaN.
-    kd_grad_row<scalar_t, kCE, kKL, kProb, kGradS, kGradT>(
-        s, t, q, K, kCE && !kProb ? in.classes[n] : -1, st, c, in.smoothing, in.inv_tau,
-        kGradS ? grad_s + n * K : nullptr, kGradT ? grad_t + n * K : nullptr);
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor> kd_bwd_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
-    const std::optional<at::Tensor>& target, const at::Tensor& stats, double temperature,
-    double ce_weight, double kl_weight, double label_smoothing,
-    std::optional<int64_t> ignore_index, bool needs_grad_student, bool needs_grad_teacher) {
-  const KdParams p{temperature, ce_weight, kl_weight, label_smoothing, ignore_index};
-  KdBackward b = prepare_kd_backward(grad_loss, student, teacher, target, stats, p,
-                                     needs_grad_student, needs_grad_teacher);
-  if (!b.student && !b.teacher) return {b.grad_student, b.grad_teacher};
-  const int64_t N = student.size(0), K = student.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_bwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const KdRowInputs<scalar_t> in(student, teacher, b.target, p);
-    const acc_t* gl = b.grad_loss.const_data_ptr<acc_t>();
-    const acc_t* st = b.stats.const_data_ptr<acc_t>();
-    scalar_t* gs = b.student ? b.grad_student.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gt = b.teacher ? b.grad_teacher.mutable_data_ptr<scalar_t>() : nullptr;
-    dispatch_terms(p.with_ce(), p.with_kl(), [&]<bool kCE, bool kKL>() {
-      dispatch_flag(kCE && b.target.probabilities, [&]<bool kProb>() {
-        at::parallel_for(0, N, rows_per_task(K), [&](int64_t begin, int64_t end) {
-          // The outputs are template flags too, so the lane loop never branches on them.
-          dispatch_terms(gs != nullptr, gt != nullptr, [&]<bool kGradS, bool kGradT>() {
-            kd_bwd_rows<scalar_t, kCE, kKL, kProb, kGradS, kGradT>(in, gl, st, begin, end, gs, gt);
+        // The outputs are template flags too, so the lane loops never branch on them.
+        dispatch_terms<true>(out.grad_s != nullptr, out.grad_t != nullptr, [&]<bool kGradS, bool kGradT>() {
+          at::parallel_for(0, g.N, rows_per_task(g.K), [&](int64_t begin, int64_t end) {
+            kd_fwd_rows<scalar_t, kCE, kKL, kProb, kGradS, kGradT>(in, begin, end, out);
           });
         });
       });
     });
   });
-  return {b.grad_student, b.grad_teacher};
+  return {reduce_kd_loss(loss, r, tgt, grads), stats, grads.student, grads.teacher};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(agkd, CPU, m) {
-  register_kernel<op::KdFwd>(m, &kd_fwd_cpu);
-  register_kernel<op::KdBwd>(m, &kd_bwd_cpu);
-}
+TORCH_LIBRARY_IMPL(agkd, CPU, m) { register_kernel<op::KdFwd>(m, &kd_fwd_cpu); }
 
 }  // namespace agkd

@@ -2,7 +2,8 @@
 //
 // Forward: one thread per pixel sums mean_c |F|^p; one block per sample takes the norm
 // (fixed-order block tree) and normalises. Backward: one block per sample forms
-// ∂L/∂(mean_c |F|^p), then one thread per feature element writes the gradient.
+// ∂L/∂(mean_c |F|^p), then one thread per feature element writes the gradient, in the
+// features' layout (NCHW, or channels_last).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -75,22 +76,29 @@ __global__ void attention_grad_map_kernel(const scalar_t* __restrict__ grad_map,
     dot = block_reduce(dot, scratch, SumOp{});
   }
   const acc_t inv_c = acc_t(1) / static_cast<acc_t>(channels);
+  const NormalizeGrad<acc_t> grad_of =
+      normalize ? normalize_grad(dot, norms[n], eps, inv_c) : NormalizeGrad<acc_t>{acc_t(0), inv_c};
   for (int64_t k = threadIdx.x; k < pixels; k += blockDim.x) {
-    const acc_t g = static_cast<acc_t>(gm[k]);
-    grad_a[n * pixels + k] =
-        inv_c * (normalize ? normalize_grad(g, static_cast<acc_t>(m[k]), dot, norms[n], eps) : g);
+    grad_a[n * pixels + k] = grad_of(static_cast<acc_t>(gm[k]), static_cast<acc_t>(m[k]));
   }
 }
 
-template <PowKind kKind, typename scalar_t>
+// One thread per element of grad_f, in grad_f's memory order: NCHW, or NHWC (kPixelMajor)
+// for channels_last features, whose gradient is channels_last too, so that neighbouring
+// threads read and write neighbouring addresses in either layout.
+template <PowKind kKind, bool kPixelMajor, typename scalar_t>
 __global__ void attention_grad_features_kernel(const scalar_t* __restrict__ f, const FeatureGeometry g,
                                                const at::opmath_type<scalar_t>* __restrict__ grad_a,
                                                at::opmath_type<scalar_t> p,
                                                scalar_t* __restrict__ grad_f) {
   using acc_t = at::opmath_type<scalar_t>;
-  AGKD_GRID_STRIDE(i, g.N * g.C * g.pixels()) {  // i: contiguous index of grad_f
-    const int64_t w = i % g.W, h = (i / g.W) % g.H, c = (i / g.pixels()) % g.C;
-    const int64_t n = i / (g.C * g.pixels());
+  AGKD_GRID_STRIDE(i, g.N * g.C * g.pixels()) {  // i: the memory index of grad_f
+    int64_t n, c, h, w;
+    if (kPixelMajor) {
+      c = i % g.C, w = (i / g.C) % g.W, h = (i / (g.C * g.W)) % g.H, n = i / (g.C * g.pixels());
+    } else {
+      w = i % g.W, h = (i / g.W) % g.H, c = (i / g.pixels()) % g.C, n = i / (g.C * g.pixels());
+    }
     const acc_t x = static_cast<acc_t>(f[n * g.sN + c * g.sC + h * g.sH + w * g.sW]);
     grad_f[i] = static_cast<scalar_t>(grad_a[n * g.pixels() + h * g.W + w] * abs_pow_grad<kKind>(x, p));
   }
@@ -126,7 +134,9 @@ at::Tensor attention_map_bwd_cuda(const at::Tensor& grad_map, const at::Tensor& 
   const c10::cuda::CUDAGuard guard(features.device());
   const at::Tensor gm = grad_map.contiguous().to(features.scalar_type());
   const at::Tensor m = map.contiguous(), nr = norms.contiguous();
-  at::Tensor grad_f = input_grad_or_empty(features, true);
+  at::Tensor grad_f = g.walk_pixels()
+                          ? at::empty(features.sizes(), features.options().memory_format(at::MemoryFormat::ChannelsLast))
+                          : input_grad_or_empty(features, true);
   at::Tensor grad_a = at::empty({g.N, g.pixels()}, nr.options());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "attention_map_bwd_cuda", [&] {
@@ -136,10 +146,12 @@ at::Tensor attention_map_bwd_cuda(const at::Tensor& grad_map, const at::Tensor& 
                   nr.const_data_ptr<acc_t>(), g.pixels(), g.C, normalize, static_cast<acc_t>(eps),
                   grad_a.mutable_data_ptr<acc_t>());
     dispatch_pow(p, [&]<PowKind kKind>() {
-      launch_kernel(attention_grad_features_kernel<kKind, scalar_t>,
-                    flat_blocks(g.N * g.C * g.pixels()), kFlatThreads, 0, stream,
-                    features.const_data_ptr<scalar_t>(), g, grad_a.const_data_ptr<acc_t>(),
-                    static_cast<acc_t>(p), grad_f.mutable_data_ptr<scalar_t>());
+      dispatch_flag(g.walk_pixels(), [&]<bool kPixelMajor>() {
+        launch_kernel(attention_grad_features_kernel<kKind, kPixelMajor, scalar_t>,
+                      flat_blocks(g.N * g.C * g.pixels()), kFlatThreads, 0, stream,
+                      features.const_data_ptr<scalar_t>(), g, grad_a.const_data_ptr<acc_t>(),
+                      static_cast<acc_t>(p), grad_f.mutable_data_ptr<scalar_t>());
+      });
     });
   });
   return grad_f;

@@ -1,11 +1,15 @@
-// CUDA kernels of agkd::kd_fwd / agkd::kd_bwd (temperature-scaled KL and Hinton KD loss).
+// CUDA kernel of agkd::kd_fwd (temperature-scaled KL and Hinton KD loss, and its gradients).
 //
-// Forward: one block per row. Its threads stride over the row (any K: a row longer than
-// the block is simply several strides), reduce the maxima, then the sums of math/kd.h,
-// with fixed-order block trees (cuda/block_reduce.cuh); thread 0 writes the row's loss and
-// statistics. Backward: a 2-D grid of (row, chunk of classes); every thread recomputes its
-// classes' gradients from the logits and the row's saved statistics (the same choice, and
-// the same math, as the CPU kernel: see cpu/kd_cpu.cpp).
+// One block per row. Its threads stride over the row (any K: a row longer than the block
+// is simply several strides), reduce the maxima, then the sums of math/kd.h, with
+// fixed-order block trees (cuda/block_reduce.cuh); thread 0 writes the row's loss and
+// statistics. When gradients are asked for, thread 0 also shares the row's statistics
+// through shared memory and every thread writes its classes' gradients in a third stride
+// over the row, which the block has just read (so it comes from cache): the logits are
+// read from memory once and the gradient written once. The exponentials are taken again
+// there (kd_grads_at) rather than kept, as a GPU row has no room for them near the
+// threads and exp is cheap beside the memory traffic. The autograd's backward only
+// scales the saved gradients (autograd/kd_autograd.cpp).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -29,10 +33,7 @@
 namespace agkd {
 namespace {
 
-constexpr int kMaxThreads = kRowThreads;  // forward block size for long rows
-constexpr int kGradThreads = 256;         // backward block size
-constexpr int kGradPerThread = 4;         // classes per backward thread
-constexpr int64_t kMaxGridY = 65535;
+constexpr int kMaxThreads = kRowThreads;  // block size for long rows
 
 // Everything a KD kernel reads besides the saved stats, by value.
 template <typename scalar_t>
@@ -64,16 +65,35 @@ KdArgs<scalar_t> kd_args(const at::Tensor& student, const at::Tensor& teacher, c
           target.probabilities && !p.with_ce()};
 }
 
-template <typename scalar_t, bool kCE, bool kKL, bool kProb>
+// Where the kernel writes: loss and stats per row and, when asked for, the gradients,
+// each row's times `factor` or, for a "mean" with ignore_index, 1 / *counted_rows.
+template <typename acc_t>
+struct KdOutputs {
+  acc_t* loss;
+  acc_t* stats;
+  acc_t* grad_s;
+  acc_t* grad_t;
+  acc_t factor;
+  const acc_t* counted_rows;
+};
+
+template <typename scalar_t, bool kCE, bool kKL, bool kProb, bool kGradS, bool kGradT>
 __global__ void __launch_bounds__(kMaxThreads)
-    kd_fwd_kernel(const KdArgs<scalar_t> a, at::opmath_type<scalar_t>* __restrict__ loss,
-                  at::opmath_type<scalar_t>* __restrict__ stats) {
+    kd_fwd_kernel(const KdArgs<scalar_t> a, const KdOutputs<at::opmath_type<scalar_t>> out) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kGrad = kGradS || kGradT;
   __shared__ acc_t scratch[kMaxThreads];
   __shared__ double wide_scratch[kMaxThreads];
+  __shared__ acc_t row_stats[kKdStats + 1];  // the row's stats and its NaN flag, for the gradient stride
   const int64_t n = blockIdx.x, K = a.K;
-  if (a.mask.ignored(n)) {  // the whole block leaves: nothing is read, loss 0, stats 0
+  acc_t* const loss = out.loss;
+  acc_t* const stats = out.stats;
+  if (a.mask.ignored(n)) {  // the whole block leaves: nothing is read, loss 0, stats 0, gradient 0
     if (threadIdx.x == 0) loss[n] = 0, store_kd_stats(KdRowStats<acc_t>{}, stats + n * kKdStats);
+    for (int64_t k = threadIdx.x; kGrad && k < K; k += blockDim.x) {
+      if (kGradS) out.grad_s[n * K + k] = acc_t(0);
+      if (kGradT) out.grad_t[n * K + k] = acc_t(0);
+    }
     return;
   }
   const acc_t inv_tau = acc_t(1) / a.temperature;
@@ -132,52 +152,35 @@ __global__ void __launch_bounds__(kMaxThreads)
     loss[n] = bad_target ? std::numeric_limits<acc_t>::quiet_NaN()
                          : kd_row_loss(st, ce, a.temperature, a.ce_weight, a.kl_weight);
     store_kd_stats(st, stats + n * kKdStats);
+    if (kGrad) {
+      store_kd_stats(st, row_stats);
+      // A bad target (or, below, an out-of-range class) makes the row's gradient NaN too.
+      row_stats[kKdStats] = bad_target || (kCE && !kProb && !kd_class_in_range(a.classes[n], K)) ? acc_t(1) : acc_t(0);
+    }
+  }
+  if constexpr (kGrad) {
+    __syncthreads();
+    const KdRowStats<acc_t> st = load_kd_stats(row_stats);
+    const bool nan_row = row_stats[kKdStats] != acc_t(0);
+    const acc_t factor = out.counted_rows != nullptr ? acc_t(1) / *out.counted_rows : out.factor;
+    const KdGradCoeffs<acc_t> c = kd_grad_coeffs(factor, a.temperature, a.ce_weight, a.kl_weight);
+    const int64_t y = kCE && !kProb ? a.classes[n] : -1;
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+      const acc_t q = kProb ? target_probability(a.q.at(n, k)) : (k == y ? acc_t(1) : acc_t(0));
+      KdGradPair<acc_t> g = kd_grads_at<kCE, kKL>(st, c, a.s.at(n, k), kKL ? a.t.at(n, k) : acc_t(0), q,
+                                                  a.smoothing, inv_tau, DeviceExp{});
+      if (nan_row) g.student = g.teacher = std::numeric_limits<acc_t>::quiet_NaN();
+      if (kGradS) out.grad_s[n * K + k] = g.student;
+      if (kGradT) out.grad_t[n * K + k] = g.teacher;
+    }
   }
 }
 
-template <typename scalar_t, bool kCE, bool kKL, bool kProb>
-__global__ void __launch_bounds__(kGradThreads)
-    kd_bwd_kernel(const KdArgs<scalar_t> a, const at::opmath_type<scalar_t>* __restrict__ grad_loss,
-                  const at::opmath_type<scalar_t>* __restrict__ stats, scalar_t* __restrict__ grad_s,
-                  scalar_t* __restrict__ grad_t) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n = blockIdx.x, K = a.K;
-  const int64_t stride = int64_t(gridDim.y) * blockDim.x;
-  const int64_t first = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (a.mask.ignored(n)) {  // an ignored row's gradient is exactly zero
-    for (int64_t k = first; k < K; k += stride) {
-      if (grad_s) grad_s[n * K + k] = scalar_t(0);
-      if (grad_t) grad_t[n * K + k] = scalar_t(0);
-    }
-    return;
-  }
-  if (a.classes != nullptr && !kd_class_in_range(a.classes[n], K)) {  // its loss is NaN: so is its gradient
-    for (int64_t k = first; k < K; k += stride) {
-      if (grad_s) grad_s[n * K + k] = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
-      if (grad_t) grad_t[n * K + k] = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
-    }
-    return;
-  }
-  const KdRowStats<acc_t> st = load_kd_stats(stats + n * kKdStats);
-  const KdGradCoeffs<acc_t> c = kd_grad_coeffs(grad_loss[n], a.temperature, a.ce_weight, a.kl_weight);
-  const acc_t inv_tau = acc_t(1) / a.temperature;
-  const int64_t y = kCE && !kProb ? a.classes[n] : -1;
-  for (int64_t k = first; k < K; k += stride) {
-    const acc_t q = kProb ? target_probability(a.q.at(n, k)) : (k == y ? acc_t(1) : acc_t(0));
-    const KdGradPair<acc_t> g = kd_grads_at<kCE, kKL>(st, c, a.s.at(n, k), kKL ? a.t.at(n, k) : acc_t(0),
-                                                      q, a.smoothing, inv_tau, DeviceExp{});
-    if (grad_s) grad_s[n * K + k] = static_cast<scalar_t>(g.student);
-    if (grad_t) grad_t[n * K + k] = static_cast<scalar_t>(g.teacher);
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor> kd_fwd_cuda(const at::Tensor& student,
-                                               const at::Tensor& teacher,
-                                               const std::optional<at::Tensor>& target,
-                                               double temperature, double ce_weight,
-                                               double kl_weight, double label_smoothing,
-                                               std::optional<int64_t> ignore_index,
-                                               c10::string_view reduction) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_fwd_cuda(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
+    double temperature, double ce_weight, double kl_weight, double label_smoothing,
+    std::optional<int64_t> ignore_index, c10::string_view reduction, bool needs_grad_student,
+    bool needs_grad_teacher) {
   const KdParams p{temperature, ce_weight, kl_weight, label_smoothing, ignore_index};
   const Reduction r = parse_reduction(reduction);
   const KdGeometry g = check_kd_inputs(student, teacher, target, p);
@@ -185,60 +188,33 @@ std::tuple<at::Tensor, at::Tensor> kd_fwd_cuda(const at::Tensor& student,
   const c10::cuda::CUDAGuard guard(student.device());
   auto [loss, stats] = per_sample_outputs(student, g.N, kKdStats);
   // Targets are not range-checked here: that would read them on the host and sync the
-  // device. An out-of-range class or a negative probability makes its row's loss NaN,
-  // whatever the weights.
+  // device. An out-of-range class or a negative probability makes its row's loss (and
+  // gradient) NaN, whatever the weights.
   const KdTarget tgt = kd_target(target, p);
+  KdForwardGrads grads = kd_forward_grads(student, p, r, tgt, needs_grad_student, needs_grad_teacher);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int threads = row_threads(g.K);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const KdArgs<scalar_t> a = kd_args<scalar_t>(student, teacher, tgt, p);
+    const KdOutputs<acc_t> out{loss.mutable_data_ptr<acc_t>(), stats.mutable_data_ptr<acc_t>(),
+                               grads.write_student ? grads.student.mutable_data_ptr<acc_t>() : nullptr,
+                               grads.write_teacher ? grads.teacher.mutable_data_ptr<acc_t>() : nullptr,
+                               static_cast<acc_t>(grads.row_factor),
+                               grads.counted_rows.defined() ? grads.counted_rows.const_data_ptr<acc_t>() : nullptr};
     dispatch_terms(p.with_ce(), p.with_kl(), [&]<bool kCE, bool kKL>() {
       dispatch_flag(kCE && tgt.probabilities, [&]<bool kProb>() {
-        launch_kernel(kd_fwd_kernel<scalar_t, kCE, kKL, kProb>, g.N, threads, 0, stream, a,
-                      loss.mutable_data_ptr<acc_t>(), stats.mutable_data_ptr<acc_t>());
+        dispatch_terms<true>(out.grad_s != nullptr, out.grad_t != nullptr, [&]<bool kGradS, bool kGradT>() {
+          launch_kernel(kd_fwd_kernel<scalar_t, kCE, kKL, kProb, kGradS, kGradT>, g.N, threads, 0, stream, a, out);
+        });
       });
     });
   });
-  return {reduce_kd_loss(loss, r, tgt), stats};
-}
-
-std::tuple<at::Tensor, at::Tensor> kd_bwd_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
-    const std::optional<at::Tensor>& target, const at::Tensor& stats, double temperature,
-    double ce_weight, double kl_weight, double label_smoothing,
-    std::optional<int64_t> ignore_index, bool needs_grad_student, bool needs_grad_teacher) {
-  const KdParams p{temperature, ce_weight, kl_weight, label_smoothing, ignore_index};
-  const c10::cuda::CUDAGuard guard(student.device());
-  KdBackward b = prepare_kd_backward(grad_loss, student, teacher, target, stats, p,
-                                     needs_grad_student, needs_grad_teacher);
-  if (!b.student && !b.teacher) return {b.grad_student, b.grad_teacher};
-  const int64_t N = student.size(0), K = student.size(1);
-  TORCH_CHECK(N < (int64_t{1} << 31), "agkd::kd (CUDA): too many rows");
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t per_block = int64_t{kGradThreads} * kGradPerThread;
-  const dim3 grid(static_cast<unsigned>(N),
-                  static_cast<unsigned>(std::min(kMaxGridY, (K + per_block - 1) / per_block)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_bwd_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const KdArgs<scalar_t> a = kd_args<scalar_t>(student, teacher, b.target, p);
-    scalar_t* gs = b.student ? b.grad_student.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gt = b.teacher ? b.grad_teacher.mutable_data_ptr<scalar_t>() : nullptr;
-    dispatch_terms(p.with_ce(), p.with_kl(), [&]<bool kCE, bool kKL>() {
-      dispatch_flag(kCE && b.target.probabilities, [&]<bool kProb>() {
-        launch_kernel(kd_bwd_kernel<scalar_t, kCE, kKL, kProb>, grid, kGradThreads, 0, stream, a,
-                      b.grad_loss.const_data_ptr<acc_t>(), b.stats.const_data_ptr<acc_t>(), gs, gt);
-      });
-    });
-  });
-  return {b.grad_student, b.grad_teacher};
+  return {reduce_kd_loss(loss, r, tgt, grads), stats, grads.student, grads.teacher};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(agkd, CUDA, m) {
-  register_kernel<op::KdFwd>(m, &kd_fwd_cuda);
-  register_kernel<op::KdBwd>(m, &kd_bwd_cuda);
-}
+TORCH_LIBRARY_IMPL(agkd, CUDA, m) { register_kernel<op::KdFwd>(m, &kd_fwd_cuda); }
 
 }  // namespace agkd

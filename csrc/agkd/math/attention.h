@@ -36,10 +36,18 @@ AGKD_HOST_DEVICE T abs_pow_grad(T x, T p) {
 
 // Gradient of out = a / max(‖a‖, eps) at one pixel, given g = ∂L/∂out there and
 // dot = Σ out·g over the sample: (g − out·dot) / ‖a‖, or g / eps where the norm is clamped
-// (a constant then, as in F.normalize's clamp_min).
+// (a constant then, as in F.normalize's clamp_min). The per-sample part is taken once, as
+// a dot to subtract and a factor (the reciprocal times `scale`, e.g. 1/C), so that the
+// per-pixel work is a multiply-add.
 template <typename T>
-AGKD_HOST_DEVICE T normalize_grad(T g, T out, T dot, T norm, T eps) {
-  return norm < eps ? g / eps : (g - out * dot) / norm;
+struct NormalizeGrad {
+  T dot, factor;
+  AGKD_HOST_DEVICE T operator()(T g, T out) const { return (g - out * dot) * factor; }
+};
+
+template <typename T>
+AGKD_HOST_DEVICE NormalizeGrad<T> normalize_grad(T dot, T norm, T eps, T scale) {
+  return norm < eps ? NormalizeGrad<T>{T(0), scale / eps} : NormalizeGrad<T>{dot, scale / norm};
 }
 
 }  // namespace agkd

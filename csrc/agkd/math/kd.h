@@ -1,5 +1,5 @@
 // Temperature-scaled KL divergence and Hinton KD loss of one row of logits, from
-// per-row statistics. Shared by the CPU and CUDA kernels of agkd::kd_fwd / agkd::kd_bwd.
+// per-row statistics. Shared by the CPU and CUDA kernels of agkd::kd_fwd.
 //
 // For one row, with a = t/τ (teacher) and b = s/τ (student):
 //   KL   = Σ_k p_t,k (log p_t,k − log p_s,k),  p_t = softmax(a), p_s = softmax(b)
@@ -93,28 +93,52 @@ AGKD_HOST_DEVICE T kl_term(T exp_a, T a, T b) {
   return exp_a == T(0) ? T(0) : exp_a * (a - b);
 }
 
-// One class's contribution to the row sums: logits s, t and, for probability targets
-// (kProb), the target q. `exp_fn` is the device's exp (a vectorisable one on the CPU, the
-// CUDA intrinsic on the GPU).
-template <bool kCE, bool kKL, bool kProb, typename T, typename Exp>
-AGKD_HOST_DEVICE KdRowSums<T> kd_sum_terms(T s, T t, T q, T max_s, T max_t, T inv_temperature,
-                                           Exp exp_fn) {
-  KdRowSums<T> terms;
+// One class's shifted logits and their exponentials, each taken once: the forward sums
+// them and, when it also writes the gradient, normalises the same exponentials
+// (kd_grads_from_exps).
+template <typename T>
+struct KdExps {
+  T b = 0, a = 0, ce = 0;  // exp(b̃), exp(ã), exp(s̃)
+};
+
+template <typename T>
+struct KdClass {
+  T b = 0, a = 0, shifted = 0;  // b̃ = (s − max_s)/τ, ã = (t − max_t)/τ, s̃ = s − max_s
+  KdExps<T> exps;
+};
+
+// `exp_fn` is the device's exp (a vectorisable one on the CPU, the CUDA intrinsic on the GPU).
+template <bool kCE, bool kKL, typename T, typename Exp>
+AGKD_HOST_DEVICE KdClass<T> kd_class(T s, T t, T max_s, T max_t, T inv_temperature, Exp exp_fn) {
+  KdClass<T> c;
   if (kKL) {
-    const T b = (s - max_s) * inv_temperature, a = (t - max_t) * inv_temperature;
-    const T exp_a = exp_fn(a);
-    terms.z_s = exp_fn(b), terms.z_t = exp_a, terms.w = kl_term(exp_a, a, b);
+    c.b = (s - max_s) * inv_temperature, c.a = (t - max_t) * inv_temperature;
+    c.exps.b = exp_fn(c.b), c.exps.a = exp_fn(c.a);
   }
+  if (kCE) c.shifted = s - max_s, c.exps.ce = exp_fn(c.shifted);
+  return c;
+}
+
+// One class's contribution to the row sums; q is the probability target (kProb only).
+template <bool kCE, bool kKL, bool kProb, typename T>
+AGKD_HOST_DEVICE KdRowSums<T> kd_sum_terms_of(const KdClass<T>& c, T q) {
+  KdRowSums<T> terms;
+  if (kKL) terms.z_s = c.exps.b, terms.z_t = c.exps.a, terms.w = kl_term(c.exps.a, c.a, c.b);
   if (kCE) {
-    const T shifted = s - max_s;
-    terms.z_ce = exp_fn(shifted);
-    terms.s_sum = shifted;
+    terms.z_ce = c.exps.ce;
+    terms.s_sum = c.shifted;
     if (kProb) {
       const T p = target_probability(q);
-      terms.q_sum = p, terms.qs = p * shifted;
+      terms.q_sum = p, terms.qs = p * c.shifted;
     }
   }
   return terms;
+}
+
+template <bool kCE, bool kKL, bool kProb, typename T, typename Exp>
+AGKD_HOST_DEVICE KdRowSums<T> kd_sum_terms(T s, T t, T q, T max_s, T max_t, T inv_temperature,
+                                           Exp exp_fn) {
+  return kd_sum_terms_of<kCE, kKL, kProb>(kd_class<kCE, kKL>(s, t, max_s, max_t, inv_temperature, exp_fn), q);
 }
 
 // A term that is not computed (with_kl / with_ce false) leaves its statistics at 0, so
@@ -233,6 +257,35 @@ template <typename T>
 struct KdGradPair {
   T student, teacher;
 };
+
+// The row's normalisers 1/Σ, so that a probability is its exponential times one factor.
+template <typename T>
+struct KdInverseSums {
+  T z_s, z_t, z_ce;
+};
+
+template <typename T>
+AGKD_HOST_DEVICE KdInverseSums<T> kd_inverse_sums(const KdRowStats<T>& st) {
+  return {std::exp(-st.log_z_s), std::exp(-st.log_z_t), std::exp(-st.log_z_ce)};
+}
+
+// Both gradients at one class k from the exponentials the forward's sums took (no exp is
+// taken again): p = exp · (1/Σ); the log-probabilities, for the teacher's gradient, as
+// kd_grads_at forms them.
+template <bool kCE, bool kKL, typename T>
+AGKD_HOST_DEVICE KdGradPair<T> kd_grads_from_exps(const KdRowStats<T>& st, const KdInverseSums<T>& inv,
+                                                  const KdGradCoeffs<T>& c, const KdExps<T>& e, T s, T t, T q,
+                                                  const Smoothing<T>& smoothing, T inv_temperature) {
+  const T p_s = kKL ? e.b * inv.z_s : T(0);
+  const T p_t = kKL ? e.a * inv.z_t : T(0);
+  const T softmax = kCE ? e.ce * inv.z_ce : T(0);
+  T teacher = 0;
+  if (kKL) {
+    const KdLogProbs<T> lp = kd_log_probs(st, s, t, inv_temperature);
+    teacher = kd_teacher_grad(c, st.kl, p_t, lp.log_p_t, lp.log_p_s);
+  }
+  return {kd_student_grad(c, p_s, p_t, softmax, q, st.ce_mass, smoothing), teacher};
+}
 
 // Both gradients at one class k of a row (teacher 0 when the KL term is off); q is the
 // target's probability of class k.
