@@ -8,7 +8,7 @@ from . import _backend, reference
 from ._backend import build_info, get_backend, native_available, set_backend
 from ._validation import PADDINGS
 from .functional import (ALIGN_LOSSES, attention_align_loss, attention_map, cosine_loss, dist_loss, dkd_loss,
-                         hybrid_loss, kd_kl_div, kd_loss, ofa_loss, ssim, ssim_loss)
+                         hybrid_loss, kd_kl_div, kd_loss, minmax_scale, ofa_loss, ssim, ssim_loss)
 from .losses import (AttentionAlignLoss, CosineLoss, DISTLoss, DKDLoss, HybridLoss, KDKLDivLoss, KDLoss, OFALoss,
                      SSIMLoss)
 
@@ -18,7 +18,7 @@ if _backend._C is not None:
 __version__ = "0.1.0"
 
 __all__ = [
-    "ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "attention_map", "attention_align_loss",
+    "ssim", "ssim_loss", "cosine_loss", "hybrid_loss", "attention_map", "minmax_scale", "attention_align_loss",
     "kd_kl_div", "kd_loss", "dkd_loss", "dist_loss", "ofa_loss",
     "SSIMLoss", "CosineLoss", "HybridLoss", "AttentionAlignLoss", "KDKLDivLoss", "KDLoss",
     "DKDLoss", "DISTLoss", "OFALoss",

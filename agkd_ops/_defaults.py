@@ -27,6 +27,8 @@ class SSIMDefaults(NamedTuple):
 SSIM = SSIMDefaults()
 COSINE_EPS = 1e-8        # norm floor of the cosine term, as F.cosine_similarity
 NORMALIZE_EPS = 1e-12    # floor of an attention map's norm, as F.normalize
+MINMAX_EPS = 1e-12       # a map whose range is at most this is constant: scaled to 0 (scale="minmax")
+SCALES = (None, "minmax")  # what the attention losses' `scale` takes
 HYBRID_SSIM_WEIGHT = 0.5    # weight of 1 - SSIM in the hybrid loss
 HYBRID_COSINE_WEIGHT = 0.5  # weight of 1 - cos
 ATTENTION_P = 2.0        # exponent of the attention map, mean_c |F|^p

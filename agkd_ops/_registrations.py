@@ -47,6 +47,20 @@ def _hybrid_bwd_fake(grad_loss, x, y, stats, alpha, beta, window_size, sigma, c1
     return _grad_or_empty(x, needs_grad_x), _grad_or_empty(y, needs_grad_y)
 
 
+# ---------------------------------------------------------------- agkd::minmax_scale_*
+
+@torch.library.register_fake("agkd::minmax_scale_fwd")
+def _minmax_scale_fwd_fake(maps, eps):
+    n, c = maps.shape[:2]
+    return (maps.new_empty(maps.shape).contiguous(),
+            maps.new_empty((n, c, 2), dtype=_accumulate_dtype(maps.dtype)))
+
+
+@torch.library.register_fake("agkd::minmax_scale_bwd")
+def _minmax_scale_bwd_fake(grad_scaled, maps, range, eps):
+    return maps.new_empty(maps.shape).contiguous()
+
+
 # ----------------------------------------------------------------------- agkd::kd_fwd
 
 @torch.library.register_fake("agkd::kd_fwd")

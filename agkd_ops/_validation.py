@@ -57,6 +57,12 @@ def check_pair(fn: str, x, y, *, names=("x", "y"), ranks=(4,), min_rank=None,
         )
 
 
+def check_scale(fn: str, scale) -> None:
+    """The attention losses' ``scale``: None, or "minmax"."""
+    if scale is not None and scale != "minmax":
+        raise ValueError(f"agkd_ops.{fn}: scale must be None or 'minmax', got {scale!r}")
+
+
 def check_number(fn: str, name: str, value, *, positive=False, nonnegative=False) -> float:
     if type(value) is not float:  # the common case skips the (slower) ABC check
         if isinstance(value, bool) or not isinstance(value, numbers.Real):

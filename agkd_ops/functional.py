@@ -46,11 +46,12 @@ import torch
 
 from . import _backend, reference
 from ._defaults import (ATTENTION_P, COSINE_EPS, DIST, DIST_EPS, DKD, HYBRID_COSINE_WEIGHT, HYBRID_SSIM_WEIGHT,
-                        KD_TEMPERATURE, KD_WEIGHT, NORMALIZE_EPS, OFA, SSIM, STANDARDIZE_EPS)
+                        KD_TEMPERATURE, KD_WEIGHT, MINMAX_EPS, NORMALIZE_EPS, OFA, SSIM, STANDARDIZE_EPS)
 from ._defaults import accumulate_dtype as _accumulate_dtype
 from ._defaults import reduce_per_sample as _reduce
 from ._validation import (ATTENTION_P_RANGE, LOGITS, REDUCTIONS, check_choice, check_fraction, check_ignore_index,
                           check_ignore_index_type, check_in_range, check_kl_reduction, check_number, check_pair,
+                          check_scale,
                           check_flag, check_logits, check_min_classes, check_optional_temperature,
                           check_ssim_options, check_target, check_target_range, check_temperature,
                           check_temperatures, check_tensor, check_window, renamed)
@@ -243,8 +244,8 @@ def hybrid_loss(x: torch.Tensor, y: torch.Tensor, *, ssim_weight: float = HYBRID
                 cosine_weight: float = HYBRID_COSINE_WEIGHT, window_size: int = SSIM.window_size,
                 sigma: float = SSIM.sigma, data_range: float = SSIM.data_range,
                 k1: float = SSIM.k1, k2: float = SSIM.k2, padding: str = SSIM.padding,
-                eps: float = COSINE_EPS, reduction: str = "mean", alpha: Optional[float] = None,
-                beta: Optional[float] = None) -> torch.Tensor:
+                eps: float = COSINE_EPS, reduction: str = "mean", scale: Optional[str] = None,
+                alpha: Optional[float] = None, beta: Optional[float] = None) -> torch.Tensor:
     r"""The AGKD hybrid attention loss, fused: per sample
 
     .. math:: w_s\,(1 - \mathrm{SSIM}(x, y)) + w_c\,(1 - \cos(x, y))
@@ -257,6 +258,9 @@ def hybrid_loss(x: torch.Tensor, y: torch.Tensor, *, ssim_weight: float = HYBRID
         x, y: ``(N, C, H, W)`` maps, e.g. student and teacher attention maps.
         ssim_weight, cosine_weight: ``w_s`` and ``w_c`` (>= 0). ``alpha`` and ``beta`` are
             their old names, still accepted with a FutureWarning.
+        scale: ``"minmax"`` scales every (sample, channel) map of both inputs to [0, 1]
+            first (:func:`minmax_scale`), the scale SSIM's ``data_range=1`` expects of
+            attention maps; ``None`` (default) compares them as given.
 
     Example:
         >>> import torch, agkd_ops
@@ -269,11 +273,14 @@ def hybrid_loss(x: torch.Tensor, y: torch.Tensor, *, ssim_weight: float = HYBRID
     """
     fn = "hybrid_loss"
     check_pair(fn, x, y)
+    check_scale(fn, scale)
     ssim_weight = renamed(fn, "ssim_weight", ssim_weight, HYBRID_SSIM_WEIGHT, "alpha", alpha)
     cosine_weight = renamed(fn, "cosine_weight", cosine_weight, HYBRID_COSINE_WEIGHT, "beta", beta)
     ssim_weight, cosine_weight, window_size, sigma, c1, c2, eps = _hybrid_options(
         fn, ssim_weight, cosine_weight, window_size, sigma, data_range, k1, k2, padding, eps, reduction)
     check_window(fn, x, window_size, padding)
+    if scale is not None:
+        x, y = _minmax_scaled(fn, x), _minmax_scaled(fn, y)
     if _backend.use_native(fn, "hybrid_fwd", x):
         return _in_dtype(_native_hybrid(x, y, ssim_weight, cosine_weight, window_size, sigma, c1, c2, padding, eps,
                                         reduction), x.dtype)
@@ -798,10 +805,46 @@ def _align_options(fn, loss, align_corners, reduction, loss_kwargs):
     return alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps
 
 
+def minmax_scale(maps: torch.Tensor) -> torch.Tensor:
+    r"""Every (sample, channel) map scaled to [0, 1], fused:
+
+    .. math:: \frac{m - \min m}{\max m - \min m}
+
+    per map ``m`` of ``maps``, and 0 for a map whose range is at most 1e-12 (a constant
+    map: a dead stage, a blank image), whose gradient is then 0 as well. At a tie, the
+    gradient of the minimum and maximum is shared evenly, as ``torch.amin``/``amax`` share
+    it; a NaN makes its map NaN and leaves the others as they are. ``hybrid_loss`` and
+    ``attention_align_loss`` take ``scale="minmax"`` to apply it to both their inputs.
+
+    Args:
+        maps: ``(N, C, H, W)``, any strides, float32/float64/bfloat16/float16.
+
+    Returns:
+        ``(N, C, H, W)`` in ``maps``' dtype.
+
+    Example:
+        >>> import torch, agkd_ops
+        >>> maps = agkd_ops.attention_map(torch.randn(2, 8, 7, 7))
+        >>> scaled = agkd_ops.minmax_scale(maps)
+        >>> float(scaled.amin()), float(scaled.amax())
+        (0.0, 1.0)
+    """
+    fn = "minmax_scale"
+    check_tensor(fn, "maps", maps)
+    return _minmax_scaled(fn, maps)
+
+
+def _minmax_scaled(fn: str, maps: torch.Tensor) -> torch.Tensor:
+    if _backend.use_native(fn, "minmax_scale_fwd", maps):
+        scaled, _range = torch.ops.agkd.minmax_scale_fwd(maps, eps=MINMAX_EPS)
+        return scaled
+    return reference.minmax_scale(maps, eps=MINMAX_EPS)
+
+
 @_float32_under_autocast
 def attention_align_loss(student: torch.Tensor, teacher: torch.Tensor, *, loss: str = "mse",
-                         align_corners: bool = False, reduction: str = "mean", **loss_kwargs
-) -> torch.Tensor:
+                         align_corners: bool = False, reduction: str = "mean", scale: Optional[str] = None,
+                         **loss_kwargs) -> torch.Tensor:
     r"""Compare a student attention map with the teacher's after resizing the student
     bilinearly to the teacher's size, fused: the resized map is sampled on the fly and
     never stored, and the backward gathers its gradient back onto the student's pixels.
@@ -824,6 +867,9 @@ def attention_align_loss(student: torch.Tensor, teacher: torch.Tensor, *, loss: 
         loss: ``"mse"``, ``"cosine"``, ``"ssim"`` or ``"hybrid"``.
         align_corners: as in ``F.interpolate``.
         reduction: ``"mean"`` over samples, ``"sum"`` or ``"none"`` for ``(N,)``.
+        scale: ``"minmax"`` scales every (sample, channel) map of both to [0, 1] first
+            (:func:`minmax_scale`; the student's at its own size, before resizing), as
+            SSIM's ``data_range=1`` expects of attention maps; ``None`` (default): as given.
         **loss_kwargs: the chosen loss's own keyword arguments; any other is a ``TypeError``.
 
     Example:
@@ -833,9 +879,13 @@ def attention_align_loss(student: torch.Tensor, teacher: torch.Tensor, *, loss: 
         >>> agkd_ops.attention_align_loss(student, teacher, loss="hybrid", padding="reflect").backward()
         >>> student.grad.shape
         torch.Size([8, 1, 28, 28])
+        >>> maps = agkd_ops.attention_map(torch.randn(8, 40, 14, 14))  # unit L2 norm: far below 1
+        >>> agkd_ops.attention_align_loss(maps, teacher, loss="hybrid", scale="minmax").shape
+        torch.Size([])
     """
     fn = "attention_align_loss"
     check_pair(fn, student, teacher, names=("student", "teacher"), same_shape=False)
+    check_scale(fn, scale)
     if student.shape[:2] != teacher.shape[:2]:
         raise ValueError(
             f"agkd_ops.{fn}: student and teacher must have the same batch size and channels, got "
@@ -847,6 +897,8 @@ def attention_align_loss(student: torch.Tensor, teacher: torch.Tensor, *, loss: 
         fn, loss, align_corners, reduction, loss_kwargs)
     if loss in ("ssim", "hybrid"):
         check_window(fn, teacher, window_size, padding, names=("teacher",))
+    if scale is not None:
+        student, teacher = _minmax_scaled(fn, student), _minmax_scaled(fn, teacher)
     if _backend.use_native(fn, "align_fwd", student):
         loss, _stats = torch.ops.agkd.align_fwd(student, teacher, alpha=alpha, beta=beta, gamma=gamma,
                                                 window_size=window_size, sigma=sigma, c1=c1, c2=c2, padding=padding,

@@ -11,7 +11,7 @@ from torch import nn
 from . import functional as F
 from ._defaults import (COSINE_EPS, DIST, DKD, HYBRID_COSINE_WEIGHT, HYBRID_SSIM_WEIGHT, KD_TEMPERATURE, KD_WEIGHT,
                         OFA, SSIM)
-from ._validation import renamed
+from ._validation import check_scale, renamed
 
 __all__ = ["SSIMLoss", "CosineLoss", "HybridLoss", "AttentionAlignLoss", "KDKLDivLoss", "KDLoss",
            "DKDLoss", "DISTLoss", "OFALoss"]
@@ -81,8 +81,10 @@ class HybridLoss(nn.Module):
                  window_size: int = SSIM.window_size, sigma: float = SSIM.sigma,
                  data_range: float = SSIM.data_range, k1: float = SSIM.k1, k2: float = SSIM.k2,
                  padding: str = SSIM.padding, eps: float = COSINE_EPS, reduction: str = "mean",
-                 alpha: Optional[float] = None, beta: Optional[float] = None) -> None:
+                 scale: Optional[str] = None, alpha: Optional[float] = None, beta: Optional[float] = None) -> None:
         super().__init__()
+        check_scale("HybridLoss", scale)
+        self.scale = scale
         ssim_weight = renamed("HybridLoss", "ssim_weight", ssim_weight, HYBRID_SSIM_WEIGHT, "alpha", alpha, 3)
         cosine_weight = renamed("HybridLoss", "cosine_weight", cosine_weight, HYBRID_COSINE_WEIGHT, "beta", beta, 3)
         F._hybrid_options("hybrid_loss", ssim_weight, cosine_weight, window_size, sigma, data_range, k1, k2,
@@ -96,7 +98,7 @@ class HybridLoss(nn.Module):
         return F.hybrid_loss(x, y, ssim_weight=self.ssim_weight, cosine_weight=self.cosine_weight,
                              window_size=self.window_size, sigma=self.sigma,
                              data_range=self.data_range, k1=self.k1, k2=self.k2,
-                             padding=self.padding, eps=self.eps, reduction=self.reduction)
+                             padding=self.padding, eps=self.eps, reduction=self.reduction, scale=self.scale)
 
     def extra_repr(self) -> str:
         return (f"ssim_weight={self.ssim_weight}, cosine_weight={self.cosine_weight}, window_size={self.window_size}, "
@@ -116,8 +118,10 @@ class AttentionAlignLoss(nn.Module):
     """
 
     def __init__(self, *, loss: str = "mse", align_corners: bool = False, reduction: str = "mean",
-                 **loss_kwargs) -> None:
+                 scale: Optional[str] = None, **loss_kwargs) -> None:
         super().__init__()
+        check_scale("AttentionAlignLoss", scale)
+        self.scale = scale
         loss_kwargs = F._renamed_align_kwargs("AttentionAlignLoss", loss, loss_kwargs, stacklevel=4)
         F._align_options("attention_align_loss", loss, align_corners, reduction, loss_kwargs)
         self.loss, self.align_corners, self.reduction = loss, align_corners, reduction
@@ -125,11 +129,12 @@ class AttentionAlignLoss(nn.Module):
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return F.attention_align_loss(student, teacher, loss=self.loss, align_corners=self.align_corners,
-                                      reduction=self.reduction, **self.loss_kwargs)
+                                      reduction=self.reduction, scale=self.scale, **self.loss_kwargs)
 
     def extra_repr(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.loss_kwargs.items())
-        return f"loss={self.loss!r}, align_corners={self.align_corners}, reduction={self.reduction!r}{extra}"
+        return (f"loss={self.loss!r}, align_corners={self.align_corners}, reduction={self.reduction!r}, "
+                f"scale={self.scale!r}{extra}")
 
 
 class KDKLDivLoss(nn.Module):

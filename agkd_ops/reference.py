@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._defaults import (ATTENTION_P, COSINE_EPS, DIST, DIST_EPS, DKD, HYBRID_COSINE_WEIGHT, HYBRID_SSIM_WEIGHT,
+from ._defaults import (MINMAX_EPS, ATTENTION_P, COSINE_EPS, DIST, DIST_EPS, DKD, HYBRID_COSINE_WEIGHT, HYBRID_SSIM_WEIGHT,
                         KD_TEMPERATURE, KD_WEIGHT, NORMALIZE_EPS, OFA, SSIM, STANDARDIZE_EPS, accumulate_dtype)
 from ._defaults import reduce_per_sample as _reduce
 from ._validation import TEMPERATURE_RANGE, renamed
@@ -96,10 +96,12 @@ def hybrid_loss(x: torch.Tensor, y: torch.Tensor, *, ssim_weight: float = HYBRID
                 cosine_weight: float = HYBRID_COSINE_WEIGHT, window_size: int = SSIM.window_size,
                 sigma: float = SSIM.sigma, data_range: float = SSIM.data_range,
                 k1: float = SSIM.k1, k2: float = SSIM.k2, padding: str = SSIM.padding,
-                eps: float = COSINE_EPS, reduction: str = "mean", alpha: Optional[float] = None,
-                beta: Optional[float] = None) -> torch.Tensor:
+                eps: float = COSINE_EPS, reduction: str = "mean", scale: Optional[str] = None,
+                alpha: Optional[float] = None, beta: Optional[float] = None) -> torch.Tensor:
     """``ssim_weight * ssim_loss + cosine_weight * cosine_loss``; see
-    :func:`agkd_ops.hybrid_loss` (``alpha``/``beta``: the old names, with a FutureWarning)."""
+    :func:`agkd_ops.hybrid_loss` (``alpha``/``beta``: the old names, with a FutureWarning;
+    ``scale="minmax"``: both maps through :func:`minmax_scale` first)."""
+    x, y = _scaled(x, scale), _scaled(y, scale)
     ssim_weight = renamed("hybrid_loss", "ssim_weight", ssim_weight, HYBRID_SSIM_WEIGHT, "alpha", alpha)
     cosine_weight = renamed("hybrid_loss", "cosine_weight", cosine_weight, HYBRID_COSINE_WEIGHT, "beta", beta)
     per_sample = 0
@@ -314,12 +316,31 @@ def attention_map(features: torch.Tensor, *, p: float = ATTENTION_P, normalize: 
     return amap.to(features.dtype)
 
 
+def minmax_scale(maps: torch.Tensor, eps: float = MINMAX_EPS) -> torch.Tensor:
+    """Each (sample, channel) map of ``(N, C, H, W)`` maps as ``(m - min) / (max - min)``;
+    a map whose range is at most ``eps`` becomes 0 (with a zero gradient). The plain
+    composition, with the gradients torch.amin/amax give at ties; a NaN keeps its map NaN."""
+    flat = maps.flatten(2)
+    low, high = flat.amin(2, keepdim=True), flat.amax(2, keepdim=True)
+    spread = high - low
+    constant = spread <= eps  # False for NaN: a NaN map stays NaN
+    scaled = (flat - low) / torch.where(constant, torch.ones_like(spread), spread)
+    return torch.where(constant, torch.zeros_like(scaled), scaled).view_as(maps)
+
+
+def _scaled(maps: torch.Tensor, scale: Optional[str]) -> torch.Tensor:
+    return maps if scale is None else minmax_scale(maps)
+
+
 def attention_align_loss(student: torch.Tensor, teacher: torch.Tensor, *, loss: str = "mse",
-                         align_corners: bool = False, reduction: str = "mean", **loss_kwargs
-) -> torch.Tensor:
+                         align_corners: bool = False, reduction: str = "mean", scale: Optional[str] = None,
+                         **loss_kwargs) -> torch.Tensor:
     """Resize ``student`` bilinearly to the teacher's ``(H, W)`` (``F.interpolate``) and
     compare with ``loss``: ``"mse"`` (mean of squared differences over C·H·W per sample),
-    ``"cosine"``, ``"ssim"`` (``1 - SSIM``) or ``"hybrid"``, with that loss's keywords."""
+    ``"cosine"``, ``"ssim"`` (``1 - SSIM``) or ``"hybrid"``, with that loss's keywords.
+    ``scale="minmax"``: both maps through :func:`minmax_scale` first, the student's at its
+    own size."""
+    student, teacher = _scaled(student, scale), _scaled(teacher, scale)
     resized = F.interpolate(student, size=tuple(teacher.shape[-2:]), mode="bilinear",
                             align_corners=align_corners)
     if loss == "mse":

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import agkd_ops
-from agkd_models.models.attention import minmax_normalize
+from agkd_ops import reference
 
 DEVICES = os.environ.get("AGKD_BENCH_DEVICES", "cpu" + (",cuda" if torch.cuda.is_available() else "")).split(",")
 TEMPERATURE, KD_WEIGHT, WINDOW = 4.0, 0.9, 3
@@ -60,14 +60,25 @@ def ours_align(s, t, loss):
     return agkd_ops.attention_align_loss(s, t, loss="hybrid", window_size=WINDOW)
 
 
-def agkd_path(attention_map, align, kd):
-    """The AGKD loss of one batch: attention maps of three student stages, min-max scaled,
-    each aligned (hybrid) with the teacher's map, plus the KD loss of the logits."""
-    def run(features, teacher_map, s, t, y):
-        t_scaled = minmax_normalize(teacher_map)
-        terms = [align(minmax_normalize(attention_map(f)), t_scaled, "hybrid") for f in features]
-        return kd(s, t, y) + torch.stack(terms).mean()
-    return run
+def torch_minmax(maps):
+    """Per (sample, channel) map, (m - min) / (max - min), 0 for a constant map: the plain
+    composition (agkd_ops.reference.minmax_scale)."""
+    return reference.minmax_scale(maps)
+
+
+def torch_agkd_path(features, teacher_map, s, t, y):
+    """The AGKD loss of one batch as plain torch: attention maps of three student stages,
+    min-max scaled, each aligned (hybrid) with the scaled teacher map, plus Hinton KD."""
+    t_scaled = torch_minmax(teacher_map)
+    terms = [torch_align(torch_minmax(torch_attention_map(f)), t_scaled, "hybrid") for f in features]
+    return torch_kd(s, t, y) + torch.stack(terms).mean()
+
+
+def ours_agkd_path(features, teacher_map, s, t, y):
+    """The same with agkd_ops, the scaling fused into the alignment (scale="minmax")."""
+    terms = [agkd_ops.attention_align_loss(agkd_ops.attention_map(f), teacher_map, loss="hybrid", window_size=WINDOW,
+                                           scale="minmax") for f in features]
+    return agkd_ops.kd_loss(s, t, y, temperature=TEMPERATURE, kd_weight=KD_WEIGHT) + torch.stack(terms).mean()
 
 
 # ------------------------------------------------------------------------- the cases
@@ -138,11 +149,8 @@ for size, n, src, dst in [("tiny", 8, 4, 8), ("paper", 128, 7, 14), ("paper", 12
                                                         torch.rand(n, 1, dst, dst, generator=g)],
                       lambda s, t, loss=loss: ours_align(s, t, loss),
                       lambda s, t, loss=loss: torch_align(s, t, loss)))
-CASES.append(("paper", "AGKD loss path (B0 stages 3-5 -> 14x14 hybrid w3, kd_loss 128x100)",
-              lambda g: _path_inputs(128, g),
-              agkd_path(agkd_ops.attention_map, ours_align, lambda s, t, y: agkd_ops.kd_loss(
-                  s, t, y, temperature=TEMPERATURE, kd_weight=KD_WEIGHT)),
-              agkd_path(torch_attention_map, torch_align, torch_kd)))
+CASES.append(("paper", "AGKD loss path (B0 stages 3-5 -> 14x14 hybrid w3, scale minmax, kd_loss 128x100)",
+              lambda g: _path_inputs(128, g), ours_agkd_path, torch_agkd_path))
 
 # Steps per timed round: enough that a round is well above the timer's resolution.
 INNER = {"cpu": {"tiny": 200, "paper": 5, "large": 1}, "cuda": {"tiny": 1000, "paper": 1000, "large": 20}}

@@ -46,15 +46,12 @@ def test_python_block_runs(block):
             assert torch.isfinite(value).all(), f"{block.where}: {name} is {value}"
 
 
-def test_the_readme_loop_scales_a_constant_map_to_zero_with_zero_gradient():
-    """The front page's min-max helper keeps its promise about a constant map."""
+def test_the_readme_loop_scales_the_maps_in_the_loss():
+    """The front page's loop feeds unit-L2 student maps to SSIM: only correct scaled."""
     (loop,) = [b for b in PYTHON_BLOCKS if b.path.name == "README.md" and b.context == "loop"]
+    assert 'scale="minmax"' in loop.text
     scope = run_python(loop)
-    constant = torch.full((2, 1, 5, 5), 3.0, requires_grad=True)
-    scaled = scope["minmax"](constant)
-    (scaled * torch.randn_like(scaled)).sum().backward()
-    assert torch.equal(scaled, torch.zeros_like(scaled))
-    assert torch.equal(constant.grad, torch.zeros_like(constant))
+    assert scope["attention_loss"].scale == "minmax"
 
 
 # ---- command lines --------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from torch import nn
 
 import agkd_ops
 
-from ..models.attention import minmax_normalize
 from ..models.student import Student, StudentOutput
 from ..models.teacher import HybridTeacher
 from ..settings import Settings, default_of, setting
@@ -106,14 +105,18 @@ class AGKD(Distiller):
         loss = settings.attention_loss
         if loss in ("mse", "cosine"):
             return agkd_ops.attention_align_loss(student_map, teacher_map, loss=loss)
-        s, t = minmax_normalize(student_map), minmax_normalize(teacher_map)
+        # SSIM's data_range=1 wants [0, 1] maps: both are min-max scaled inside the fused op
+        # (the student's at its own size, before resizing; a constant map becomes 0).
         if loss == "ssim":
-            return agkd_ops.attention_align_loss(s, t, loss="ssim", window_size=settings.window_size,
-                                                 sigma=settings.sigma, padding=settings.padding)
+            return agkd_ops.attention_align_loss(student_map, teacher_map, loss="ssim", scale="minmax",
+                                                 window_size=settings.window_size, sigma=settings.sigma,
+                                                 padding=settings.padding)
         if loss == "hybrid":
-            return agkd_ops.attention_align_loss(s, t, loss="hybrid", ssim_weight=settings.ssim_weight,
-                                                 cosine_weight=settings.cosine_weight, window_size=settings.window_size,
-                                                 sigma=settings.sigma, padding=settings.padding)
+            return agkd_ops.attention_align_loss(student_map, teacher_map, loss="hybrid", scale="minmax",
+                                                 ssim_weight=settings.ssim_weight, cosine_weight=settings.cosine_weight,
+                                                 window_size=settings.window_size, sigma=settings.sigma,
+                                                 padding=settings.padding)
+        s, t = agkd_ops.minmax_scale(student_map), agkd_ops.minmax_scale(teacher_map)
         s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
         as_rgb = lambda m: m.mean(1, keepdim=True).expand(-1, 3, -1, -1)
         return F.mse_loss(self.perceptual(as_rgb(s)), self.perceptual(as_rgb(t)))

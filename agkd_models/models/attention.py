@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import agkd_ops
+
 __all__ = ["ViTAttentionRecorder", "cls_attention", "attention_rollout", "combine_attention",
            "minmax_normalize"]
 
@@ -74,16 +76,12 @@ def attention_rollout(attns: List[torch.Tensor], num_prefix_tokens: int,
 
 
 def minmax_normalize(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Scale every (sample, channel) map to [0, 1]: ``(m - min) / (max - min)``. A map whose
-    range is at most ``eps`` (a constant map: a dead stage, a blank image) becomes 0 with a
-    zero gradient; clamping the range instead would divide its gradient by ``eps``."""
-    flat = maps.flatten(2)
-    lo = flat.amin(dim=2, keepdim=True)
-    hi = flat.amax(dim=2, keepdim=True)
-    spread = hi - lo
-    varies = spread > eps
-    scaled = (flat - lo) / torch.where(varies, spread, torch.ones_like(spread))
-    return torch.where(varies, scaled, torch.zeros_like(scaled)).view_as(maps)
+    """Scale every (sample, channel) map to [0, 1]: ``agkd_ops.minmax_scale`` (fused; a map
+    whose range is at most ``eps`` becomes 0 with a zero gradient), or its reference for
+    another ``eps``."""
+    if eps == 1e-12:
+        return agkd_ops.minmax_scale(maps)
+    return agkd_ops.reference.minmax_scale(maps, eps=eps)
 
 
 def combine_attention(a_cnn: torch.Tensor, a_vit: torch.Tensor, mode: str = "add",

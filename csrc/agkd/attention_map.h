@@ -51,6 +51,24 @@ inline FeatureGeometry check_attention_backward_inputs(const at::Tensor& grad_ma
   return g;
 }
 
+// The maps of agkd::minmax_scale_fwd/bwd: (N, C, H, W), any strides.
+inline FeatureGeometry minmax_geometry(const at::Tensor& maps, double eps, const char* op) {
+  TORCH_CHECK(maps.dim() == 4, "agkd::", op, ": maps must be (N, C, H, W), got ", shape_of(maps));
+  TORCH_CHECK(maps.numel() > 0, "agkd::", op, ": empty maps ", shape_of(maps));
+  TORCH_CHECK(eps >= 0, "agkd::", op, ": eps must be >= 0");
+  return {maps.size(0), maps.size(1), maps.size(2), maps.size(3), maps.stride(0), maps.stride(1), maps.stride(2),
+          maps.stride(3)};
+}
+
+inline void check_minmax_backward_inputs(const at::Tensor& grad, const at::Tensor& maps, const at::Tensor& range) {
+  TORCH_CHECK(grad.sizes() == maps.sizes(), "agkd::minmax_scale_bwd: grad_scaled must have the maps' shape");
+  TORCH_CHECK(range.dim() == 3 && range.size(0) == maps.size(0) && range.size(1) == maps.size(1) &&
+                  range.size(2) == 2 && range.scalar_type() == accumulate_dtype(maps.scalar_type()),
+              "agkd::minmax_scale_bwd: range must be (N, C, 2) of the accumulate dtype");
+  TORCH_CHECK(grad.device() == maps.device() && range.device() == maps.device(),
+              "agkd::minmax_scale_bwd: all inputs must be on the maps' device");
+}
+
 // Calls body.template operator()<kKind>() with the PowKind of exponent p (math/attention.h).
 template <typename Body>
 void dispatch_pow(double p, const Body& body) {

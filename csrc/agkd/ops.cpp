@@ -124,6 +124,12 @@ TORCH_LIBRARY(agkd, m) {
   // divided by max(‖·‖₂, eps) per sample when normalize; norm (N,) is ‖mean_c |F|^p‖₂
   // (accumulate dtype), what the backward needs besides the map.
   m.def("attention_map_fwd(Tensor features, float p, bool normalize, float eps) -> (Tensor map, Tensor norm)");
+  // Min–max scaling of every (sample, channel) map of (N, C, H, W) maps (any strides):
+  // scaled = (m − min) / (max − min), and 0 (with a zero gradient) for a map whose range
+  // is at most eps (math/attention.h). scaled is contiguous, in the maps' dtype; range
+  // (N, C, 2) holds each map's min and max in the accumulate dtype, what the backward needs.
+  m.def("minmax_scale_fwd(Tensor maps, float eps) -> (Tensor scaled, Tensor range)");
+  m.def("minmax_scale_bwd(Tensor grad_scaled, Tensor maps, Tensor range, float eps) -> Tensor grad_maps");
   m.def(
       "attention_map_bwd(Tensor grad_map, Tensor features, Tensor map, Tensor norm, float p, "
       "bool normalize, float eps) -> Tensor grad_features");

@@ -76,6 +76,14 @@ struct AttentionMapBwd {
   using Signature = Tensor(const Tensor& grad_map, const Tensor& features, const Tensor& map, const Tensor& norm,
                            double p, bool normalize, double eps);
 };
+struct MinmaxScaleFwd {
+  static constexpr const char* kName = "minmax_scale_fwd";
+  using Signature = Tensors2(const Tensor& maps, double eps);
+};
+struct MinmaxScaleBwd {
+  static constexpr const char* kName = "minmax_scale_bwd";
+  using Signature = Tensor(const Tensor& grad_scaled, const Tensor& maps, const Tensor& range, double eps);
+};
 
 struct AlignFwd {
   static constexpr const char* kName = "align_fwd";

@@ -1,4 +1,5 @@
-// CPU kernels of agkd::attention_map_fwd / agkd::attention_map_bwd.
+// CPU kernels of agkd::attention_map_fwd / agkd::attention_map_bwd, and of the min–max
+// scaling of attention maps (agkd::minmax_scale_fwd / _bwd, at the end).
 //
 // One task per sample (at::parallel_for), so per-sample sums have a fixed order. The
 // forward reads the features once, accumulating mean_c |F|^p into a per-sample buffer, then
@@ -13,7 +14,9 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "agkd/cpu/vectorize.h"
@@ -172,11 +175,95 @@ at::Tensor attention_map_bwd_cpu(const at::Tensor& grad_map, const at::Tensor& f
   return grad_f;
 }
 
+// ------------------------------------------------------------------ min–max scaling
+//
+// One task per group of maps; a map (one sample's channel) is small (an attention map of
+// a few hundred pixels), so each is walked whole: the forward once for its min and max and
+// once to write it scaled; the backward once for its sums and once to write the gradient.
+
+// Visits a map's pixels in memory order of its (H, W) strides: fn(pixel index, value).
+template <typename scalar_t, typename Fn>
+AGKD_CPU_INLINE void for_each_pixel(const scalar_t* map, const FeatureGeometry& g, const Fn& fn) {
+  for (int64_t h = 0; h < g.H; ++h) {
+    const scalar_t* row = map + h * g.sH;
+    for (int64_t w = 0; w < g.W; ++w) fn(h * g.W + w, static_cast<at::opmath_type<scalar_t>>(row[w * g.sW]));
+  }
+}
+
+constexpr int64_t kPixelsPerTask = 16384;
+
+std::tuple<at::Tensor, at::Tensor> minmax_scale_fwd_cpu(const at::Tensor& maps, double eps) {
+  const FeatureGeometry g = minmax_geometry(maps, eps, "minmax_scale_fwd");
+  at::Tensor scaled = at::empty(maps.sizes(), maps.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor range = at::empty({g.N, g.C, 2}, maps.options().dtype(accumulate_dtype(maps.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, maps.scalar_type(), "minmax_scale_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* in = maps.const_data_ptr<scalar_t>();
+    scalar_t* out = scaled.mutable_data_ptr<scalar_t>();
+    acc_t* r = range.mutable_data_ptr<acc_t>();
+    const acc_t e = static_cast<acc_t>(eps);
+    at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, kPixelsPerTask / g.pixels()), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* map = in + (i / g.C) * g.sN + (i % g.C) * g.sC;
+        acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = -lo;
+        bool nan = false;
+        for_each_pixel(map, g, [&](int64_t, acc_t x) {
+          nan = nan || x != x;
+          lo = x < lo ? x : lo, hi = x > hi ? x : hi;
+        });
+        if (nan) lo = hi = std::numeric_limits<acc_t>::quiet_NaN();
+        const bool constant = minmax_constant(lo, hi, e);
+        scalar_t* o = out + i * g.pixels();
+        for_each_pixel(map, g, [&](int64_t k, acc_t x) { o[k] = static_cast<scalar_t>(minmax_value(x, lo, hi, constant)); });
+        r[2 * i] = lo, r[2 * i + 1] = hi;
+      }
+    });
+  });
+  return {scaled, range};
+}
+
+at::Tensor minmax_scale_bwd_cpu(const at::Tensor& grad_scaled, const at::Tensor& maps, const at::Tensor& range,
+                                double eps) {
+  const FeatureGeometry g = minmax_geometry(maps, eps, "minmax_scale_bwd");
+  check_minmax_backward_inputs(grad_scaled, maps, range);
+  const at::Tensor gs = grad_scaled.contiguous().to(maps.scalar_type());
+  const at::Tensor r = range.contiguous();
+  at::Tensor grad = at::empty(maps.sizes(), maps.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, maps.scalar_type(), "minmax_scale_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* in = maps.const_data_ptr<scalar_t>();
+    const scalar_t* up = gs.const_data_ptr<scalar_t>();
+    const acc_t* rp = r.const_data_ptr<acc_t>();
+    scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+    const acc_t e = static_cast<acc_t>(eps);
+    at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, kPixelsPerTask / g.pixels()), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* map = in + (i / g.C) * g.sN + (i % g.C) * g.sC;
+        const scalar_t* u = up + i * g.pixels();
+        const acc_t lo = rp[2 * i], hi = rp[2 * i + 1];
+        const bool constant = minmax_constant(lo, hi, e);
+        double sum_g = 0, sum_gs = 0, n_lo = 0, n_hi = 0;
+        for_each_pixel(map, g, [&](int64_t k, acc_t x) {
+          const double gk = static_cast<acc_t>(u[k]);
+          sum_g += gk, sum_gs += gk * static_cast<double>(minmax_value(x, lo, hi, constant));
+          n_lo += x == lo, n_hi += x == hi;
+        });
+        const MinmaxGrad<acc_t> grad_of = minmax_grad(lo, hi, e, sum_g, sum_gs, n_lo, n_hi);
+        scalar_t* o = out + i * g.pixels();
+        for_each_pixel(map, g, [&](int64_t k, acc_t x) { o[k] = static_cast<scalar_t>(grad_of(static_cast<acc_t>(u[k]), x)); });
+      }
+    });
+  });
+  return grad;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(agkd, CPU, m) {
   register_kernel<op::AttentionMapFwd>(m, &attention_map_fwd_cpu);
   register_kernel<op::AttentionMapBwd>(m, &attention_map_bwd_cpu);
+  register_kernel<op::MinmaxScaleFwd>(m, &minmax_scale_fwd_cpu);
+  register_kernel<op::MinmaxScaleBwd>(m, &minmax_scale_bwd_cpu);
 }
 
 }  // namespace agkd

@@ -1,4 +1,5 @@
-// CUDA kernels of agkd::attention_map_fwd / agkd::attention_map_bwd.
+// CUDA kernels of agkd::attention_map_fwd / agkd::attention_map_bwd, and of the min–max
+// scaling of attention maps (agkd::minmax_scale_fwd / _bwd: one block per map, at the end).
 //
 // Forward: one thread per pixel sums mean_c |F|^p; one block per sample takes the norm
 // (fixed-order block tree) and normalises. Backward: one block per sample forms
@@ -12,6 +13,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <limits>
 
 #include "agkd/attention_map.h"
 #include "agkd/cuda/block_reduce.cuh"
@@ -157,11 +160,108 @@ at::Tensor attention_map_bwd_cuda(const at::Tensor& grad_map, const at::Tensor& 
   return grad_f;
 }
 
+// ------------------------------------------------------------------ min–max scaling
+
+template <typename scalar_t>
+__device__ __forceinline__ at::opmath_type<scalar_t> map_pixel(const scalar_t* map, const FeatureGeometry& g,
+                                                               int64_t k) {
+  return static_cast<at::opmath_type<scalar_t>>(map[(k / g.W) * g.sH + (k % g.W) * g.sW]);
+}
+
+template <typename scalar_t>
+__global__ void minmax_scale_fwd_kernel(const scalar_t* __restrict__ maps, const FeatureGeometry g,
+                                        at::opmath_type<scalar_t> eps, scalar_t* __restrict__ scaled,
+                                        at::opmath_type<scalar_t>* __restrict__ range) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t scratch[kFlatThreads];
+  const int64_t i = blockIdx.x;
+  const scalar_t* map = maps + (i / g.C) * g.sN + (i % g.C) * g.sC;
+  acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = -lo, nan = 0;
+  for (int64_t k = threadIdx.x; k < g.pixels(); k += blockDim.x) {
+    const acc_t x = map_pixel(map, g, k);
+    if (x != x) nan = 1;
+    lo = MinOp{}(lo, x), hi = MaxOp{}(hi, x);
+  }
+  lo = block_reduce(lo, scratch, MinOp{});
+  hi = block_reduce(hi, scratch, MaxOp{});
+  if (block_reduce(nan, scratch, MaxOp{}) > acc_t(0)) lo = hi = std::numeric_limits<acc_t>::quiet_NaN();
+  const bool constant = minmax_constant(lo, hi, eps);
+  for (int64_t k = threadIdx.x; k < g.pixels(); k += blockDim.x) {
+    scaled[i * g.pixels() + k] = static_cast<scalar_t>(minmax_value(map_pixel(map, g, k), lo, hi, constant));
+  }
+  if (threadIdx.x == 0) range[2 * i] = lo, range[2 * i + 1] = hi;
+}
+
+template <typename scalar_t>
+__global__ void minmax_scale_bwd_kernel(const scalar_t* __restrict__ grad_scaled, const scalar_t* __restrict__ maps,
+                                        const FeatureGeometry g, const at::opmath_type<scalar_t>* __restrict__ range,
+                                        at::opmath_type<scalar_t> eps, scalar_t* __restrict__ grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ double scratch[kFlatThreads];
+  const int64_t i = blockIdx.x;
+  const scalar_t* map = maps + (i / g.C) * g.sN + (i % g.C) * g.sC;
+  const scalar_t* up = grad_scaled + i * g.pixels();
+  const acc_t lo = range[2 * i], hi = range[2 * i + 1];
+  const bool constant = minmax_constant(lo, hi, eps);
+  double sum_g = 0, sum_gs = 0, n_lo = 0, n_hi = 0;
+  for (int64_t k = threadIdx.x; k < g.pixels(); k += blockDim.x) {
+    const acc_t x = map_pixel(map, g, k);
+    const double gk = static_cast<acc_t>(up[k]);
+    sum_g += gk, sum_gs += gk * static_cast<double>(minmax_value(x, lo, hi, constant));
+    n_lo += x == lo, n_hi += x == hi;
+  }
+  sum_g = block_reduce(sum_g, scratch, SumOp{});
+  sum_gs = block_reduce(sum_gs, scratch, SumOp{});
+  n_lo = block_reduce(n_lo, scratch, SumOp{});
+  n_hi = block_reduce(n_hi, scratch, SumOp{});
+  const MinmaxGrad<acc_t> grad_of = minmax_grad(lo, hi, eps, sum_g, sum_gs, n_lo, n_hi);
+  for (int64_t k = threadIdx.x; k < g.pixels(); k += blockDim.x) {
+    grad[i * g.pixels() + k] = static_cast<scalar_t>(grad_of(static_cast<acc_t>(up[k]), map_pixel(map, g, k)));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> minmax_scale_fwd_cuda(const at::Tensor& maps, double eps) {
+  const FeatureGeometry g = minmax_geometry(maps, eps, "minmax_scale_fwd");
+  TORCH_CHECK(g.N * g.C < (int64_t{1} << 31), "agkd::minmax_scale_fwd (CUDA): too many maps");
+  const c10::cuda::CUDAGuard guard(maps.device());
+  at::Tensor scaled = at::empty(maps.sizes(), maps.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor range = at::empty({g.N, g.C, 2}, maps.options().dtype(accumulate_dtype(maps.scalar_type())));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, maps.scalar_type(), "minmax_scale_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_kernel(minmax_scale_fwd_kernel<scalar_t>, static_cast<unsigned>(g.N * g.C), kFlatThreads, 0, stream,
+                  maps.const_data_ptr<scalar_t>(), g, static_cast<acc_t>(eps), scaled.mutable_data_ptr<scalar_t>(),
+                  range.mutable_data_ptr<acc_t>());
+  });
+  return {scaled, range};
+}
+
+at::Tensor minmax_scale_bwd_cuda(const at::Tensor& grad_scaled, const at::Tensor& maps, const at::Tensor& range,
+                                 double eps) {
+  const FeatureGeometry g = minmax_geometry(maps, eps, "minmax_scale_bwd");
+  check_minmax_backward_inputs(grad_scaled, maps, range);
+  TORCH_CHECK(g.N * g.C < (int64_t{1} << 31), "agkd::minmax_scale_bwd (CUDA): too many maps");
+  const c10::cuda::CUDAGuard guard(maps.device());
+  const at::Tensor gs = grad_scaled.contiguous().to(maps.scalar_type());
+  const at::Tensor r = range.contiguous();
+  at::Tensor grad = at::empty(maps.sizes(), maps.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, maps.scalar_type(), "minmax_scale_bwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_kernel(minmax_scale_bwd_kernel<scalar_t>, static_cast<unsigned>(g.N * g.C), kFlatThreads, 0, stream,
+                  gs.const_data_ptr<scalar_t>(), maps.const_data_ptr<scalar_t>(), g, r.const_data_ptr<acc_t>(),
+                  static_cast<acc_t>(eps), grad.mutable_data_ptr<scalar_t>());
+  });
+  return grad;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(agkd, CUDA, m) {
   register_kernel<op::AttentionMapFwd>(m, &attention_map_fwd_cuda);
   register_kernel<op::AttentionMapBwd>(m, &attention_map_bwd_cuda);
+  register_kernel<op::MinmaxScaleFwd>(m, &minmax_scale_fwd_cuda);
+  register_kernel<op::MinmaxScaleBwd>(m, &minmax_scale_bwd_cuda);
 }
 
 }  // namespace agkd

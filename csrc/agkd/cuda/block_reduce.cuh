@@ -16,6 +16,12 @@ struct MaxOp {
   __device__ __forceinline__ T operator()(T a, T b) const { return b > a ? b : a; }
 };
 
+// The same for the minimum.
+struct MinOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return b < a ? b : a; }
+};
+
 // Reduces one value per thread over the whole block (its size a power of two, at most
 // the length of `shared`); every thread receives the result.
 template <typename T, typename Op>

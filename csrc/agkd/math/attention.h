@@ -50,4 +50,43 @@ AGKD_HOST_DEVICE NormalizeGrad<T> normalize_grad(T dot, T norm, T eps, T scale) 
   return norm < eps ? NormalizeGrad<T>{T(0), scale / eps} : NormalizeGrad<T>{dot, scale / norm};
 }
 
+// Min–max scaling of one (sample, channel) map m: s = (m − lo) / (hi − lo), with lo, hi its
+// minimum and maximum. A map whose range is at most eps is constant: s = 0 with a zero
+// gradient (dividing by a clamped range would scale its gradient by 1/eps). A NaN makes
+// lo, hi and so every value of its map NaN, as torch.amin/amax do.
+template <typename T>
+AGKD_HOST_DEVICE bool minmax_constant(T lo, T hi, T eps) {
+  return hi - lo <= eps;  // false for NaN: a NaN map stays NaN
+}
+
+template <typename T>
+AGKD_HOST_DEVICE T minmax_value(T m, T lo, T hi, bool constant) {
+  return constant ? T(0) : (m - lo) / (hi - lo);
+}
+
+// The gradient of one map's scaling, at pixel j with upstream gradient g_j:
+//   ∂L/∂m_j = (g_j + [m_j = lo]·(Σgs − Σg)/n_lo − [m_j = hi]·Σgs/n_hi) / (hi − lo)
+// with Σg = Σ_k g_k, Σgs = Σ_k g_k s_k over the map, and n_lo, n_hi the number of pixels at
+// the minimum and at the maximum: at a tie, the gradient of lo and hi is shared evenly,
+// where torch.amin/amax send it. 0 everywhere for a constant map.
+template <typename T>
+struct MinmaxGrad {
+  T lo, hi, inv_range, at_lo, at_hi;  // at_lo = (Σgs − Σg)/n_lo, at_hi = Σgs/n_hi
+  bool constant;
+  AGKD_HOST_DEVICE T operator()(T g, T m) const {
+    if (constant) return T(0);
+    T d = g;
+    if (m == lo) d += at_lo;
+    if (m == hi) d -= at_hi;
+    return d * inv_range;
+  }
+};
+
+template <typename T, typename Sum>
+AGKD_HOST_DEVICE MinmaxGrad<T> minmax_grad(T lo, T hi, T eps, Sum sum_g, Sum sum_gs, Sum n_lo, Sum n_hi) {
+  const bool constant = minmax_constant(lo, hi, eps);
+  return {lo, hi, T(1) / (hi - lo), static_cast<T>((sum_gs - sum_g) / n_lo), static_cast<T>(sum_gs / n_hi),
+          constant};
+}
+
 }  // namespace agkd
