@@ -14,29 +14,17 @@ Writes ``attention_floor_<device>.md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
-import platform
 import statistics
-import time
 
 import torch
 
 import agkd_ops
 
+from .tables import machine_name, timed, write_results
+
 PAPER_STAGES = [(128, 40, 28, 28), (128, 112, 14, 14), (128, 320, 7, 7)]
 LARGE = (64, 512, 56, 56)
 LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
-
-
-def _timed(fn, device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def measure(shapes, layout, device, repeats):
@@ -60,8 +48,8 @@ def measure(shapes, layout, device, repeats):
         op(), floor()
     op_t, floor_t = [], []
     for _ in range(repeats):
-        op_t.append(_timed(op, device))
-        floor_t.append(_timed(floor, device))
+        op_t.append(timed(op, device))
+        floor_t.append(timed(floor, device))
     return statistics.median(op_t), statistics.median(floor_t)
 
 
@@ -86,8 +74,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     paper, large = ([(2, 4, 8, 8), (2, 8, 4, 4)], (2, 8, 16, 16)) if args.small else (PAPER_STAGES, LARGE)
     rows = run(args.device, args.repeats, paper, large)
-    machine = (torch.cuda.get_device_name() if args.device == "cuda"
-               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    machine = machine_name(args.device)
     lines = [f"# attention_map against its memory floor ({args.device})", "",
              f"Forward + backward (p = 2, normalised, float32), against torch's `sum` plus a copy into fresh "
              f"memory of the same features (the bytes the op must move); medians of alternating rounds; "
@@ -97,11 +84,7 @@ def main(argv=None):
     for r in rows:
         lines.append(f"| {r['case']} | {r['layout']} | {r['features_mib']:.1f} | {r['op_ms']:.2f} | "
                      f"{r['floor_ms']:.2f} | {r['fraction']:.2f} |")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"attention_floor_{args.device}.md").write_text("\n".join(lines) + "\n")
-    (out / f"attention_floor_{args.device}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
-    print("\n".join(lines))
+    write_results(args.out, f"attention_floor_{args.device}", lines, {"machine": machine, "rows": rows})
 
 
 if __name__ == "__main__":

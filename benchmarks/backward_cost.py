@@ -11,16 +11,14 @@ same machine state; medians. Writes ``backward_cost_<device>.md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
-import platform
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import agkd_ops
+
+from .tables import machine_name, timed, write_results
 
 SHAPES = [(128, 100), (4096, 1000)]
 TEMPERATURE, KD_WEIGHT = 4.0, 0.5
@@ -43,16 +41,6 @@ CASES = {
                 _composed_kd_loss),
     "kd_kl_div": (lambda s, t, y: agkd_ops.kd_kl_div(s, t, temperature=TEMPERATURE), _composed_kd_kl_div),
 }
-
-
-def _timed(fn, device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def run(device="cpu", repeats=15, shapes=SHAPES):
@@ -81,7 +69,7 @@ def run(device="cpu", repeats=15, shapes=SHAPES):
                     fn()
             for _ in range(repeats):
                 for key, fn in steps.items():
-                    times[key].append(_timed(fn, device))
+                    times[key].append(timed(fn, device))
             med = {key: 1e3 * statistics.median(v) for key, v in times.items()}
             rows.append({"loss": name, "shape": f"{n}x{k}", "forward_ms": med["forward"],
                          "forward_backward_ms": med["forward_backward"], "composed_ms": med["composed"],
@@ -100,8 +88,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rows = run(args.device, args.repeats, shapes)
-    machine = (torch.cuda.get_device_name() if args.device == "cuda"
-               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    machine = machine_name(args.device)
     lines = [f"# Backward cost of the logit losses ({args.device})", "",
              f"float32 logits 3·N(0, 1), τ = {TEMPERATURE:g}, kd_weight {KD_WEIGHT:g}; median of {args.repeats} "
              f"alternating rounds; machine: {machine}; torch {torch.__version__}. Command: "
@@ -113,11 +100,7 @@ def main(argv=None):
     for r in rows:
         lines.append(f"| {r['loss']} | {r['shape']} | {r['forward_ms']:.2f} | {r['forward_backward_ms']:.2f} | "
                      f"{r['backward_factor']:.2f} | {r['composed_ms']:.2f} | {r['vs_composed']:.2f}× |")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"backward_cost_{args.device}.md").write_text("\n".join(lines) + "\n")
-    (out / f"backward_cost_{args.device}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
-    print("\n".join(lines))
+    write_results(args.out, f"backward_cost_{args.device}", lines, {"machine": machine, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -21,14 +21,13 @@ Achieved bandwidth is bytes ÷ median time; the fraction is of the device's peak
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 import statistics
-import time
 
 import torch
 
 import agkd_ops
+
+from .tables import timed, write_results
 
 # Peak memory bandwidth (TB/s) of the GPUs this project is lent, from their data sheets.
 PEAK_TBPS = {"H100": 3.35, "H200": 4.8}
@@ -56,19 +55,6 @@ def peak_tbps(device: str, given: float | None) -> float | None:
     return next((v for k, v in PEAK_TBPS.items() if k in name), None)
 
 
-def _timed(fn, device: str) -> float:
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3
-    begin = time.perf_counter()
-    fn()
-    return time.perf_counter() - begin
-
-
 def measure(device: str, shape, repeats: int):
     n, k = shape
     g = torch.Generator().manual_seed(0)
@@ -84,7 +70,7 @@ def measure(device: str, shape, repeats: int):
             call(s, t, y).backward()
         for _ in range(3):
             step()
-        seconds = statistics.median(_timed(step, device) for _ in range(repeats))
+        seconds = statistics.median(timed(step, device) for _ in range(repeats))
         rows.append({"op": name, "shape": f"{n}x{k}", "ms": 1e3 * seconds,
                      "floor_gbps": FLOOR_TENSORS * tensor_bytes / seconds / 1e9,
                      "design_gbps": design * tensor_bytes / seconds / 1e9, "design_tensors": design})
@@ -116,13 +102,8 @@ def main(argv=None):
     for r in rows:
         lines.append(f"| {r['op']} | {r['ms']:.3f} | {r['floor_gbps']:.0f} | {pct(r['floor_fraction'])} | "
                      f"{r['design_gbps']:.0f} ({r['design_tensors']}) | {pct(r['design_fraction'])} |")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"bandwidth_{args.device}.md").write_text("\n".join(lines) + "\n")
-    (out / f"bandwidth_{args.device}.json").write_text(json.dumps(
-        {"machine": machine, "torch": torch.__version__, "peak_tbps": peak, "shape": args.shape, "rows": rows},
-        indent=1))
-    print("\n".join(lines))
+    write_results(args.out, f"bandwidth_{args.device}", lines,
+                  {"machine": machine, "torch": torch.__version__, "peak_tbps": peak, "shape": args.shape, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -13,10 +13,7 @@ alternately in one run, and reports medians and the ratio. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import pathlib
-import platform
 import statistics
 import time
 
@@ -24,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import agkd_ops
+
+from .tables import machine_name, write_results
 
 SHAPES = [(128, 100), (256, 1000), (4096, 1000)]
 
@@ -190,8 +189,7 @@ def main(argv=None):
             for r in rows:
                 if r["loss"] == name and r["shape"] == "4096x1000":
                     r["fused_peak_mb"], r["composed_peak_mb"] = fused / 2**20, composed / 2**20
-    machine = (torch.cuda.get_device_name() if args.device == "cuda"
-               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    machine = machine_name(args.device)
     lines = [f"# The logit-KD family against its authors' compositions ({args.device})", "",
              f"Forward + backward, float32, median of {args.repeats} alternating runs; machine: {machine}; "
              f"torch {torch.__version__}. Command: `python -m benchmarks.logit_family --device {args.device}"
@@ -207,11 +205,7 @@ def main(argv=None):
         for r in peaks:
             share = r["fused_peak_mb"] / r["composed_peak_mb"] if r["composed_peak_mb"] else float("nan")
             lines.append(f"| {r['loss']} | {r['fused_peak_mb']:.1f} | {r['composed_peak_mb']:.1f} | {share:.2f} |")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"logit_family_{args.device}.md").write_text("\n".join(lines) + "\n")
-    (out / f"logit_family_{args.device}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
-    print("\n".join(lines))
+    write_results(args.out, f"logit_family_{args.device}", lines, {"machine": machine, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -13,15 +13,14 @@ peer that is not installed is listed as absent. Writes ``peers_<device>.md`` and
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 import statistics
 
 import torch
 import torch.nn.functional as F
 
 import agkd_ops
-from benchmarks.bandwidth import _timed
+
+from .tables import timed, write_results
 
 
 def _fused_ssim():
@@ -87,7 +86,7 @@ def main(argv=None):
         def median(step):
             for _ in range(3):
                 step()
-            return 1e3 * statistics.median(_timed(step, args.device) for _ in range(args.repeats))
+            return 1e3 * statistics.median(timed(step, args.device) for _ in range(args.repeats))
         ours_ms = median(ours)
         peer_ms = median(peer) if peer is not None else None
         rows.append({"case": name, "shape": shape, "ours_ms": ours_ms, "peer": peer_name, "peer_ms": peer_ms})
@@ -102,11 +101,7 @@ def main(argv=None):
         else:
             lines.append(f"| {r['case']} | {r['shape']} | {r['ours_ms']:.3f} | {r['peer']} | {r['peer_ms']:.3f} | "
                          f"{r['peer_ms'] / r['ours_ms']:.2f}× |")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"peers_{args.device}.md").write_text("\n".join(lines) + "\n")
-    (out / f"peers_{args.device}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
-    print("\n".join(lines))
+    write_results(args.out, f"peers_{args.device}", lines, {"machine": machine, "rows": rows})
 
 
 if __name__ == "__main__":
