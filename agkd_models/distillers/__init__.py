@@ -22,15 +22,18 @@ from .cakd import (CAKD, PCA_ATTENTION, VIEW_TERMS, CAKDSettings, GLProjector, M
 from .ctkd import CTKD, CTKDSettings
 from .dist import DIST, DISTSettings
 from .dkd import DKD, DKDSettings
+from .fitnet import FitNet, FitNetSettings, check_fitnet_settings
 from .logit import LogitKD, LogitKDSettings
 from .lskd import LSKD, LSKDSettings, check_lskd_settings
 from .ofa import OFA, OFASettings, check_ofa_settings
+from .rkd import RKD, RKDSettings
 from .ttm import TTM, TTMSettings
 from .wttm import WTTM, WTTMSettings
 
 __all__ = ["Distiller", "ModelFacts", "LogitKD", "AGKD", "CAKD", "LogitKDSettings", "AGKDSettings", "CAKDSettings",
            "DKD", "DKDSettings", "DIST", "DISTSettings", "LSKD", "LSKDSettings", "TTM", "TTMSettings", "WTTM",
-           "WTTMSettings", "CTKD", "CTKDSettings", "OFA", "OFASettings",
+           "WTTMSettings", "CTKD", "CTKDSettings", "OFA", "OFASettings", "FitNet", "FitNetSettings", "RKD",
+           "RKDSettings",
            "ATTENTION_LOSSES", "Method", "METHODS", "build_task",
            "PCAProjector", "GLProjector", "MultiViewGenerator", "MultiViewDiscriminator", "pca_loss",
            "match_teacher_grid", "PCA_ATTENTION", "VIEW_TERMS"]
@@ -79,6 +82,8 @@ METHODS: Dict[str, Method] = {
     "wttm": Method(WTTM, WTTMSettings, cacheable=True, label="WTTM"),
     "ctkd": Method(CTKD, CTKDSettings, cacheable=True, label="CTKD"),
     "ofa": Method(OFA, OFASettings, cacheable=True, label="OFA", check=check_ofa_settings),  # branches read the student
+    "fitnet": Method(FitNet, FitNetSettings, cacheable=False, label="FitNets", check=check_fitnet_settings),
+    "rkd": Method(RKD, RKDSettings, cacheable=False, label="RKD"),
 }
 
 

@@ -94,8 +94,8 @@ AGKD_CPU_INLINE void grad_row(const acc_t* __restrict s, const acc_t* __restrict
   }
 }
 
-// What a forward or backward pass reads besides the logits: the targets and the options
-// of the cross-entropy.
+// What the forward reads besides the logits: the targets and the options of the
+// cross-entropy.
 template <typename scalar_t>
 struct KdRowInputs {
   using acc_t = at::opmath_type<scalar_t>;
