@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "agkd/cpu/vectorize.h"
@@ -178,19 +179,48 @@ at::Tensor attention_map_bwd_cpu(const at::Tensor& grad_map, const at::Tensor& f
 // ------------------------------------------------------------------ min–max scaling
 //
 // One task per group of maps; a map (one sample's channel) is small (an attention map of
-// a few hundred pixels), so each is walked whole: the forward once for its min and max and
-// once to write it scaled; the backward once for its sums and once to write the gradient.
+// a few hundred pixels), so each is walked whole, as a dense run: the forward once for its
+// min and max and once to write it scaled; the backward once for its sums and once to
+// write the gradient.
 
-// Visits a map's pixels in memory order of its (H, W) strides: fn(pixel index, value).
-template <typename scalar_t, typename Fn>
-AGKD_CPU_INLINE void for_each_pixel(const scalar_t* map, const FeatureGeometry& g, const Fn& fn) {
-  for (int64_t h = 0; h < g.H; ++h) {
-    const scalar_t* row = map + h * g.sH;
-    for (int64_t w = 0; w < g.W; ++w) fn(h * g.W + w, static_cast<at::opmath_type<scalar_t>>(row[w * g.sW]));
+// A map's pixels as a dense run of H·W values: the map itself when its planes are dense
+// (NCHW-contiguous maps, the usual case), else a copy in `buffer`.
+template <typename scalar_t>
+AGKD_CPU_INLINE const at::opmath_type<scalar_t>* dense_map(const scalar_t* map, const FeatureGeometry& g,
+                                                           std::vector<at::opmath_type<scalar_t>>& buffer) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (g.dense_planes()) return map;
   }
+  buffer.resize(g.pixels());
+  for (int64_t h = 0; h < g.H; ++h) {
+    for (int64_t w = 0; w < g.W; ++w) buffer[h * g.W + w] = static_cast<acc_t>(map[h * g.sH + w * g.sW]);
+  }
+  return buffer.data();
 }
 
 constexpr int64_t kPixelsPerTask = 16384;
+
+template <typename scalar_t>
+AGKD_CPU_MULTIVERSION void minmax_fwd_maps(const scalar_t* in, const FeatureGeometry& g, at::opmath_type<scalar_t> eps,
+                                           int64_t begin, int64_t end, scalar_t* out, at::opmath_type<scalar_t>* range) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> buffer;
+  const int64_t P = g.pixels();
+  for (int64_t i = begin; i < end; ++i) {
+    const acc_t* m = dense_map(in + (i / g.C) * g.sN + (i % g.C) * g.sC, g, buffer);
+    acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = -lo;
+    int64_t nans = 0;
+    AGKD_SIMD_CLAUSES(reduction(min : lo) reduction(max : hi) reduction(+ : nans))
+    for (int64_t k = 0; k < P; ++k) lo = std::min(lo, m[k]), hi = std::max(hi, m[k]), nans += m[k] != m[k];
+    if (nans) lo = hi = std::numeric_limits<acc_t>::quiet_NaN();  // as torch.amin/amax: NaN wins
+    const bool constant = minmax_constant(lo, hi, eps);
+    scalar_t* o = out + i * P;
+    AGKD_SIMD
+    for (int64_t k = 0; k < P; ++k) o[k] = static_cast<scalar_t>(minmax_value(m[k], lo, hi, constant));
+    range[2 * i] = lo, range[2 * i + 1] = hi;
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor> minmax_scale_fwd_cpu(const at::Tensor& maps, double eps) {
   const FeatureGeometry g = minmax_geometry(maps, eps, "minmax_scale_fwd");
@@ -201,25 +231,38 @@ std::tuple<at::Tensor, at::Tensor> minmax_scale_fwd_cpu(const at::Tensor& maps, 
     const scalar_t* in = maps.const_data_ptr<scalar_t>();
     scalar_t* out = scaled.mutable_data_ptr<scalar_t>();
     acc_t* r = range.mutable_data_ptr<acc_t>();
-    const acc_t e = static_cast<acc_t>(eps);
     at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, kPixelsPerTask / g.pixels()), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* map = in + (i / g.C) * g.sN + (i % g.C) * g.sC;
-        acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = -lo;
-        bool nan = false;
-        for_each_pixel(map, g, [&](int64_t, acc_t x) {
-          nan = nan || x != x;
-          lo = x < lo ? x : lo, hi = x > hi ? x : hi;
-        });
-        if (nan) lo = hi = std::numeric_limits<acc_t>::quiet_NaN();
-        const bool constant = minmax_constant(lo, hi, e);
-        scalar_t* o = out + i * g.pixels();
-        for_each_pixel(map, g, [&](int64_t k, acc_t x) { o[k] = static_cast<scalar_t>(minmax_value(x, lo, hi, constant)); });
-        r[2 * i] = lo, r[2 * i + 1] = hi;
-      }
+      minmax_fwd_maps(in, g, static_cast<acc_t>(eps), begin, end, out, r);
     });
   });
   return {scaled, range};
+}
+
+template <typename scalar_t>
+AGKD_CPU_MULTIVERSION void minmax_bwd_maps(const scalar_t* up, const scalar_t* in, const FeatureGeometry& g,
+                                           const at::opmath_type<scalar_t>* range, at::opmath_type<scalar_t> eps,
+                                           int64_t begin, int64_t end, scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> buffer, up_buffer;
+  const int64_t P = g.pixels();
+  const FeatureGeometry dense{g.N, g.C, g.H, g.W, g.C * P, P, g.W, 1};  // the upstream gradient's layout
+  for (int64_t i = begin; i < end; ++i) {
+    const acc_t* m = dense_map(in + (i / g.C) * g.sN + (i % g.C) * g.sC, g, buffer);
+    const acc_t* u = dense_map(up + i * P, dense, up_buffer);
+    const acc_t lo = range[2 * i], hi = range[2 * i + 1];
+    const bool constant = minmax_constant(lo, hi, eps);
+    double sum_g = 0, sum_gs = 0, n_lo = 0, n_hi = 0;
+    AGKD_SIMD_REDUCTION(+ : sum_g, sum_gs, n_lo, n_hi)
+    for (int64_t k = 0; k < P; ++k) {
+      const double gk = u[k];
+      sum_g += gk, sum_gs += gk * static_cast<double>(minmax_value(m[k], lo, hi, constant));
+      n_lo += m[k] == lo ? 1.0 : 0.0, n_hi += m[k] == hi ? 1.0 : 0.0;
+    }
+    const MinmaxGrad<acc_t> grad_of = minmax_grad(lo, hi, eps, sum_g, sum_gs, n_lo, n_hi);
+    scalar_t* o = out + i * P;
+    AGKD_SIMD
+    for (int64_t k = 0; k < P; ++k) o[k] = static_cast<scalar_t>(grad_of(u[k], m[k]));
+  }
 }
 
 at::Tensor minmax_scale_bwd_cpu(const at::Tensor& grad_scaled, const at::Tensor& maps, const at::Tensor& range,
@@ -235,23 +278,8 @@ at::Tensor minmax_scale_bwd_cpu(const at::Tensor& grad_scaled, const at::Tensor&
     const scalar_t* up = gs.const_data_ptr<scalar_t>();
     const acc_t* rp = r.const_data_ptr<acc_t>();
     scalar_t* out = grad.mutable_data_ptr<scalar_t>();
-    const acc_t e = static_cast<acc_t>(eps);
     at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, kPixelsPerTask / g.pixels()), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* map = in + (i / g.C) * g.sN + (i % g.C) * g.sC;
-        const scalar_t* u = up + i * g.pixels();
-        const acc_t lo = rp[2 * i], hi = rp[2 * i + 1];
-        const bool constant = minmax_constant(lo, hi, e);
-        double sum_g = 0, sum_gs = 0, n_lo = 0, n_hi = 0;
-        for_each_pixel(map, g, [&](int64_t k, acc_t x) {
-          const double gk = static_cast<acc_t>(u[k]);
-          sum_g += gk, sum_gs += gk * static_cast<double>(minmax_value(x, lo, hi, constant));
-          n_lo += x == lo, n_hi += x == hi;
-        });
-        const MinmaxGrad<acc_t> grad_of = minmax_grad(lo, hi, e, sum_g, sum_gs, n_lo, n_hi);
-        scalar_t* o = out + i * g.pixels();
-        for_each_pixel(map, g, [&](int64_t k, acc_t x) { o[k] = static_cast<scalar_t>(grad_of(static_cast<acc_t>(u[k]), x)); });
-      }
+      minmax_bwd_maps(up, in, g, rp, static_cast<acc_t>(eps), begin, end, out);
     });
   });
   return grad;

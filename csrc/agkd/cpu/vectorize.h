@@ -15,14 +15,17 @@
 // Helpers of the hot loops are forced inline so that they are compiled into each clone
 // (an out-of-line helper would run the baseline instruction set inside the AVX2 clone).
 // Lane loops are marked `omp simd` (their iterations are independent; GCC would not
-// if-convert the masked lanes on its own). AGKD_SIMD_REDUCTION(op: vars) adds a clause.
+// if-convert the masked lanes on its own). AGKD_SIMD_REDUCTION(op: vars) adds a clause;
+// AGKD_SIMD_CLAUSES(...) takes several (reductions with different operators).
 #define AGKD_PRAGMA(x) _Pragma(#x)
 #if defined(_OPENMP)
 #define AGKD_SIMD _Pragma("omp simd")
 #define AGKD_SIMD_REDUCTION(...) AGKD_PRAGMA(omp simd reduction(__VA_ARGS__))
+#define AGKD_SIMD_CLAUSES(...) AGKD_PRAGMA(omp simd __VA_ARGS__)
 #else
 #define AGKD_SIMD
 #define AGKD_SIMD_REDUCTION(...)
+#define AGKD_SIMD_CLAUSES(...)
 #endif
 #if defined(__GNUC__)
 #define AGKD_CPU_INLINE inline __attribute__((always_inline))

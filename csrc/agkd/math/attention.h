@@ -75,10 +75,8 @@ struct MinmaxGrad {
   bool constant;
   AGKD_HOST_DEVICE T operator()(T g, T m) const {
     if (constant) return T(0);
-    T d = g;
-    if (m == lo) d += at_lo;
-    if (m == hi) d -= at_hi;
-    return d * inv_range;
+    // Selects rather than branches, so that a lane loop over the map vectorises.
+    return (g + (m == lo ? at_lo : T(0)) - (m == hi ? at_hi : T(0))) * inv_range;
   }
 };
 
