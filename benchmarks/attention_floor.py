@@ -13,14 +13,12 @@ Writes ``attention_floor_<device>.md`` and ``.json``.
 """
 from __future__ import annotations
 
-import argparse
-import statistics
 
 import torch
 
 import agkd_ops
 
-from .tables import machine_name, timed, write_results
+from .tables import alternating_medians, machine_name, results_parser, write_results
 
 PAPER_STAGES = [(128, 40, 28, 28), (128, 112, 14, 14), (128, 320, 7, 7)]
 LARGE = (64, 512, 56, 56)
@@ -44,13 +42,8 @@ def measure(shapes, layout, device, repeats):
             f.detach().sum()
             torch.empty_like(f).copy_(f.detach())
 
-    for _ in range(2):  # warm-up
-        op(), floor()
-    op_t, floor_t = [], []
-    for _ in range(repeats):
-        op_t.append(timed(op, device))
-        floor_t.append(timed(floor, device))
-    return statistics.median(op_t), statistics.median(floor_t)
+    med = alternating_medians({"op": op, "floor": floor}, device, repeats, warmup=2)
+    return med["op"], med["floor"]
 
 
 def run(device="cpu", repeats=15, paper=PAPER_STAGES, large=LARGE):
@@ -66,10 +59,7 @@ def run(device="cpu", repeats=15, paper=PAPER_STAGES, large=LARGE):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser = results_parser(__doc__)
     parser.add_argument("--small", action="store_true", help="tiny shapes (the GPU check's dry run)")
     args = parser.parse_args(argv)
     paper, large = ([(2, 4, 8, 8), (2, 8, 4, 4)], (2, 8, 16, 16)) if args.small else (PAPER_STAGES, LARGE)

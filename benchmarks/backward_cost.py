@@ -10,15 +10,13 @@ same machine state; medians. Writes ``backward_cost_<device>.md`` and ``.json``.
 """
 from __future__ import annotations
 
-import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
 
 import agkd_ops
 
-from .tables import machine_name, timed, write_results
+from .tables import alternating_medians, machine_name, results_parser, write_results
 
 SHAPES = [(128, 100), (4096, 1000)]
 TEMPERATURE, KD_WEIGHT = 4.0, 0.5
@@ -63,14 +61,7 @@ def run(device="cpu", repeats=15, shapes=SHAPES):
 
             steps = {"forward": forward, "forward_backward": forward_backward,
                      "composed": lambda: forward_backward(composed)}
-            times = {key: [] for key in steps}
-            for _ in range(3):  # warm-up
-                for fn in steps.values():
-                    fn()
-            for _ in range(repeats):
-                for key, fn in steps.items():
-                    times[key].append(timed(fn, device))
-            med = {key: 1e3 * statistics.median(v) for key, v in times.items()}
+            med = {key: 1e3 * t for key, t in alternating_medians(steps, device, repeats).items()}
             rows.append({"loss": name, "shape": f"{n}x{k}", "forward_ms": med["forward"],
                          "forward_backward_ms": med["forward_backward"], "composed_ms": med["composed"],
                          "backward_factor": med["forward_backward"] / med["forward"],
@@ -79,10 +70,7 @@ def run(device="cpu", repeats=15, shapes=SHAPES):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser = results_parser(__doc__)
     parser.add_argument("--shapes", default=None, metavar="NxK,...",
                         help=f"logit shapes (default: {','.join(f'{n}x{k}' for n, k in SHAPES)})")
     args = parser.parse_args(argv)

@@ -9,15 +9,13 @@ and ``.json``.
 """
 from __future__ import annotations
 
-import argparse
-import statistics
 
 import torch
 
 import agkd_ops
 from agkd_ops import reference
 
-from .tables import machine_name, timed, write_results
+from .tables import alternating_medians, machine_name, results_parser, write_results
 
 STAGES = [(40, 28), (112, 14), (320, 7)]  # EfficientNet-B0 stages 3-5 at 224 px: channels, grid
 BATCH, TEACHER = 128, 14
@@ -40,23 +38,12 @@ def run(device="cpu", repeats=15, batch=BATCH, stages=STAGES, teacher_size=TEACH
     cases = {"unscaled": lambda: step(lambda x: x, None),
              "scale='minmax' (fused)": lambda: step(lambda x: x, "minmax"),
              "torch ops, then unscaled": lambda: step(reference.minmax_scale, None)}
-    times = {name: [] for name in cases}
-    for _ in range(3):
-        for fn in cases.values():
-            fn()
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            times[name].append(timed(fn, device))
-    base = statistics.median(times["unscaled"])
-    return [{"case": name, "ms": 1e3 * statistics.median(v), "vs_unscaled": statistics.median(v) / base}
-            for name, v in times.items()]
+    med = alternating_medians(cases, device, repeats)
+    return [{"case": name, "ms": 1e3 * t, "vs_unscaled": t / med["unscaled"]} for name, t in med.items()]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser = results_parser(__doc__)
     parser.add_argument("--small", action="store_true", help="tiny shapes (the GPU check's dry run)")
     args = parser.parse_args(argv)
     shape = dict(batch=2, stages=[(4, 8), (8, 4)], teacher_size=6) if args.small else {}

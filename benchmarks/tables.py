@@ -2,9 +2,11 @@
 timed call, and writing the table (Markdown) with its rows (JSON) under the results folder."""
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import platform
+import statistics
 import time
 from typing import Any, Callable, Dict, List
 
@@ -41,3 +43,26 @@ def write_results(out: str, stem: str, lines: List[str], payload: Dict[str, Any]
     (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")
     (folder / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     print("\n".join(lines))
+
+
+def results_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every such module takes: --device, --repeats, --out."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", default="benchmarks/results")
+    return parser
+
+
+def alternating_medians(cases: Dict[str, Callable[[], Any]], device: str, repeats: int,
+                        warmup: int = 3) -> Dict[str, float]:
+    """Median seconds of each case, timed in rounds that run every case in turn, so that
+    all see the same machine state; ``warmup`` untimed rounds first."""
+    for _ in range(warmup):
+        for fn in cases.values():
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(v) for name, v in times.items()}

@@ -1,6 +1,10 @@
 """Running the ``agkd`` command in tests: a tiny digits run's settings, the command run in
 process with its standard error read back, the one-line error it must give for bad input,
 and an untrained teacher file to distil from."""
+import json
+import math
+import shutil
+
 import pytest
 import torch
 
@@ -48,3 +52,23 @@ def teacher_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     torch.save(build_teacher(load_config("digits"), 10).state_dict(), path)
     return path
+
+
+def assert_resumes_exactly(distill, full, part):
+    """``distill(out, *extra)`` for two epochs into ``full`` gives a finite history; the
+    same run cut back to its first epoch (its previous checkpoint, one metrics line) and
+    resumed in ``part`` gives the same second epoch and the same student, bit for bit.
+    Returns the full run's history."""
+    assert distill(full) == 0
+    history = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and all(math.isfinite(r["train_loss"]) for r in history)
+    shutil.copytree(full, part)
+    shutil.copy(part / "checkpoint.prev.pt", part / "checkpoint.pt")
+    (part / "metrics.jsonl").write_text((full / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    assert distill(part, "--resume") == 0
+    resumed = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    drop = lambda r: {k: v for k, v in r.items() if k != "epoch_seconds"}  # noqa: E731
+    assert [drop(r) for r in resumed] == [drop(r) for r in history]
+    a, b = torch.load(full / "student.pt"), torch.load(part / "student.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    return history

@@ -3,7 +3,6 @@ on a tiny batch, every setting reaching the loss, a run through ``agkd distill``
 exact resume) and ``agkd compare``, and bad settings refused in one line."""
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from agkd_models.distillers import METHODS, build_task
 from agkd_models.distillers.fitnet import FitNet
 from agkd_models.distillers.rkd import RKD, rkd_angle_loss, rkd_distance_loss
 
-from .commands import TINY, assert_one_line_error, teacher_file  # noqa: F401 (fixture)
+from .commands import TINY, assert_one_line_error, assert_resumes_exactly, teacher_file  # noqa: F401 (fixture)
 from .test_models import NUM_CLASSES, tiny_student, tiny_teacher
 
 METHODS_HERE = ("fitnet", "rkd")
@@ -118,20 +117,8 @@ def _distill(out, teacher, method, *extra):
 
 @pytest.mark.parametrize("method", METHODS_HERE)
 def test_each_method_trains_through_agkd_distill_and_resumes_exactly(method, teacher_file, tmp_path):
-    full = tmp_path / "full"
-    assert _distill(full, teacher_file, method) == 0
-    history = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
-    assert len(history) == 2 and all(math.isfinite(r["train_loss"]) for r in history)
-    part = tmp_path / "part"
-    shutil.copytree(full, part)
-    shutil.copy(part / "checkpoint.prev.pt", part / "checkpoint.pt")
-    (part / "metrics.jsonl").write_text((full / "metrics.jsonl").read_text().splitlines()[0] + "\n")
-    assert _distill(part, teacher_file, method, "--resume") == 0
-    resumed = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
-    drop = lambda r: {k: v for k, v in r.items() if k != "epoch_seconds"}  # noqa: E731
-    assert [drop(r) for r in resumed] == [drop(r) for r in history]
-    a, b = torch.load(full / "student.pt"), torch.load(part / "student.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumes_exactly(lambda out, *extra: _distill(out, teacher_file, method, *extra),
+                           tmp_path / "full", tmp_path / "part")
 
 
 def test_agkd_compare_runs_them_online(teacher_file, tmp_path):

@@ -5,7 +5,6 @@ CTKD's curriculum), a run through ``agkd distill`` and ``agkd compare``, resume,
 settings refused in one line."""
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from agkd_models.distillers.ttm import TTMSettings, TTMTerm
 from agkd_models.distillers.wttm import WTTMSettings, WTTMTerm, power_sum
 from agkd_models.experiments.compare import _result_relevant
 
-from .commands import TINY, assert_one_line_error, teacher_file  # noqa: F401 (fixture)
+from .commands import TINY, assert_one_line_error, assert_resumes_exactly, teacher_file  # noqa: F401 (fixture)
 from .test_logit_family import (ctkd_authors, dist_authors, lskd_authors, mdistiller_dkd, ofa_authors,
                                 ttm_authors)
 from .test_models import NUM_CLASSES, tiny_student, tiny_teacher
@@ -224,23 +223,10 @@ def _distill(out, teacher, method, *extra):
 
 @pytest.mark.parametrize("method", NEW_METHODS)
 def test_each_method_trains_through_agkd_distill_and_resumes_exactly(method, teacher_file, tmp_path):
-    full = tmp_path / "full"
-    assert _distill(full, teacher_file, method) == 0
-    history = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
-    assert len(history) == 2 and all(math.isfinite(r["train_loss"]) for r in history)
+    history = assert_resumes_exactly(lambda out, *extra: _distill(out, teacher_file, method, *extra),
+                                     tmp_path / "full", tmp_path / "part")
     if method == "ctkd":
         assert all(1.0 <= r["train_temperature"] <= 21.0 for r in history)
-    # The run as it was after its first epoch, resumed: the same second epoch and student.
-    part = tmp_path / "part"
-    shutil.copytree(full, part)
-    shutil.copy(part / "checkpoint.prev.pt", part / "checkpoint.pt")
-    (part / "metrics.jsonl").write_text((full / "metrics.jsonl").read_text().splitlines()[0] + "\n")
-    assert _distill(part, teacher_file, method, "--resume") == 0
-    resumed = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
-    drop = lambda r: {k: v for k, v in r.items() if k != "epoch_seconds"}  # noqa: E731
-    assert [drop(r) for r in resumed] == [drop(r) for r in history]
-    a, b = torch.load(full / "student.pt"), torch.load(part / "student.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_agkd_compare_runs_every_new_method(teacher_file, tmp_path, capsys):
