@@ -96,16 +96,6 @@ inline at::Tensor kd_counted_rows(const at::Tensor& classes, int64_t ignore_inde
   return classes.ne(ignore_index).sum().clamp_min(1).to(dtype);
 }
 
-// The forward's loss output: reduce_loss (host.h), except that with an ignore_index a
-// "mean" averages over the rows that count.
-inline at::Tensor reduce_kd_loss(const at::Tensor& per_row, Reduction reduction, const KdTarget& t) {
-  if (reduction == Reduction::kMean && t.ignores) {
-    return per_row.sum().div(kd_counted_rows(t.tensor, t.ignore_index, per_row.scalar_type()));
-  }
-  return reduce_loss(per_row, reduction);
-}
-
-
 // The gradients agkd::kd_fwd writes with the loss when asked: of the loss output (the
 // reduced loss for "mean"/"sum"; each row's own loss for "none"), in the accumulate dtype,
 // contiguous. Each row's gradient carries a factor, 1 or the "mean"'s 1/count; with an
@@ -134,12 +124,11 @@ inline KdForwardGrads kd_forward_grads(const at::Tensor& student, const KdParams
   return g;
 }
 
-// The forward's loss output, with the "mean" over the rows that count taken from the same
-// count the gradients used.
-inline at::Tensor reduce_kd_loss(const at::Tensor& per_row, Reduction reduction, const KdTarget& t,
-                                 const KdForwardGrads& g) {
-  if (reduction == Reduction::kMean && g.counted_rows.defined()) return per_row.sum().div(g.counted_rows);
-  return reduce_kd_loss(per_row, reduction, t);
+// The forward's loss output: reduce_loss (host.h), except that with an ignore_index a
+// "mean" averages over the rows that count, the count the gradients used.
+inline at::Tensor reduce_kd_loss(const at::Tensor& per_row, Reduction reduction, const KdForwardGrads& g) {
+  if (g.counted_rows.defined()) return per_row.sum().div(g.counted_rows);
+  return reduce_loss(per_row, reduction);
 }
 
 }  // namespace agkd

@@ -231,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_fwd_cpu(
       });
     });
   });
-  return {reduce_kd_loss(loss, r, tgt, grads), stats, grads.student, grads.teacher};
+  return {reduce_kd_loss(loss, r, grads), stats, grads.student, grads.teacher};
 }
 
 }  // namespace
