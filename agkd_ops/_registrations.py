@@ -118,13 +118,13 @@ def _dist_fwd_fake(student, teacher, temperature, inter_weight, intra_weight, ep
 
 @torch.library.register_fake("agkd::align_fwd")
 def _align_fwd_fake(student, teacher, alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps,
-                    align_corners, reduction):
+                    align_corners, reduction, minmax_eps=None):
     return _loss_and_stats(student, reduction, _HYBRID_STATS)
 
 
 @torch.library.register_fake("agkd::align_bwd")
 def _align_bwd_fake(grad_loss, student, teacher, stats, alpha, beta, gamma, window_size, sigma, c1,
-                    c2, padding, eps, align_corners, needs_grad_student, needs_grad_teacher):
+                    c2, padding, eps, align_corners, needs_grad_student, needs_grad_teacher, minmax_eps=None):
     return _grad_or_empty(student, needs_grad_student), _grad_or_empty(teacher, needs_grad_teacher)
 
 

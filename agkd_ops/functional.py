@@ -49,7 +49,7 @@ from ._defaults import (ATTENTION_P, COSINE_EPS, DIST, DIST_EPS, DKD, HYBRID_COS
                         KD_TEMPERATURE, KD_WEIGHT, MINMAX_EPS, NORMALIZE_EPS, OFA, SSIM, STANDARDIZE_EPS)
 from ._defaults import accumulate_dtype as _accumulate_dtype
 from ._defaults import reduce_per_sample as _reduce
-from ._validation import (ATTENTION_P_RANGE, LOGITS, REDUCTIONS, check_choice, check_fraction, check_ignore_index,
+from ._validation import (ATTENTION_P_RANGE, REDUCTIONS, check_choice, check_fraction, check_ignore_index,
                           check_ignore_index_type, check_in_range, check_kl_reduction, check_number, check_pair,
                           check_scale,
                           check_flag, check_logits, check_min_classes, check_optional_temperature,
@@ -259,8 +259,9 @@ def hybrid_loss(x: torch.Tensor, y: torch.Tensor, *, ssim_weight: float = HYBRID
         ssim_weight, cosine_weight: ``w_s`` and ``w_c`` (>= 0). ``alpha`` and ``beta`` are
             their old names, still accepted with a FutureWarning.
         scale: ``"minmax"`` scales every (sample, channel) map of both inputs to [0, 1]
-            first (:func:`minmax_scale`), the scale SSIM's ``data_range=1`` expects of
-            attention maps; ``None`` (default) compares them as given.
+            first (as :func:`minmax_scale` does, inside the fused kernels), the scale SSIM's
+            ``data_range=1`` expects of attention maps; ``None`` (default) compares them as
+            given.
 
     Example:
         >>> import torch, agkd_ops
@@ -279,14 +280,19 @@ def hybrid_loss(x: torch.Tensor, y: torch.Tensor, *, ssim_weight: float = HYBRID
     ssim_weight, cosine_weight, window_size, sigma, c1, c2, eps = _hybrid_options(
         fn, ssim_weight, cosine_weight, window_size, sigma, data_range, k1, k2, padding, eps, reduction)
     check_window(fn, x, window_size, padding)
-    if scale is not None:
-        x, y = _minmax_scaled(fn, x), _minmax_scaled(fn, y)
-    if _backend.use_native(fn, "hybrid_fwd", x):
+    if scale is not None and _backend.use_native(fn, "align_fwd", x):
+        # The alignment kernels scale inside: at equal sizes their resampling is the identity.
+        loss, _stats = torch.ops.agkd.align_fwd(x, y, alpha=ssim_weight, beta=cosine_weight, gamma=0.0,
+                                                window_size=window_size, sigma=sigma, c1=c1, c2=c2, padding=padding,
+                                                eps=eps, align_corners=False, reduction=reduction,
+                                                minmax_eps=MINMAX_EPS)
+        return _in_dtype(loss, x.dtype)
+    if scale is None and _backend.use_native(fn, "hybrid_fwd", x):
         return _in_dtype(_native_hybrid(x, y, ssim_weight, cosine_weight, window_size, sigma, c1, c2, padding, eps,
                                         reduction), x.dtype)
     return reference.hybrid_loss(x, y, ssim_weight=ssim_weight, cosine_weight=cosine_weight, window_size=window_size,
                                  sigma=sigma, data_range=data_range, k1=k1, k2=k2,
-                                 padding=padding, eps=eps, reduction=reduction)
+                                 padding=padding, eps=eps, reduction=reduction, scale=scale)
 
 
 _KD_NAMES = ("student_logits", "teacher_logits")
@@ -831,10 +837,6 @@ def minmax_scale(maps: torch.Tensor) -> torch.Tensor:
     """
     fn = "minmax_scale"
     check_tensor(fn, "maps", maps)
-    return _minmax_scaled(fn, maps)
-
-
-def _minmax_scaled(fn: str, maps: torch.Tensor) -> torch.Tensor:
     if _backend.use_native(fn, "minmax_scale_fwd", maps):
         scaled, _range = torch.ops.agkd.minmax_scale_fwd(maps, eps=MINMAX_EPS)
         return scaled
@@ -897,13 +899,12 @@ def attention_align_loss(student: torch.Tensor, teacher: torch.Tensor, *, loss: 
         fn, loss, align_corners, reduction, loss_kwargs)
     if loss in ("ssim", "hybrid"):
         check_window(fn, teacher, window_size, padding, names=("teacher",))
-    if scale is not None:
-        student, teacher = _minmax_scaled(fn, student), _minmax_scaled(fn, teacher)
     if _backend.use_native(fn, "align_fwd", student):
         loss, _stats = torch.ops.agkd.align_fwd(student, teacher, alpha=alpha, beta=beta, gamma=gamma,
                                                 window_size=window_size, sigma=sigma, c1=c1, c2=c2, padding=padding,
-                                                eps=eps, align_corners=align_corners, reduction=reduction)
+                                                eps=eps, align_corners=align_corners, reduction=reduction,
+                                                minmax_eps=None if scale is None else MINMAX_EPS)
         return _in_dtype(loss, student.dtype)
     return reference.attention_align_loss(student, teacher, loss=loss, align_corners=align_corners,
-                                          reduction=reduction, **loss_kwargs)
+                                          reduction=reduction, scale=scale, **loss_kwargs)
 

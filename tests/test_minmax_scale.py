@@ -10,7 +10,8 @@ import torch
 
 import agkd_ops
 
-from .backends import FLOAT_DTYPES, against_the_reference, assert_clear_error, close, grads, layout, rounded
+from .backends import (FLOAT_DTYPES, against_the_reference, assert_clear_error, assert_nan_stays_in_its_sample, close,
+                       grads, layout, rounded)
 
 EPS = 1e-12
 
@@ -117,6 +118,53 @@ def test_hybrid_loss_and_the_modules_take_scale(backend):
     assert not torch.allclose(unscaled, plain), "scale=None compares the maps as given"
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("student_layout,teacher_layout", [("contiguous", "contiguous"), ("channels_last", "sliced"),
+                                                           ("transposed", "channels_last")])
+def test_scaling_inside_the_kernels_is_bitwise_the_scaled_maps_then_the_loss(native, dtype, student_layout,
+                                                                            teacher_layout):
+    """scale="minmax" scales inside the alignment kernels (and hybrid_loss's, through them):
+    the same numbers as minmax_scale's op, then the unscaled call, to the last bit, in every
+    dtype and layout, for both inputs' gradients."""
+    g = torch.Generator().manual_seed(5)
+    student = rounded((3, 2, 9, 7), dtype, g).to(native.device, dtype)
+    teacher = rounded((3, 2, 6, 6), dtype, g).to(native.device, dtype)
+    student[0, 1] = 0.25                                           # a constant map: 0, zero gradient
+    teacher[1, 0, 2:4, 1] = teacher[1, 0].amax()                   # ties at the maximum
+    student, teacher = layout(student, student_layout), layout(teacher, teacher_layout)
+    weights = torch.rand(3, generator=g, dtype=torch.float64).to(native.device, dtype)
+    cases = [(lambda s, t, **kw: agkd_ops.attention_align_loss(s, t, loss="hybrid", window_size=3, reduction="none",
+                                                               **kw), student, teacher),
+             (lambda s, t, **kw: agkd_ops.attention_align_loss(s, t, loss="mse", reduction="none", **kw),
+              student, teacher),
+             (lambda x, y, **kw: agkd_ops.hybrid_loss(x, y, window_size=3, reduction="none", **kw),
+              teacher, layout(rounded((3, 2, 6, 6), dtype, g).to(native.device, dtype), student_layout))]
+    for fn, a, b in cases:
+        fused = grads(lambda s, t: fn(s, t, scale="minmax"), a, b, weights=weights)
+        composed = grads(lambda s, t: fn(agkd_ops.minmax_scale(s), agkd_ops.minmax_scale(t)), a, b, weights=weights)
+        for got, want in zip(fused, composed):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+        if a is student:
+            assert not fused[1][0, 1].any(), "the constant map has no gradient"
+
+
+def test_scaled_alignment_isolates_a_nan_and_gives_a_constant_map_no_gradient(native):
+    g = torch.Generator().manual_seed(6)
+    student = agkd_ops.attention_map(torch.randn(4, 8, 7, 7, generator=g, dtype=torch.float64)).to(native.device)
+    teacher = torch.rand(4, 1, 14, 14, generator=g, dtype=torch.float64).to(native.device)
+    student[2] = 0.0                                                  # a dead stage
+    teacher[3] = 7.0                                                  # a blank teacher map
+
+    def per_sample(s, t):
+        return agkd_ops.attention_align_loss(s, t, loss="hybrid", window_size=3, scale="minmax", reduction="none")
+
+    loss, grad_s, grad_t = grads(per_sample, student, teacher)
+    assert torch.equal(grad_s[2].cpu(), torch.zeros(1, 7, 7, dtype=torch.float64))
+    assert torch.equal(grad_t[3].cpu(), torch.zeros(1, 14, 14, dtype=torch.float64))
+    assert grad_s.abs().max() < 1e3 and grad_t.abs().max() < 1e3, "no 1/eps gradient anywhere"
+    assert_nan_stays_in_its_sample(per_sample, [student, teacher], 0, (1, 0, 3, 3))
+
+
 def test_bad_scale_values_are_clear_errors():
     x = torch.rand(2, 1, 8, 8)
     assert_clear_error(lambda: agkd_ops.hybrid_loss(x, x, scale="max"), ValueError,
@@ -136,6 +184,20 @@ def test_opcheck_and_gradcheck(native):
     torch.library.opcheck(torch.ops.agkd.minmax_scale_bwd, (torch.rand_like(scaled), maps.detach(), rng, EPS),
                           test_utils=("test_schema", "test_faketensor"))
     assert torch.autograd.gradcheck(agkd_ops.minmax_scale, (maps,))
+    student = torch.rand(2, 3, 5, 4, generator=g, dtype=torch.float64).to(native.device).requires_grad_(True)
+    teacher = torch.rand(2, 3, 7, 7, generator=g, dtype=torch.float64).to(native.device).requires_grad_(True)
+    options = dict(alpha=0.6, beta=0.4, gamma=0.2, window_size=3, sigma=1.5, c1=1e-4, c2=9e-4, padding="reflect",
+                   eps=1e-8, align_corners=False)
+    torch.library.opcheck(torch.ops.agkd.align_fwd, (student, teacher), dict(options, reduction="none", minmax_eps=EPS))
+    _loss, stats = torch.ops.agkd.align_fwd(student.detach(), teacher.detach(), **options, reduction="none",
+                                            minmax_eps=EPS)
+    torch.library.opcheck(torch.ops.agkd.align_bwd, (torch.rand(2, dtype=torch.float64).to(native.device),
+                                                     student.detach(), teacher.detach(), stats),
+                          dict(options, needs_grad_student=True, needs_grad_teacher=True, minmax_eps=EPS),
+                          test_utils=("test_schema", "test_faketensor"))
+    assert torch.autograd.gradcheck(
+        lambda s, t: agkd_ops.attention_align_loss(s, t, loss="hybrid", window_size=3, scale="minmax",
+                                                   reduction="none"), (student, teacher))
 
 
 def test_torch_compile_fullgraph(native):

@@ -7,6 +7,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
+#include <optional>
+
 #include "agkd/hybrid.h"
 
 namespace agkd {
@@ -15,13 +17,15 @@ struct AlignParams {
   HybridParams hybrid;
   double gamma;  // weight of the mean squared difference
   bool align_corners;
+  std::optional<double> minmax_eps;  // set: both maps min–max scaled first, ranges <= it constant
 };
 
 inline AlignParams make_align_params(double alpha, double beta, double gamma, int64_t window_size,
                                      double sigma, double c1, double c2, c10::string_view padding,
-                                     double eps, bool align_corners) {
+                                     double eps, bool align_corners, std::optional<double> minmax_eps) {
+  TORCH_CHECK(!minmax_eps || *minmax_eps >= 0, "agkd::align: minmax_eps must be >= 0, got ", *minmax_eps);
   return {make_params(alpha, beta, window_size, sigma, c1, c2, padding, eps), gamma,
-          align_corners};
+          align_corners, minmax_eps};
 }
 
 // Checks shared by align_fwd/bwd; returns the teacher's geometry.

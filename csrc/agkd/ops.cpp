@@ -137,14 +137,16 @@ TORCH_LIBRARY(agkd, m) {
   // Attention alignment: the student (N, C, h, w) resized bilinearly to the teacher's
   // (H, W) on the fly (as F.interpolate(align_corners=...)), then per sample
   //   loss[n] = alpha * (1 - SSIM) + beta * (1 - cos) + gamma * mean((up(s) - t)²)
-  // with stats (N, 3) the cosine sums as in hybrid_fwd.
+  // with stats (N, 3) the cosine sums as in hybrid_fwd. With minmax_eps, every map of both
+  // inputs is min–max scaled first (as by minmax_scale_fwd with that eps; the student's at
+  // its own size), inside the same kernels.
   m.def(
       "align_fwd(Tensor student, Tensor teacher, float alpha, float beta, float gamma, "
       "int window_size, float sigma, float c1, float c2, str padding, float eps, "
-      "bool align_corners, str reduction) -> (Tensor loss, Tensor stats)");
+      "bool align_corners, str reduction, float? minmax_eps=None) -> (Tensor loss, Tensor stats)");
   m.def(
       "align_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, float alpha, "
       "float beta, float gamma, int window_size, float sigma, float c1, float c2, str padding, "
-      "float eps, bool align_corners, bool needs_grad_student, bool needs_grad_teacher) -> "
-      "(Tensor grad_student, Tensor grad_teacher)");
+      "float eps, bool align_corners, bool needs_grad_student, bool needs_grad_teacher, "
+      "float? minmax_eps=None) -> (Tensor grad_student, Tensor grad_teacher)");
 }

@@ -89,14 +89,16 @@ struct AlignFwd {
   static constexpr const char* kName = "align_fwd";
   using Signature = Tensors2(const Tensor& student, const Tensor& teacher, double alpha, double beta, double gamma,
                              int64_t window_size, double sigma, double c1, double c2, c10::string_view padding,
-                             double eps, bool align_corners, c10::string_view reduction);
+                             double eps, bool align_corners, c10::string_view reduction,
+                             std::optional<double> minmax_eps);
 };
 struct AlignBwd {
   static constexpr const char* kName = "align_bwd";
   using Signature = Tensors2(const Tensor& grad_loss, const Tensor& student, const Tensor& teacher,
                              const Tensor& stats, double alpha, double beta, double gamma, int64_t window_size,
                              double sigma, double c1, double c2, c10::string_view padding, double eps,
-                             bool align_corners, bool needs_grad_student, bool needs_grad_teacher);
+                             bool align_corners, bool needs_grad_student, bool needs_grad_teacher,
+                             std::optional<double> minmax_eps);
 };
 
 }  // namespace op

@@ -7,7 +7,10 @@
 // that plane pair through the same tile code as hybrid_fwd/bwd, plus an MSE term. The
 // backward resamples again, lets the tiles write the resampled plane's gradient into a
 // second buffer, and scatters it onto the student's pixels in a fixed order (one thread
-// per plane), so the result is deterministic without atomics.
+// per plane), so the result is deterministic without atomics. With `minmax_eps`, each
+// plane of both maps is min–max scaled into a buffer first (cpu/minmax.h) and the tiles
+// run on the buffers; the backward rescales and carries both gradients back through the
+// scaling, plane by plane, so the scaled maps never exist as tensors either.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -18,6 +21,7 @@
 #include <vector>
 
 #include "agkd/align.h"
+#include "agkd/cpu/minmax.h"
 #include "agkd/cpu/plane_tiles.h"
 #include "agkd/math/align.h"
 #include "agkd/math/bilinear.h"
@@ -97,6 +101,32 @@ double squared_distance(const scalar_t* up, const typename StridedMaps<scalar_t>
   return total;
 }
 
+// One plane in its min–max scaled form (minmax_eps), in per-thread buffers: what the
+// forward reads in place of the plane, and what the backward needs to carry a gradient
+// back through the scaling.
+template <typename scalar_t>
+struct ScaledPlane {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Plane = typename StridedMaps<scalar_t>::Plane;
+  std::vector<acc_t> dense_buffer;  // the plane as one dense acc_t run, where it is not one already
+  std::vector<scalar_t> values;     // the scaled plane, rows of w
+  const acc_t* unscaled = nullptr;  // the plane, dense
+  MinmaxRange<acc_t> range{};
+
+  Plane scale(const Plane& p, int64_t h, int64_t w, acc_t eps) {
+    unscaled = dense_plane(p.data, h, w, p.sH, p.sW, dense_buffer);
+    range = minmax_range(unscaled, h * w);
+    values.resize(h * w);
+    minmax_write(unscaled, h * w, range, eps, values.data());
+    return {values.data(), w, 1};
+  }
+  // The plane's gradient into `out` (h·w, dense) from `grad_scaled`, the scaled plane's;
+  // `out` may be `grad_scaled` itself.
+  void chain(const acc_t* grad_scaled, int64_t pixels, acc_t eps, scalar_t* out) const {
+    minmax_chain(grad_scaled, unscaled, pixels, range, eps, out);
+  }
+};
+
 // The teacher's geometry for one plane pair: what the tile code sees (the SSIM mean still
 // runs over all of a sample's planes).
 PlaneGeometry single_plane(PlaneGeometry g) {
@@ -110,7 +140,9 @@ void align_fwd_typed(const at::Tensor& student, const at::Tensor& teacher,
                      at::Tensor& stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const std::vector<acc_t> taps = gaussian_taps<acc_t>(g.window, a.hybrid.sigma);
-  const BilinearPlan<acc_t> plan(student.size(2), student.size(3), g.H, g.W, a.align_corners);
+  const int64_t h = student.size(2), w = student.size(3);
+  const BilinearPlan<acc_t> plan(h, w, g.H, g.W, a.align_corners);
+  const acc_t minmax_eps = static_cast<acc_t>(a.minmax_eps.value_or(0));
   const PlaneGeometry pg = single_plane(g);
   const int64_t n_tiles = row_tiles(g);
   const StridedMaps<scalar_t> ss(student), ts(teacher);
@@ -119,10 +151,13 @@ void align_fwd_typed(const at::Tensor& student, const at::Tensor& teacher,
   at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> up(g.H * g.W);
     std::vector<HybridSums> tiles(n_tiles);
+    ScaledPlane<scalar_t> s_scaled, t_scaled;
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / g.C, c = plane % g.C;
-      resample_plane(ss.plane(n, c), plan, up.data());
-      const auto tp = ts.plane(n, c);
+      auto sp = ss.plane(n, c);
+      auto tp = ts.plane(n, c);
+      if (a.minmax_eps) sp = s_scaled.scale(sp, h, w, minmax_eps), tp = t_scaled.scale(tp, g.H, g.W, minmax_eps);
+      resample_plane(sp, plan, up.data());
       const StridedMaps<scalar_t> xs(up.data(), g.W, 1), ys(tp.data, tp.sH, tp.sW);
       if constexpr (kSSIM || kCos) {
         hybrid_fwd_tiles<scalar_t, kSSIM, kCos>(xs, ys, pg, a.hybrid, taps, n_tiles, 0, n_tiles,
@@ -167,13 +202,17 @@ void align_bwd_typed(const at::Tensor& grad_loss, const at::Tensor& student,
   scalar_t* gs = needs_s ? grad_s.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* gt = needs_t ? grad_t.mutable_data_ptr<scalar_t>() : nullptr;
   const acc_t mse_scale = static_cast<acc_t>(align_mse_grad_scale(a.gamma, static_cast<double>(g.C * g.H * g.W)));
+  const acc_t minmax_eps = static_cast<acc_t>(a.minmax_eps.value_or(0));
   at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> up(g.H * g.W), grad_up(needs_s ? g.H * g.W : 0);
-    std::vector<acc_t> grad_plane(needs_s ? h * w : 0);
+    std::vector<acc_t> grad_plane(needs_s ? h * w : 0), grad_t_buffer;
+    ScaledPlane<scalar_t> s_scaled, t_scaled;
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / g.C, c = plane % g.C;
-      resample_plane(ss.plane(n, c), plan, up.data());
-      const auto tp = ts.plane(n, c);
+      auto sp = ss.plane(n, c);
+      auto tp = ts.plane(n, c);
+      if (a.minmax_eps) sp = s_scaled.scale(sp, h, w, minmax_eps), tp = t_scaled.scale(tp, g.H, g.W, minmax_eps);
+      resample_plane(sp, plan, up.data());
       const StridedMaps<scalar_t> xs(up.data(), g.W, 1), ys(tp.data, tp.sH, tp.sW);
       scalar_t* gx = needs_s ? grad_up.data() : nullptr;
       scalar_t* gy = needs_t ? gt + plane * g.H * g.W : nullptr;
@@ -198,7 +237,16 @@ void align_bwd_typed(const at::Tensor& grad_loss, const at::Tensor& student,
         std::fill(grad_plane.begin(), grad_plane.end(), acc_t(0));
         scatter_to_student(grad_up.data(), plan, grad_plane.data());
         scalar_t* out = gs + plane * h * w;
-        for (int64_t k = 0; k < h * w; ++k) out[k] = static_cast<scalar_t>(grad_plane[k]);
+        if (a.minmax_eps) {
+          // Rounded to scalar_t first, as the gradient of the scaled map would be as a tensor.
+          for (int64_t k = 0; k < h * w; ++k) grad_plane[k] = static_cast<acc_t>(static_cast<scalar_t>(grad_plane[k]));
+          s_scaled.chain(grad_plane.data(), h * w, minmax_eps, out);
+        } else {
+          for (int64_t k = 0; k < h * w; ++k) out[k] = static_cast<scalar_t>(grad_plane[k]);
+        }
+      }
+      if (needs_t && a.minmax_eps) {  // gy holds the scaled teacher plane's gradient: carry it back in place
+        t_scaled.chain(dense_plane(gy, g.H, g.W, g.W, int64_t{1}, grad_t_buffer), g.H * g.W, minmax_eps, gy);
       }
     }
   });
@@ -208,9 +256,10 @@ std::tuple<at::Tensor, at::Tensor> align_fwd_cpu(const at::Tensor& student, cons
                                                  double alpha, double beta, double gamma,
                                                  int64_t window_size, double sigma, double c1,
                                                  double c2, c10::string_view padding, double eps,
-                                                 bool align_corners, c10::string_view reduction) {
-  const AlignParams a =
-      make_align_params(alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps, align_corners);
+                                                 bool align_corners, c10::string_view reduction,
+                                                 std::optional<double> minmax_eps) {
+  const AlignParams a = make_align_params(alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps,
+                                          align_corners, minmax_eps);
   const Reduction r = parse_reduction(reduction);
   const PlaneGeometry g = align_geometry(student, teacher, a.hybrid);
   auto [loss, stats] = per_sample_outputs(student, g.N, kHybridStats);
@@ -226,9 +275,9 @@ std::tuple<at::Tensor, at::Tensor> align_bwd_cpu(
     const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
     const at::Tensor& stats, double alpha, double beta, double gamma, int64_t window_size,
     double sigma, double c1, double c2, c10::string_view padding, double eps, bool align_corners,
-    bool needs_grad_student, bool needs_grad_teacher) {
-  const AlignParams a =
-      make_align_params(alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps, align_corners);
+    bool needs_grad_student, bool needs_grad_teacher, std::optional<double> minmax_eps) {
+  const AlignParams a = make_align_params(alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps,
+                                          align_corners, minmax_eps);
   const PlaneGeometry g = align_geometry(student, teacher, a.hybrid);
   HybridBackward b = prepare_hybrid_backward(grad_loss, stats, student, teacher, g, needs_grad_student,
                                              needs_grad_teacher);

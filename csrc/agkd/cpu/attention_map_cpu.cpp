@@ -20,8 +20,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "agkd/cpu/vectorize.h"
 #include "agkd/attention_map.h"
+#include "agkd/cpu/minmax.h"
+#include "agkd/cpu/vectorize.h"
 #include "agkd/math/attention.h"
 #include "agkd/ops.h"
 
@@ -183,20 +184,11 @@ at::Tensor attention_map_bwd_cpu(const at::Tensor& grad_map, const at::Tensor& f
 // min and max and once to write it scaled; the backward once for its sums and once to
 // write the gradient.
 
-// A map's pixels as a dense run of H·W values: the map itself when its planes are dense
-// (NCHW-contiguous maps, the usual case), else a copy in `buffer`.
+// A map's pixels as a dense run of H·W values (cpu/minmax.h).
 template <typename scalar_t>
 AGKD_CPU_INLINE const at::opmath_type<scalar_t>* dense_map(const scalar_t* map, const FeatureGeometry& g,
                                                            std::vector<at::opmath_type<scalar_t>>& buffer) {
-  using acc_t = at::opmath_type<scalar_t>;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (g.dense_planes()) return map;
-  }
-  buffer.resize(g.pixels());
-  for (int64_t h = 0; h < g.H; ++h) {
-    for (int64_t w = 0; w < g.W; ++w) buffer[h * g.W + w] = static_cast<acc_t>(map[h * g.sH + w * g.sW]);
-  }
-  return buffer.data();
+  return dense_plane(map, g.H, g.W, g.sH, g.sW, buffer);
 }
 
 constexpr int64_t kPixelsPerTask = 16384;
@@ -209,16 +201,9 @@ AGKD_CPU_MULTIVERSION void minmax_fwd_maps(const scalar_t* in, const FeatureGeom
   const int64_t P = g.pixels();
   for (int64_t i = begin; i < end; ++i) {
     const acc_t* m = dense_map(in + (i / g.C) * g.sN + (i % g.C) * g.sC, g, buffer);
-    acc_t lo = std::numeric_limits<acc_t>::infinity(), hi = -lo;
-    int64_t nans = 0;
-    AGKD_SIMD_CLAUSES(reduction(min : lo) reduction(max : hi) reduction(+ : nans))
-    for (int64_t k = 0; k < P; ++k) lo = std::min(lo, m[k]), hi = std::max(hi, m[k]), nans += m[k] != m[k];
-    if (nans) lo = hi = std::numeric_limits<acc_t>::quiet_NaN();  // as torch.amin/amax: NaN wins
-    const bool constant = minmax_constant(lo, hi, eps);
-    scalar_t* o = out + i * P;
-    AGKD_SIMD
-    for (int64_t k = 0; k < P; ++k) o[k] = static_cast<scalar_t>(minmax_value(m[k], lo, hi, constant));
-    range[2 * i] = lo, range[2 * i + 1] = hi;
+    const MinmaxRange<acc_t> r = minmax_range(m, P);
+    minmax_write(m, P, r, eps, out + i * P);
+    range[2 * i] = r.lo, range[2 * i + 1] = r.hi;
   }
 }
 
@@ -249,19 +234,7 @@ AGKD_CPU_MULTIVERSION void minmax_bwd_maps(const scalar_t* up, const scalar_t* i
   for (int64_t i = begin; i < end; ++i) {
     const acc_t* m = dense_map(in + (i / g.C) * g.sN + (i % g.C) * g.sC, g, buffer);
     const acc_t* u = dense_map(up + i * P, dense, up_buffer);
-    const acc_t lo = range[2 * i], hi = range[2 * i + 1];
-    const bool constant = minmax_constant(lo, hi, eps);
-    double sum_g = 0, sum_gs = 0, n_lo = 0, n_hi = 0;
-    AGKD_SIMD_REDUCTION(+ : sum_g, sum_gs, n_lo, n_hi)
-    for (int64_t k = 0; k < P; ++k) {
-      const double gk = u[k];
-      sum_g += gk, sum_gs += gk * static_cast<double>(minmax_value(m[k], lo, hi, constant));
-      n_lo += m[k] == lo ? 1.0 : 0.0, n_hi += m[k] == hi ? 1.0 : 0.0;
-    }
-    const MinmaxGrad<acc_t> grad_of = minmax_grad(lo, hi, eps, sum_g, sum_gs, n_lo, n_hi);
-    scalar_t* o = out + i * P;
-    AGKD_SIMD
-    for (int64_t k = 0; k < P; ++k) o[k] = static_cast<scalar_t>(grad_of(u[k], m[k]));
+    minmax_chain(u, m, P, MinmaxRange<acc_t>{range[2 * i], range[2 * i + 1]}, eps, out + i * P);
   }
 }
 

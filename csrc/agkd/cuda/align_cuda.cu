@@ -6,7 +6,9 @@
 // backward gathers the resampled gradient back onto the student's pixels (each student
 // pixel sums the teacher pixels that read it, in a fixed order: deterministic, no
 // atomics). Why materialise here: docs/design.md, section 1 (align). The interpolation weights are
-// math/bilinear.h's, the same as the CPU's and F.interpolate's.
+// math/bilinear.h's, the same as the CPU's and F.interpolate's. With `minmax_eps`, both maps
+// are min–max scaled first by minmax_scale_fwd's kernel (one block per map), and both
+// gradients carried back through the scaling by minmax_scale_bwd's.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -22,6 +24,7 @@
 #include <vector>
 
 #include "agkd/align.h"
+#include "agkd/cuda/attention_map_cuda.h"
 #include "agkd/cuda/block_reduce.cuh"
 #include "agkd/cuda/hybrid_cuda.h"
 #include "agkd/cuda/launch.cuh"
@@ -194,16 +197,32 @@ Resampled resample(const at::Tensor& student, const at::Tensor& teacher, const D
   return r;
 }
 
-std::tuple<at::Tensor, at::Tensor> align_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
+// Both maps min–max scaled (contiguous), with their ranges (N, C, 2).
+struct ScaledMaps {
+  at::Tensor student, student_range, teacher, teacher_range;
+};
+
+ScaledMaps minmax_scaled(const at::Tensor& student, const at::Tensor& teacher, double eps) {
+  ScaledMaps m;
+  std::tie(m.student, m.student_range) = minmax_scale_fwd_cuda(student, eps);
+  std::tie(m.teacher, m.teacher_range) = minmax_scale_fwd_cuda(teacher, eps);
+  return m;
+}
+
+std::tuple<at::Tensor, at::Tensor> align_fwd_cuda(const at::Tensor& student_in, const at::Tensor& teacher_in,
                                                   double alpha, double beta, double gamma,
                                                   int64_t window_size, double sigma, double c1,
                                                   double c2, c10::string_view padding, double eps,
-                                                  bool align_corners, c10::string_view reduction) {
-  const AlignParams a =
-      make_align_params(alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps, align_corners);
+                                                  bool align_corners, c10::string_view reduction,
+                                                  std::optional<double> minmax_eps) {
+  const AlignParams a = make_align_params(alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps,
+                                          align_corners, minmax_eps);
   const Reduction reduce = parse_reduction(reduction);
-  const PlaneGeometry g = align_geometry(student, teacher, a.hybrid);
-  const c10::cuda::CUDAGuard guard(student.device());
+  const PlaneGeometry g = align_geometry(student_in, teacher_in, a.hybrid);
+  const c10::cuda::CUDAGuard guard(student_in.device());
+  const ScaledMaps scaled = minmax_eps ? minmax_scaled(student_in, teacher_in, *minmax_eps) : ScaledMaps{};
+  const at::Tensor& student = minmax_eps ? scaled.student : student_in;
+  const at::Tensor& teacher = minmax_eps ? scaled.teacher : teacher_in;
   const Dims d = dims_of(student, teacher);
   const Resampled r = resample(student, teacher, d, align_corners);
   const auto acc = accumulate_dtype(student.scalar_type());
@@ -230,17 +249,21 @@ std::tuple<at::Tensor, at::Tensor> align_fwd_cuda(const at::Tensor& student, con
 }
 
 std::tuple<at::Tensor, at::Tensor> align_bwd_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+    const at::Tensor& grad_loss, const at::Tensor& student_in, const at::Tensor& teacher_in,
     const at::Tensor& stats, double alpha, double beta, double gamma, int64_t window_size,
     double sigma, double c1, double c2, c10::string_view padding, double eps, bool align_corners,
-    bool needs_grad_student, bool needs_grad_teacher) {
-  const AlignParams a =
-      make_align_params(alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps, align_corners);
-  const PlaneGeometry g = align_geometry(student, teacher, a.hybrid);
-  HybridBackward b = prepare_hybrid_backward(grad_loss, stats, student, teacher, g, needs_grad_student,
+    bool needs_grad_student, bool needs_grad_teacher, std::optional<double> minmax_eps) {
+  const AlignParams a = make_align_params(alpha, beta, gamma, window_size, sigma, c1, c2, padding, eps,
+                                          align_corners, minmax_eps);
+  const PlaneGeometry g = align_geometry(student_in, teacher_in, a.hybrid);
+  HybridBackward b = prepare_hybrid_backward(grad_loss, stats, student_in, teacher_in, g, needs_grad_student,
                                              needs_grad_teacher);
   if (!b.needed) return {b.grad_a, b.grad_b};
-  const c10::cuda::CUDAGuard guard(student.device());
+  const c10::cuda::CUDAGuard guard(student_in.device());
+  // Scaled again rather than saved: the maps are small, and the forward then keeps only its inputs.
+  const ScaledMaps scaled = minmax_eps ? minmax_scaled(student_in, teacher_in, *minmax_eps) : ScaledMaps{};
+  const at::Tensor& student = minmax_eps ? scaled.student : student_in;
+  const at::Tensor& teacher = minmax_eps ? scaled.teacher : teacher_in;
   const Dims d = dims_of(student, teacher);
   const Resampled r = resample(student, teacher, d, align_corners);
   // The hybrid and MSE terms' gradients with respect to the resized map (teacher-sized),
@@ -271,6 +294,10 @@ std::tuple<at::Tensor, at::Tensor> align_bwd_cuda(
                     axis_taps<acc_t>(r.col_table, d.w, d.W), b.grad_a.mutable_data_ptr<scalar_t>());
     }
   });
+  if (minmax_eps) {  // b holds the scaled maps' gradients
+    if (needs_grad_student) b.grad_a = minmax_scale_bwd_cuda(b.grad_a, student_in, scaled.student_range, *minmax_eps);
+    if (needs_grad_teacher) b.grad_b = minmax_scale_bwd_cuda(b.grad_b, teacher_in, scaled.teacher_range, *minmax_eps);
+  }
   return {b.grad_a, b.grad_b};
 }
 

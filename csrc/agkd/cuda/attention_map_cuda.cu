@@ -17,6 +17,7 @@
 #include <limits>
 
 #include "agkd/attention_map.h"
+#include "agkd/cuda/attention_map_cuda.h"
 #include "agkd/cuda/block_reduce.cuh"
 #include "agkd/cuda/launch.cuh"
 #include "agkd/math/attention.h"
@@ -220,6 +221,9 @@ __global__ void minmax_scale_bwd_kernel(const scalar_t* __restrict__ grad_scaled
   }
 }
 
+}  // namespace
+
+// Declared in cuda/attention_map_cuda.h for the attention alignment, which scales with them.
 std::tuple<at::Tensor, at::Tensor> minmax_scale_fwd_cuda(const at::Tensor& maps, double eps) {
   const FeatureGeometry g = minmax_geometry(maps, eps, "minmax_scale_fwd");
   TORCH_CHECK(g.N * g.C < (int64_t{1} << 31), "agkd::minmax_scale_fwd (CUDA): too many maps");
@@ -254,8 +258,6 @@ at::Tensor minmax_scale_bwd_cuda(const at::Tensor& grad_scaled, const at::Tensor
   });
   return grad;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(agkd, CUDA, m) {
   register_kernel<op::AttentionMapFwd>(m, &attention_map_fwd_cuda);
