@@ -96,10 +96,14 @@ def _distill(args, cfg, out: Path):
     if not _is_main():
         return
     device = resolve_device(cfg.train.device)
-    report = {f"student ({cfg.distill.method})": experiment.student_report(cfg, run, device)}
-    write_run_report(out, f"Distillation ({cfg.distill.method})", report)
-    print(f"student: val acc {run['history'][-1]['val_acc']:.4f}, test acc "
-          f"{report[next(iter(report))]['test_acc']:.4f}; wrote {out}/student.pt, report.md")
+    student = experiment.student_report(cfg, run, device)
+    last = run["history"][-1]
+    kept = [f"{name}: val acc {last[f'val_acc_{name}']:.4f}, test acc {acc:.4f} (wrote {out}/{name}.pt)"
+            for name, acc in student.get("kept_test_acc", {}).items()]
+    write_run_report(out, f"Distillation ({cfg.distill.method})", {f"student ({cfg.distill.method})": student},
+                     notes=[f"Kept beside the student: {'; '.join(kept)}."] if kept else None)
+    print(f"student: val acc {last['val_acc']:.4f}, test acc {student['test_acc']:.4f}; wrote {out}/student.pt, "
+          f"report.md" + "".join(f"\n{line}" for line in kept))
 
 
 def cmd_evaluate(args, cfg):

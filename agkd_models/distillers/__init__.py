@@ -22,6 +22,7 @@ from .cakd import (CAKD, PCA_ATTENTION, VIEW_TERMS, CAKDSettings, GLProjector, M
 from .ctkd import CTKD, CTKDSettings
 from .dist import DIST, DISTSettings
 from .dkd import DKD, DKDSettings
+from .dml import DMLSettings, MutualLearning, check_dml_settings
 from .fitnet import FitNet, FitNetSettings, check_fitnet_settings
 from .logit import LogitKD, LogitKDSettings
 from .lskd import LSKD, LSKDSettings, check_lskd_settings
@@ -33,7 +34,7 @@ from .wttm import WTTM, WTTMSettings
 __all__ = ["Distiller", "ModelFacts", "LogitKD", "AGKD", "CAKD", "LogitKDSettings", "AGKDSettings", "CAKDSettings",
            "DKD", "DKDSettings", "DIST", "DISTSettings", "LSKD", "LSKDSettings", "TTM", "TTMSettings", "WTTM",
            "WTTMSettings", "CTKD", "CTKDSettings", "OFA", "OFASettings", "FitNet", "FitNetSettings", "RKD",
-           "RKDSettings",
+           "RKDSettings", "MutualLearning", "DMLSettings",
            "ATTENTION_LOSSES", "Method", "METHODS", "build_task",
            "PCAProjector", "GLProjector", "MultiViewGenerator", "MultiViewDiscriminator", "pca_loss",
            "match_teacher_grid", "PCA_ATTENTION", "VIEW_TERMS"]
@@ -84,6 +85,7 @@ METHODS: Dict[str, Method] = {
     "ofa": Method(OFA, OFASettings, cacheable=True, label="OFA", check=check_ofa_settings),  # branches read the student
     "fitnet": Method(FitNet, FitNetSettings, cacheable=False, label="FitNets", check=check_fitnet_settings),
     "rkd": Method(RKD, RKDSettings, cacheable=False, label="RKD"),
+    "dml": Method(MutualLearning, DMLSettings, cacheable=False, label="DML", check=check_dml_settings),
 }
 
 

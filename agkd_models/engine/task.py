@@ -5,6 +5,9 @@
   the logits of the model being trained, for the accuracy.
 - ``trainable_parameters()``: what the main optimizer updates.
 - ``inference_model()``: the model that is validated each epoch and kept afterwards.
+- ``kept_models()``: other models trained alongside and kept too, by name (DML's other
+  peers): each is validated every epoch (``val_acc_<name>``, ``val_loss_<name>`` in the
+  history) and saved by the run as ``<name>.pt``.
 - ``frozen_modules``: submodules that are never trained and are rebuilt from their own
   files (a distiller's teacher); checkpoints leave them out.
 - ``enable_compile(model=True, loss=True)``: the trainer's ``compile`` option.
@@ -62,6 +65,11 @@ class Task(nn.Module):
     def inference_model(self) -> nn.Module:
         """The model validated after each epoch and kept when training ends."""
         raise NotImplementedError
+
+    def kept_models(self) -> Dict[str, nn.Module]:
+        """Other trained models kept beside :meth:`inference_model`, by name (see the module
+        docstring); none by default."""
+        return {}
 
     def enable_compile(self, *, model: bool = True, loss: bool = True) -> None:
         """``torch.compile`` the trained model (``model``) and the loss path (``loss``), where

@@ -124,6 +124,7 @@ class Trainer:
             raise ValueError(f"train.batch_size={config.batch_size} is the global batch and must be divisible "
                              f"by the {self.world.size} processes")
         self.evaluate_model = task.inference_model()
+        self.kept_models = task.kept_models()  # validated beside it
         if config.sync_bn and self.world.distributed:
             if self.device.type != "cuda":
                 raise ValueError("train.sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel)")
@@ -248,11 +249,17 @@ class Trainer:
                           pin_memory=self.device.type == "cuda", collate_fn=getattr(dataset, "collate_fn", None))
 
     def _validate(self, val_set: Dataset) -> Dict[str, float]:
-        distributed.average_buffers(self.evaluate_model)
-        self.evaluate_model.eval()
+        record = self._validate_model(self.evaluate_model, val_set)
+        for name, model in self.kept_models.items():
+            record.update({f"{key}_{name}": value for key, value in self._validate_model(model, val_set).items()})
+        return record
+
+    def _validate_model(self, model: nn.Module, val_set: Dataset) -> Dict[str, float]:
+        distributed.average_buffers(model)
+        model.eval()
         # Each rank takes every world-size-th sample: the whole set, each sample once.
         shard = Subset(val_set, range(self.world.rank, len(val_set), self.world.size))
-        logits, targets = evaluate_logits(self.evaluate_model, self._loader(shard, shuffle=False, epoch=0, shard=False),
+        logits, targets = evaluate_logits(model, self._loader(shard, shuffle=False, epoch=0, shard=False),
                                           self.device, amp=self.config.amp, channels_last=self.config.channels_last)
         local = classification_metrics(logits, targets)
         loss_sum, correct, count = distributed.all_reduce_sums(

@@ -244,6 +244,8 @@ def run_comparison(experiment: Experiment, out: Path, *, methods: Sequence[str],
         report = experiment.student_report(run_cfg, run, device, costs=False)
         result = {"identity": identity, "test_acc": report["test_acc"], "val_acc": run["history"][-1]["val_acc"],
                   "compare": report["compare"], "history": run["history"]}
+        if "kept_test_acc" in report:  # DML's other peers
+            result["kept_test_acc"] = report["kept_test_acc"]
         atomic_write_text(folder / "result.json", json.dumps(result, indent=1))  # never a truncated result
         log(f"  test acc {result['test_acc']:.4f}")
         runs[name][index][seed] = result

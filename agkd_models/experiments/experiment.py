@@ -216,14 +216,18 @@ class Experiment:
                           sections={name: cfg.section(name) for name, m in METHODS.items() if m.settings})
         trainer = Trainer(task, cfg.train, out, num_classes=data.num_classes, run_record=run_record(cfg, data))
         history = fit(trainer, cfg, data, train_set, out, resume, "distill")
+        kept = task.kept_models()
         if trainer.world.is_main:
             save_file(student.state_dict(), out / "student.pt", "the student")  # the student alone, for inference
-        return {"history": history, "model": student, "data": data}
+            for name, model in kept.items():
+                save_file(model.state_dict(), out / f"{name}.pt", f"the {name}")
+        return {"history": history, "model": student, "kept": kept, "data": data}
 
     def student_report(self, cfg: Config, run: Dict[str, Any], device: torch.device,
                        costs: bool = True) -> Dict[str, Any]:
         """The student's test accuracy and the review's metrics against the teacher, on the
-        test set; with ``costs`` also the student's parameters, FLOPs and latency."""
+        test set; with ``costs`` also the student's parameters, FLOPs and latency; and the
+        test accuracy of every model the run kept beside it (``kept_test_acc``, DML's peers)."""
         s_logits, targets = evaluate_model(run["model"], run["data"].test, cfg, device)
         t_logits, _ = self.teacher_test_logits(device)
         compare = comparison_metrics(s_logits, t_logits, targets, sum(p.numel() for p in self.teacher.parameters()),
@@ -232,6 +236,12 @@ class Experiment:
                   "test_acc": (s_logits.argmax(1) == targets).float().mean().item()}
         if costs:
             result["costs"] = model_costs(run["model"], cfg.data.image_size, device)
+        kept = {}
+        for name, model in run.get("kept", {}).items():  # DML's other peers
+            logits, _ = evaluate_model(model, run["data"].test, cfg, device)
+            kept[name] = (logits.argmax(1) == targets).float().mean().item()
+        if kept:
+            result["kept_test_acc"] = kept
         return result
 
     def evaluate(self, path: PathLike, model: str = "student", split: str = "test") -> Dict[str, Any]:

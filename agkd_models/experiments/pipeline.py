@@ -274,8 +274,8 @@ def train_teacher(cfg: Config, out: Path, resume: bool = False, data: Optional[D
 CACHEABLE = tuple(name for name, method in METHODS.items() if method.cacheable)
 
 
-def write_run_report(out: Path, title: str, runs: Dict[str, Dict]) -> None:
-    write_report(out / "report.md", title, runs)
+def write_run_report(out: Path, title: str, runs: Dict[str, Dict], notes: Optional[List[str]] = None) -> None:
+    write_report(out / "report.md", title, runs, notes)
     plot_curves(out / "curves.png", {name: run["history"] for name, run in runs.items()})
 
 
