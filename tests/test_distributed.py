@@ -239,3 +239,13 @@ def test_torchrun_cakd_with_its_self_stepped_discriminator(teacher_file, tmp_pat
                     "cakd.replace_elementwise=false"), tmp_path)
     record = records(out)[0]
     assert record["train_mad"] > 0 and np.isfinite(record["train_loss"])
+
+
+def test_torchrun_dml_trains_and_validates_every_peer(teacher_file, tmp_path):
+    out = tmp_path / "dml"
+    torchrun(["distill", "--method", "dml", "--teacher", str(teacher_file), "--out", str(out)]
+             + sets("train.epochs=1", "dml.peers=3"), tmp_path)
+    record = records(out)[0]
+    assert all(0.0 <= record[f"val_acc_peer{i}"] <= 1.0 for i in (1, 2)) and np.isfinite(record["train_loss"])
+    peers = [torch.load(out / f"peer{i}.pt") for i in (1, 2)]
+    assert not all(torch.equal(peers[0][k], peers[1][k]) for k in peers[0]), "two peers, not one twice"
