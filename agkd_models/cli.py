@@ -25,6 +25,7 @@ from .engine.distributed import check_device, resolve_device
 from .engine.run_folder import RunFolder, RunFolderError, check_out_path
 from .engine.trainer import NonFiniteLossError
 from .experiments.compare import COMPARE_METHODS, parse_grid, parse_methods, run_comparison, run_demo
+from .experiments.chain import plan_chain, run_chain, step_config
 from .experiments.experiment import Experiment
 from .experiments.pipeline import check_model_settings, test_accuracy, train_teacher, write_run_report
 from .experiments.report import model_costs
@@ -147,6 +148,21 @@ def _compare(args, cfg, out: Path, methods, grid):
     print((out / "comparison.md").read_text())
 
 
+def cmd_chain(args, cfg):
+    out = Path(args.out)
+    if args.method:
+        cfg.distill.method = args.method
+    through = [name.strip() for name in args.through.split(",") if name.strip()]
+    steps = plan_chain(cfg, through=through, generations=args.generations or 0, has_teacher=bool(args.teacher))
+    for step in steps:  # each step's student (an assistant's architecture) checked before any work
+        check_model_settings(step_config(cfg, step))
+    # Re-entered like a comparison: finished steps are kept, so the folder is only locked.
+    with RunFolder(out, kind="chain", work_files=(), data_root=cfg.data.root):
+        save_config(cfg, out / "config.yaml")
+        run_chain(Experiment(cfg, args.teacher), out, steps, log=_log("chain"))
+        print((out / "chain.md").read_text())
+
+
 def _log(command):
     return lambda message: print(f"[{command}] {message}", flush=True)
 
@@ -182,6 +198,8 @@ examples:
   agkd distill --teacher runs/teacher/teacher.pt --teacher-cache runs/cache --out runs/agkd-cached
   agkd compare --teacher runs/teacher/teacher.pt --methods none,logit,agkd-hybrid,cakd --seeds 3
   agkd compare --teacher runs/teacher/teacher.pt --methods logit,agkd-ssim --grid logit.temperature=2,4
+  agkd chain --teacher runs/teacher/teacher.pt --through efficientnet_b3 --method logit   teacher assistant
+  agkd chain --generations 3 --method logit                      born-again networks
   agkd evaluate --checkpoint runs/agkd/student.pt --model student --split val
   torchrun --nproc_per_node=4 -m agkd_models.cli distill ...    one process per GPU
 
@@ -300,6 +318,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "mean validation accuracy, the whole grid in comparison.json")
     p.add_argument("--teacher-epochs", type=_positive_int, default=None, help="default: train.epochs")
     p.add_argument("--student-epochs", type=_positive_int, default=None, help="default: train.epochs")
+    p = sub.add_parser("chain", help="distillation runs in a chain: teacher assistants, born-again generations")
+    common(p, "digits")
+    p.add_argument("--out", default="runs/chain")
+    p.add_argument("--teacher", default=None,
+                   help="teacher.pt the first step distils from (default: none; generation 0 then learns from the "
+                        "labels alone)")
+    p.add_argument("--through", default="", metavar="ARCH,...",
+                   help="teacher assistants (Mirzadeh et al.): timm names of the students between the teacher and "
+                        "student.name, largest first, each distilled from the one before")
+    p.add_argument("--generations", type=_positive_int, default=None,
+                   help="born-again networks (Furlanello et al.): N generations of student.name, each distilled "
+                        "from the one before")
+    p.add_argument("--method", choices=METHODS, default=None, help="default: the config's distill.method")
     p = sub.add_parser("demo", help="digits: a teacher, then students without KD, with logit KD and with AGKD")
     common(p, "digits")
     p.add_argument("--out", default="runs/demo")
@@ -345,7 +376,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command in ("train-teacher", "distill", "cache-teacher"):
             distributed.setup(cfg.train.device)  # under torchrun: join the group before anything is written
         {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "cache-teacher": cmd_cache_teacher,
-         "evaluate": cmd_evaluate, "compare": cmd_compare, "demo": cmd_demo}[args.command](args, cfg)
+         "evaluate": cmd_evaluate, "compare": cmd_compare, "chain": cmd_chain, "demo": cmd_demo}[args.command](args, cfg)
     except USER_ERRORS as exc:  # the user's input is wrong, not agkd: one line, exit status 2
         if args.debug or os.environ.get("AGKD_DEBUG", "0") not in ("", "0"):
             raise
@@ -390,7 +421,7 @@ def _what_was_kept(args) -> str:
             return (f"{epochs} finished epoch(s) are saved in {out}; continue with the same command and --resume "
                     f"(the epoch in progress is lost)")
         return f"no epoch had finished, nothing to resume in {out}"
-    if args.command in ("compare", "demo"):
+    if args.command in ("compare", "demo", "chain"):
         return f"finished students are kept in {out}; the same command again continues with the rest"
     if args.command == "cache-teacher":
         return "the unfinished cache was removed; run the command again to write it"

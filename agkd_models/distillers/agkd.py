@@ -12,7 +12,7 @@ import agkd_ops
 
 from ..models.student import Student, StudentOutput
 from ..models.teacher import HybridTeacher
-from ..settings import Settings, default_of, setting
+from ..settings import ConfigError, Settings, default_of, setting
 from .base import Distiller
 from .dist import DISTTerm
 from .dkd import DKDTerm
@@ -90,6 +90,10 @@ class AGKD(Distiller):
         term_settings = settings if settings.logit_loss == "kd" else (sections or {}).get(settings.logit_loss)
         self.logit_term = term(term_settings or term.settings_class(), label_smoothing=label_smoothing)
         if settings.attention_loss == "perceptual":
+            if perceptual_extractor is None and not hasattr(teacher, "cnn"):
+                raise ConfigError("agkd.attention_loss=perceptual embeds the maps with the hybrid teacher's CNN, "
+                                  f"and this run's teacher ({type(teacher).__name__}) has none; choose another "
+                                  "attention loss")
             if perceptual_extractor is None:
                 # VGG keeps its layers in .features; ResNets and the like list them as children.
                 features = getattr(teacher.cnn, "features", teacher.cnn)

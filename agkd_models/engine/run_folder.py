@@ -40,7 +40,7 @@ RUN_FILES = WORK_FILES + ("metrics.csv", "teacher_recipe.json", "teacher_identit
                           "config.yaml")  # teacher_identity.json: the recipe file's earlier name
 LOCK_NAME = ".agkd.lock"
 MARK_NAME = ".agkd-run"
-RUN_KINDS = ("train-teacher", "distill", "compare")
+RUN_KINDS = ("train-teacher", "distill", "compare", "chain")
 
 
 class RunFolderError(ValueError):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
+from torch import nn
 
 from ..config import Config, ConfigError
 from ..data.cache import (CachedTeacherDataset, TeacherCache, TeacherCacheError, cache_identity, teacher_identity,
@@ -108,7 +109,7 @@ class Experiment:
             torch.manual_seed(seed)
             initialised = build_teacher(self.cfg, self.data().num_classes)
             state = self._rng_after_teacher_init[seed] = torch.get_rng_state()
-            if self._teacher is None:
+            if self._teacher is None and self.teacher_path is not None:
                 self._load_teacher(initialised)
         torch.manual_seed(seed)  # every device's generator; the teacher is built on the CPU
         torch.set_rng_state(state)
@@ -188,10 +189,12 @@ class Experiment:
                 raise ValueError(f"Experiment: a run's {section} settings must be the experiment's")
 
     def distill(self, cfg: Config, out: Path, resume: bool = False,
-                teacher_cache: Optional[PathLike] = None) -> Dict[str, Any]:
+                teacher_cache: Optional[PathLike] = None, teacher: Optional[nn.Module] = None) -> Dict[str, Any]:
         """Distils ``cfg``'s student from the teacher with the method ``cfg.distill.method``
         (with its own section's settings) into ``out``; with ``teacher_cache`` the teacher's
-        outputs are replayed from that cache instead of computed."""
+        outputs are replayed from that cache instead of computed. ``teacher``: another
+        teacher than the experiment's, for this run (a chain's step: a trained student);
+        without either, only the method ``none`` can run."""
         self._check_shares(cfg)
         method = cfg.distill.method  # checked against the registry when it was set
         if teacher_cache and method not in CACHEABLE:
@@ -203,7 +206,9 @@ class Experiment:
                               "the cache")
         data = self.data(cfg.train.seed)
         self.seed_run(cfg.train.seed)
-        teacher, train_set = self.teacher, data.train
+        if teacher is None and self.teacher_path is not None:
+            teacher = self.teacher
+        train_set = data.train
         if teacher_cache:
             cache = self.open_cache(teacher_cache, cfg.train.seed)
             if cfg.train.epochs > cache.epochs and distributed.world().is_main:
@@ -224,14 +229,20 @@ class Experiment:
         return {"history": history, "model": student, "kept": kept, "data": data}
 
     def student_report(self, cfg: Config, run: Dict[str, Any], device: torch.device,
-                       costs: bool = True) -> Dict[str, Any]:
+                       costs: bool = True, teacher: Optional[nn.Module] = None) -> Dict[str, Any]:
         """The student's test accuracy and the review's metrics against the teacher, on the
-        test set; with ``costs`` also the student's parameters, FLOPs and latency; and the
+        test set (against ``teacher`` where the run had another); with ``costs`` also the
+        student's parameters, FLOPs and latency; and the
         test accuracy of every model the run kept beside it (``kept_test_acc``, DML's peers)."""
         s_logits, targets = evaluate_model(run["model"], run["data"].test, cfg, device)
-        t_logits, _ = self.teacher_test_logits(device)
-        compare = comparison_metrics(s_logits, t_logits, targets, sum(p.numel() for p in self.teacher.parameters()),
-                                     sum(p.numel() for p in run["model"].parameters()))
+        if teacher is None and self.teacher_path is not None:
+            teacher = self.teacher
+        compare = None  # a run without a teacher (a chain's first generation) is compared with none
+        if teacher is not None:
+            t_logits = (self.teacher_test_logits(device)[0] if teacher is self._teacher
+                        else evaluate_model(teacher, run["data"].test, cfg, device)[0])
+            compare = comparison_metrics(s_logits, t_logits, targets, sum(p.numel() for p in teacher.parameters()),
+                                         sum(p.numel() for p in run["model"].parameters()))
         result = {"history": run["history"], "compare": compare,
                   "test_acc": (s_logits.argmax(1) == targets).float().mean().item()}
         if costs:

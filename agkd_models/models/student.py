@@ -13,7 +13,7 @@ import agkd_ops
 
 from .teacher import create_timm_model
 
-__all__ = ["Student", "StudentOutput"]
+__all__ = ["Student", "StudentOutput", "StudentTeacher", "StudentTeacherOutput"]
 
 
 @dataclass
@@ -102,3 +102,31 @@ class Student(nn.Module):
         features = dict(self._captured)
         attention = [agkd_ops.attention_map(features[s].float(), p=self.p) for s in self.stages]
         return StudentOutput(logits=logits, attention=attention, features=features)
+
+
+@dataclass
+class StudentTeacherOutput:
+    """What a trained student gives as a teacher: the outputs the logit methods and AGKD read."""
+    logits: torch.Tensor     # (B, K)
+    attention: torch.Tensor  # (B, 1, h, w): the attention map of its last stage in ``stages``
+
+
+class StudentTeacher(nn.Module):
+    """A trained :class:`Student` standing in for the hybrid teacher of a later run (a
+    teacher assistant, a born-again generation's parent): its logits and, as the teacher
+    attention map AGKD aligns to, the map of its last chosen stage. It serves the methods
+    that read only the teacher's outputs (those a teacher cache can serve)."""
+
+    def __init__(self, student: Student):
+        super().__init__()
+        if not student.stages:
+            raise ValueError("StudentTeacher: the student has no attention stage to give a teacher map from")
+        self.student = student
+
+    @property
+    def name(self) -> str:
+        return self.student.name
+
+    def forward(self, images: torch.Tensor) -> StudentTeacherOutput:
+        out = self.student(images)
+        return StudentTeacherOutput(logits=out.logits, attention=out.attention[-1])
