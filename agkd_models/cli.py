@@ -51,7 +51,8 @@ def _own_run_folder(args, cfg, out: Path, kind: str):
     if not _is_main():
         yield
         return
-    inputs = [("--teacher", getattr(args, "teacher", None)), ("--teacher-cache", getattr(args, "teacher_cache", None))]
+    inputs = [("--teacher", path) for path in getattr(args, "teacher", None) or []]
+    inputs.append(("--teacher-cache", getattr(args, "teacher_cache", None)))
     with RunFolder(out, kind=kind, resume=args.resume, overwrite=args.overwrite, inputs=inputs,
                    data_root=cfg.data.root):
         saved = out / "config.yaml"
@@ -250,6 +251,10 @@ def _os_error_line(exc: OSError) -> str:
     return f"{name}: {what}" if name else what
 
 
+MULTI = ("; repeat it for several teachers, combined into one (distill.teacher_weights, distill.teacher_average; "
+         "each one's architecture from the teacher_recipe.json beside it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `agkd` command line: every subcommand and its flags."""
     parser = argparse.ArgumentParser(prog="agkd", description=DESCRIPTION, epilog=EXAMPLES,
@@ -283,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed(p)
     p = sub.add_parser("distill", help="train a student from a trained teacher")
     common(p, "digits")
-    p.add_argument("--teacher", required=True, help="teacher.pt written by train-teacher")
+    p.add_argument("--teacher", required=True, action="append", help=f"teacher.pt written by train-teacher{MULTI}")
     p.add_argument("--method", choices=METHODS, default=None, help="default: the config's distill.method")
     p.add_argument("--out", default="runs/student")
     resumable(p)
@@ -292,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed(p)
     p = sub.add_parser("cache-teacher", help="run the teacher once over E epochs of augmentation and store it")
     common(p, "digits")
-    p.add_argument("--teacher", required=True, help="teacher.pt written by train-teacher")
+    p.add_argument("--teacher", required=True, action="append", help=f"teacher.pt written by train-teacher{MULTI}")
     p.add_argument("--out", required=True, help="cache folder to create")
     p.add_argument("--epochs", type=_positive_int, required=True, help="augmentation epochs to cache")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage precision")
@@ -307,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="students trained with several methods over several seeds, one table")
     common(p, "digits")
     p.add_argument("--out", default="runs/compare")
-    p.add_argument("--teacher", default=None,
-                   help="teacher.pt to distil from (default: train one in OUT/teacher, or reuse the one there)")
+    p.add_argument("--teacher", default=None, action="append",
+                   help=f"teacher.pt to distil from (default: train one in OUT/teacher, or reuse the one there){MULTI}")
     p.add_argument("--methods", default=",".join(COMPARE_METHODS),
                    help=f"comma-separated, from {', '.join(COMPARE_METHODS)} (default: all)")
     p.add_argument("--seeds", type=_positive_int, default=3, help="training seeds train.seed, +1, ... (default 3)")
@@ -321,9 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chain", help="distillation runs in a chain: teacher assistants, born-again generations")
     common(p, "digits")
     p.add_argument("--out", default="runs/chain")
-    p.add_argument("--teacher", default=None,
+    p.add_argument("--teacher", default=None, action="append",
                    help="teacher.pt the first step distils from (default: none; generation 0 then learns from the "
-                        "labels alone)")
+                        f"labels alone){MULTI}")
     p.add_argument("--through", default="", metavar="ARCH,...",
                    help="teacher assistants (Mirzadeh et al.): timm names of the students between the teacher and "
                         "student.name, largest first, each distilled from the one before")
@@ -367,9 +372,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_device(cfg.train.device)
         check_model_settings(cfg)
         # Files named on the command line, before any work starts.
-        for flag, what in (("teacher", "teacher file"), ("checkpoint", "checkpoint")):
-            if getattr(args, flag, None):
-                check_readable(Path(getattr(args, flag)), what)
+        for path in getattr(args, "teacher", None) or []:
+            check_readable(Path(path), "teacher file")
+        if getattr(args, "checkpoint", None):
+            check_readable(Path(args.checkpoint), "checkpoint")
         if getattr(args, "teacher_cache", None) and not Path(args.teacher_cache).is_dir():
             raise TeacherCacheError(f"teacher cache {args.teacher_cache}: no such folder (write one with "
                                     f"agkd cache-teacher)")

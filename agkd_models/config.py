@@ -24,6 +24,7 @@ from .engine.amp import AMP_MODES
 from .engine.train_config import TrainConfig
 from .models.student import Student
 from .models.teacher import HybridTeacher
+from .models.multi_teacher import TEACHER_AVERAGES
 from .settings import ConfigError, Rule, Settings, default_of, setting
 
 __all__ = ["PRESETS", "SECTIONS", "METHODS", "AMP_MODES", "Config", "DataConfig", "TeacherConfig", "StudentConfig",
@@ -88,6 +89,12 @@ class StudentConfig(Settings, section="student"):
 class DistillConfig(Settings, section="distill"):
     method: str = setting("agkd", "distillation method; its settings are the section of the same name",
                           choices=METHODS)
+    # Several --teacher files (multi-teacher distillation): how they become one teacher.
+    teacher_weights: str = setting("equal", "weights of several teachers: equal, or in proportion to each "
+                                   "one's validation accuracy (val_acc)", choices=("equal", "val_acc"))
+    teacher_average: str = setting("probabilities", "how several teachers' outputs combine: the weighted mean of "
+                                   "their predictions (probabilities, You et al.) or of their logits",
+                                   choices=TEACHER_AVERAGES)
 
 
 # Each method's settings are the section named after it, declared in the method's file.
@@ -140,7 +147,7 @@ class Config:
         for name, section in config.items():
             if section is not None and not isinstance(section, Mapping):
                 raise ConfigError(f"section {name!r} must be a mapping of settings, got {section!r}")
-        for old in sorted(set(values["distill"]) - {"method"}):
+        for old in sorted(set(values["distill"]) - set(DistillConfig.rules())):
             value = values["distill"].pop(old)
             for section, key in _moved(old):
                 values[section][key] = value
@@ -167,9 +174,9 @@ def _moved(key: str) -> List[tuple]:
             places.append((name, new))
     if not places:
         raise DistillConfig.unknown(key)
-    warnings.warn(f"distill.{key} is deprecated: the distill section holds only the method now, and this setting "
-                  f"is {' and '.join(f'{s}.{k}' for s, k in places)}; it was read as such", FutureWarning,
-                  stacklevel=4)
+    warnings.warn(f"distill.{key} is deprecated: the distill section holds the method and how several teachers "
+                  f"combine now, and this setting is {' and '.join(f'{s}.{k}' for s, k in places)}; it was read as "
+                  f"such", FutureWarning, stacklevel=4)
     return places
 
 

@@ -105,8 +105,12 @@ def teacher_identity(teacher: nn.Module, teacher_config: Dict[str, Any]) -> str:
     (:func:`teacher_fingerprint`), not of where the weights came from, so that a weights
     file moved or saved again is the same teacher. Teacher caches and comparison results
     record it."""
-    architecture = {k: v for k, v in teacher_config.items() if k not in ("cnn_weights", "vit_weights", "pretrained")}
-    return teacher_fingerprint(teacher, architecture)
+    return teacher_fingerprint(teacher, teacher_architecture(teacher_config))
+
+
+def teacher_architecture(teacher_config: Dict[str, Any]) -> Dict[str, Any]:
+    """A teacher section less where its weights came from: what a teacher's identity counts."""
+    return {k: v for k, v in teacher_config.items() if k not in ("cnn_weights", "vit_weights", "pretrained")}
 
 
 def cache_identity(train_set: AugmentedDataset, teacher: str) -> Dict[str, Any]:

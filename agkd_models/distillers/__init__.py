@@ -52,7 +52,8 @@ class Method:
     naming the setting), and the other methods' sections its loss is built from
     (``reads(settings)``, e.g. AGKD's logit term ``agkd.logit_loss=dkd`` reads ``dkd``):
     ``build`` then receives them as ``sections``, and a comparison counts them in a run's
-    identity."""
+    identity; and whether it runs the teacher at all (``reads_teacher``: not ``none``, not
+    DML), so that any teacher, several combined among them, serves it."""
     build: Callable[..., Task]
     settings: Optional[Type[Settings]]
     cacheable: bool
@@ -60,6 +61,7 @@ class Method:
     variants: Optional[str] = None
     check: Optional[Callable[[Settings, ModelFacts], None]] = None
     reads: Optional[Callable[[Settings], Tuple[str, ...]]] = None
+    reads_teacher: bool = True  # False: the method never runs the teacher (a teacher's kind is no matter)
 
     def sections_read(self, settings: Optional[Settings]) -> Tuple[str, ...]:
         return self.reads(settings) if self.reads is not None and settings is not None else ()
@@ -71,7 +73,7 @@ def _student_alone(teacher: nn.Module, student: nn.Module, settings: None = None
 
 
 METHODS: Dict[str, Method] = {
-    "none": Method(_student_alone, None, cacheable=False, label="no KD"),  # the student on the labels alone
+    "none": Method(_student_alone, None, cacheable=False, label="no KD", reads_teacher=False),  # the student on the labels alone
     "logit": Method(LogitKD, LogitKDSettings, cacheable=True, label="logit KD"),
     "agkd": Method(AGKD, AGKDSettings, cacheable=True, label="AGKD", variants="attention_loss",
                    reads=lambda s: () if s.logit_loss == "kd" else (s.logit_loss,)),
@@ -85,7 +87,8 @@ METHODS: Dict[str, Method] = {
     "ofa": Method(OFA, OFASettings, cacheable=True, label="OFA", check=check_ofa_settings),  # branches read the student
     "fitnet": Method(FitNet, FitNetSettings, cacheable=False, label="FitNets", check=check_fitnet_settings),
     "rkd": Method(RKD, RKDSettings, cacheable=False, label="RKD"),
-    "dml": Method(MutualLearning, DMLSettings, cacheable=False, label="DML", check=check_dml_settings),
+    "dml": Method(MutualLearning, DMLSettings, cacheable=False, label="DML", check=check_dml_settings,
+                  reads_teacher=False),
 }
 
 

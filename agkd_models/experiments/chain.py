@@ -89,7 +89,8 @@ def run_chain(experiment: Experiment, out: Path, steps: Sequence[ChainStep],
     num_classes = experiment.data().num_classes
     teacher: Optional[nn.Module] = experiment.teacher if experiment.teacher_path is not None else None
     teacher_id = experiment.teacher_identity if teacher is not None else None
-    teacher_name = f"{cfg.teacher.cnn} + {cfg.teacher.vit}" if teacher is not None else None
+    teacher_name = None if teacher is None else (f"{len(experiment.teacher_paths)} teachers combined"
+                                                 if experiment.multi_teacher else f"{cfg.teacher.cnn} + {cfg.teacher.vit}")
     results = []
     for index, step in enumerate(steps, start=1):
         step_cfg = step_config(cfg, step)
@@ -118,7 +119,7 @@ def run_chain(experiment: Experiment, out: Path, steps: Sequence[ChainStep],
         teacher = StudentTeacher(student)
         teacher_id = teacher_fingerprint(teacher, {"student": step.student, "stages": list(step_cfg.student.stages)})
         teacher_name = f"{step.name} ({step.student})"
-    summary = {"teacher": str(experiment.teacher_path) if experiment.teacher_path else None, "steps": results,
+    summary = {"teacher": ", ".join(map(str, experiment.teacher_paths)) or None, "steps": results,
                "device": str(device), "seconds": time.time() - start}
     write_chain_report(out, summary)
     return summary

@@ -72,6 +72,8 @@ def parse_methods(text: str, flag: str = "--methods") -> List[str]:
 
 # Settings a grid may not take, and why.
 _NOT_A_RECIPE = {"distill.method": "--methods chooses the methods", "train.seed": "--seeds chooses the seeds",
+                 "distill.teacher_weights": "the teachers are combined once for the whole comparison",
+                 "distill.teacher_average": "the teachers are combined once for the whole comparison",
                  **{f"{name}.{m.variants}": f"--methods {name}-<{m.variants}> chooses it"
                     for name, m in METHODS.items() if m.variants}}
 _SHARED_BY_EVERY_RUN = ("data", "teacher")  # one teacher and one data split for the whole comparison
@@ -211,6 +213,8 @@ def run_comparison(experiment: Experiment, out: Path, *, methods: Sequence[str],
     t_logits, targets = experiment.teacher_test_logits(device)
     teacher_acc = (t_logits.argmax(1) == targets).float().mean().item()
     points = {name: grid_points(grid, name.partition("-")[0]) for name in methods}
+    for name in methods:  # before any work: several teachers serve only the methods that read their outputs
+        experiment.check_serves(name.partition("-")[0])
 
     plan: List[_Run] = []
     for seed in seeds:
@@ -250,7 +254,9 @@ def run_comparison(experiment: Experiment, out: Path, *, methods: Sequence[str],
         log(f"  test acc {result['test_acc']:.4f}")
         runs[name][index][seed] = result
 
-    summary = {"teacher": {"path": str(experiment.teacher_path), "test_acc": teacher_acc}, "seeds": list(seeds),
+    summary = {"teacher": {"path": str(experiment.teacher_path), "test_acc": teacher_acc,
+                           **({"paths": [str(p) for p in experiment.teacher_paths]} if experiment.multi_teacher else {})},
+               "seeds": list(seeds),
                "student_epochs": student_epochs, "test_is_val": data.test_is_val,
                "test_samples": len(data.test), "device": str(device), "seconds": time.time() - start,
                "grid": grid, "methods": {}}

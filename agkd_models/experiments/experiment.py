@@ -23,23 +23,24 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..config import Config, ConfigError
-from ..data.cache import (CachedTeacherDataset, TeacherCache, TeacherCacheError, cache_identity, teacher_identity,
-                          write_teacher_cache)
+from ..data.cache import (CachedTeacherDataset, TeacherCache, TeacherCacheError, cache_identity, teacher_architecture,
+                          teacher_identity, write_teacher_cache)
 from ..distillers import METHODS, build_task
 from ..engine import distributed
 from ..engine.checkpoint import save_file
 from ..engine.evaluation import classification_metrics
 from ..engine.trainer import Trainer
+from ..models.multi_teacher import MultiTeacher
 from ..models.teacher import HybridTeacher
 from .pipeline import (CACHEABLE, Data, build_data, build_student, build_teacher, evaluate_model, fit,
                        load_student_weights, load_teacher_weights, read_history, reusable_teacher, run_record,
-                       train_teacher)
+                       teacher_config_of, train_teacher)
 from .report import comparison_metrics, model_costs
 
 PathLike = Union[str, os.PathLike]
@@ -50,11 +51,16 @@ class Experiment:
 
     ``teacher_path`` is the teacher's weights file; it may be given later by
     :meth:`prepare_teacher`, which trains the teacher (or reuses one trained from the same
-    settings). Everything is built on first use."""
+    settings). Several files make a multi-teacher experiment: the teachers, each of its own
+    architecture (:func:`~agkd_models.experiments.pipeline.teacher_config_of`), are combined
+    into one :class:`~agkd_models.models.multi_teacher.MultiTeacher` as ``distill.teacher_weights``
+    and ``distill.teacher_average`` say. Everything is built on first use."""
 
-    def __init__(self, cfg: Config, teacher_path: Optional[PathLike] = None):
+    def __init__(self, cfg: Config, teacher_path: Union[None, PathLike, Sequence[PathLike]] = None):
         self.cfg = cfg
-        self.teacher_path = Path(teacher_path) if teacher_path is not None else None
+        paths = [] if teacher_path is None else (
+            [teacher_path] if isinstance(teacher_path, (str, os.PathLike)) else list(teacher_path))
+        self.teacher_paths: List[Path] = [Path(p) for p in paths]
         self._splits: Optional[Data] = None
         self._teacher: Optional[HybridTeacher] = None
         self._teacher_identity: Optional[str] = None
@@ -75,6 +81,23 @@ class Experiment:
     # The teacher ----------------------------------------------------------------------
 
     @property
+    def teacher_path(self) -> Optional[Path]:
+        """The (first) teacher's file; None before there is one."""
+        return self.teacher_paths[0] if self.teacher_paths else None
+
+    @property
+    def multi_teacher(self) -> bool:
+        return len(self.teacher_paths) > 1
+
+    def check_serves(self, method: str) -> None:
+        """A ConfigError unless this experiment's teacher can serve ``method``: several
+        teachers combined give only outputs, which the methods that read nothing else use."""
+        if self.multi_teacher and METHODS[method].reads_teacher and method not in CACHEABLE:
+            raise ConfigError(f"several --teacher files are combined into one teacher's outputs, which serve the "
+                              f"methods that read only those ({', '.join(CACHEABLE)}); {method!r} reads a hybrid "
+                              f"teacher's insides")
+
+    @property
     def teacher(self) -> HybridTeacher:
         """The trained teacher, loaded once from :attr:`teacher_path`. Runs move it to
         their device and may make it channels-last; it is handed out in the default
@@ -86,15 +109,53 @@ class Experiment:
     def _load_teacher(self, teacher: HybridTeacher) -> None:
         if self.teacher_path is None:
             raise ValueError("Experiment: no teacher_path (give one, or call prepare_teacher first)")
+        if self.multi_teacher:
+            self._teacher, self._teacher_identity = self._load_teachers(), None
+            return
         load_teacher_weights(teacher, str(self.teacher_path), self.cfg, self.data().num_classes)
         self._teacher, self._teacher_identity = teacher, None
+
+    def _load_teachers(self) -> MultiTeacher:
+        num_classes = self.data().num_classes
+        teachers, self._teacher_architectures = [], []
+        for path in self.teacher_paths:
+            own = teacher_config_of(path, self.cfg)
+            with torch.random.fork_rng(devices=[]):  # the run's generator stays as seed_run left it
+                teacher = build_teacher(own, num_classes)
+            load_teacher_weights(teacher, str(path), own, num_classes)
+            teachers.append(teacher)
+            self._teacher_architectures.append(own.teacher.to_dict())
+        d = self.cfg.distill
+        if d.teacher_weights == "val_acc":
+            device = distributed.resolve_device(self.cfg.train.device)
+            accuracies = []
+            for teacher in teachers:
+                logits, targets = evaluate_model(teacher, self.data().val, self.cfg, device)
+                accuracies.append((logits.argmax(1) == targets).float().mean().item())
+            total = sum(accuracies)
+            weights = [a / total for a in accuracies] if total > 0 else [1 / len(teachers)] * len(teachers)
+        else:
+            weights = [1 / len(teachers)] * len(teachers)
+        return MultiTeacher([t.cpu() for t in teachers], weights, d.teacher_average)
+
+    @property
+    def teacher_config(self) -> Dict[str, Any]:
+        """The teacher's architecture as teacher caches and identities record it: the
+        ``teacher`` section, or for several teachers each one's (with its own identity),
+        their weights and how they are averaged."""
+        if not self.multi_teacher:
+            return self.cfg.teacher.to_dict()
+        combined = self.teacher  # loads them
+        return {"teachers": [{"architecture": teacher_architecture(arch), "identity": teacher_identity(t, arch)}
+                             for arch, t in zip(self._teacher_architectures, combined.teachers)],
+                "weights": combined.weights, "average": combined.average}
 
     @property
     def teacher_identity(self) -> str:
         """:func:`~agkd_models.data.cache.teacher_identity` of :attr:`teacher`: what teacher
         caches and comparison results record as the teacher they were made with."""
         if self._teacher_identity is None:
-            self._teacher_identity = teacher_identity(self.teacher, self.cfg.teacher.to_dict())
+            self._teacher_identity = teacher_identity(self.teacher, self.teacher_config)
         return self._teacher_identity
 
     def seed_run(self, seed: int) -> None:
@@ -132,7 +193,7 @@ class Experiment:
         # Loaded from its file like any teacher: the trained module may be compiled or on a device.
         # (The generator states after a teacher's initialisation depend on its seed and
         # architecture only, so those kept stay valid.)
-        self.teacher_path, self._teacher, self._teacher_identity = folder / "teacher.pt", None, None
+        self.teacher_paths, self._teacher, self._teacher_identity = [folder / "teacher.pt"], None, None
         return {"path": self.teacher_path, "history": history, "reused": reuse}
 
     def teacher_test_logits(self, device: torch.device) -> tuple:
@@ -169,13 +230,14 @@ class Experiment:
         """Writes the teacher cache of the training set of ``seed`` (default
         ``train.seed``) over ``epochs`` augmentation draws into ``out``."""
         out = Path(out)
-        if self.teacher_path and out.is_dir() and out.resolve() in self.teacher_path.resolve().parents:
-            raise TeacherCacheError(f"--out {out} holds the teacher {self.teacher_path}; a cache folder is replaced "
+        inside = [p for p in self.teacher_paths if out.is_dir() and out.resolve() in p.resolve().parents]
+        if inside:
+            raise TeacherCacheError(f"--out {out} holds the teacher {inside[0]}; a cache folder is replaced "
                                     f"whole, so give the cache a folder of its own")
         _world, device = distributed.setup(self.cfg.train.device)
         t = self.cfg.train
         write_teacher_cache(self.teacher, self.data(seed).train, out, epochs=epochs,
-                            teacher_config=self.cfg.teacher.to_dict(), dtype=dtype, topk=topk,
+                            teacher_config=self.teacher_config, dtype=dtype, topk=topk,
                             batch_size=t.batch_size, num_workers=t.num_workers, device=device,
                             overwrite=overwrite, progress=t.progress)
         self._caches.pop(out.resolve(), None)  # a new cache, verified when first opened
@@ -187,6 +249,9 @@ class Experiment:
         for section in ("data", "teacher"):
             if cfg.section(section).to_dict() != self.cfg.section(section).to_dict():
                 raise ValueError(f"Experiment: a run's {section} settings must be the experiment's")
+        d, own = cfg.distill, self.cfg.distill  # how the teachers were combined, once
+        if (d.teacher_weights, d.teacher_average) != (own.teacher_weights, own.teacher_average):
+            raise ValueError("Experiment: a run's distill.teacher_weights and teacher_average must be the experiment's")
 
     def distill(self, cfg: Config, out: Path, resume: bool = False,
                 teacher_cache: Optional[PathLike] = None, teacher: Optional[nn.Module] = None) -> Dict[str, Any]:
@@ -197,6 +262,8 @@ class Experiment:
         without either, only the method ``none`` can run."""
         self._check_shares(cfg)
         method = cfg.distill.method  # checked against the registry when it was set
+        if teacher is None:
+            self.check_serves(method)
         if teacher_cache and method not in CACHEABLE:
             raise ConfigError(f"--teacher-cache serves the methods that read only the teacher's logits and "
                               f"attention ({', '.join(CACHEABLE)}); {method!r} needs the online teacher")

@@ -4,9 +4,11 @@ check against it, teacher training and the teacher's recipe. Runs that share a t
 are made from an :class:`~agkd_models.experiments.experiment.Experiment`."""
 from __future__ import annotations
 
+import copy
 import json
+import os
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional, Union
 
 import torch
 
@@ -22,6 +24,8 @@ from ..engine.trainer import Trainer
 from ..models.student import Student
 from ..models.teacher import HybridTeacher
 from .report import plot_curves, write_report
+
+PathLike = Union[str, os.PathLike]
 
 
 class Data(NamedTuple):
@@ -136,6 +140,24 @@ def _check_batch_fits(cfg: Config) -> None:
         raise ConfigError(f"data.image_size={size} with train.batch_size={batch}: one input batch alone takes "
                           f"{need / 2**30:.1f} GiB, more than half of the {free / 2**30:.1f} GiB free on this "
                           f"device; lower the image size or the batch")
+
+
+def teacher_config_of(path: PathLike, cfg: Config) -> Config:
+    """``cfg`` with the ``teacher`` section of the teacher in ``path``: that of the
+    ``teacher_recipe.json`` beside it (what ``train-teacher`` writes), where there is one,
+    so that teachers of different architectures can be combined; else ``cfg``'s."""
+    folder = Path(path).parent
+    recipe = next((folder / name for name in (RECIPE_FILE, _OLD_RECIPE_FILE) if (folder / name).is_file()), None)
+    own = copy.deepcopy(cfg)
+    if recipe is None:
+        return own
+    try:
+        saved = json.loads(recipe.read_text())["teacher"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{recipe}: cannot read the teacher's architecture from it ({exc})") from None
+    for key, value in saved.items():
+        setattr(own.teacher, key, value)  # checked like any setting
+    return own
 
 
 def load_teacher_weights(teacher: HybridTeacher, path: str, cfg: Config, num_classes: int) -> None:
