@@ -13,6 +13,7 @@ from torch import nn
 import agkd_ops
 
 from ..models.student import Student, StudentOutput
+from ..models.teacher import create_timm_model
 from ..settings import ConfigError, Settings, setting
 from .base import Distiller, ModelFacts
 from .logit import weighted_ce
@@ -25,8 +26,8 @@ class DMLSettings(Settings, section="dml"):
     """Each of the ``peers`` models minimises ``CE + kl_weight · mean_{j≠i} τ²·KL(p_j ‖ p_i)``,
     the other peers' softened predictions ``p_j`` taken as fixed targets (the paper's
     eq. 7; the KL fused in ``agkd_ops.kd_kl_div``). The first peer is the configured student,
-    the others are built fresh (their own random initialisation) as ``peer_name`` or, by
-    default, as the student's architecture. All peers take one joint step per batch from one
+    the others are built fresh (their own random initialisation) as ``peer_name`` (any timm
+    classifier) or, by default, as the student's architecture. All peers take one joint step per batch from one
     optimizer, where the paper alternates their updates within a batch: every peer's
     targets are the others' predictions before that step, as in most implementations.
     Defaults: the paper's two peers, weight 1 and plain softmax (τ = 1)."""
@@ -35,7 +36,8 @@ class DMLSettings(Settings, section="dml"):
     kl_weight: float = setting(1.0, "weight of the mean KL to the other peers' predictions", minimum=0)
     temperature: float = setting(1.0, "softmax temperature τ of the peers' predictions (τ² scales the KL)",
                                  above=0)
-    peer_name: Optional[str] = setting(None, "timm name of the other peers (null: the student's architecture)")
+    peer_name: Optional[str] = setting(None, "timm name of the other peers, any timm classifier (null: the "
+                                       "student's architecture)")
 
 
 def check_dml_settings(settings: DMLSettings, facts: ModelFacts) -> None:
@@ -78,8 +80,8 @@ class MutualLearning(Distiller):
     def __init__(self, teacher, student: Student, settings=None, *, label_smoothing: float = 0.0, **changes):
         super().__init__(teacher, student, label_smoothing=label_smoothing)
         self.settings = settings = self.settings_from(settings, changes)
-        num_classes = student.model.num_classes
-        self.peers = nn.ModuleList(Student(num_classes, name=settings.peer_name or student.name, stages=())
+        # Plain timm classifiers: a peer needs only its logits, no stage taps.
+        self.peers = nn.ModuleList(create_timm_model(settings.peer_name or student.name, student.model.num_classes)
                                    for _ in range(settings.peers - 1))
 
     def teacher_outputs(self, images: torch.Tensor):
@@ -99,5 +101,5 @@ class MutualLearning(Distiller):
         return {f"peer{i}": peer for i, peer in enumerate(self.peers, start=1)}
 
     def loss_terms(self, s: StudentOutput, t, targets: torch.Tensor, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        logits = [s.logits] + [peer(images).logits for peer in self.peers]
+        logits = [s.logits] + [peer(images) for peer in self.peers]
         return mutual_learning_terms(logits, targets, self.settings, self.label_smoothing)
