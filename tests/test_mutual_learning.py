@@ -113,6 +113,15 @@ def test_agkd_compare_runs_dml_and_reports_every_peer(teacher_file, tmp_path):
     assert not METHODS["dml"].cacheable  # nothing of the teacher's to replay
 
 
+def test_a_teacher_cache_is_refused_for_dml_which_reads_no_teacher(teacher_file, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", "--config", "digits", *TINY, "--teacher", str(teacher_file), "--epochs", "1",
+                 "--out", str(cache)]) == 0
+    assert_one_line_error(capsys, ["distill", "--config", "digits", *TINY, "--teacher", str(teacher_file), "--method",
+                                   "dml", "--teacher-cache", str(cache), "--out", str(tmp_path / "o")],
+                          "'dml' reads no teacher output")
+
+
 @pytest.mark.parametrize("override,words", [
     ("dml.peers=1", ["dml.peers", "1"]),
     ("dml.temperature=0", ["dml.temperature", "0"]),

@@ -266,7 +266,9 @@ class Experiment:
             self.check_serves(method)
         if teacher_cache and method not in CACHEABLE:
             raise ConfigError(f"--teacher-cache serves the methods that read only the teacher's logits and "
-                              f"attention ({', '.join(CACHEABLE)}); {method!r} needs the online teacher")
+                              f"attention ({', '.join(CACHEABLE)}); {method!r} "
+                              + ("needs the online teacher" if METHODS[method].reads_teacher
+                                 else "reads no teacher output: run it without the cache"))
         if teacher_cache and (cfg.train.mixup > 0 or cfg.train.cutmix > 0):
             raise ConfigError("--teacher-cache cannot serve train.mixup / train.cutmix: the cache holds the "
                               "teacher's outputs for each image, and mixing pairs images per batch; run without "
