@@ -62,7 +62,7 @@ class Experiment:
             [teacher_path] if isinstance(teacher_path, (str, os.PathLike)) else list(teacher_path))
         self.teacher_paths: List[Path] = [Path(p) for p in paths]
         self._splits: Optional[Data] = None
-        self._teacher: Optional[HybridTeacher] = None
+        self._teacher: Optional[nn.Module] = None  # a HybridTeacher, or several as a MultiTeacher
         self._teacher_identity: Optional[str] = None
         self._rng_after_teacher_init: Dict[int, torch.Tensor] = {}
         self._teacher_test_logits: Dict[str, tuple] = {}
@@ -98,8 +98,9 @@ class Experiment:
                               f"teacher's insides")
 
     @property
-    def teacher(self) -> HybridTeacher:
-        """The trained teacher, loaded once from :attr:`teacher_path`. Runs move it to
+    def teacher(self) -> nn.Module:
+        """The trained teacher, loaded once from :attr:`teacher_path` (several teachers'
+        files: a MultiTeacher of them). Runs move it to
         their device and may make it channels-last; it is handed out in the default
         memory format each time, so that every run sees the same teacher."""
         if self._teacher is None:
