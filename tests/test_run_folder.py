@@ -157,9 +157,16 @@ def test_every_setting_declares_what_a_resume_may_change():
 # ------------------------------------------------------------------------------- signals
 
 
+def _default_sigint() -> None:
+    # A shell without job control starts background commands with SIGINT ignored, and the
+    # child would inherit that (Python then installs no KeyboardInterrupt handler): the
+    # command under test gets SIGINT as a terminal would deliver it, whatever ran the tests.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(argv, out):
     return subprocess.Popen([sys.executable, "-m", "agkd_models.cli"] + argv, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 def _wait_for(condition, proc, seconds=300):
