@@ -118,14 +118,13 @@ class Experiment:
 
     def _load_teachers(self) -> MultiTeacher:
         num_classes = self.data().num_classes
-        teachers, self._teacher_architectures = [], []
+        teachers = []
         for path in self.teacher_paths:
             own = teacher_config_of(path, self.cfg)
             with torch.random.fork_rng(devices=[]):  # the run's generator stays as seed_run left it
                 teacher = build_teacher(own, num_classes)
             load_teacher_weights(teacher, str(path), own, num_classes)
             teachers.append(teacher)
-            self._teacher_architectures.append(own.teacher.to_dict())
         d = self.cfg.distill
         if d.teacher_weights == "val_acc":
             device = distributed.resolve_device(self.cfg.train.device)
@@ -147,8 +146,9 @@ class Experiment:
         if not self.multi_teacher:
             return self.cfg.teacher.to_dict()
         combined = self.teacher  # loads them
+        architectures = [teacher_config_of(path, self.cfg).teacher.to_dict() for path in self.teacher_paths]
         return {"teachers": [{"architecture": teacher_architecture(arch), "identity": teacher_identity(t, arch)}
-                             for arch, t in zip(self._teacher_architectures, combined.teachers)],
+                             for arch, t in zip(architectures, combined.teachers)],
                 "weights": combined.weights, "average": combined.average}
 
     @property
